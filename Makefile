@@ -1,0 +1,77 @@
+# sandboxd developer entry points.  `make run` and `make test` are the two commands
+# a new machine needs; everything they need is installed from here.
+SHELL := /bin/bash
+PY := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# Runtime dependencies come from Debian (the .deb depends on the same packages);
+# numpy is only for the preload tests and benchmark.
+APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
+	python3-venv python3-numpy mandoc
+DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230
+RUN_DIR := $(CURDIR)/run
+DEV_SOCKET := $(RUN_DIR)/sandboxd.sock
+PYTEST_ARGS ?=
+
+.PHONY: dev run test lint typecheck unit bench fuzz soak e2e deb man-lint clean apt-deps
+
+dev: $(VENV)/.stamp
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	@$(MAKE) --no-print-directory apt-deps
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(VPY) -m pip install -q $(DEV_TOOLS)
+	@touch $@
+
+run: dev
+	@mkdir -p $(RUN_DIR)
+	@echo "sandboxd: starting in the foreground on $(DEV_SOCKET) (Ctrl-C stops it)."
+	@echo "In another terminal, as root or a member of the socket's group, send it code:"
+	@echo "    $(VENV)/bin/sandboxctl --socket $(DEV_SOCKET) run -c 'print(\"hello from the jail\")'"
+	@echo "    echo 'import sys; print(sys.stdin.read()[::-1])' > /tmp/rev.py; echo hello | $(VENV)/bin/sandboxctl --socket $(DEV_SOCKET) run /tmp/rev.py"
+	$(VENV)/bin/sandboxd --foreground --config etc/sandboxd/sandboxd.yaml \
+		--socket $(DEV_SOCKET) --state-dir $(RUN_DIR)/state
+
+lint: dev
+	$(VENV)/bin/ruff check sandboxd tests
+
+typecheck: dev
+	$(VENV)/bin/mypy
+
+unit: dev
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint typecheck man-lint unit
+
+man-lint: dev
+	@for m in man/*.[1-8]; do mandoc -Tlint -Wwarning $$m || exit 1; done
+	$(VPY) -m sandboxd.settings_doc --check man/sandboxd.yaml.5
+
+bench: dev
+	$(VPY) tests/bench/bench.py $(BENCH_ARGS)
+
+fuzz: dev
+	SANDBOXD_FUZZ_EXAMPLES=100000 $(VENV)/bin/pytest -q tests/test_fuzz.py -m "slow or not slow" -p no:cacheprovider
+
+soak: dev
+	$(VPY) tests/soak/soak.py $(SOAK_ARGS)
+
+e2e:
+	$(SYSPATH) tests/e2e/run.sh
+
+deb:
+	$(SYSPATH) packaging/build-deb.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(RUN_DIR)

@@ -1,0 +1,347 @@
+"""Per-worker control groups: memory (swap off), pids and cpu, on cgroup v2 or v1.
+
+cgroup v2 is used when the daemon owns a delegated subtree (``Delegate=yes``): the
+daemon moves itself into a leaf (``<own>/daemon``), enables ``+memory +pids +cpu`` for
+its children and creates one cgroup per worker under ``<own>/<parent>``.  Otherwise
+the v1 ``memory``, ``pids``, ``cpu`` and ``cpuacct`` hierarchies are used with the same
+layout under the daemon's own cgroup in each.  Where neither is writable the driver
+is ``none`` and only rlimits confine a run; results say which one applied.
+
+The worker joins its cgroups itself, first thing after fork, by writing ``0`` to each
+``cgroup.procs`` listed in ``WorkerCgroup.procs_files``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+class CgroupError(Exception):
+    pass
+
+
+@dataclass
+class CgroupStats:
+    memory_peak: int | None = None  # bytes
+    oom_kills: int = 0
+    memory_max_hits: int = 0
+    pids_max_hits: int = 0
+    cpu_usage_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int  # bytes
+    pids: int
+    cpu_quota: float  # CPUs (1.0 = one full core); 0 = unlimited
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _mounts() -> tuple[str | None, dict[str, str]]:
+    """(cgroup2 mount point, {v1 controller: mount point})."""
+    v2: str | None = None
+    v1: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) < 3 or len(fields) < 5:
+                continue
+            fstype, options = rfields[0], rfields[2].split(",")
+            point = fields[4]
+            if fstype == "cgroup2" and v2 is None:
+                v2 = point
+            elif fstype == "cgroup":
+                for c in V1_CONTROLLERS:
+                    if c in options:
+                        v1.setdefault(c, point)
+    return v2, v1
+
+
+def _own_paths() -> tuple[str | None, dict[str, str]]:
+    v2: str | None = None
+    v1: dict[str, str] = {}
+    with open("/proc/self/cgroup", encoding="utf-8") as f:
+        for line in f:
+            hier, controllers, path = line.rstrip("\n").split(":", 2)
+            if hier == "0" and controllers == "":
+                v2 = path
+            for c in controllers.split(","):
+                v1[c] = path
+    return v2, v1
+
+
+class WorkerCgroup:
+    """The cgroup(s) of one worker."""
+
+    def __init__(self, driver: CgroupDriver, dirs: dict[str, str]) -> None:
+        self.driver = driver
+        self.dirs = dirs  # controller (or "v2") -> directory
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in sorted(set(self.dirs.values()))]
+
+    def _file(self, controller: str, name: str) -> str:
+        return os.path.join(self.dirs["v2" if "v2" in self.dirs else controller], name)
+
+    def set_limits(self, limits: Limits) -> None:
+        if self.driver.kind == "cgroup2":
+            _write(self._file("memory", "memory.max"), str(limits.memory))
+            _write(self._file("pids", "pids.max"), str(limits.pids))
+        elif self.driver.kind == "cgroup1":
+            self._set_v1_memory(limits.memory)
+            _write(self._file("pids", "pids.max"), str(limits.pids))
+        if "cpu" in self.dirs or "v2" in self.dirs:
+            self._set_cpu(limits.cpu_quota)
+
+    def _set_v1_memory(self, limit: int) -> None:
+        mem = self._file("memory", "memory.limit_in_bytes")
+        memsw = self._file("memory", "memory.memsw.limit_in_bytes")
+        has_memsw = os.path.exists(memsw)
+        current = int(_read(mem))
+        # memory.limit_in_bytes may never exceed memsw: raise memsw first, lower memory first.
+        if has_memsw and limit > current:
+            _write(memsw, str(limit))
+        _write(mem, str(limit))
+        if has_memsw and limit <= current:
+            _write(memsw, str(limit))
+
+    def _set_cpu(self, cpus: float) -> None:
+        period = 100_000
+        if self.driver.kind == "cgroup2":
+            value = "max" if cpus <= 0 else f"{max(1000, int(cpus * period))} {period}"
+            _write(self._file("cpu", "cpu.max"), value)
+        else:
+            _write(self._file("cpu", "cpu.cfs_period_us"), str(period))
+            _write(self._file("cpu", "cpu.cfs_quota_us"), "-1" if cpus <= 0 else str(max(1000, int(cpus * period))))
+
+    def cpu_usage_ns(self) -> int | None:
+        try:
+            if self.driver.kind == "cgroup2":
+                return _keyed(_read(self._file("cpu", "cpu.stat")))["usage_usec"] * 1000
+            if "cpuacct" in self.dirs:
+                return int(_read(self._file("cpuacct", "cpuacct.usage")))
+        except (OSError, KeyError, ValueError):
+            return None
+        return None
+
+    def stats(self) -> CgroupStats:
+        st = CgroupStats(cpu_usage_ns=self.cpu_usage_ns())
+        try:
+            if self.driver.kind == "cgroup2":
+                events = _keyed(_read(self._file("memory", "memory.events")))
+                st.oom_kills = events.get("oom_kill", 0)
+                st.memory_max_hits = events.get("max", 0)
+                peak = self._file("memory", "memory.peak")
+                if os.path.exists(peak):
+                    st.memory_peak = int(_read(peak))
+                st.pids_max_hits = _keyed(_read(self._file("pids", "pids.events"))).get("max", 0)
+            elif self.driver.kind == "cgroup1":
+                st.oom_kills = _keyed(_read(self._file("memory", "memory.oom_control"))).get("oom_kill", 0)
+                st.memory_max_hits = int(_read(self._file("memory", "memory.failcnt")))
+                st.memory_peak = int(_read(self._file("memory", "memory.max_usage_in_bytes")))
+                st.pids_max_hits = _keyed(_read(self._file("pids", "pids.events"))).get("max", 0)
+        except (OSError, ValueError) as e:
+            log.warning("reading cgroup stats of %s: %s", self.dirs, e)
+        return st
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for f in self.procs_files:
+            try:
+                out.update(int(x) for x in _read(f).split())
+            except OSError:
+                pass
+        return sorted(out)
+
+    def kill(self) -> None:
+        """Kill every process in the cgroup."""
+        if self.driver.kind == "cgroup2":
+            kill_file = os.path.join(self.dirs["v2"], "cgroup.kill")
+            if os.path.exists(kill_file):
+                try:
+                    _write(kill_file, "1")
+                    return
+                except OSError as e:
+                    log.warning("cgroup.kill in %s: %s", self.dirs["v2"], e)
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def remove(self, timeout: float = 2.0) -> bool:
+        """Remove the cgroup directories, killing stragglers. True when all are gone."""
+        deadline = time.monotonic() + timeout
+        for d in sorted(set(self.dirs.values())):
+            while True:
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        log.error("cannot remove cgroup %s: %s", d, e)
+                        return False
+                    self.kill()
+                    time.sleep(0.005)
+        return True
+
+
+class CgroupDriver:
+    """Creates worker cgroups under ``<daemon's cgroup>/<parent>``."""
+
+    def __init__(self, kind: str, bases: dict[str, str]) -> None:
+        self.kind = kind  # "cgroup2", "cgroup1" or "none"
+        self.bases = bases  # "v2" or controller -> parent directory for workers
+        self._seq = 0
+
+    def create(self, name: str, limits: Limits) -> WorkerCgroup:
+        if self.kind == "none":
+            return WorkerCgroup(self, {})
+        self._seq += 1
+        dirs: dict[str, str] = {}
+        for key, base in self.bases.items():
+            d = os.path.join(base, f"{name}.{self._seq}")
+            if d not in dirs.values():
+                os.mkdir(d)
+            dirs[key] = d
+        cg = WorkerCgroup(self, dirs)
+        try:
+            if self.kind == "cgroup1":
+                swappiness = os.path.join(dirs["memory"], "memory.swappiness")
+                if os.path.exists(swappiness):
+                    _write(swappiness, "0")
+            else:
+                swap = os.path.join(dirs["v2"], "memory.swap.max")
+                if os.path.exists(swap):
+                    _write(swap, "0")
+            cg.set_limits(limits)
+        except BaseException:
+            cg.remove()
+            raise
+        return cg
+
+    def cleanup_stale(self) -> list[str]:
+        """Kill and remove worker cgroups left by an earlier daemon. Returns what was removed."""
+        removed = []
+        groups: dict[str, dict[str, str]] = {}
+        for key, base in self.bases.items():
+            try:
+                names = os.listdir(base)
+            except FileNotFoundError:
+                continue
+            for n in names:
+                if os.path.isdir(os.path.join(base, n)):
+                    groups.setdefault(n, {})[key] = os.path.join(base, n)
+        for n, dirs in groups.items():
+            if WorkerCgroup(self, dirs).remove(timeout=5.0):
+                removed.append(n)
+        return removed
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "bases": dict(self.bases)}
+
+
+def detect(parent: str, prefer: str = "auto") -> CgroupDriver:
+    """Pick the driver for this host and prepare ``parent`` under the daemon's cgroup.
+
+    ``prefer`` is ``auto``, ``cgroup2``, ``cgroup1`` or ``none``.  An explicit choice
+    that does not work raises ``CgroupError`` with the reason.
+    """
+    if prefer == "none":
+        return CgroupDriver("none", {})
+    v2_mount, v1_mounts = _mounts()
+    v2_own, v1_own = _own_paths()
+    errors: list[str] = []
+    if prefer in ("auto", "cgroup2") and v2_mount and v2_own is not None:
+        try:
+            return _setup_v2(v2_mount, v2_own, parent)
+        except (OSError, CgroupError) as e:
+            errors.append(f"cgroup v2: {e}")
+            if prefer == "cgroup2":
+                raise CgroupError("; ".join(errors)) from e
+    if prefer in ("auto", "cgroup1"):
+        try:
+            return _setup_v1(v1_mounts, v1_own, parent)
+        except (OSError, CgroupError) as e:
+            errors.append(f"cgroup v1: {e}")
+            if prefer == "cgroup1":
+                raise CgroupError("; ".join(errors)) from e
+    log.warning("no writable cgroup hierarchy (%s); runs are confined by rlimits only", "; ".join(errors))
+    return CgroupDriver("none", {})
+
+
+def _setup_v2(mount: str, own: str, parent: str) -> CgroupDriver:
+    own_dir = os.path.join(mount, own.lstrip("/"))
+    available = set(_read(os.path.join(own_dir, "cgroup.controllers")).split())
+    missing = [c for c in ("memory", "pids") if c not in available]
+    if missing:
+        raise CgroupError(f"{own_dir} does not offer the {'/'.join(missing)} controller(s) (not delegated?)")
+    wanted = [c for c in V2_CONTROLLERS if c in available]
+    enable = " ".join("+" + c for c in wanted)
+    if own != "/":
+        # No internal processes: move this process into a leaf before enabling controllers.
+        leaf = os.path.join(own_dir, "daemon")
+        os.makedirs(leaf, exist_ok=True)
+        procs = _read(os.path.join(own_dir, "cgroup.procs")).split()
+        for pid in procs:
+            try:
+                _write(os.path.join(leaf, "cgroup.procs"), pid)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    raise CgroupError(f"cannot move pid {pid} into {leaf}: {e}") from e
+    _write(os.path.join(own_dir, "cgroup.subtree_control"), enable)
+    base = os.path.join(own_dir, parent)
+    os.makedirs(base, exist_ok=True)
+    _write(os.path.join(base, "cgroup.subtree_control"), enable)
+    return CgroupDriver("cgroup2", {"v2": base})
+
+
+def _setup_v1(mounts: dict[str, str], own: dict[str, str], parent: str) -> CgroupDriver:
+    missing = [c for c in ("memory", "pids") if c not in mounts]
+    if missing:
+        raise CgroupError(f"controller(s) {', '.join(missing)} not mounted")
+    bases: dict[str, str] = {}
+    for c in V1_CONTROLLERS:
+        if c not in mounts:
+            continue
+        base = os.path.join(mounts[c], own.get(c, "/").lstrip("/"), parent)
+        os.makedirs(base, exist_ok=True)
+        if not os.access(base, os.W_OK):
+            raise CgroupError(f"{base} is not writable")
+        bases[c] = base
+    return CgroupDriver("cgroup1", bases)

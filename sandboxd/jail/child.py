@@ -1,0 +1,228 @@
+"""The worker's setup, as ordered lists of named steps that fail closed.
+
+Two processes make a worker.  The fork server forks P straight into a new pid
+namespace, so P is the run's pid 1 and reaper.  P's steps:
+
+    fds -> signals -> cgroup -> namespaces -> scratch -> root -> credentials
+        -> rlimits -> dumpable -> parent_death -> fork
+
+(the cgroup is joined before the mount namespace is entered, while the host's
+cgroupfs is still visible; the pid namespace already exists from the fork).  P then
+forks R, the runner, whose steps are
+
+    stdio -> fds -> session -> no_new_privs -> seccomp
+
+after which R is fully confined and waits for its code (``runtime``), while P becomes
+the supervisor (``supervisor``).  Any step that raises ends the process: P writes a
+``setup_error`` frame naming the step and errno to the status pipe; R writes the
+same into the shared handoff page and exits with ``EXIT_SETUP``.  No path returns
+to fork-server code: everything ends in ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .. import protocol
+from . import credentials, libc, limits, mounts
+from .spec import Handoff, WorkerSpec
+
+# P's descriptors after the "fds" step.
+FD_STATUS, FD_CTRL, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE = range(3, 10)
+# R's descriptors after its "fds" step (0-2 are the run's stdio).
+R_FD_CTRL, R_FD_LISTENER_SOCK = 3, 4
+
+EXIT_SETUP = 121  # a runner setup step failed (details in the handoff page)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the fork server prepared once, inherited by every worker through fork."""
+
+    template_fd: int
+    lifeline_fd: int
+    filters: dict[str, bytes]
+    supervisor_filter: bytes
+    syscall_names: dict[int, str]
+    audit_arch: int
+    cap_last: int
+    run_path: tuple[str, ...]
+    foreign_modules: tuple[str, ...]
+    base_env: dict[str, str]
+
+
+class StepFailure(Exception):
+    def __init__(self, step: str, err: int, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, err, message
+
+
+def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
+    for name, fn in steps:
+        try:
+            fn()
+        except OSError as e:
+            raise StepFailure(name, e.errno or 0, str(e)) from e
+        except Exception as e:
+            raise StepFailure(name, 0, f"{type(e).__name__}: {e}") from e
+
+
+def remap_fds(fds: Sequence[int], start: int) -> None:
+    """Place ``fds`` at ``start``, ``start+1``, ... and close every other fd from ``start`` on."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 256) for fd in fds]
+    for i, fd in enumerate(high):
+        os.dup2(fd, start + i)
+    os.closerange(start + len(fds), 2**31 - 1)
+
+
+def write_frame(fd: int, obj: object) -> None:
+    data = memoryview(protocol.encode(obj))
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+# -- P: the run's pid 1 -------------------------------------------------------------------
+
+
+def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
+    """Entry point of P, right after the fork server's fork. Never returns."""
+    try:
+        try:
+            _supervisor_setup(spec, state, fds)
+            runner_pid, handoff, listener = _fork_runner(spec, state)
+        except StepFailure as f:
+            write_frame(FD_STATUS, {"t": "setup_error", "step": f.step, "errno": f.errno, "message": f.message})
+            os._exit(EXIT_SETUP)
+        from .supervisor import supervise
+
+        supervise(spec, state, runner_pid, handoff, listener)
+    except BaseException as e:  # noqa: BLE001 - last resort: report, never fall back
+        try:
+            write_frame(FD_STATUS, {"t": "setup_error", "step": "supervisor", "errno": 0,
+                                    "message": f"{type(e).__name__}: {e}"})
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(EXIT_SETUP)
+
+
+def _supervisor_setup(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> None:
+    net = 0 if spec.network else libc.CLONE_NEWNET
+    ns_flags = libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP | net
+
+    def join_cgroups() -> None:
+        for procs in spec.cgroup_procs:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+
+    def namespaces() -> None:
+        mounts.join_template(FD_TEMPLATE, ns_flags)
+        os.close(FD_TEMPLATE)
+        socket.sethostname(spec.hostname)
+
+    def root() -> None:
+        os.chdir("/work")
+        mounts.check_root()
+        null = os.open("/dev/null", os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        os.close(null)
+
+    run_steps([
+        ("fds", lambda: remap_fds(fds, FD_STATUS)),
+        ("signals", _default_signals),
+        ("cgroup", join_cgroups),
+        ("namespaces", namespaces),
+        ("scratch", lambda: mounts.mount_scratch(spec.uid, spec.gid, spec.scratch_bytes, spec.scratch_inodes)),
+        ("root", root),
+        ("credentials", lambda: credentials.drop(spec.uid, spec.gid, state.cap_last)),
+        ("rlimits", lambda: limits.apply(spec.rlimits)),
+        ("dumpable", lambda: libc.prctl(libc.PR_SET_DUMPABLE, 0)),
+        ("parent_death", lambda: libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)),
+    ])
+
+
+def _default_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, int]:
+    """Fork R; return its pid, the shared handoff page and R's seccomp listener (-1 if R failed)."""
+    handoff = Handoff(mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS))
+    psock, rsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except OSError as e:
+        raise StepFailure("fork", e.errno or 0, str(e)) from e
+    if pid == 0:
+        try:
+            psock.close()
+            _runner_main(spec, state, handoff, rsock.detach())
+        finally:
+            os._exit(EXIT_SETUP)
+    rsock.close()
+    for fd in (FD_CTRL, FD_STDIN, FD_STDOUT, FD_STDERR):
+        os.close(fd)
+    try:
+        _msg, listener, _flags, _addr = socket.recv_fds(psock, 16, 1)
+    except OSError:
+        listener = []
+    psock.close()
+    # No listener means the runner died in setup; the supervisor reports it from the handoff.
+    return pid, handoff, listener[0] if listener else -1
+
+
+# -- R: the runner ------------------------------------------------------------------------
+
+
+def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd: int) -> NoReturn:
+    def stdio() -> None:
+        os.dup2(FD_STDIN, 0)
+        os.dup2(FD_STDOUT, 1)
+        os.dup2(FD_STDERR, 2)
+
+    def no_new_privs() -> None:
+        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        if libc.prctl(libc.PR_GET_NO_NEW_PRIVS) != 1:
+            raise OSError(1, "no_new_privs did not stick")
+
+    def load_seccomp() -> None:
+        listener = libc.seccomp_load(state.filters[spec.filter_key], new_listener=True)
+        sock = socket.socket(fileno=R_FD_LISTENER_SOCK)
+        socket.send_fds(sock, [b"L"], [listener])
+        os.close(listener)
+        sock.close()
+
+    try:
+        run_steps([
+            ("stdio", stdio),
+            ("fds", lambda: remap_fds([FD_CTRL, sock_fd], R_FD_CTRL)),
+            ("session", lambda: _setsid()),
+            ("no_new_privs", no_new_privs),
+            ("seccomp", load_seccomp),
+        ])
+    except StepFailure as f:
+        handoff.write(Handoff.SETUP, f.step, f.errno, message=f.message)
+        os._exit(EXIT_SETUP)
+    from .runtime import serve_one
+
+    serve_one(spec, state, handoff)
+
+
+def _setsid() -> None:
+    os.setsid()

@@ -1,0 +1,310 @@
+"""The fork server: a clean, single-threaded process that makes workers.
+
+The daemon starts it with ``exec`` (never a fork of itself), an empty environment
+and one SOCK_SEQPACKET socket.  It prepares once -- the template mount namespace, one
+BPF program per profile, the supervisor's filter, the syscall-name table, the
+administrator's preload modules -- then freezes the GC and serves commands:
+
+    {"op": "spawn", "spec": {...}}  -> {"ok": true, "pid": P}  + fds
+                                       [pidfd, status_r, request_w, stdin_w, stdout_r, stderr_r]
+    {"op": "template", "root": DIR} -> {"ok": true}   (after a root rebuild)
+    {"op": "ping"}                  -> {"ok": true, "rss_kb": ..., "workers": n, "threads": n}
+
+and reports ``{"event": "reaped", "pid": P, "wstatus": S}`` when a worker's pid 1 has
+been reaped (then nothing of that run is left).  Each worker is forked straight into
+a new pid namespace (``unshare(CLONE_NEWPID)``, fork, ``setns`` back), so it is its
+run's pid 1.  When the daemon goes away (EOF) every worker is killed and the server
+exits; its own death is seen by workers through the lifeline pipe and PDEATHSIG.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+import msgpack
+
+from . import libc, mounts, runtime, supervisor  # noqa: F401 - imported before any fork: the root has no sandboxd
+from . import seccomp as sc
+from .child import ServerState, supervisor_main
+from .spec import WorkerSpec
+
+log = logging.getLogger("sandboxd.forkserver")
+MAX_MESSAGE = 1 << 20
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.workers: dict[int, str] = {}
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.state: ServerState | None = None
+        self.template_fd = -1
+
+    # -- preparation ------------------------------------------------------------------
+    def prepare(self, init: dict[str, Any]) -> dict[str, Any]:
+        self.template_fd = build_template(init["root"])
+        filters = {key: sc.compile_profile(sc.Profile(key, tuple(p["allow"]), dict(p["errno"]),
+                                                      tuple(p["ioctls"]), tuple(p["prctls"])), p["network"])
+                   for key, p in init["profiles"].items()}
+        run_path = run_sys_path(init["root"], init["python_path"])
+        preloaded, preload_errors = preload(init["preload"], run_path)
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+            cap_last = int(f.read())
+        self.state = ServerState(
+            template_fd=self.template_fd,
+            lifeline_fd=self.lifeline_r,
+            filters=filters,
+            supervisor_filter=sc.compile_supervisor(),
+            syscall_names=sc.syscall_names(),
+            audit_arch=sc.native_audit_arch(),
+            cap_last=cap_last,
+            run_path=run_path,
+            foreign_modules=foreign_modules(run_path),
+            base_env=dict(init["env"]),
+        )
+        gc.collect()
+        gc.freeze()  # no copy-on-write faults from the first collection in every worker
+        return {
+            "ok": True,
+            "filters": {k: len(v) // 8 for k, v in filters.items()},
+            "preloaded": preloaded,
+            "preload_errors": preload_errors,
+            "threads": threading.active_count(),
+            "tasks": len(os.listdir("/proc/self/task")),
+            "run_path": list(run_path),
+            "vsz_kb": _status_kb("VmSize"),
+            "rss_kb": _status_kb("VmRSS"),
+        }
+
+    # -- serving ----------------------------------------------------------------------
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+            if self.wake_r in ready:
+                _drain(self.wake_r)
+                self.reap()
+            if self.sock in ready:
+                try:
+                    data, fds = _recv(self.sock)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    self.shutdown()
+                    return
+                self.handle(msgpack.unpackb(data, raw=False, strict_map_key=False))
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "spawn":
+                pid, fds = self.spawn(WorkerSpec.from_wire(msg["spec"]))
+                try:
+                    self.reply({"ok": True, "pid": pid}, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            elif op == "template":
+                old = self.template_fd
+                self.template_fd = build_template(msg["root"])
+                assert self.state is not None
+                self.state = ServerState(**{**self.state.__dict__, "template_fd": self.template_fd})
+                os.close(old)
+                self.reply({"ok": True})
+            elif op == "ping":
+                self.reply({"ok": True, "rss_kb": _status_kb("VmRSS"), "workers": len(self.workers),
+                            "threads": threading.active_count()})
+            else:
+                self.reply({"ok": False, "error": f"unknown op {op!r}"})
+        except Exception as e:  # noqa: BLE001 - the daemon gets the reason, the server lives on
+            self.reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    def reply(self, obj: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = msgpack.packb(obj, use_bin_type=True)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.send(data)
+
+    def spawn(self, spec: WorkerSpec) -> tuple[int, list[int]]:
+        assert self.state is not None
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        ctrl_r, ctrl_w = os.pipe2(os.O_CLOEXEC)
+        stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+        stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd]
+        ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r]
+        try:
+            libc.unshare(libc.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+            finally:
+                if pid_is_parent():
+                    libc.setns(self.own_pidns, libc.CLONE_NEWPID)
+            if pid == 0:
+                supervisor_main(spec, self.state, child_fds)  # never returns
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            if pid_is_parent():
+                for fd in child_fds[:5]:
+                    os.close(fd)
+        self.workers[pid] = spec.worker_id
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            for fd in ours:
+                os.close(fd)
+            raise
+        return pid, [pidfd, *ours]
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, wstatus = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.workers.pop(pid, None) is not None:
+                self.sock.send(msgpack.packb({"event": "reaped", "pid": pid, "wstatus": wstatus}))
+
+    def shutdown(self) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in list(self.workers):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+_PARENT_PID = os.getpid()
+
+
+def pid_is_parent() -> bool:
+    return os.getpid() == _PARENT_PID
+
+
+def build_template(root: str) -> int:
+    """Make the template mount namespace for ``root``; return an fd that holds it."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(hold_w)
+            try:
+                mounts.enter_template(root)
+                os.write(ready_w, b"ok")
+            except Exception as e:  # noqa: BLE001
+                os.write(ready_w, f"{type(e).__name__}: {e}".encode()[:4000])
+            os.close(ready_w)
+            os.read(hold_r, 1)  # wait until the server holds the namespace
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        answer = os.read(ready_r, 4096)
+        if answer != b"ok":
+            raise OSError(0, f"building the template mount namespace for {root}: {answer.decode(errors='replace')}")
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(hold_w)
+        os.waitpid(pid, 0)
+
+
+def run_sys_path(root: str, extra: list[str]) -> tuple[str, ...]:
+    """This interpreter's own sys.path entries that the root holds, then the configured extras."""
+    own = [p for p in sys.path[1:] if p and os.path.isdir(root + p)]
+    return tuple(dict.fromkeys([*own, *extra]))
+
+
+def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Import the administrator's preload modules from the root's own paths."""
+    done: list[str] = []
+    errors: dict[str, str] = {}
+    saved = sys.path[:]
+    sys.path[:] = list(run_path)
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+                done.append(name)
+            except Exception as e:  # noqa: BLE001 - reported to the daemon, which logs it
+                errors[name] = f"{type(e).__name__}: {e}"
+    finally:
+        sys.path[:] = saved
+    return done, errors
+
+
+def foreign_modules(run_path: tuple[str, ...]) -> tuple[str, ...]:
+    """Modules loaded from outside the root (the daemon's own): forgotten before user code."""
+    roots = tuple(p.rstrip("/") + "/" for p in run_path)
+    out = []
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if name == "__main__" or (path and not path.startswith(roots)):
+            out.append(name)
+    return tuple(out)
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 16)
+    for fd in fds:
+        os.close(fd)
+    return data, []
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def main(fd: int) -> None:
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    logging.basicConfig(level=logging.INFO, format="sandboxd-forkserver: %(message)s")
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    server = ForkServer(sock)
+    data, _ = _recv(sock)
+    init = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    try:
+        answer = server.prepare(init)
+    except Exception as e:  # noqa: BLE001
+        answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    server.reply(answer)
+    if answer.get("ok"):
+        server.serve()

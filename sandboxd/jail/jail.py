@@ -1,0 +1,320 @@
+"""The jail as one object: root, cgroups, fork server, uid slots and warm pools.
+
+    jail = Jail(settings)
+    await jail.start()                # build/reuse the root, start the fork server, warm the pools
+    result = await jail.run(plan)     # one confined run, one truthful Result
+    await jail.close()
+
+``run`` never raises for anything the run does; a worker that cannot be set up gives a
+``sandbox_error`` result naming the failed step.  Every worker is cleaned up after
+its pid 1 has been reaped: cgroup removed, then its uid slot freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import cgroups, rootfs
+from .cgroups import CgroupDriver, Limits
+from .fsclient import ForkServerClient, ForkServerError
+from .pool import Pool
+from .seccomp import Profile
+from .slots import SlotPool
+from .spec import RunPlan, WorkerSpec
+from .verdict import Result
+from .worker import Worker, WorkerFailed
+
+log = logging.getLogger(__name__)
+REAP_TIMEOUT = 10.0
+RUN_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/work",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+@dataclass(frozen=True)
+class JailSettings:
+    state_dir: str
+    root_paths: tuple[str, ...]
+    root_exclude: tuple[str, ...] = ()
+    python: str = "/usr/bin/python3"
+    python_path: tuple[str, ...] = ()
+    uid_first: int = 880000
+    uid_count: int = 1024
+    hostname: str = "sandbox"
+    scratch_bytes: int = 64 << 20
+    scratch_inodes: int = 4096
+    cgroup: str = "auto"
+    cgroup_parent: str = "sandboxd"
+    cpus: float = 1.0
+    as_slack: int = 1 << 30
+    pool_min: int = 2
+    pool_max: int = 8
+    preload: tuple[str, ...] = ()
+    preload_env: Mapping[str, str] = field(default_factory=dict)
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: {"python3": Profile("python3")})
+    # ceilings every pooled worker is started with; plans may only lower them
+    max_memory: int = 2 << 30
+    max_cpu_ms: int = 600_000
+    max_pids: int = 256
+    max_nofile: int = 1024
+    max_file_size: int = 64 << 20
+    max_out_bytes: int = 16 << 20
+    max_out_files: int = 256
+    root_dir: str | None = None  # default: <state_dir>/roots
+
+    def filter_key(self, language: str, network: bool) -> str:
+        return f"{language}+net" if network else language
+
+    def root_spec(self) -> rootfs.RootSpec:
+        return rootfs.RootSpec(self.root_paths, self.root_exclude, self.generated_files(),
+                               required=(self.python,))
+
+    def generated_files(self) -> dict[str, bytes]:
+        passwd = ["root:x:0:0:root:/root:/usr/sbin/nologin",
+                  "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin"]
+        group = ["root:x:0:", "nogroup:x:65534:"]
+        for i in range(self.uid_count):
+            uid = self.uid_first + i
+            passwd.append(f"run{i}:x:{uid}:{uid}:sandboxd run:/work:/usr/sbin/nologin")
+            group.append(f"run{i}:x:{uid}:")
+        return {"etc/passwd": ("\n".join(passwd) + "\n").encode(), "etc/group": ("\n".join(group) + "\n").encode(),
+                "etc/hostname": (self.hostname + "\n").encode()}
+
+
+class Jail:
+    def __init__(self, settings: JailSettings) -> None:
+        self.settings = settings
+        self.root: rootfs.RootInfo | None = None
+        self.driver: CgroupDriver | None = None
+        self.forkserver: ForkServerClient | None = None
+        self.forkserver_info: dict[str, Any] = {}
+        self.slots = SlotPool(settings.uid_first, settings.uid_count)
+        self.pool: Pool | None = None
+        self.workers: dict[int, Worker] = {}  # host pid of pid 1 -> worker
+        self.running: dict[str, Worker] = {}  # run id -> worker
+        self.generation = 0
+        self.started_at = time.time()
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._run_seq = 0
+
+    @property
+    def root_base(self) -> str:
+        return self.settings.root_dir or os.path.join(self.settings.state_dir, "roots")
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self.root = rootfs.ensure_root(s.root_spec(), self.root_base)
+        rootfs.remove_stale_roots(self.root_base, [self.root.path])
+        log.info("root %s: %s (%d files, %d libraries, %.3fs)", "reused" if self.root.reused else "built",
+                 self.root.path, self.root.files, self.root.libraries, self.root.seconds)
+        for warning in self.root.warnings:
+            log.warning("root: %s", warning)
+        self.driver = cgroups.detect(s.cgroup_parent, s.cgroup)
+        stale = self.driver.cleanup_stale()
+        if stale:
+            log.warning("removed %d worker cgroups left by an earlier daemon", len(stale))
+        env = {"PATH": RUN_ENV["PATH"], "LANG": "C.UTF-8", **s.preload_env}
+        self.forkserver = ForkServerClient(s.python, env, self._on_reaped)
+        self.forkserver_info = await self.forkserver.start(self._init_message())
+        for name, error in self.forkserver_info.get("preload_errors", {}).items():
+            log.error("preload %s failed: %s", name, error)
+        if self.forkserver_info.get("tasks", 1) != 1:
+            raise ForkServerError(
+                f"the fork server has {self.forkserver_info['tasks']} threads after preloading; a preload module "
+                "started threads (set e.g. OPENBLAS_NUM_THREADS=1 in jail.preload_env)")
+        keys = [s.filter_key(lang, net) for lang in s.profiles for net in (False, True)]
+        self.pool = Pool(self._make_worker, self._retire, keys, s.pool_min, s.pool_max)
+        self.pool.start()
+
+    def _init_message(self) -> dict[str, Any]:
+        s = self.settings
+        assert self.root is not None
+        profiles = {}
+        for lang, prof in s.profiles.items():
+            for net in (False, True):
+                profiles[s.filter_key(lang, net)] = {
+                    "allow": list(prof.allow), "errno": dict(prof.errno), "ioctls": list(prof.ioctls),
+                    "prctls": list(prof.prctls), "network": net}
+        return {"root": self.root.path, "profiles": profiles, "preload": list(s.preload),
+                "python_path": list(s.python_path), "env": {**RUN_ENV, **s.preload_env}}
+
+    async def close(self, grace: float = 0.0) -> None:
+        if self.pool:
+            await self.pool.close()
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for worker in list(self.running.values()):
+            worker.kill("killed")
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=REAP_TIMEOUT)
+        if self.forkserver:
+            await self.forkserver.stop()  # it kills and reaps whatever is left
+        for task in list(self._cleanups):
+            task.cancel()
+        for worker in list(self.workers.values()):
+            await worker.idle.wait()
+            self._finish_cleanup(worker)
+
+    async def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no cleanup is pending (tests use it to check nothing is left)."""
+        deadline = time.monotonic() + timeout
+        while self._cleanups and time.monotonic() < deadline:
+            await asyncio.wait(list(self._cleanups), timeout=deadline - time.monotonic())
+        return not self._cleanups
+
+    # -- workers ------------------------------------------------------------------------
+    async def _make_worker(self, key: str, discover: bool = False) -> Worker:
+        s = self.settings
+        assert self.driver is not None and self.forkserver is not None
+        slot = await self.slots.acquire(timeout=30.0)
+        try:
+            cgroup = self.driver.create(f"w{slot.index}", Limits(s.max_memory, s.max_pids + 1, s.cpus))
+        except BaseException:
+            self.slots.release(slot)
+            raise
+        vsz = int(self.forkserver_info.get("vsz_kb", 0)) * 1024 + (64 << 20)
+        spec = WorkerSpec(
+            worker_id=f"{key}/{slot.index}",
+            uid=slot.uid,
+            gid=slot.gid,
+            cgroup_procs=tuple(cgroup.procs_files),
+            filter_key=key,
+            network=key.endswith("+net"),
+            scratch_bytes=s.scratch_bytes,
+            scratch_inodes=s.scratch_inodes,
+            rlimits={"as": vsz + s.max_memory + s.as_slack, "cpu": s.max_cpu_ms // 1000 + 2,
+                     "fsize": s.max_file_size, "nofile": s.max_nofile, "nproc": s.max_pids + 2,
+                     "stack": 8 << 20},
+            out_max_bytes=s.max_out_bytes,
+            out_max_files=s.max_out_files,
+            discover=discover,
+            hostname=s.hostname,
+        )
+        try:
+            spawned = await self.forkserver.spawn(spec)
+        except BaseException:
+            cgroup.remove()
+            self.slots.release(slot)
+            raise
+        worker = Worker(spawned, spec, slot, cgroup, key, self.generation, s.cpus, vsz, s.as_slack)
+        self.workers[worker.pid] = worker
+        self._track_cleanup(worker)
+        return worker
+
+    def _on_reaped(self, pid: int, wstatus: int) -> None:
+        worker = self.workers.get(pid)
+        if worker is not None:
+            worker.on_reaped(wstatus)
+
+    def _retire(self, worker: Worker) -> None:
+        worker.kill("retired")
+
+    def _track_cleanup(self, worker: Worker) -> None:
+        task = asyncio.get_running_loop().create_task(self._cleanup(worker))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _cleanup(self, worker: Worker) -> None:
+        await worker.exited
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.reaped), REAP_TIMEOUT)
+        except TimeoutError:
+            log.error("worker %d: not reaped %.0fs after its status pipe closed; killing its cgroup",
+                      worker.pid, REAP_TIMEOUT)
+            worker.kill("killed")
+        await worker.idle.wait()  # the run's result has read the cgroup's counters
+        self._finish_cleanup(worker)
+
+    def _finish_cleanup(self, worker: Worker) -> None:
+        if self.workers.pop(worker.pid, None) is None:
+            return
+        worker.close_fds()
+        if worker.cgroup.remove():
+            self.slots.release(worker.slot)
+        else:
+            log.error("worker %d: cgroup not removed; uid slot %d stays out of use", worker.pid, worker.slot.uid)
+
+    # -- runs -----------------------------------------------------------------------------
+    def new_run_id(self) -> str:
+        self._run_seq += 1
+        return f"r{int(self.started_at) % 100000:05d}-{self._run_seq}"
+
+    async def run(self, plan: RunPlan, caller_uid: int | None = None) -> Result:
+        s = self.settings
+        assert self.pool is not None
+        if plan.language not in s.profiles:
+            raise ValueError(f"unknown language {plan.language!r}")
+        key = s.filter_key(plan.language, plan.network)
+        try:
+            if plan.discover:
+                worker = await self._make_worker(key, discover=True)
+                await worker.ready
+            else:
+                worker = await self.pool.acquire(key)
+        except WorkerFailed as e:
+            return Result(status="sandbox_error", error=e.error, reason=f"setup step {e.error.get('step')} failed")
+        except (TimeoutError, ForkServerError, OSError) as e:
+            return Result(status="sandbox_error", error={"step": "spawn", "errno": getattr(e, "errno", 0) or 0,
+                                                         "message": str(e)}, reason="no worker could be started")
+        worker.caller_uid = caller_uid
+        self.running[plan.run_id] = worker
+        try:
+            return await worker.execute(plan)
+        finally:
+            self.running.pop(plan.run_id, None)
+
+    def kill_run(self, run_id: str) -> bool:
+        worker = self.running.get(run_id)
+        if worker is None:
+            return False
+        worker.kill("killed")
+        return True
+
+    async def rebuild_root(self, force: bool = False) -> rootfs.RootInfo:
+        assert self.forkserver is not None and self.pool is not None
+        info = rootfs.ensure_root(self.settings.root_spec(), self.root_base, force=force)
+        if self.root is None or info.path != self.root.path:
+            reply, _ = await self.forkserver.call({"op": "template", "root": info.path})
+            if not reply.get("ok"):
+                raise ForkServerError(f"switching to the new root: {reply.get('error')}")
+            previous = self.root
+            self.root = info
+            self.generation += 1
+            self.pool.renew()
+            if previous is not None:
+                asyncio.get_running_loop().create_task(self._drop_root_later(previous.path))
+        else:
+            self.root = info
+        return info
+
+    async def _drop_root_later(self, path: str) -> None:
+        """Delete an old root once no worker made from it is left."""
+        generation = self.generation
+        while any(w.generation < generation for w in self.workers.values()):
+            await asyncio.sleep(0.5)
+        assert self.root is not None
+        rootfs.remove_stale_roots(self.root_base, [self.root.path])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "root": self.root.summary() if self.root else None,
+            "cgroup": self.driver.describe() if self.driver else None,
+            "pool": self.pool.describe() if self.pool else None,
+            "slots": {"total": self.slots.count, "free": self.slots.free, "in_use": self.slots.in_use},
+            "workers": len(self.workers),
+            "running": len(self.running),
+            "fork_server": {k: self.forkserver_info.get(k) for k in ("preloaded", "preload_errors", "run_path",
+                                                                      "vsz_kb", "filters")},
+        }

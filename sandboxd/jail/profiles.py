@@ -1,0 +1,130 @@
+"""The built-in syscall profiles, by name, so one list serves amd64 and arm64.
+
+A profile is an allowlist: anything else is refused with EPERM and reported by
+name (the supervisor answers the seccomp user notification).  Names that do not
+exist on the running architecture (``fork`` on arm64, ``arch_prctl`` off x86) are
+skipped.  Administrators extend or narrow profiles in the config (``profiles:``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+# What CPython, its threads and the stdlib (json, re, datetime, decimal, ssl, sqlite3,
+# zlib, subprocess of the root's own python) need after start-up.
+PYTHON_ALLOW = (
+    # memory
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync", "mincore", "memfd_create",
+    # files (inside the root read-only, inside scratch read-write)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "fsync", "fdatasync",
+    "stat", "lstat", "fstat", "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2",
+    "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "chdir", "fchdir",
+    "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
+    "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "umask",
+    "truncate", "ftruncate", "fallocate", "fadvise64", "readahead", "utime", "utimes", "utimensat", "futimesat",
+    "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
+    "sendfile", "copy_file_range", "dup", "dup2", "dup3", "pipe", "pipe2", "fcntl",
+    # events and waiting
+    "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait",
+    "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "signalfd", "signalfd4",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    # time
+    "nanosleep", "clock_nanosleep", "clock_gettime", "clock_getres", "gettimeofday", "time",
+    "getitimer", "setitimer", "alarm", "timer_create", "timer_settime", "timer_gettime",
+    "timer_getoverrun", "timer_delete",
+    # processes and threads (clone is conditional, below)
+    "fork", "vfork", "execve", "execveat", "wait4", "waitid", "exit", "exit_group",
+    "futex", "futex_waitv", "set_robust_list", "get_robust_list", "set_tid_address", "rseq",
+    "getpid", "getppid", "gettid", "getpgid", "setpgid", "getpgrp", "getsid", "setsid",
+    "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "capget",
+    "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "pidfd_send_signal",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigsuspend", "rt_sigtimedwait",
+    "sigaltstack", "pause", "restart_syscall",
+    "sched_yield", "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_getscheduler",
+    "sched_get_priority_max", "sched_get_priority_min", "sched_rr_get_interval", "getcpu",
+    "getpriority", "setpriority", "getrlimit", "setrlimit", "prlimit64", "getrusage", "times",
+    "uname", "sysinfo", "getrandom", "arch_prctl",
+    # sockets on fds that exist (socket() itself is conditional, below)
+    "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername",
+    "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
+    "getsockopt", "setsockopt",
+    # System V IPC is private to the run (IPC namespace)
+    "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl",
+    "msgget", "msgsnd", "msgrcv", "msgctl",
+)
+
+# Calls the worker itself makes between loading the filter and starting user code;
+# always allowed so a narrowed profile cannot break the jail's own hand-off.
+RUNTIME_REQUIRED = (
+    "read", "write", "close", "sendmsg", "recvmsg", "exit_group", "exit", "prlimit64", "rt_sigreturn",
+    "rt_sigaction", "rt_sigprocmask", "brk", "mmap", "munmap", "mprotect", "openat", "mkdirat", "mkdir",
+    "chdir", "fstat", "newfstatat", "lseek", "getdents64", "futex", "getpid", "clock_gettime", "ioctl",
+    "madvise", "fcntl", "dup2", "dup3", "unlink", "unlinkat", "getcwd",
+)
+
+# Refused silently with a specific errno (not reported as blocked): the caller is
+# expected to cope, e.g. glibc falls back from clone3 to clone on ENOSYS.
+PYTHON_ERRNO: dict[str, int] = {"clone3": errno.ENOSYS}
+
+# ioctl requests user code may make: terminal queries on a pipe answer ENOTTY.
+IOCTL_ALLOWED = (
+    0x5401,  # TCGETS (isatty)
+    0x5413,  # TIOCGWINSZ
+    0x540F,  # TIOCGPGRP
+    0x541B,  # FIONREAD
+    0x5421,  # FIONBIO
+    0x5450,  # FIONCLEX
+    0x5451,  # FIOCLEX
+    0x5452,  # FIOASYNC
+)
+
+# prctl options user code may use.
+PRCTL_ALLOWED = (
+    1,  # PR_SET_PDEATHSIG
+    2,  # PR_GET_PDEATHSIG
+    3,  # PR_GET_DUMPABLE
+    7,  # PR_GET_KEEPCAPS
+    15,  # PR_SET_NAME
+    16,  # PR_GET_NAME
+    21,  # PR_GET_SECCOMP
+    23,  # PR_CAPBSET_READ
+    29,  # PR_SET_TIMERSLACK
+    30,  # PR_GET_TIMERSLACK
+    38,  # PR_SET_NO_NEW_PRIVS
+    39,  # PR_GET_NO_NEW_PRIVS
+)
+
+NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+# Never let through, not even in discovery mode: escapes and kernel attack surface.
+NEVER_ALLOW = frozenset(
+    {
+        "unshare", "setns", "mount", "umount", "umount2", "pivot_root", "chroot", "ptrace",
+        "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp", "pidfd_getfd",
+        "bpf", "userfaultfd", "perf_event_open", "io_uring_setup", "io_uring_enter", "io_uring_register",
+        "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+        "add_key", "keyctl", "request_key", "open_by_handle_at", "name_to_handle_at",
+        "swapon", "swapoff", "acct", "quotactl", "quotactl_fd", "settimeofday", "clock_settime",
+        "adjtimex", "clock_adjtime", "iopl", "ioperm", "lookup_dcookie", "vhangup", "syslog",
+        "fanotify_init", "fanotify_mark", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig",
+        "fspick", "mount_setattr", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+        "setfsuid", "setfsgid", "setgroups", "capset", "personality", "seccomp", "clone", "clone3",
+        "socket", "ioctl", "prctl", "vmsplice", "nfsservctl", "uselib", "sysfs", "_sysctl",
+        "create_module", "get_kernel_syms", "query_module", "modify_ldt", "memfd_secret",
+        "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "sethostname",
+        "setdomainname", "mknod", "mknodat", "flock", "inotify_init", "inotify_init1", "inotify_add_watch",
+    }
+)
+
+# The supervisor (the run's pid 1) after it has forked the runner: poll, reap,
+# answer notifications, collect out/ files, report, exit.  Anything else: EPERM.
+SUPERVISOR_ALLOW = (
+    "read", "write", "close", "poll", "ppoll", "ioctl", "wait4", "waitid", "kill", "exit_group", "exit",
+    "openat", "open", "getdents64", "getdents", "fstat", "newfstatat", "lstat", "stat", "statx", "lseek",
+    "brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "futex", "rt_sigaction", "rt_sigprocmask",
+    "rt_sigreturn", "sigaltstack", "clock_gettime", "getpid", "gettid", "fcntl", "getrandom",
+    "pidfd_open", "restart_syscall", "readlink", "readlinkat", "getcwd",
+)

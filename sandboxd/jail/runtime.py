@@ -1,0 +1,171 @@
+"""R after confinement: wait for one request, prepare it, run the user's code, exit.
+
+By the time ``serve_one`` runs, every confinement step is in place (seccomp
+included), so nothing below -- not even parsing the request -- happens outside the
+jail.  The request's own rlimits are applied (lowering the pool's ceilings), input
+files are written into the working directory, the environment, ``sys.argv``,
+``sys.path`` and stdio are made fresh, modules that belong to the daemon rather than
+the root are forgotten, the request pipe is closed -- leaving only fds 0, 1 and 2 --
+and the code runs as ``__main__``, with ``python3 -c`` semantics for exit status,
+``SystemExit``, uncaught exceptions, non-daemon threads and ``atexit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import io
+import linecache
+import os
+import sys
+import threading
+import time
+import types
+from typing import NoReturn
+
+from .. import protocol
+from . import limits
+from .child import EXIT_SETUP, R_FD_CTRL, ServerState, StepFailure, run_steps
+from .spec import Handoff, RunRequest, WorkerSpec
+
+FILENAME = "<code>"
+EXIT_FLUSH_FAILED = 120  # as CPython, when flushing stdout at exit fails
+
+
+def serve_one(spec: WorkerSpec, state: ServerState, handoff: Handoff) -> NoReturn:
+    handoff.write(Handoff.WAITING)
+    try:
+        request = _read_request(R_FD_CTRL)
+    except EOFError:
+        os._exit(0)  # the daemon retired this worker unused
+    except Exception as e:  # noqa: BLE001
+        handoff.write(Handoff.SETUP, "request", 0, message=f"{type(e).__name__}: {e}")
+        os._exit(EXIT_SETUP)
+    try:
+        run_steps([
+            ("limits", lambda: limits.apply(request.rlimits)),
+            ("files", lambda: _write_files(request.files)),
+            ("environment", lambda: _environment(state, request)),
+            ("close_fds", lambda: os.closerange(3, 2**31 - 1)),
+        ])
+    except StepFailure as f:
+        handoff.write(Handoff.SETUP, f.step, f.errno, message=f.message)
+        os._exit(EXIT_SETUP)
+    _execute(request.code, handoff)
+
+
+def _read_request(fd: int) -> RunRequest:
+    header = _read_exact(fd, protocol.HEADER.size)
+    (n,) = protocol.HEADER.unpack(header)
+    body = _read_exact(fd, n)
+    return RunRequest.from_wire(protocol.decode_body(body, max_frame=n))
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_files(files: dict[str, bytes] | object) -> None:
+    assert isinstance(files, dict)
+    for name, data in files.items():
+        parts = name.split("/")
+        if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
+            raise ValueError(f"bad file name {name!r}")
+        if len(parts) > 1:
+            os.makedirs(os.path.dirname(name), mode=0o755, exist_ok=True)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
+def _environment(state: ServerState, request: RunRequest) -> None:
+    os.environ.clear()
+    os.environ.update(state.base_env)
+    os.environ.update(request.env)
+    sys.argv = list(request.argv)
+    sys.path[:] = ["", *state.run_path]
+    keep = set(state.run_path)
+    for key in list(sys.path_importer_cache):
+        if key not in keep:
+            del sys.path_importer_cache[key]
+    for name in state.foreign_modules:
+        sys.modules.pop(name, None)
+    stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
+    stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
+                              errors="backslashreplace", line_buffering=True)
+    sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = stdin, stdout, stderr  # type: ignore[misc]
+
+
+def _execute(code: str, handoff: Handoff) -> NoReturn:
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
+    status = 0
+    handoff.write(Handoff.RUNNING, started_ns=time.monotonic_ns())
+    try:
+        exec(compile(code, FILENAME, "exec"), main.__dict__)
+    except SystemExit as e:
+        status = _exit_status(e)
+    except BaseException as e:  # noqa: BLE001 - report like the interpreter does
+        handoff.set_exception(type(e).__name__)
+        _report(e)
+        status = 1
+    os._exit(_finish(status))
+
+
+def _exit_status(e: SystemExit) -> int:
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _report(e: BaseException) -> None:
+    tb = e.__traceback__
+    if tb is not None and tb.tb_frame.f_code is _execute.__code__:
+        e = e.with_traceback(tb.tb_next)  # start at the user's code, as the interpreter does
+    try:
+        sys.excepthook(type(e), e, e.__traceback__)
+    except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
+        try:
+            os.write(2, f"{type(e).__name__}: {e}\n".encode("utf-8", "replace"))
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+def _finish(status: int) -> int:
+    """Interpreter shutdown without finalisation: threads, atexit, flush."""
+    for step in (threading._shutdown, atexit._run_exitfuncs):  # type: ignore[attr-defined]
+        try:
+            step()
+        except SystemExit as e:
+            status = _exit_status(e)
+        except BaseException as e:  # noqa: BLE001
+            _report(e)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            if stream is sys.stdout:
+                status = status or EXIT_FLUSH_FAILED
+    return status

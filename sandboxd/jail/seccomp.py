@@ -1,0 +1,201 @@
+"""Compile syscall profiles to BPF once, load them last, and answer user notifications.
+
+Compilation uses libseccomp (Debian's ``python3-seccomp`` module ``seccomp``, or
+``pyseccomp`` from PyPI) in the fork server: one BPF program per (profile, network)
+pair, exported as bytes.  The child installs those bytes with the raw ``seccomp(2)``
+call, so nothing is compiled after fork.
+
+Default action is ``SECCOMP_RET_USER_NOTIF``: a refused call waits for the run's
+supervisor, which records the syscall's name and answers ``EPERM`` (or, in discovery
+mode, lets it continue).  A foreign architecture (the 32-bit ABI) kills the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from . import profiles
+
+
+def _backend() -> ModuleType:
+    try:
+        import seccomp as backend  # Debian's python3-seccomp
+    except ImportError:
+        import pyseccomp as backend  # PyPI, same API
+    module: ModuleType = backend
+    return module
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A syscall policy, by name: what is allowed and what fails silently with an errno."""
+
+    name: str
+    allow: tuple[str, ...] = profiles.PYTHON_ALLOW
+    errno: Mapping[str, int] = field(default_factory=lambda: dict(profiles.PYTHON_ERRNO))
+    ioctls: tuple[int, ...] = profiles.IOCTL_ALLOWED
+    prctls: tuple[int, ...] = profiles.PRCTL_ALLOWED
+
+    def extended(self, name: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
+                 errnos: Mapping[str, int] | None = None) -> Profile:
+        denied = set(deny)
+        merged = [s for s in dict.fromkeys([*self.allow, *allow]) if s not in denied]
+        errs = dict(self.errno)
+        errs.update(errnos or {})
+        return Profile(name, tuple(merged), errs, self.ioctls, self.prctls)
+
+
+def unknown_syscalls(names: Iterable[str]) -> list[str]:
+    """Names libseccomp does not know on any architecture it supports."""
+    sc = _backend()
+    bad = []
+    for name in names:
+        try:
+            sc.resolve_syscall(sc.Arch.NATIVE, name)
+        except (ValueError, RuntimeError, TypeError):
+            bad.append(name)
+    return bad
+
+
+def _resolvable(sc: ModuleType, name: str) -> bool:
+    try:
+        return int(sc.resolve_syscall(sc.Arch.NATIVE, name)) >= 0
+    except (ValueError, RuntimeError, TypeError):
+        return False
+
+
+def _add(sc: ModuleType, f: Any, action: Any, name: str, *args: Any) -> None:
+    if _resolvable(sc, name):
+        f.add_rule(action, name, *args)
+
+
+def _export(f: Any) -> bytes:
+    r, w = os.pipe()
+    try:
+        with os.fdopen(w, "wb") as wf:
+            f.export_bpf(wf)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    bpf = b"".join(chunks)
+    if not bpf or len(bpf) % 8:
+        raise ProfileError(f"libseccomp produced an invalid program ({len(bpf)} bytes)")
+    return bpf
+
+
+def compile_profile(profile: Profile, network: bool) -> bytes:
+    """BPF bytes for ``profile``; ``network`` allows AF_INET/AF_INET6 sockets."""
+    sc = _backend()
+    f = sc.SyscallFilter(sc.NOTIFY)
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    f.set_attr(sc.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, as a named step
+    special = {"clone", "ioctl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat"}
+    for name in dict.fromkeys([*profile.allow, *profiles.RUNTIME_REQUIRED]):
+        if name in special or name in profile.errno:
+            continue
+        _add(sc, f, sc.ALLOW, name)
+    for name, err in profile.errno.items():
+        _add(sc, f, sc.ERRNO(err), name)
+    # clone: threads and fork yes, new namespaces no.
+    _add(sc, f, sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, profiles.NAMESPACE_FLAGS, 0))
+    for req in profile.ioctls:
+        _add(sc, f, sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, req))
+    for opt in profile.prctls:
+        _add(sc, f, sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, opt))
+    _add(sc, f, sc.ALLOW, "personality", sc.Arg(0, sc.EQ, 0xFFFFFFFF))
+    _add(sc, f, sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, 1))  # AF_UNIX pairs reach nothing
+    fifo = sc.Arg(2, sc.MASKED_EQ, 0o170000, 0o010000)
+    _add(sc, f, sc.ALLOW, "mknodat", fifo)
+    _add(sc, f, sc.ALLOW, "mknod", sc.Arg(1, sc.MASKED_EQ, 0o170000, 0o010000))
+    if network:
+        for family in profiles.NETWORK_FAMILIES:
+            _add(sc, f, sc.ALLOW, "socket", sc.Arg(0, sc.EQ, int(family)))
+    return _export(f)
+
+
+def compile_supervisor() -> bytes:
+    """The supervisor's own filter: its short list, EPERM for anything else."""
+    sc = _backend()
+    f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    f.set_attr(sc.Attr.CTL_NNP, 0)
+    for name in profiles.SUPERVISOR_ALLOW:
+        _add(sc, f, sc.ALLOW, name)
+    return _export(f)
+
+
+def syscall_names() -> dict[int, str]:
+    """Native syscall number -> name, for reporting (the supervisor has no libseccomp calls)."""
+    sc = _backend()
+    out: dict[int, str] = {}
+    for nr in range(1024):
+        try:
+            name = sc.resolve_syscall(sc.Arch.NATIVE, nr)
+        except (ValueError, RuntimeError, TypeError):
+            continue
+        if name:
+            out[nr] = name.decode() if isinstance(name, bytes) else str(name)
+    return out
+
+
+def native_audit_arch() -> int:
+    sc = _backend()
+    return int(sc.system_arch())
+
+
+# -- user notifications (struct seccomp_notif / seccomp_notif_resp) ----------------------
+
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, instruction_pointer, args[6]
+_RESP = struct.Struct("=QqiI")  # id, val, error, flags
+_IOC_RW = 3
+NOTIF_RECV = (_IOC_RW << 30) | (_NOTIF.size << 16) | (ord("!") << 8) | 0
+NOTIF_SEND = (_IOC_RW << 30) | (_RESP.size << 16) | (ord("!") << 8) | 1
+FLAG_CONTINUE = 1
+
+
+@dataclass(frozen=True)
+class Notification:
+    id: int
+    pid: int
+    nr: int
+    arch: int
+    args: tuple[int, ...]
+
+
+def receive(fd: int) -> Notification | None:
+    """Read one pending notification; None when the target went away meanwhile."""
+    buf = bytearray(_NOTIF.size)
+    try:
+        fcntl.ioctl(fd, NOTIF_RECV, buf, True)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EINTR):
+            return None
+        raise
+    nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+    return Notification(nid, pid, nr, arch, tuple(args))
+
+
+def respond(fd: int, notification_id: int, error: int = errno.EPERM, allow: bool = False) -> None:
+    """Answer a notification: fail the call with ``error``, or let it run (``allow``)."""
+    if allow:
+        buf = bytearray(_RESP.pack(notification_id, 0, 0, FLAG_CONTINUE))
+    else:
+        buf = bytearray(_RESP.pack(notification_id, 0, -error, 0))
+    try:
+        fcntl.ioctl(fd, NOTIF_SEND, buf, True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # the caller was killed while we decided
+            raise

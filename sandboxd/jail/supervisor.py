@@ -1,0 +1,193 @@
+"""P after setup: the run's pid 1.  Reap, answer seccomp notifications, collect, report.
+
+The supervisor runs as the run's uid, without capabilities, non-dumpable, under its
+own short seccomp filter, and never runs user code.  It waits on three things: the
+runner's pidfd (the run is over when it exits), the seccomp listener (a refused
+syscall: record its name, answer EPERM, or let it continue in discovery mode) and
+SIGCHLD (reap orphans).  When the runner exits it kills whatever else of the run is
+left (``kill(-1)`` from pid 1 reaches exactly the namespace), reaps it, reads the
+``out/`` folder as the run's uid without following links, and writes one ``exit``
+frame.  Exiting as pid 1 tears the namespace down.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import stat
+import time
+from typing import Any, NoReturn
+
+from . import libc
+from . import seccomp as sc
+from .child import EXIT_SETUP, FD_LIFELINE, FD_STATUS, ServerState, write_frame
+from .profiles import NEVER_ALLOW
+from .spec import Handoff, WorkerSpec
+
+OUT_DIR = "out"
+MAX_DEPTH = 8
+
+
+def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int) -> NoReturn:
+    pidfd = os.pidfd_open(runner)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    if listener >= 0:
+        write_frame(FD_STATUS, {"t": "ready"})
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    libc.seccomp_load(state.supervisor_filter, new_listener=False)
+
+    poller = select.poll()
+    for fd in (pidfd, wake_r, FD_LIFELINE):
+        poller.register(fd, select.POLLIN)
+    if listener >= 0:
+        poller.register(listener, select.POLLIN)
+    denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
+    status: tuple[int, Any] | None = None
+    while status is None:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, ev in events:
+            if fd == listener:
+                if ev & select.POLLIN:
+                    _answer(listener, state, spec.discover, denied)
+                elif ev & (select.POLLHUP | select.POLLERR):
+                    poller.unregister(listener)
+            elif fd == wake_r:
+                _drain(wake_r)
+                status = _reap(runner, block=False) or status
+            elif fd == FD_LIFELINE:
+                os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
+            elif fd == pidfd:
+                status = _reap(runner, block=True) or status
+    end_ns = time.monotonic_ns()
+    # Answer what is still queued, then end everything else of the run.
+    if listener >= 0:
+        drain = select.poll()
+        drain.register(listener, select.POLLIN)
+        while any(ev & select.POLLIN for _fd, ev in drain.poll(0)):
+            if not _answer(listener, state, spec.discover, denied):
+                break
+    _kill_rest()
+    files, truncated, files_error = _collect_out(spec.out_max_files, spec.out_max_bytes)
+    wstatus, rusage = status
+    write_frame(FD_STATUS, {
+        "t": "exit",
+        "wstatus": wstatus,
+        "utime": rusage.ru_utime,
+        "stime": rusage.ru_stime,
+        "maxrss_kb": rusage.ru_maxrss,
+        "end_ns": end_ns,
+        "handoff": handoff.read(),
+        "denied": [[name, c, allowed] for name, (c, allowed) in denied.items()],
+        "files": files,
+        "files_truncated": truncated,
+        "files_error": files_error,
+    })
+    os._exit(0)
+
+
+def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str, list[Any]]) -> bool:
+    try:
+        note = sc.receive(listener)
+    except OSError:
+        return False
+    if note is None:
+        return True
+    if note.arch != state.audit_arch:
+        name, native = f"arch {note.arch:#x} syscall {note.nr}", False
+    elif note.nr >= 0x40000000:
+        name, native = f"x32:{state.syscall_names.get(note.nr & 0x3FFFFFFF, note.nr)}", False
+    else:
+        name, native = state.syscall_names.get(note.nr, f"syscall {note.nr}"), True
+    allow = discover and native and name not in NEVER_ALLOW
+    entry = denied.setdefault(name, [0, allow])
+    entry[0] += 1
+    sc.respond(listener, note.id, errno.EPERM, allow=allow)
+    return True
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _reap(runner: int, block: bool) -> tuple[int, Any] | None:
+    """Reap zombies; return (wstatus, rusage) once the runner itself has been reaped."""
+    result = None
+    while True:
+        try:
+            pid, wstatus, rusage = os.wait3(0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return result
+        if pid == 0:
+            return result
+        if pid == runner:
+            return wstatus, rusage
+
+
+def _kill_rest() -> None:
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while True:
+        try:
+            os.wait3(0)
+        except ChildProcessError:
+            return
+
+
+def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool, str | None]:
+    """Regular files under /work/out, read without following links; capped."""
+    files: dict[str, bytes] = {}
+    total = 0
+    truncated = False
+    try:
+        top = os.open(OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return files, False, None
+    except OSError as e:
+        return files, False, f"out: {e.strerror}"
+    stack: list[tuple[int, str, int]] = [(top, "", 0)]
+    try:
+        while stack:
+            dfd, prefix, depth = stack.pop()
+            entries = sorted(os.scandir(dfd), key=lambda e: e.name)
+            for entry in entries:
+                rel = prefix + entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if depth + 1 >= MAX_DEPTH:
+                        truncated = True
+                        continue
+                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                    stack.append((sub, rel + "/", depth + 1))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if len(files) >= max_files or total + st.st_size > max_bytes:
+                    truncated = True
+                    continue
+                fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+                try:
+                    data = os.read(fd, max_bytes - total + 1)
+                finally:
+                    os.close(fd)
+                if total + len(data) > max_bytes:
+                    truncated = True
+                    continue
+                files[rel] = data
+                total += len(data)
+            os.close(dfd)
+    except OSError as e:
+        return files, True, f"out: {e.strerror}"
+    return files, truncated, None

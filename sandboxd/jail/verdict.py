@@ -1,0 +1,138 @@
+"""One truthful verdict per run, from everything the parent observed.
+
+Inputs are the supervisor's ``exit`` frame (wait status, refused syscalls, the
+runner's handoff page), why the daemon killed the run if it did, and the cgroup's
+counters.  Precedence, first match wins:
+
+    sandbox_error   a setup step failed (which step, errno)
+    output_limit    the daemon killed the run for writing too much (which stream)
+    memory_limit    an OOM kill in the cgroup, or an uncaught MemoryError (RLIMIT_AS)
+    pids_limit      the pids controller refused a fork and the run did not succeed
+    cpu_limit       SIGXCPU, or killed by the daemon with the CPU budget spent
+    timeout         the daemon's wall clock ended the run
+    blocked_syscall a refused syscall, and the run failed (or SIGSYS: foreign ABI)
+    signaled        killed by a signal
+    exit_nonzero    exited with a non-zero status
+    ok
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .cgroups import CgroupStats
+
+STATUSES = ("ok", "exit_nonzero", "signaled", "timeout", "cpu_limit", "memory_limit", "output_limit",
+            "pids_limit", "blocked_syscall", "sandbox_error")
+
+
+@dataclass
+class Result:
+    status: str
+    exit_code: int | None = None
+    signal: int | None = None
+    signal_name: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    wall_ms: float = 0.0
+    cpu_ms: float = 0.0
+    memory_peak_kb: int | None = None
+    blocked_syscall: str | None = None
+    denied_syscalls: dict[str, int] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    limits_enforced_by: str = "none"
+    files: dict[str, bytes] = field(default_factory=dict)
+    files_truncated: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Observation:
+    """What the daemon saw of one run."""
+
+    exit_frame: dict[str, Any] | None
+    setup_error: dict[str, Any] | None
+    killed_for: str | None  # "timeout", "cpu", "output:stdout", "output:stderr", "cancelled", "killed"
+    cgroup: CgroupStats
+    cpu_limit_ms: int
+    driver: str
+
+
+def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
+    """Return (status, extra fields) for the observation."""
+    frame = obs.exit_frame or {}
+    handoff = frame.get("handoff") or {}
+    denied = [d for d in frame.get("denied", []) if not d[2]]
+    first_denied = denied[0][0] if denied else None
+    extra: dict[str, Any] = {}
+
+    if obs.setup_error:
+        return "sandbox_error", {"error": obs.setup_error, "reason": f"setup step {obs.setup_error['step']} failed"}
+    if obs.exit_frame is not None and handoff.get("phase") == 0 and not obs.killed_for:
+        # The runner ended before its code started: a setup or request step failed.
+        err = {"step": handoff.get("step") or "runner", "errno": handoff.get("errno", 0),
+               "message": handoff.get("message") or "the runner died before user code started"}
+        return "sandbox_error", {"error": err, "reason": f"setup step {err['step']} failed"}
+
+    if obs.killed_for and obs.killed_for.startswith("output:"):
+        stream = obs.killed_for.split(":", 1)[1]
+        return "output_limit", {"reason": f"{stream} exceeded its byte limit"}
+
+    wstatus: int | None = frame.get("wstatus")
+    code = sig = None
+    if wstatus is not None and os.WIFEXITED(wstatus):
+        code = os.WEXITSTATUS(wstatus)
+    elif wstatus is not None and os.WIFSIGNALED(wstatus):
+        sig = os.WTERMSIG(wstatus)
+    if code is not None:
+        extra["exit_code"] = code
+    if sig is not None:
+        extra["signal"] = sig
+        extra["signal_name"] = _signame(sig)
+    succeeded = code == 0
+
+    if obs.cgroup.oom_kills and not succeeded:
+        return "memory_limit", {**extra, "reason": "the kernel killed the run at its memory limit (OOM)"}
+    if handoff.get("exception") == "MemoryError" and not succeeded:
+        return "memory_limit", {**extra, "reason": "an allocation failed at the run's memory limit (MemoryError)"}
+    if obs.cgroup.pids_max_hits and not succeeded:
+        return "pids_limit", {**extra, "reason": "a fork failed at the run's process limit"}
+    if sig == signal.SIGXCPU or obs.killed_for == "cpu":
+        return "cpu_limit", {**extra, "reason": "the run used up its CPU time"}
+    if obs.killed_for == "timeout":
+        return "timeout", {**extra, "reason": "the run reached its wall-clock time limit"}
+    if obs.killed_for in ("cancelled", "killed"):
+        return "signaled", {**extra, "signal": signal.SIGKILL, "signal_name": "SIGKILL",
+                            "reason": f"the run was {obs.killed_for}"}
+    if obs.exit_frame is None:
+        if obs.cgroup.oom_kills:
+            return "memory_limit", {"reason": "the kernel killed the run at its memory limit (OOM)"}
+        return "sandbox_error", {"error": {"step": "supervisor", "errno": 0,
+                                           "message": "the run's supervisor died without a report"},
+                                 "reason": "the run's supervisor died"}
+    if sig == signal.SIGSYS:
+        return "blocked_syscall", {**extra, "blocked_syscall": first_denied or "foreign-architecture syscall",
+                                   "reason": "killed for a system call outside the allowed ABI"}
+    if first_denied and not succeeded:
+        return "blocked_syscall", {**extra, "blocked_syscall": first_denied,
+                                   "reason": f"the run failed after the system call {first_denied} was refused"}
+    if sig is not None:
+        return "signaled", {**extra, "reason": f"killed by {_signame(sig)}"}
+    if code:
+        return "exit_nonzero", {**extra, "reason": f"exited with status {code}"}
+    return "ok", extra
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIG{sig}"

@@ -1,0 +1,228 @@
+"""One worker as the daemon sees it, and the execution of one plan on it.
+
+A worker is born confined and waits; ``execute`` tightens its cgroup to the plan,
+releases the request (code, files, env, rlimits) and stdin, reads stdout/stderr with
+a byte cap each, and ends the run by the parent's clock: wall timeout, CPU budget
+(polled from the cgroup) and output overflow all kill the worker's pid 1, which
+takes the whole pid namespace with it.  The verdict comes from ``verdict.decide``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+from .. import protocol
+from .cgroups import Limits, WorkerCgroup
+from .fsclient import SpawnedWorker
+from .pipes import CappedReader, FrameReader, Writer
+from .slots import Slot
+from .spec import RunPlan, RunRequest, WorkerSpec
+from .verdict import Observation, Result, decide
+
+log = logging.getLogger(__name__)
+STACK_BYTES = 8 << 20
+DRAIN_TIMEOUT = 5.0
+
+
+class WorkerFailed(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error.get('step')}: {error.get('message')}")
+        self.error = error
+
+
+class Worker:
+    def __init__(self, spawned: SpawnedWorker, spec: WorkerSpec, slot: Slot, cgroup: WorkerCgroup,
+                 key: str, generation: int, cpus: float, as_base: int, as_slack: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.proc = spawned
+        self.spec = spec
+        self.slot = slot
+        self.cgroup = cgroup
+        self.key = key
+        self.generation = generation
+        self.cpus = cpus
+        self.as_base = as_base
+        self.as_slack = as_slack
+        self.created = time.monotonic()
+        self.state = "starting"
+        self.run_id: str | None = None
+        self.caller_uid: int | None = None
+        self.plan: RunPlan | None = None
+        self.started: float | None = None
+        self.setup_error: dict[str, Any] | None = None
+        self.exit_frame: dict[str, Any] | None = None
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.exited: asyncio.Future[None] = self.loop.create_future()
+        self.reaped: asyncio.Future[int] = self.loop.create_future()
+        self.killed_for: str | None = None
+        self.idle = asyncio.Event()  # clear while a run is reading this worker's cgroup
+        self.idle.set()
+        self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + (1 << 20))
+        spawned.status_r = -1
+        self._pump = self.loop.create_task(self._read_status())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def _read_status(self) -> None:
+        while (frame := await self.status.frames.get()) is not None:
+            kind = frame.get("t")
+            if kind == "ready":
+                self.state = "ready"
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif kind == "setup_error":
+                self.setup_error = {k: frame.get(k) for k in ("step", "errno", "message")}
+            elif kind == "exit":
+                self.exit_frame = frame
+        if self.status.error:
+            log.error("worker %d: bad status frame: %s", self.pid, self.status.error)
+        if not self.ready.done():
+            self.ready.set_exception(WorkerFailed(self.setup_error or {
+                "step": "worker", "errno": 0, "message": "worker exited during setup"}))
+            self.ready.exception()  # consumed here; waiters re-raise it
+        self.state = "exited"
+        self.exited.set_result(None)
+
+    def on_reaped(self, wstatus: int) -> None:
+        if not self.reaped.done():
+            self.reaped.set_result(wstatus)
+
+    def kill(self, reason: str = "killed") -> None:
+        if self.killed_for is None:
+            self.killed_for = reason
+        if self.proc.pidfd < 0:
+            return  # already reaped and cleaned up
+        try:
+            signal.pidfd_send_signal(self.proc.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as e:
+            log.error("worker %d: pidfd_send_signal: %s", self.pid, e)
+        if self.cgroup.driver.kind == "cgroup2":
+            self.cgroup.kill()
+
+    def close_fds(self) -> None:
+        self.proc.close()
+
+    def rlimits(self, plan: RunPlan) -> dict[str, int]:
+        if self.cgroup.driver.kind == "none":
+            address_space = self.as_base + plan.memory_bytes
+        else:
+            address_space = self.as_base + plan.memory_bytes + self.as_slack
+        return {
+            "as": address_space,
+            "cpu": math.ceil(plan.cpu_ms / 1000) + 1,
+            "fsize": plan.file_size_bytes,
+            "nofile": plan.nofile,
+            "nproc": plan.pids + 2,
+            "stack": STACK_BYTES,
+        }
+
+    async def execute(self, plan: RunPlan) -> Result:
+        self.idle.clear()
+        try:
+            return await self._execute(plan)
+        finally:
+            self.idle.set()
+
+    async def _execute(self, plan: RunPlan) -> Result:
+        self.state = "running"
+        self.plan = plan
+        self.run_id = plan.run_id
+        driver = self.cgroup.driver.kind
+        if driver != "none":
+            self.cgroup.set_limits(Limits(plan.memory_bytes, plan.pids + 1, self.cpus))
+        cpu0 = self.cgroup.cpu_usage_ns()
+        request = RunRequest(plan.code, self.rlimits(plan), plan.files, plan.env)
+        out = CappedReader(self.proc.stdout_r, plan.output_bytes, lambda: self.kill("output:stdout"))
+        err = CappedReader(self.proc.stderr_r, plan.output_bytes, lambda: self.kill("output:stderr"))
+        self.proc.stdout_r = self.proc.stderr_r = -1
+        self.started = time.monotonic()
+        request_writer = Writer(self.proc.request_w, protocol.encode(request.to_wire()))
+        stdin_writer = Writer(self.proc.stdin_w, plan.stdin)
+        self.proc.request_w = self.proc.stdin_w = -1
+        timers = [self.loop.call_later(plan.timeout_ms / 1000, self.kill, "timeout")]
+        if cpu0 is not None and plan.cpu_ms < plan.timeout_ms * self.cpus:
+            timers.append(self.loop.call_later(plan.cpu_ms / 1000 / self.cpus, self._cpu_check, plan, cpu0, timers))
+        try:
+            await self.exited
+            try:
+                await asyncio.wait_for(asyncio.gather(out.done, err.done), DRAIN_TIMEOUT)
+            except TimeoutError:
+                log.error("run %s: output still open %.0fs after the run ended", plan.run_id, DRAIN_TIMEOUT)
+        except asyncio.CancelledError:
+            self.kill("cancelled")
+            raise
+        finally:
+            for t in timers:
+                t.cancel()
+            request_writer.abandon()
+            stdin_writer.abandon()
+            out.close()
+            err.close()
+            self.state = "done"
+        wall = time.monotonic() - self.started
+        return self._result(plan, out, err, cpu0, wall)
+
+    def _cpu_check(self, plan: RunPlan, cpu0: int, timers: list[asyncio.TimerHandle]) -> None:
+        now = self.cgroup.cpu_usage_ns()
+        if now is None or self.state != "running":
+            return
+        used_ms = (now - cpu0) / 1e6
+        if used_ms >= plan.cpu_ms:
+            self.kill("cpu")
+            return
+        delay = max(0.002, (plan.cpu_ms - used_ms) / 1000 / self.cpus)
+        timers.append(self.loop.call_later(delay, self._cpu_check, plan, cpu0, timers))
+
+    def _result(self, plan: RunPlan, out: CappedReader, err: CappedReader, cpu0: int | None,
+                wall: float) -> Result:
+        stats = self.cgroup.stats()
+        frame = self.exit_frame
+        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats, plan.cpu_ms,
+                                           self.cgroup.driver.kind))
+        result = Result(status=status, stdout=bytes(out.buf), stderr=bytes(err.buf),
+                        stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+                        limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit")
+        for key, value in extra.items():
+            setattr(result, key, value)
+        handoff = (frame or {}).get("handoff") or {}
+        if frame and handoff.get("started_ns") and frame.get("end_ns"):
+            result.wall_ms = round((frame["end_ns"] - handoff["started_ns"]) / 1e6, 3)
+        else:
+            result.wall_ms = round(wall * 1000, 3)
+        if stats.cpu_usage_ns is not None and cpu0 is not None:
+            result.cpu_ms = round((stats.cpu_usage_ns - cpu0) / 1e6, 3)
+        elif frame:
+            result.cpu_ms = round((frame["utime"] + frame["stime"]) * 1000, 3)
+        if stats.memory_peak is not None:
+            result.memory_peak_kb = stats.memory_peak // 1024
+        elif frame:
+            result.memory_peak_kb = int(frame.get("maxrss_kb", 0))
+        if frame:
+            result.denied_syscalls = {d[0]: d[1] for d in frame.get("denied", [])}
+            files, truncated = _cap_files(frame.get("files") or {}, plan.out_files_count, plan.out_files_bytes)
+            result.files = files
+            result.files_truncated = truncated or bool(frame.get("files_truncated"))
+        return result
+
+
+def _cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
+    out: dict[str, bytes] = {}
+    total = 0
+    truncated = False
+    for name in sorted(files):
+        data = files[name]
+        if len(out) >= max_count or total + len(data) > max_bytes:
+            truncated = True
+            continue
+        out[name] = data
+        total += len(data)
+    return out, truncated
