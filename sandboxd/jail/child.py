@@ -76,7 +76,8 @@ def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
 
 def remap_fds(fds: Sequence[int], start: int) -> None:
     """Place ``fds`` at ``start``, ``start+1``, ... and close every other fd from ``start`` on."""
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 256) for fd in fds]
+    # Temporaries land above the target range, so no dup2 below clobbers a source.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, start + len(fds)) for fd in fds]
     for i, fd in enumerate(high):
         os.dup2(fd, start + i)
     os.closerange(start + len(fds), 2**31 - 1)

@@ -13,6 +13,7 @@ its pid 1 has been reaped: cgroup removed, then its uid slot freed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -209,6 +210,7 @@ class Jail:
             self.slots.release(slot)
             raise
         worker = Worker(spawned, spec, slot, cgroup, key, self.generation, s.cpus, vsz, s.as_slack)
+        worker.forkserver = self.forkserver
         self.workers[worker.pid] = worker
         self._track_cleanup(worker)
         return worker
@@ -298,6 +300,62 @@ class Jail:
         else:
             self.root = info
         return info
+
+    async def reconfigure(self, new: JailSettings) -> list[str]:
+        """Apply new settings without dropping runs in flight; return what changed.
+
+        Pool sizes and CPU shares apply at once.  A different root swaps the template;
+        different profiles, preloads or interpreter start a new fork server (the old one
+        keeps its running workers until they end).  Either way pooled workers are
+        replaced.  The uid range and cgroup placement need a restart.
+        """
+        old = self.settings
+        assert self.pool is not None and self.forkserver is not None
+        changes: list[str] = []
+        fixed = [k for k in ("uid_first", "uid_count", "cgroup", "cgroup_parent", "state_dir", "root_dir")
+                 if getattr(old, k) != getattr(new, k)]
+        if fixed:
+            changes.append(f"jail {', '.join(fixed)}: applied at the next restart")
+            new = dataclasses.replace(new, **{k: getattr(old, k) for k in fixed})
+        if new == old:
+            return changes
+        root_changed = old.root_spec().digest() != new.root_spec().digest()
+        server_changed = any(getattr(old, k) != getattr(new, k)
+                             for k in ("python", "python_path", "preload", "preload_env", "profiles"))
+        self.settings = new
+        self.pool.resize(new.pool_min, new.pool_max)
+        previous_root = self.root
+        if root_changed:
+            self.root = rootfs.ensure_root(new.root_spec(), self.root_base)
+            changes.append(f"root rebuilt ({self.root.build_id})")
+        if server_changed:
+            old_server = self.forkserver
+            env = {"PATH": RUN_ENV["PATH"], "LANG": "C.UTF-8", **new.preload_env}
+            server = ForkServerClient(new.python, env, self._on_reaped)
+            try:
+                info = await server.start(self._init_message())
+            except BaseException:
+                self.settings, self.root = old, previous_root
+                await server.stop()
+                raise
+            self.forkserver, self.forkserver_info = server, info
+            asyncio.get_running_loop().create_task(self._retire_server(old_server))
+            changes.append("fork server restarted (profiles, preload or interpreter changed)")
+        elif root_changed:
+            reply, _ = await self.forkserver.call({"op": "template", "root": self.root.path})
+            if not reply.get("ok"):
+                self.settings, self.root = old, previous_root
+                raise ForkServerError(f"switching to the new root: {reply.get('error')}")
+        self.generation += 1
+        self.pool.renew()
+        if root_changed and previous_root is not None:
+            asyncio.get_running_loop().create_task(self._drop_root_later(previous_root.path))
+        return changes
+
+    async def _retire_server(self, server: ForkServerClient) -> None:
+        while any(w.forkserver is server for w in self.workers.values()):
+            await asyncio.sleep(0.2)
+        await server.stop()
 
     async def _drop_root_later(self, path: str) -> None:
         """Delete an old root once no worker made from it is left."""

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import types
 from typing import NoReturn
 
@@ -145,7 +146,10 @@ def _report(e: BaseException) -> None:
     if tb is not None and tb.tb_frame.f_code is _execute.__code__:
         e = e.with_traceback(tb.tb_next)  # start at the user's code, as the interpreter does
     try:
-        sys.excepthook(type(e), e, e.__traceback__)
+        if sys.excepthook is sys.__excepthook__:
+            traceback.print_exception(e)  # uses linecache, so the user's source lines are shown
+        else:
+            sys.excepthook(type(e), e, e.__traceback__)
     except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
         try:
             os.write(2, f"{type(e).__name__}: {e}\n".encode("utf-8", "replace"))

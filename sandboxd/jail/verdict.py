@@ -46,6 +46,7 @@ class Result:
     denied_syscalls: dict[str, int] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     limits_enforced_by: str = "none"
+    run_uid: int | None = None
     files: dict[str, bytes] = field(default_factory=dict)
     files_truncated: bool = False
     reason: str = ""

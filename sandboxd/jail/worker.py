@@ -60,6 +60,7 @@ class Worker:
         self.exited: asyncio.Future[None] = self.loop.create_future()
         self.reaped: asyncio.Future[int] = self.loop.create_future()
         self.killed_for: str | None = None
+        self.forkserver: object = None  # which fork server made it (reload drains old ones)
         self.idle = asyncio.Event()  # clear while a run is reading this worker's cgroup
         self.idle.set()
         self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + (1 << 20))
@@ -84,6 +85,10 @@ class Worker:
         if self.status.error:
             log.error("worker %d: bad status frame: %s", self.pid, self.status.error)
         if not self.ready.done():
+            handoff = (self.exit_frame or {}).get("handoff") or {}
+            if self.setup_error is None and handoff.get("step"):
+                self.setup_error = {"step": handoff["step"], "errno": handoff.get("errno", 0),
+                                    "message": handoff.get("message", "")}
             self.ready.set_exception(WorkerFailed(self.setup_error or {
                 "step": "worker", "errno": 0, "message": "worker exited during setup"}))
             self.ready.exception()  # consumed here; waiters re-raise it
@@ -190,7 +195,8 @@ class Worker:
                                            self.cgroup.driver.kind))
         result = Result(status=status, stdout=bytes(out.buf), stderr=bytes(err.buf),
                         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
-                        limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit")
+                        limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit",
+                        run_uid=self.slot.uid)
         for key, value in extra.items():
             setattr(result, key, value)
         handoff = (frame or {}).get("handoff") or {}

@@ -1,0 +1,355 @@
+"""Settings, declared once: name, type, default, converter and one line of doc.
+
+Each section is a frozen dataclass whose fields carry their converter and doc in
+``metadata``; the loader, ``sandboxctl check-config``, the shipped YAML and the man
+page ``sandboxd.yaml(5)`` all read these declarations.  Errors name the file, the key
+and the expected form::
+
+    /etc/sandboxd/sandboxd.yaml: quotas.default.max_memory: expected a size like 256M, 1G
+    or a number of bytes, got 'lots'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import grp
+import os
+import pwd
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from . import sizes
+
+DEFAULT_CONFIG = "/etc/sandboxd/sandboxd.yaml"
+LANGUAGES = ("python3",)
+
+
+def setting(default: Any, convert: Callable[[Any], Any], doc: str) -> Any:
+    meta = {"convert": convert, "doc": doc}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
+DEFAULT_ROOT_PATHS = (
+    "/usr/bin/python3",
+    f"/usr/bin/python{PYVER}",
+    f"/usr/lib/python{PYVER}",
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/usr/lib/ssl",
+    "/etc/ssl/openssl.cnf",
+    "/usr/share/zoneinfo",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+)
+DEFAULT_ROOT_EXCLUDE = tuple(
+    f"/usr/lib/python{PYVER}/{sub}"
+    for sub in ("test", "config-*", "dist-packages", "idlelib", "tkinter", "turtledemo", "ensurepip",
+                "lib2to3/tests", "unittest/test", "distutils/tests")
+)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    socket: str = setting("/run/sandboxd/sandboxd.sock", sizes.abs_path, "Unix socket clients connect to.")
+    socket_group: str = setting("sandboxd", sizes.optional_text,
+                                "Group owning the socket (mode socket_mode); if it does not exist, root only.")
+    socket_mode: int = setting(0o660, sizes.octal_mode, "Permissions of the socket, quoted octal.")
+    state_dir: str = setting("/var/lib/sandboxd", sizes.abs_path,
+                             "Where the root, the usage database and the pid file live.")
+    pid_file: str = setting("/run/sandboxd/sandboxd.pid", sizes.abs_path,
+                            "Pid file written when the daemon detaches (without --foreground).")
+    admin_group: str = setting("sandboxd-admin", sizes.optional_text,
+                               "Members may use admin operations (root always may); empty for root only.")
+    workers: int = setting(8, sizes.int_range(1, 4096), "Global capacity: runs executing at once.")
+    queue: int = setting(64, sizes.int_range(0, 100000), "Runs that may wait for capacity; beyond that: busy.")
+    queue_timeout: float = setting(30.0, sizes.duration, "Longest a run waits in the queue before busy.")
+    max_frame: int = setting(16 << 20, sizes.byte_size, "Largest request frame accepted.")
+    max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Open client connections, all users.")
+    max_connections_per_uid: int = setting(64, sizes.int_range(1, 100000), "Open client connections per caller uid.")
+    buffer_budget: int = setting(256 << 20, sizes.byte_size,
+                                 "Bytes of request frames the daemon holds at once, all connections.")
+    idle_timeout: float = setting(300.0, sizes.duration, "A connection without a request is closed after this.")
+    read_timeout: float = setting(10.0, sizes.duration, "A started frame must be complete within this.")
+    write_timeout: float = setting(30.0, sizes.duration, "A client must take its response within this.")
+    shutdown_grace: float = setting(10.0, sizes.duration, "On SIGTERM, runs in flight get this long to finish.")
+    self_test: bool = setting(True, sizes.boolean, "Probe the jail before reporting ready (refuse if it leaks).")
+    log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"), "Log verbosity.")
+
+
+@dataclass(frozen=True)
+class RootSettings:
+    python: str = setting("/usr/bin/python3", sizes.abs_path,
+                          "Interpreter the jail runs (and the fork server runs on); must be in paths.")
+    paths: tuple[str, ...] = setting(DEFAULT_ROOT_PATHS, sizes.path_list,
+                                     "Host paths that appear at the same place inside the root.")
+    extra_paths: tuple[str, ...] = setting((), sizes.path_list,
+                                           "More paths, added to paths (site-packages dirs...). Libraries "
+                                           "their ELF files need are found and added automatically.")
+    exclude: tuple[str, ...] = setting(DEFAULT_ROOT_EXCLUDE, sizes.pattern_list,
+                                       "Glob patterns of paths left out of the root.")
+    python_path: tuple[str, ...] = setting((), sizes.path_list,
+                                           "Extra sys.path entries for runs (each must be under a root path).")
+
+
+@dataclass(frozen=True)
+class JailConfig:
+    run_uids: tuple[int, int] = setting((880000, 1024), sizes.uid_range,
+                                        "uid/gid range for runs, low-high; no user or group may use it.")
+    hostname: str = setting("sandbox", sizes.text, "Host name inside the jail.")
+    scratch_size: int = setting(64 << 20, sizes.byte_size, "tmpfs size of a run's /work, /tmp and /dev/shm.")
+    scratch_inodes: int = setting(4096, sizes.int_range(64, 10**7), "Inode cap of that tmpfs.")
+    cgroup: str = setting("auto", sizes.choice("auto", "cgroup2", "cgroup1", "none"),
+                          "cgroup driver; auto prefers a delegated v2 subtree, then v1, then rlimits only.")
+    cgroup_parent: str = setting("sandboxd", sizes.text, "Name of the parent of worker cgroups.")
+    cpus: float = setting(1.0, sizes.float_range(0.01, 1024.0), "CPU bandwidth of one run, in CPUs.")
+    address_space_slack: int = setting(1 << 30, sizes.byte_size,
+                                       "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")
+    preload: tuple[str, ...] = setting((), sizes.name_list,
+                                       "Modules imported once in the fork server (administrator only).")
+    preload_env: dict[str, str] = setting(
+        {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, sizes.str_map,
+        "Environment for preloading and runs (keeps BLAS single-threaded so the fork server stays so).")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    min: int = setting(2, sizes.int_range(0, 1024), "Ready workers kept per profile (with and without network).")
+    max: int = setting(8, sizes.int_range(0, 4096), "Most ready workers per profile under load.")
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    timeout: float = setting(5.0, sizes.duration, "Wall-clock limit of a run that does not ask for one.")
+    memory: int = setting(256 << 20, sizes.byte_size, "Memory limit of a run that does not ask for one.")
+    output: int = setting(1 << 20, sizes.byte_size, "stdout and stderr cap each, unless the run asks for less.")
+    pids: int = setting(64, sizes.int_range(2, 100000), "Processes and threads a run may have.")
+    nofile: int = setting(256, sizes.int_range(16, 1 << 20), "Open files a process may have.")
+    file_size: int = setting(16 << 20, sizes.byte_size, "Largest file a run may write (RLIMIT_FSIZE).")
+    out_files: int = setting(64, sizes.int_range(0, 100000), "Most files returned from the run's out/ folder.")
+    out_files_size: int = setting(8 << 20, sizes.byte_size, "Most bytes returned from out/, all files.")
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    concurrent: int = setting(4, sizes.int_range(1, 100000), "Runs of this caller executing at once.")
+    queued: int = setting(16, sizes.int_range(0, 100000), "Runs of this caller waiting; beyond: quota_exceeded.")
+    runs_per_minute: int = setting(600, sizes.int_range(0, 10**9), "Runs started per minute (0: no limit).")
+    cpu_seconds_per_hour: float = setting(3600.0, sizes.float_range(0, 10**9),
+                                          "CPU seconds used per rolling hour (0: no limit).")
+    max_timeout: float = setting(60.0, sizes.duration, "Longest timeout_ms a run may ask for.")
+    max_memory: int = setting(1 << 30, sizes.byte_size, "Most memory_mb a run may ask for.")
+    max_output: int = setting(8 << 20, sizes.byte_size, "Most output per stream a run may ask for.")
+    max_files_size: int = setting(16 << 20, sizes.byte_size, "Most bytes of input files (and of out/ files).")
+    network: bool = setting(False, sizes.boolean, "Whether runs may ask for network access.")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    allow: tuple[str, ...] = setting((), sizes.name_list, "Syscalls added to the built-in allowlist.")
+    deny: tuple[str, ...] = setting((), sizes.name_list, "Syscalls removed from it (refused and reported).")
+    errno: dict[str, int] = setting({}, sizes.errno_map,
+                                    "Syscalls refused silently with this errno, e.g. {clone3: ENOSYS}.")
+
+
+@dataclass(frozen=True)
+class QuotaPolicy:
+    default: QuotaLimits = field(default_factory=QuotaLimits)
+    users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # user name or uid -> overrides
+    groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # group name or gid -> overrides
+    deny_unlisted: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    root: RootSettings = field(default_factory=RootSettings)
+    jail: JailConfig = field(default_factory=JailConfig)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
+    profiles: Mapping[str, ProfileSettings] = field(default_factory=lambda: {"python3": ProfileSettings()})
+    warnings: tuple[str, ...] = ()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "daemon": DaemonSettings,
+    "root": RootSettings,
+    "jail": JailConfig,
+    "pool": PoolSettings,
+    "limits": LimitsSettings,
+}
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        super().__init__("\n".join(f"{path}: {e}" for e in errors))
+
+
+def declared(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(cls) if "convert" in f.metadata]
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _convert_section(cls: type[Any], raw: Any, prefix: str, errors: list[str], partial: bool = False) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix}: expected a mapping of settings, got {raw!r}")
+        return {}
+    fields = {f.name: f for f in declared(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            errors.append(f"{prefix}.{key}: unknown setting" + (f" (did you mean {hint[0]}?)" if hint else ""))
+            continue
+        try:
+            out[key] = fields[key].metadata["convert"](value)
+        except ValueError as e:
+            errors.append(f"{prefix}.{key}: expected {e}, got {value!r}")
+    return out
+
+
+def parse(data: Any, path: str = "<config>") -> Config:
+    """Validate a loaded YAML document; raise ``ConfigError`` listing every problem."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["expected a mapping of sections at the top level"])
+    known = {*SECTIONS, "quotas", "profiles"}
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            errors.append(f"{key}: unknown section" + (f" (did you mean {hint[0]}?)" if hint else ""))
+    sections = {name: cls(**_convert_section(cls, data.get(name), name, errors)) for name, cls in SECTIONS.items()}
+    quotas = _parse_quotas(data.get("quotas"), errors)
+    profiles = _parse_profiles(data.get("profiles"), errors)
+    cfg = Config(path=path, quotas=quotas, profiles=profiles, **sections)
+    _cross_checks(cfg, errors, warnings)
+    if errors:
+        raise ConfigError(path, errors)
+    return dataclasses.replace(cfg, warnings=tuple(warnings))
+
+
+def _parse_quotas(raw: Any, errors: list[str]) -> QuotaPolicy:
+    if raw is None:
+        return QuotaPolicy()
+    if not isinstance(raw, dict):
+        errors.append(f"quotas: expected a mapping, got {raw!r}")
+        return QuotaPolicy()
+    for key in raw:
+        if key not in ("default", "users", "groups", "deny_unlisted"):
+            errors.append(f"quotas.{key}: unknown setting (expected default, users, groups or deny_unlisted)")
+    default = QuotaLimits(**_convert_section(QuotaLimits, raw.get("default"), "quotas.default", errors))
+    tables: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for table in ("users", "groups"):
+        entries = raw.get(table) or {}
+        if not isinstance(entries, dict):
+            errors.append(f"quotas.{table}: expected a mapping of names (or numeric ids) to limits")
+            entries = {}
+        tables[table] = {str(name): _convert_section(QuotaLimits, limits, f"quotas.{table}.{name}", errors)
+                         for name, limits in entries.items()}
+    deny = raw.get("deny_unlisted", False)
+    if not isinstance(deny, bool):
+        errors.append(f"quotas.deny_unlisted: expected true or false, got {deny!r}")
+        deny = False
+    return QuotaPolicy(default, tables["users"], tables["groups"], deny)
+
+
+def _parse_profiles(raw: Any, errors: list[str]) -> dict[str, ProfileSettings]:
+    profiles = {lang: ProfileSettings() for lang in LANGUAGES}
+    if raw is None:
+        return profiles
+    if not isinstance(raw, dict):
+        errors.append("profiles: expected a mapping of language names to profiles")
+        return profiles
+    for name, body in raw.items():
+        if name not in LANGUAGES:
+            errors.append(f"profiles.{name}: unknown language (known: {', '.join(LANGUAGES)})")
+            continue
+        profiles[name] = ProfileSettings(**_convert_section(ProfileSettings, body, f"profiles.{name}", errors))
+    return profiles
+
+
+def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
+    from .jail.seccomp import unknown_syscalls
+
+    all_paths = (*cfg.root.paths, *cfg.root.extra_paths)
+    if not any(cfg.root.python == p or cfg.root.python.startswith(p.rstrip("/") + "/") for p in all_paths):
+        errors.append(f"root.python: {cfg.root.python} is not under any of root.paths / root.extra_paths")
+    for p in cfg.root.python_path:
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in all_paths):
+            errors.append(f"root.python_path: {p} is not under any of root.paths / root.extra_paths")
+    if cfg.pool.min > cfg.pool.max:
+        errors.append(f"pool.min: expected at most pool.max ({cfg.pool.max}), got {cfg.pool.min}")
+    first, count = cfg.jail.run_uids
+    needed = cfg.daemon.workers + 2 * len(LANGUAGES) * cfg.pool.max + 2
+    if count < needed:
+        errors.append(f"jail.run_uids: expected at least {needed} uids (workers + 2 x pool.max per language, "
+                      f"+2), got {count}")
+    for name, prof in cfg.profiles.items():
+        for key, names in (("allow", prof.allow), ("deny", prof.deny), ("errno", tuple(prof.errno))):
+            bad = unknown_syscalls(names)
+            if bad:
+                errors.append(f"profiles.{name}.{key}: unknown system call(s) {', '.join(bad)}")
+    for table, names in (("users", cfg.quotas.users), ("groups", cfg.quotas.groups)):
+        for name in names:
+            if not name.isdigit() and not _exists(table, name):
+                warnings.append(f"quotas.{table}.{name}: no such {table[:-1]} on this host (entry unused)")
+    if cfg.limits.timeout > cfg.quotas.default.max_timeout:
+        warnings.append("limits.timeout is above quotas.default.max_timeout; runs get the quota's maximum")
+
+
+def _exists(table: str, name: str) -> bool:
+    try:
+        if table == "users":
+            pwd.getpwnam(name)
+        else:
+            grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def load(path: str = DEFAULT_CONFIG) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [f"not valid YAML: {e}"]) from None
+    return parse(data, os.path.abspath(path))
+
+
+def all_quota_maxima(policy: QuotaPolicy) -> QuotaLimits:
+    """The most generous value of each limit across default, users and groups (jail ceilings)."""
+    values: dict[str, Any] = {}
+    for f in declared(QuotaLimits):
+        candidates = [getattr(policy.default, f.name)]
+        for table in (policy.users, policy.groups):
+            candidates += [o[f.name] for o in table.values() if f.name in o]
+        values[f.name] = max(candidates)
+    return QuotaLimits(**values)

@@ -1,0 +1,425 @@
+"""sandboxd: start-up, signals, reload and shutdown around one event loop.
+
+Start-up order: validate the config, open the usage database, build or reuse the
+root and start the fork server (which compiles the seccomp profiles), probe the jail
+(self-test), bind the socket or take it from systemd, and only then report READY.
+Signal handlers only enqueue; the loop dispatches to ``handle_<signame>``.  SIGHUP
+reloads (a bad config is rejected and the old one kept); SIGTERM/SIGINT stop
+accepting, give runs in flight ``shutdown_grace`` to finish, kill the rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import json
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import socket
+import stat
+import sys
+import time
+from typing import Any
+
+from . import __version__, errors, handlers, quota
+from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, all_quota_maxima, load
+from .errors import RequestError
+from .jail.jail import Jail, JailSettings
+from .jail.seccomp import Profile
+from .jail.spec import RunPlan
+from .peer import Identity, PeerCred, identify
+from .quota import Admission
+from .server import Server
+from .systemd import Notifier, activated_unix_socket, listen_fds
+from .usage import UsageStore
+
+log = logging.getLogger("sandboxd")
+EX_CONFIG = 78
+EX_SOFTWARE = 70
+
+
+class StartupError(Exception):
+    pass
+
+
+def jail_settings(cfg: Config, state_dir: str) -> JailSettings:
+    maxima = all_quota_maxima(cfg.quotas)
+    first, count = cfg.jail.run_uids
+    profiles = {lang: Profile(lang).extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()}
+    return JailSettings(
+        state_dir=state_dir,
+        root_paths=(*cfg.root.paths, *cfg.root.extra_paths),
+        root_exclude=cfg.root.exclude,
+        python=cfg.root.python,
+        python_path=cfg.root.python_path,
+        uid_first=first,
+        uid_count=count,
+        hostname=cfg.jail.hostname,
+        scratch_bytes=cfg.jail.scratch_size,
+        scratch_inodes=cfg.jail.scratch_inodes,
+        cgroup=cfg.jail.cgroup,
+        cgroup_parent=cfg.jail.cgroup_parent,
+        cpus=cfg.jail.cpus,
+        as_slack=cfg.jail.address_space_slack,
+        pool_min=cfg.pool.min,
+        pool_max=cfg.pool.max,
+        preload=cfg.jail.preload,
+        preload_env=cfg.jail.preload_env,
+        profiles=profiles,
+        max_memory=max(maxima.max_memory, cfg.limits.memory),
+        max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000),
+        max_pids=cfg.limits.pids,
+        max_nofile=cfg.limits.nofile,
+        max_file_size=cfg.limits.file_size,
+        max_out_bytes=cfg.limits.out_files_size,
+        max_out_files=cfg.limits.out_files,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, socket_path: str | None = None, state_dir: str | None = None) -> None:
+        self.config = config
+        self.socket_path = socket_path or config.daemon.socket
+        self.state_dir = state_dir or config.daemon.state_dir
+        self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
+        d = config.daemon
+        self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage)
+        self.jail = Jail(jail_settings(config, self.state_dir))
+        self.server = Server(d, self._dispatch)
+        self.notifier = Notifier()
+        self.started = time.time()
+        self.stopping = False
+        self.events: asyncio.Queue[str] = asyncio.Queue()
+        self.owns_socket_file = False
+        self.self_test: dict[str, Any] = {"enabled": d.self_test}
+        self.last_reload: dict[str, Any] | None = None
+
+    # -- identity and policy --------------------------------------------------------------
+    async def _dispatch(self, cred: PeerCred, req: dict[str, Any]) -> dict[str, Any]:
+        return await handlers.dispatch(self, identify(cred), req)
+
+    def is_admin(self, who: Identity) -> bool:
+        return who.uid == 0 or who.in_group(self.config.daemon.admin_group)
+
+    def limits_for(self, who: Identity) -> QuotaLimits:
+        limits = quota.effective_limits(self.config.quotas, who)
+        if limits is None:
+            raise errors.forbidden(f"user {who.name} (uid {who.uid}) is not allowed to use sandboxd here")
+        return limits
+
+    def identity_of(self, uid: int) -> Identity:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid
+        return identify(PeerCred(0, uid, gid))
+
+    def resolve_uid(self, target: Any) -> int:
+        if isinstance(target, int) and not isinstance(target, bool):
+            return target
+        if isinstance(target, str):
+            if target.isdigit():
+                return int(target)
+            try:
+                return pwd.getpwnam(target).pw_uid
+            except KeyError:
+                raise RequestError(errors.NOT_FOUND, f"no user {target!r}", user=target) from None
+        raise errors.bad_request("uid", "expected a uid or a user name")
+
+    def check_available(self) -> None:
+        if self.stopping:
+            raise RequestError(errors.UNAVAILABLE, "the daemon is shutting down")
+
+    def status(self, who: Identity) -> dict[str, Any]:
+        now = time.time()
+        jail = self.jail.describe()
+        out: dict[str, Any] = {
+            "server": "sandboxd",
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started, 3),
+            "stopping": self.stopping,
+            "root": jail["root"],
+            "capacity": self.admission.describe(),
+            "pool": jail["pool"],
+            "cgroup": jail["cgroup"],
+            "slots": jail["slots"],
+            "fork_server": jail["fork_server"],
+            "self_test": self.self_test,
+            "usage_db": self.usage.error or "ok",
+            "connections": self.server.connections,
+            "you": {"uid": who.uid, "user": who.name, "admin": self.is_admin(who),
+                    "usage": self.usage.snapshot(who.uid, now)},
+            "last_reload": self.last_reload,
+        }
+        if self.is_admin(who):
+            out["callers"] = {str(uid): self.usage.snapshot(uid, now) for uid in self.usage.known_uids()}
+        return out
+
+    # -- start-up -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.notifier.notify(status="building root and starting the fork server")
+        if self.usage.lost_at_start:
+            log.warning("%d runs were in flight when the previous daemon died; marked lost",
+                        self.usage.lost_at_start)
+        for warning in self.config.warnings:
+            log.warning("config: %s", warning)
+        await self.jail.start()
+        if self.config.daemon.self_test:
+            self.notifier.notify(status="self-test")
+            await self.run_self_test()
+        sock = self._socket()
+        await self.server.serve(sock)
+        root = self.jail.root
+        log.info("sandboxd %s ready on %s (root %s, cgroup %s, %d workers)", __version__, self.socket_path,
+                 root.build_id if root else "?", self.jail.driver.kind if self.jail.driver else "?",
+                 self.config.daemon.workers)
+        self.notifier.notify(ready=1, status=f"ready on {self.socket_path}")
+
+    async def run_self_test(self) -> None:
+        """Probe the jail with code that must fail; refuse to start if any escape works."""
+        first, count = self.config.jail.run_uids
+        probe = SELF_TEST_CODE.format(config=self.config.path, state=self.state_dir, socket=self.socket_path,
+                                      first=first, last=first + count - 1)
+        t0 = time.monotonic()
+        result = await self.jail.run(RunPlan(run_id="self-test", code=probe, timeout_ms=10_000, cpu_ms=10_000))
+        try:
+            findings = json.loads(result.stdout.decode())
+        except ValueError:
+            raise StartupError(f"self-test did not run: status {result.status}, error {result.error}, "
+                               f"stderr {result.stderr[-500:]!r}") from None
+        failed = [name for name, ok in findings.items() if not ok]
+        self.self_test = {"enabled": True, "passed": not failed, "probes": findings,
+                          "seconds": round(time.monotonic() - t0, 3)}
+        if failed:
+            raise StartupError(f"self-test failed: the jail allowed {', '.join(failed)}; refusing to start")
+        log.info("self-test passed (%d probes, %.0f ms)", len(findings), (time.monotonic() - t0) * 1000)
+
+    def _socket(self) -> socket.socket:
+        activated = activated_unix_socket(listen_fds())
+        if activated is not None:
+            log.info("using the socket passed by systemd (%s)", activated.getsockname())
+            self.socket_path = activated.getsockname() or self.socket_path
+            activated.setblocking(False)
+            return activated
+        path = self.socket_path
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise StartupError(f"another daemon is listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        self.owns_socket_file = True
+        mode, group = self.config.daemon.socket_mode, self.config.daemon.socket_group
+        gid = 0
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                log.warning("socket group %r does not exist: the socket is for root only (create the group and "
+                            "reload, or set daemon.socket_group)", group)
+                mode = 0o600
+        os.chown(path, 0, gid)
+        os.chmod(path, mode)
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
+
+    # -- signals, reload, shutdown ------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.events.put_nowait, sig.name)
+        try:
+            await self.start()
+        except (StartupError, OSError, ConfigError) as e:
+            log.error("cannot start: %s", e)
+            self.notifier.notify(status=f"failed: {e}")
+            await self.jail.close()
+            return EX_SOFTWARE
+        watchdog = loop.create_task(self._watchdog())
+        housekeeping = loop.create_task(self._housekeeping())
+        try:
+            while True:
+                event = await self.events.get()
+                handler = getattr(self, f"handle_{event.lower()}", None)
+                if handler is not None and await handler():
+                    return 0
+        finally:
+            watchdog.cancel()
+            housekeeping.cancel()
+
+    async def handle_sighup(self) -> bool:
+        try:
+            await self.reload()
+        except RequestError as e:
+            log.error("reload rejected, keeping the running configuration: %s", e.message)
+        return False
+
+    async def handle_sigterm(self) -> bool:
+        await self.shutdown()
+        return True
+
+    handle_sigint = handle_sigterm
+
+    async def reload(self) -> list[str]:
+        self.notifier.notify(reloading=1, status="reloading")
+        try:
+            new = load(self.config.path)
+        except ConfigError as e:
+            self.last_reload = {"at": time.time(), "ok": False, "errors": e.errors}
+            self.notifier.notify(ready=1, status="reload rejected; running with the previous configuration")
+            raise RequestError("bad_config", f"the new configuration was rejected: {'; '.join(e.errors)}",
+                               errors=e.errors) from None
+        changes = [f"{name} changed" for name in ("daemon", "root", "jail", "pool", "limits", "quotas", "profiles")
+                   if getattr(new, name) != getattr(self.config, name)]
+        fixed = [k for k in ("socket", "socket_group", "socket_mode", "state_dir", "pid_file")
+                 if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
+        if fixed:
+            changes.append(f"daemon.{', daemon.'.join(fixed)}: applied at the next restart")
+            new = dataclasses.replace(new, daemon=dataclasses.replace(
+                new.daemon, **{k: getattr(self.config.daemon, k) for k in fixed}))
+        try:
+            changes += await self.jail.reconfigure(jail_settings(new, self.state_dir))
+        except Exception as e:  # noqa: BLE001 - the old jail keeps serving
+            self.last_reload = {"at": time.time(), "ok": False, "errors": [str(e)]}
+            self.notifier.notify(ready=1, status="reload failed; running with the previous configuration")
+            raise RequestError("bad_config", f"applying the new configuration failed: {e}") from e
+        self.config = new
+        d = new.daemon
+        self.admission.configure(d.workers, d.queue, d.queue_timeout)
+        self.server.configure(d)
+        logging.getLogger().setLevel(d.log_level.upper())
+        for warning in new.warnings:
+            log.warning("config: %s", warning)
+        self.last_reload = {"at": time.time(), "ok": True, "changes": changes}
+        log.info("configuration reloaded: %s", "; ".join(changes) or "no changes")
+        self.notifier.notify(ready=1, status=f"ready on {self.socket_path}")
+        return changes
+
+    async def shutdown(self) -> None:
+        grace = self.config.daemon.shutdown_grace
+        log.info("stopping: %d runs in flight get %.0fs to finish", len(self.jail.running), grace)
+        self.notifier.notify(stopping=1, status="stopping")
+        self.stopping = True
+        await self.server.stop_accepting()
+        if self.owns_socket_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        await self.jail.close(grace=grace)
+        for task in list(self.server.tasks):
+            task.cancel()
+        self.usage.close()
+        log.info("stopped")
+
+    async def _watchdog(self) -> None:
+        interval = Notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            fs = self.jail.forkserver
+            if fs is not None and fs.alive:
+                self.notifier.notify(watchdog=1)
+            else:
+                log.error("fork server is gone; not petting the watchdog")
+            await asyncio.sleep(interval)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(300)
+            self.usage.prune(time.time())
+
+
+SELF_TEST_CODE = r'''
+import json, os, socket
+found = {{}}
+found["cannot_see_config"] = not os.path.exists({config!r})
+found["cannot_see_state_dir"] = not os.path.exists({state!r})
+found["cannot_see_socket"] = not os.path.exists({socket!r})
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    found["no_socket_without_network"] = False
+except OSError:
+    found["no_socket_without_network"] = True
+found["unprivileged_uid"] = {first} <= os.getuid() <= {last} and os.geteuid() != 0
+try:
+    open("/usr/sandboxd-self-test", "w")
+    found["root_read_only"] = False
+except OSError:
+    found["root_read_only"] = True
+found["no_host_proc"] = not os.path.exists("/proc/1/environ")
+print(json.dumps(found))
+'''
+
+
+def _setup_logging(level: str, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.handlers.SysLogHandler(address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        fmt = "sandboxd[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandboxd", description="Run untrusted code in a confined jail for local "
+                                "clients (see sandboxd(8)).")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("--socket", help="listen on this Unix socket instead of daemon.socket")
+    p.add_argument("--state-dir", help="state directory instead of daemon.state_dir")
+    p.add_argument("--foreground", action="store_true", help="stay attached, log to stderr, speak sd_notify")
+    p.add_argument("--version", action="version", version=f"sandboxd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"sandboxd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if os.geteuid() != 0:
+        print("sandboxd: must run as root (it creates namespaces, mounts and cgroups)", file=sys.stderr)
+        return EX_SOFTWARE
+    if not args.foreground:
+        import daemon
+        import daemon.pidfile
+
+        pid_file = cfg.daemon.pid_file
+        os.makedirs(os.path.dirname(pid_file), mode=0o755, exist_ok=True)
+        context = daemon.DaemonContext(pidfile=daemon.pidfile.TimeoutPIDLockFile(pid_file, acquire_timeout=1),
+                                       umask=0o022, working_directory="/")
+        with context:
+            _setup_logging(cfg.daemon.log_level, foreground=False)
+            return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
+    _setup_logging(cfg.daemon.log_level, foreground=True)
+    return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""A ``run`` request, validated against the caller's quota, becomes an immutable RunPlan.
+
+Every field is checked for type and range; a problem names the field
+(``bad_request``).  Asking for more than the caller's quota allows is ``forbidden``
+with the limit in the details -- never silently capped.  Unknown fields are refused
+by name, so a typo (``timeout`` for ``timeout_ms``) does not silently do nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .config import LANGUAGES, Config, QuotaLimits
+from .errors import RequestError, bad_request, forbidden
+from .jail.spec import RunPlan
+
+RUN_FIELDS = ("op", "id", "code", "language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files",
+              "env", "max_output")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV = 256
+MAX_FILES = 1000
+MIN_MEMORY_MB = 16
+
+
+def _int(req: Mapping[str, Any], name: str, default: int, lo: int) -> int:
+    value = req.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(name, f"expected an integer, got {type(value).__name__}")
+    if value < lo:
+        raise bad_request(name, f"expected at least {lo}, got {value}")
+    return value
+
+
+def _check_unknown(req: Mapping[str, Any]) -> None:
+    for key in req:
+        if key not in RUN_FIELDS:
+            hint = difflib.get_close_matches(str(key), RUN_FIELDS, n=1)
+            raise bad_request(str(key), "unknown field" + (f" (did you mean {hint[0]}?)" if hint else ""),
+                              known=list(RUN_FIELDS))
+
+
+def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str) -> RunPlan:
+    _check_unknown(req)
+    code = req.get("code")
+    if not isinstance(code, str):
+        raise bad_request("code", "required, a string" if code is None else
+                          f"expected a string, got {type(code).__name__}")
+    language = req.get("language", "python3")
+    if language not in LANGUAGES:
+        raise bad_request("language", f"unknown language {language!r}", known=list(LANGUAGES))
+
+    stdin = req.get("stdin", b"")
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    if not isinstance(stdin, bytes):
+        raise bad_request("stdin", f"expected bytes (msgpack bin), got {type(stdin).__name__}")
+
+    max_timeout_ms = int(limits.max_timeout * 1000)
+    timeout_ms = _int(req, "timeout_ms", min(int(cfg.limits.timeout * 1000), max_timeout_ms), 1)
+    if timeout_ms > max_timeout_ms:
+        raise forbidden(f"timeout_ms {timeout_ms} is above your limit of {max_timeout_ms}",
+                        field="timeout_ms", limit=max_timeout_ms)
+    cpu_ms = _int(req, "cpu_ms", timeout_ms, 1)
+    if cpu_ms > max_timeout_ms:
+        raise forbidden(f"cpu_ms {cpu_ms} is above your limit of {max_timeout_ms}", field="cpu_ms",
+                        limit=max_timeout_ms)
+
+    max_memory_mb = limits.max_memory >> 20
+    memory_mb = _int(req, "memory_mb", min(cfg.limits.memory >> 20, max_memory_mb), MIN_MEMORY_MB)
+    if memory_mb > max_memory_mb:
+        raise forbidden(f"memory_mb {memory_mb} is above your limit of {max_memory_mb}", field="memory_mb",
+                        limit=max_memory_mb)
+
+    max_output = _int(req, "max_output", min(cfg.limits.output, limits.max_output), 1)
+    if max_output > limits.max_output:
+        raise forbidden(f"max_output {max_output} is above your limit of {limits.max_output}",
+                        field="max_output", limit=limits.max_output)
+
+    network = req.get("network", False)
+    if not isinstance(network, bool):
+        raise bad_request("network", f"expected true or false, got {type(network).__name__}")
+    if network and not limits.network:
+        raise forbidden("network access is not allowed for you", field="network")
+
+    files = _files(req.get("files"), limits, cfg)
+    env = _env(req.get("env"))
+    return RunPlan(
+        run_id=run_id,
+        code=code,
+        language=language,
+        stdin=stdin,
+        files=files,
+        env=env,
+        timeout_ms=timeout_ms,
+        cpu_ms=cpu_ms,
+        memory_bytes=memory_mb << 20,
+        pids=cfg.limits.pids,
+        output_bytes=max_output,
+        file_size_bytes=cfg.limits.file_size,
+        out_files_bytes=min(cfg.limits.out_files_size, limits.max_files_size),
+        out_files_count=cfg.limits.out_files,
+        nofile=cfg.limits.nofile,
+        network=network,
+    )
+
+
+def _files(raw: Any, limits: QuotaLimits, cfg: Config) -> dict[str, bytes]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad_request("files", "expected a map of relative path to bytes")
+    if len(raw) > MAX_FILES:
+        raise bad_request("files", f"at most {MAX_FILES} files")
+    total = 0
+    out: dict[str, bytes] = {}
+    for name, data in raw.items():
+        if not isinstance(name, str):
+            raise bad_request("files", "file names must be strings")
+        parts = name.split("/")
+        if (not name or name.startswith("/") or "\0" in name or len(name) > 1024 or len(parts) > 16
+                or any(p in ("", ".", "..") or len(p.encode()) > 255 for p in parts)):
+            raise bad_request("files", f"{name!r} is not a plain relative path (no '..', no leading '/')",
+                              file=name)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, bytes):
+            raise bad_request("files", f"{name!r}: expected bytes (msgpack bin)", file=name)
+        total += len(data)
+        out[name] = data
+    for name in out:
+        prefix = name + "/"
+        if any(other.startswith(prefix) for other in out):
+            raise bad_request("files", f"{name!r} is both a file and a directory", file=name)
+    if total > limits.max_files_size:
+        raise forbidden(f"input files total {total} bytes, above your limit of {limits.max_files_size}",
+                        field="files", limit=limits.max_files_size)
+    if total > cfg.jail.scratch_size // 2:
+        raise RequestError("forbidden", f"input files total {total} bytes; the scratch space holds "
+                           f"{cfg.jail.scratch_size} and keeps half for the run", field="files",
+                           limit=cfg.jail.scratch_size // 2)
+    return out
+
+
+def _env(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > MAX_ENV:
+        raise bad_request("env", f"expected a map of at most {MAX_ENV} names to strings")
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
+            raise bad_request("env", f"{key!r} is not a valid variable name", variable=str(key))
+        if not isinstance(value, str) or "\0" in value or len(value) > 65536:
+            raise bad_request("env", f"{key}: expected a string without NUL, at most 64 KiB", variable=key)
+        out[key] = value
+    return out

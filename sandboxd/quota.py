@@ -1,0 +1,159 @@
+"""Per-uid quotas: which limits apply to a caller, and admission of runs under them.
+
+Resolution: the default, then every group entry that matches one of the caller's
+groups (by name or gid; for each limit the most generous of them), then the user's
+own entry (by name or uid).  With ``deny_unlisted`` a caller matching neither a user
+nor a group entry is refused.
+
+Admission is atomic because the daemon is one event loop: checks and counter updates
+happen without an ``await`` between them.  Rate and CPU budget give
+``quota_exceeded`` with ``retry_after_ms``; a caller at its concurrency waits in the
+queue up to its ``queued`` limit; global capacity full and queue full gives ``busy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .config import QuotaLimits, QuotaPolicy, declared
+from .errors import RequestError
+from .peer import Identity
+from .usage import UsageStore
+
+
+def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
+    """The caller's limits, or None when ``deny_unlisted`` refuses them."""
+    user = policy.users.get(who.name) or policy.users.get(str(who.uid))
+    groups = [o for g, o in policy.groups.items() if who.in_group(g)]
+    if policy.deny_unlisted and user is None and not groups:
+        return None
+    values = dataclasses.asdict(policy.default)
+    for f in declared(QuotaLimits):
+        offered = [o[f.name] for o in groups if f.name in o]
+        if offered:
+            values[f.name] = max(offered)
+    if user:
+        values.update(user)
+    return QuotaLimits(**values)
+
+
+def limits_dict(limits: QuotaLimits) -> dict[str, Any]:
+    d = dataclasses.asdict(limits)
+    d["max_timeout_ms"] = int(d.pop("max_timeout") * 1000)
+    return d
+
+
+@dataclass
+class _Waiter:
+    uid: int
+    limits: QuotaLimits
+    future: asyncio.Future[None]
+
+
+class Admission:
+    """Counts running and queued runs, globally and per uid."""
+
+    def __init__(self, capacity: int, queue_max: int, queue_timeout: float, usage: UsageStore) -> None:
+        self.capacity = capacity
+        self.queue_max = queue_max
+        self.queue_timeout = queue_timeout
+        self.usage = usage
+        self.running = 0
+        self.running_by_uid: collections.Counter[int] = collections.Counter()
+        self.queued_by_uid: collections.Counter[int] = collections.Counter()
+        self.queue: collections.deque[_Waiter] = collections.deque()
+
+    def configure(self, capacity: int, queue_max: int, queue_timeout: float) -> None:
+        self.capacity, self.queue_max, self.queue_timeout = capacity, queue_max, queue_timeout
+        self._wake()
+
+    def check_budget(self, uid: int, limits: QuotaLimits) -> None:
+        now = time.time()
+        if limits.runs_per_minute:
+            count, frees = self.usage.runs_last_minute(uid, now)
+            if count >= limits.runs_per_minute:
+                raise RequestError(errors.QUOTA_EXCEEDED,
+                                   f"{count} runs in the last minute; the limit is {limits.runs_per_minute}",
+                                   limit="runs_per_minute", retry_after_ms=max(1, int((frees - now) * 1000)))
+        if limits.cpu_seconds_per_hour:
+            budget = limits.cpu_seconds_per_hour * 1000
+            used = self.usage.cpu_last_hour(uid, now)
+            if used >= budget:
+                frees = self.usage.cpu_frees_at(uid, budget, now)
+                raise RequestError(errors.QUOTA_EXCEEDED,
+                                   f"{used / 1000:.1f} CPU seconds used in the last hour; the limit is "
+                                   f"{limits.cpu_seconds_per_hour:g}", limit="cpu_seconds_per_hour",
+                                   retry_after_ms=max(1, int((frees - now) * 1000)))
+
+    def _can_start(self, uid: int, limits: QuotaLimits) -> bool:
+        return self.running < self.capacity and self.running_by_uid[uid] < limits.concurrent
+
+    async def admit(self, uid: int, limits: QuotaLimits) -> None:
+        """Return when the run may start; raise ``RequestError`` when it may not."""
+        self.check_budget(uid, limits)
+        if self._can_start(uid, limits) and not self.queued_by_uid[uid]:
+            self._start(uid)  # nobody of this caller is waiting ahead: start now
+            return
+        if self.queued_by_uid[uid] >= limits.queued:
+            raise RequestError(errors.QUOTA_EXCEEDED,
+                               f"{self.running_by_uid[uid]} runs running and {self.queued_by_uid[uid]} queued; "
+                               f"the limits are {limits.concurrent} and {limits.queued}",
+                               limit="queued", retry_after_ms=100)
+        if len(self.queue) >= self.queue_max:
+            raise RequestError(errors.BUSY, f"all {self.capacity} workers are busy and the queue is full",
+                               capacity=self.capacity, queued=len(self.queue))
+        waiter = _Waiter(uid, limits, asyncio.get_running_loop().create_future())
+        self.queue.append(waiter)
+        self.queued_by_uid[uid] += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(uid)  # started just as we gave up: hand the slot back
+            else:
+                waiter.future.cancel()
+                self._dequeue(waiter)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise RequestError(errors.BUSY, f"waited {self.queue_timeout:g}s in the queue without a free worker",
+                               capacity=self.capacity) from None
+
+    def _dequeue(self, waiter: _Waiter) -> None:
+        try:
+            self.queue.remove(waiter)
+            self.queued_by_uid[waiter.uid] -= 1
+        except ValueError:
+            pass
+
+    def _start(self, uid: int) -> None:
+        self.running += 1
+        self.running_by_uid[uid] += 1
+
+    def release(self, uid: int) -> None:
+        self.running -= 1
+        self.running_by_uid[uid] -= 1
+        if self.running_by_uid[uid] <= 0:
+            del self.running_by_uid[uid]
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in list(self.queue):
+            if self.running >= self.capacity:
+                return
+            if waiter.future.done():
+                self._dequeue(waiter)
+                continue
+            if self.running_by_uid[waiter.uid] < waiter.limits.concurrent:
+                self._dequeue(waiter)
+                self._start(waiter.uid)
+                waiter.future.set_result(None)
+
+    def describe(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "running": self.running, "queued": len(self.queue),
+                "queue_max": self.queue_max}

@@ -1,0 +1,229 @@
+"""Render the settings declarations as the shipped YAML and as sandboxd.yaml(5).
+
+    python -m sandboxd.settings_doc --write etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5
+    python -m sandboxd.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5
+
+``--check`` fails when a file differs from what the declarations produce, so the
+config file and the man page cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from collections.abc import Iterable
+from typing import Any
+
+from . import __date__, __version__, sizes
+from .config import LANGUAGES, SECTIONS, ProfileSettings, QuotaLimits, declared, default_of
+
+SECTION_DOCS = {
+    "daemon": "The daemon process: socket, state, capacity and connection limits.",
+    "root": "The read-only root runs see. Shared libraries that ELF files in it need are added automatically.",
+    "jail": "How each run is confined.",
+    "pool": "Warm workers: already confined, waiting for code.",
+    "limits": "What a run gets when it does not ask; quotas bound what it may ask for.",
+    "quotas": "Per calling user: a default, overrides per user and per group (name or number).",
+    "profiles": "System call profiles per language, on top of the built-in allowlist.",
+}
+
+
+def _fmt_size(n: int) -> str:
+    for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _fmt_duration(s: float) -> str:
+    if s and s < 1:
+        return f"{round(s * 1000)}ms"
+    if s % 60 == 0 and s >= 60:
+        return f"{int(s // 60)}m"
+    return f"{s:g}s"
+
+
+def show(f: dataclasses.Field[Any], value: Any) -> str:
+    """A value as it is written in the YAML file."""
+    conv = f.metadata["convert"]
+    if conv is sizes.byte_size:
+        return _fmt_size(value)
+    if conv is sizes.duration:
+        return _fmt_duration(value)
+    if conv is sizes.octal_mode:
+        return f'"{value:04o}"'
+    if conv is sizes.uid_range:
+        first, count = value
+        return f'"{first}-{first + count - 1}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[]" if not value else "\n" + "\n".join(f"    - {v}" for v in value)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "\n" + "\n".join(f'    {k}: "{v}"' for k, v in value.items())
+    if isinstance(value, str):
+        return f'"{value}"' if value == "" or ":" in value else value
+    return str(value)
+
+
+def _yaml_fields(fields: Iterable[dataclasses.Field[Any]], indent: str) -> list[str]:
+    lines = []
+    for f in fields:
+        for doc_line in textwrap.wrap(f.metadata["doc"], 100 - len(indent)):
+            lines.append(f"{indent}# {doc_line}")
+        value = show(f, default_of(f))
+        if value.startswith("\n"):
+            lines.append(f"{indent}{f.name}:" + value.replace("\n    ", "\n" + indent + "  "))
+        else:
+            lines.append(f"{indent}{f.name}: {value}")
+    return lines
+
+
+def render_yaml() -> str:
+    out = [
+        f"# sandboxd {__version__} configuration (sandboxd.yaml(5)).",
+        "# Every setting is shown with its default.  Sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
+        "# Generated from the settings declarations: python3 -m sandboxd.settings_doc --write",
+        "# Reload with `systemctl reload sandboxd` (SIGHUP); check with `sandboxctl check-config`.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        out += [f"# {SECTION_DOCS[name]}", f"{name}:", *_yaml_fields(declared(cls), "  "), ""]
+    out += [f"# {SECTION_DOCS['quotas']}",
+            "# A user entry wins over group entries; among groups the most generous value of each limit wins.",
+            "quotas:",
+            "  # Refuse callers that match neither a user nor a group entry below.",
+            "  deny_unlisted: false",
+            "  default:",
+            *_yaml_fields(declared(QuotaLimits), "    "),
+            "  # Per user (name or uid), any subset of the limits above, e.g.",
+            "  #   alice: {concurrent: 16, max_memory: 2G, network: true}",
+            "  users: {}",
+            "  # Per group (name or gid), e.g.",
+            "  #   judges: {runs_per_minute: 6000, cpu_seconds_per_hour: 36000}",
+            "  groups: {}",
+            "",
+            f"# {SECTION_DOCS['profiles']}",
+            "profiles:"]
+    for lang in LANGUAGES:
+        out += [f"  {lang}:", *_yaml_fields(declared(ProfileSettings), "    ")]
+    return "\n".join(out) + "\n"
+
+
+def _man_escape(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join(("\\&" + line if line.startswith((".", "'")) else line) for line in text.split("\n"))
+
+
+KINDS = {
+    sizes.byte_size: "size", sizes.duration: "duration", sizes.boolean: "boolean", sizes.text: "string",
+    sizes.optional_text: "string", sizes.abs_path: "absolute path", sizes.path_list: "list of absolute paths",
+    sizes.pattern_list: "list of glob patterns", sizes.name_list: "list of names",
+    sizes.str_map: "mapping of strings to strings", sizes.octal_mode: "octal mode, quoted",
+    sizes.uid_range: "uid range low\\-high", sizes.errno_map: "mapping of system call names to errno names",
+}
+
+
+def kind_of(f: dataclasses.Field[Any]) -> str:
+    conv = f.metadata["convert"]
+    return KINDS.get(conv) or (conv.__doc__ or "value").strip()
+
+
+def _man_fields(fields: Iterable[dataclasses.Field[Any]], prefix: str) -> list[str]:
+    lines = []
+    for f in fields:
+        kind = kind_of(f)
+        default = show(f, default_of(f)).strip().replace("\n    - ", ", ").replace("\n    ", ", ")
+        lines += [".TP", f"\\fB{_man_escape(prefix + f.name)}\\fR ({kind})",
+                  _man_escape(f.metadata["doc"]), ".br", f"Default: {_man_escape(default)}"]
+    return lines
+
+
+def render_man() -> str:
+    out = [
+        f'.TH SANDBOXD.YAML 5 {__date__} "sandboxd {__version__}" "File Formats"',
+        ".SH NAME",
+        "sandboxd.yaml \\- configuration of the sandboxd daemon",
+        ".SH SYNOPSIS",
+        "\\fI/etc/sandboxd/sandboxd.yaml\\fR",
+        ".SH DESCRIPTION",
+        "A YAML mapping of sections.  Every key is optional; a missing key has the default listed here.",
+        "Unknown keys are errors.  Sizes are written like \\fB256M\\fR or \\fB1G\\fR (or a number of bytes),",
+        "durations like \\fB500ms\\fR, \\fB5s\\fR or \\fB2m\\fR (or a number of seconds).",
+        "Errors name the file, the key and the expected form.",
+        "Check a file with \\fBsandboxctl check\\-config\\fR \\fIFILE\\fR; apply it with",
+        "\\fBsystemctl reload sandboxd\\fR (SIGHUP).  A rejected file leaves the running configuration in place.",
+    ]
+    for name, cls in SECTIONS.items():
+        out += [f".SH {name.upper()}", _man_escape(SECTION_DOCS[name]), *_man_fields(declared(cls), f"{name}.")]
+    out += [
+        ".SH QUOTAS", _man_escape(SECTION_DOCS["quotas"]),
+        "A user entry wins over group entries; among matching groups the most generous value of each limit",
+        "wins.  Asking for more than the caller's quota allows is refused (\\fBforbidden\\fR); exceeding a",
+        "rate or budget gives \\fBquota_exceeded\\fR with \\fBretry_after_ms\\fR.",
+        ".TP", "\\fBquotas.deny_unlisted\\fR (boolean)",
+        "Refuse callers that match neither a user nor a group entry.", ".br", "Default: false",
+        ".TP", "\\fBquotas.users\\fR, \\fBquotas.groups\\fR (mappings)",
+        "Name or number to any subset of the limits below, e.g.",
+        "\\fBalice: {concurrent: 16, max_memory: 2G, network: true}\\fR.", ".br", "Default: {}",
+        *_man_fields(declared(QuotaLimits), "quotas.default."),
+        ".SH PROFILES", _man_escape(SECTION_DOCS["profiles"]),
+        "Languages: " + ", ".join(LANGUAGES) + ".  System calls are named, so one profile serves every",
+        "architecture.  \\fBsandboxctl syscalls\\fR \\fIFILE\\fR prints the lines to add for a program.",
+        *_man_fields(declared(ProfileSettings), "profiles.python3."),
+        ".SH EXAMPLE",
+        ".nf",
+        "root:",
+        "  extra_paths: [/opt/venv/lib/python3.11/site\\-packages]",
+        "  python_path: [/opt/venv/lib/python3.11/site\\-packages]",
+        "jail:",
+        "  preload: [numpy]",
+        "quotas:",
+        "  default: {concurrent: 2, runs_per_minute: 120}",
+        "  groups:",
+        "    judges: {concurrent: 16, cpu_seconds_per_hour: 36000}",
+        ".fi",
+        ".SH FILES",
+        "\\fI/etc/sandboxd/sandboxd.yaml\\fR",
+        ".SH SEE ALSO",
+        "\\fBsandboxd\\fR(8), \\fBsandboxctl\\fR(8)",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", nargs=2, metavar=("YAML", "MAN"))
+    p.add_argument("--check", nargs=2, metavar=("YAML", "MAN"))
+    args = p.parse_args(argv)
+    rendered = (render_yaml(), render_man())
+    if args.write:
+        for path, text in zip(args.write, rendered):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return 0
+    if args.check:
+        stale = []
+        for path, text in zip(args.check, rendered):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    if f.read() != text:
+                        stale.append(path)
+            except OSError:
+                stale.append(path)
+        if stale:
+            print(f"out of date with the settings declarations: {', '.join(stale)}\n"
+                  "regenerate: python3 -m sandboxd.settings_doc --write etc/sandboxd/sandboxd.yaml "
+                  "man/sandboxd.yaml.5", file=sys.stderr)
+            return 1
+        return 0
+    p.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Small pure converters for settings: each takes a YAML value and returns the typed
+value or raises ``ValueError`` whose message is the expected form."""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Callable
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_DURATIONS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def byte_size(value: Any) -> int:
+    """``256M``, ``1G``, ``4096`` (bytes) -> int."""
+    if isinstance(value, bool):
+        raise ValueError("a size like 256M, 1G or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size like 256M, 1G or a number of bytes")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError("a size like 256M, 1G or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def duration(value: Any) -> float:
+    """``500ms``, ``5s``, ``2m``, ``1h`` or a number of seconds -> float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration like 500ms, 5s or 2m")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration like 500ms, 5s or 2m")
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(value))
+    if not m or m.group(2) not in _DURATIONS:
+        raise ValueError("a duration like 500ms, 5s or 2m")
+    return float(m.group(1)) * _DURATIONS[m.group(2)]
+
+
+def int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return value
+
+    convert.__doc__ = f"integer from {lo} to {hi}"
+    return convert
+
+
+def float_range(lo: float, hi: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ValueError(f"a number from {lo} to {hi}")
+        return float(value)
+
+    convert.__doc__ = f"number from {lo} to {hi}"
+    return convert
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("a non-empty string")
+    return value
+
+
+def optional_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("a string")
+    return value
+
+
+def abs_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError("an absolute path")
+    return value
+
+
+def path_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        raise ValueError("a list of absolute paths")
+    return tuple(value)
+
+
+def pattern_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("a list of glob patterns")
+    return tuple(value)
+
+
+def name_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.]+", v)
+                                                for v in value):
+        raise ValueError("a list of names (letters, digits, '_' and '.')")
+    return tuple(value)
+
+
+def str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError('a mapping of strings to strings, e.g. {OMP_NUM_THREADS: "1"}')
+    return dict(value)
+
+
+def octal_mode(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+        # YAML reads 0660 as decimal 660 unless quoted; accept both readings of the digits.
+        digits = str(value)
+        if value > 0o777 and set(digits) <= set("01234567"):
+            return int(digits, 8)
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
+        return int(value, 8)
+    raise ValueError('an octal file mode like "0660"')
+
+
+def uid_range(value: Any) -> tuple[int, int]:
+    """``"880000-881023"`` -> (first uid, count)."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(value))
+    if not m:
+        raise ValueError('a uid range like "880000-881023"')
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if lo < 1000 or hi < lo or hi > 2**31 - 2:
+        raise ValueError("a uid range from at least 1000 up to at most 2147483646, low-high")
+    return lo, hi - lo + 1
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return str(value)
+
+    convert.__doc__ = "one of " + ", ".join(options)
+    return convert
+
+
+def errno_map(value: Any) -> dict[str, int]:
+    """``{clone3: ENOSYS}`` -> {"clone3": 38}."""
+    if not isinstance(value, dict):
+        raise ValueError("a mapping of syscall names to errno names, e.g. {clone3: ENOSYS}")
+    out = {}
+    for name, err in value.items():
+        code = getattr(errno, str(err), None) if isinstance(err, str) else err
+        if not isinstance(name, str) or not isinstance(code, int) or isinstance(code, bool):
+            raise ValueError("a mapping of syscall names to errno names, e.g. {clone3: ENOSYS}")
+        out[name] = code
+    return out

@@ -1,0 +1,247 @@
+"""Test harness: a real sandboxd on a temporary socket, and real test users.
+
+Everything here runs as root against the real kernel features.  A test that needs
+something this host lacks is skipped with the reason, unless SANDBOXD_MUST_WORK=1
+(CI) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from sandboxd.client import Client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
+TEST_UID_RANGE = (870000, 256)
+CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
+USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
+GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
+
+BASE_CONFIG: dict[str, Any] = {
+    "daemon": {"socket_group": "sbx-clients", "admin_group": "sbx-admins", "workers": 8, "queue": 64,
+               "shutdown_grace": "5s", "log_level": "info"},
+    "jail": {"run_uids": f"{TEST_UID_RANGE[0]}-{TEST_UID_RANGE[0] + TEST_UID_RANGE[1] - 1}",
+             "cgroup_parent": CGROUP_PARENT},
+    "pool": {"min": 1, "max": 4},
+    "quotas": {"default": {"concurrent": 16, "queued": 64, "runs_per_minute": 1000000,
+                           "cpu_seconds_per_hour": 1000000, "max_output": "16M", "max_timeout": "30s",
+                           "max_memory": "1G", "max_files_size": "16M", "network": True}},
+}
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when the host lacks something; fail instead under SANDBOXD_MUST_WORK=1."""
+    if condition:
+        return
+    if MUST_WORK:
+        pytest.fail(f"SANDBOXD_MUST_WORK=1 but: {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root (namespaces, mounts, cgroups, setuid)")
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+class DaemonProcess:
+    """A sandboxd started in the foreground, ready when it sends READY=1."""
+
+    def __init__(self, workdir: str, overrides: dict[str, Any] | None = None) -> None:
+        self.dir = workdir
+        self.socket = os.path.join(workdir, "sandboxd.sock")
+        self.state_dir = os.path.join(workdir, "state")
+        self.config_path = os.path.join(workdir, "sandboxd.yaml")
+        self.log_path = os.path.join(workdir, "daemon.log")
+        self.notify_path = os.path.join(workdir, "notify.sock")
+        self.config = merge(BASE_CONFIG, overrides or {})
+        self.write_config(self.config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notify: socket.socket | None = None
+        self.messages: list[str] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f)
+
+    def start(self, timeout: float = 60.0) -> DaemonProcess:
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if os.path.exists(self.notify_path):
+            os.unlink(self.notify_path)
+        self.notify.bind(self.notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
+             "--socket", self.socket, "--state-dir", self.state_dir],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        log.close()
+        if not self.wait_for("READY=1", timeout):
+            self.kill()
+            raise RuntimeError(f"sandboxd did not become ready:\n{self.log()}")
+        return self
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return False
+            self.notify.settimeout(0.2)
+            try:
+                msg = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(msg)
+            if text in msg.split("\n"):
+                return True
+        return False
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def client(self, timeout: float | None = 120) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def run(self, code: str, **options: Any) -> dict[str, Any]:
+        with self.client() as c:
+            return c.run(code, **options)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self.notify is not None:
+                self.notify.close()
+
+
+@pytest.fixture(scope="session")
+def test_users() -> Iterator[dict[str, pwd.struct_passwd]]:
+    """Real users and groups for multi-user tests (created once, removed at the end)."""
+    require_root()
+    require(shutil.which("useradd") is not None, "useradd is missing")
+    created_users, created_groups = [], []
+    for g in GROUPS:
+        try:
+            grp.getgrnam(g)
+        except KeyError:
+            subprocess.run(["groupadd", g], check=True)
+            created_groups.append(g)
+    for user, groups in USERS.items():
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            cmd = ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group"]
+            if groups:
+                cmd += ["--groups", ",".join(groups)]
+            subprocess.run([*cmd, user], check=True)
+            created_users.append(user)
+    yield {u: pwd.getpwnam(u) for u in USERS}
+    for user in created_users:
+        subprocess.run(["userdel", user], check=False)
+    for g in created_groups:
+        subprocess.run(["groupdel", g], check=False)
+
+
+def call_as(user: str, socket_path: str, requests: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:
+    """Send requests over a new connection as ``user`` (real setuid), return the helper's JSON."""
+    pw = pwd.getpwnam(user)
+    helper_dir = tempfile.mkdtemp(prefix="sbx-helper-")
+    os.chmod(helper_dir, 0o755)
+    helper = os.path.join(helper_dir, "peer_call.py")
+    shutil.copy(os.path.join(HERE, "peer_call.py"), helper)
+    os.chmod(helper, 0o644)
+    try:
+        proc = subprocess.run(["/usr/bin/python3", "-I", helper, socket_path], input=json.dumps(requests).encode(),
+                              capture_output=True, timeout=timeout, user=pw.pw_uid, group=pw.pw_gid,
+                              extra_groups=os.getgrouplist(user, pw.pw_gid), cwd="/")
+    finally:
+        shutil.rmtree(helper_dir, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer_call failed: {proc.stderr.decode(errors='replace')}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def b64(data: bytes) -> dict[str, str]:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def unb64(obj: Any) -> bytes:
+    return base64.b64decode(obj["b64"])
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, test_users: Any) -> Iterator[DaemonProcess]:
+    """One daemon shared by the tests that do not change its configuration."""
+    require_root()
+    d = DaemonProcess(str(tmp_path_factory.mktemp("daemon"))).start()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def make_daemon(tmp_path_factory: pytest.TempPathFactory, test_users: Any) -> Iterator[Any]:
+    """Start daemons with their own configuration; all are stopped afterwards."""
+    require_root()
+    started: list[DaemonProcess] = []
+
+    def make(overrides: dict[str, Any] | None = None, start: bool = True) -> DaemonProcess:
+        d = DaemonProcess(str(tmp_path_factory.mktemp("daemon")), overrides)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.close()
