@@ -56,7 +56,7 @@ test: lint typecheck man-lint unit
 
 man-lint: dev
 	@for m in man/*.[1-8]; do mandoc -Tlint -Wwarning $$m || exit 1; done
-	$(VPY) -m sandboxd.settings_doc --check man/sandboxd.yaml.5
+	$(VPY) -m sandboxd.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5
 
 bench: dev
 	$(VPY) tests/bench/bench.py $(BENCH_ARGS)

@@ -312,8 +312,8 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
             bad = unknown_syscalls(names)
             if bad:
                 errors.append(f"profiles.{name}.{key}: unknown system call(s) {', '.join(bad)}")
-    for table, names in (("users", cfg.quotas.users), ("groups", cfg.quotas.groups)):
-        for name in names:
+    for table, entries in (("users", cfg.quotas.users), ("groups", cfg.quotas.groups)):
+        for name in entries:
             if not name.isdigit() and not _exists(table, name):
                 warnings.append(f"quotas.{table}.{name}: no such {table[:-1]} on this host (entry unused)")
     if cfg.limits.timeout > cfg.quotas.default.max_timeout:

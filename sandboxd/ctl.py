@@ -47,13 +47,12 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     else:
         code = sys.stdin.read()
     stdin = b""
+    code_from_stdin = args.code is None and (not args.file or args.file == "-")
     if args.stdin_file:
         with open(args.stdin_file, "rb") as f:
             stdin = f.read()
-    elif args.file and args.file != "-" and args.code is None and not sys.stdin.isatty():
-        stdin = sys.stdin.buffer.read()
-    elif args.code is not None and not sys.stdin.isatty():
-        stdin = sys.stdin.buffer.read()
+    elif not code_from_stdin and not sys.stdin.isatty():
+        stdin = sys.stdin.buffer.read()  # the code came from elsewhere: our stdin is the run's
     files = {}
     for spec in args.file_input or []:
         name, sep, path = spec.partition("=")

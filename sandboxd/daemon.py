@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import grp
 import json
 import logging
@@ -30,6 +31,7 @@ from typing import Any
 from . import __version__, errors, handlers, quota
 from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, all_quota_maxima, load
 from .errors import RequestError
+from .jail.cgroups import CgroupError
 from .jail.jail import Jail, JailSettings
 from .jail.seccomp import Profile
 from .jail.spec import RunPlan
@@ -87,7 +89,7 @@ class Daemon:
         self.config = config
         self.socket_path = socket_path or config.daemon.socket
         self.state_dir = state_dir or config.daemon.state_dir
-        self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
+        self.usage = UsageStore(None)  # opened in start(), once the state dir is ours
         d = config.daemon
         self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage)
         self.jail = Jail(jail_settings(config, self.state_dir))
@@ -163,7 +165,20 @@ class Daemon:
         return out
 
     # -- start-up -------------------------------------------------------------------------
+    def _lock_state_dir(self) -> None:
+        os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        fd = os.open(os.path.join(self.state_dir, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another sandboxd is using the state directory {self.state_dir}") from None
+        self._state_lock = fd
+
     async def start(self) -> None:
+        self._lock_state_dir()
+        self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
+        self.admission.usage = self.usage
         self.notifier.notify(status="building root and starting the fork server")
         if self.usage.lost_at_start:
             log.warning("%d runs were in flight when the previous daemon died; marked lost",
@@ -250,8 +265,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.events.put_nowait, sig.name)
         try:
             await self.start()
-        except (StartupError, OSError, ConfigError) as e:
-            log.error("cannot start: %s", e)
+        except Exception as e:  # noqa: BLE001 - any start-up failure: say why, exit non-zero
+            log.error("cannot start: %s", e, exc_info=not isinstance(e, (StartupError, OSError, CgroupError)))
             self.notifier.notify(status=f"failed: {e}")
             await self.jail.close()
             return EX_SOFTWARE
@@ -299,7 +314,7 @@ class Daemon:
                 new.daemon, **{k: getattr(self.config.daemon, k) for k in fixed}))
         try:
             changes += await self.jail.reconfigure(jail_settings(new, self.state_dir))
-        except Exception as e:  # noqa: BLE001 - the old jail keeps serving
+        except Exception as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": [str(e)]}
             self.notifier.notify(ready=1, status="reload failed; running with the previous configuration")
             raise RequestError("bad_config", f"applying the new configuration failed: {e}") from e

@@ -33,7 +33,7 @@ def _int(req: Mapping[str, Any], name: str, default: int, lo: int) -> int:
         raise bad_request(name, f"expected an integer, got {type(value).__name__}")
     if value < lo:
         raise bad_request(name, f"expected at least {lo}, got {value}")
-    return value
+    return int(value)
 
 
 def _check_unknown(req: Mapping[str, Any]) -> None:

@@ -29,7 +29,9 @@ from .usage import UsageStore
 
 def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
     """The caller's limits, or None when ``deny_unlisted`` refuses them."""
-    user = policy.users.get(who.name) or policy.users.get(str(who.uid))
+    user = policy.users.get(who.name)
+    if user is None:
+        user = policy.users.get(str(who.uid))
     groups = [o for g, o in policy.groups.items() if who.in_group(g)]
     if policy.deny_unlisted and user is None and not groups:
         return None
@@ -38,7 +40,7 @@ def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
         offered = [o[f.name] for o in groups if f.name in o]
         if offered:
             values[f.name] = max(offered)
-    if user:
+    if user is not None:
         values.update(user)
     return QuotaLimits(**values)
 
@@ -113,7 +115,7 @@ class Admission:
         self.queued_by_uid[uid] += 1
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(uid)  # started just as we gave up: hand the slot back
             else:

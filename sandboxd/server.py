@@ -100,7 +100,7 @@ class Server:
                 self.by_uid[cred.uid] -= 1
                 if self.by_uid[cred.uid] <= 0:
                     del self.by_uid[cred.uid]
-        except Exception:  # noqa: BLE001 - one connection's failure never reaches the others
+        except Exception:
             log.exception("connection from %s failed", cred)
         finally:
             writer.close()
@@ -127,7 +127,7 @@ class Connection:
         """The next 4-byte header; None at a clean EOF between frames."""
         try:
             first = await asyncio.wait_for(self.reader.read(1), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         if not first:
             return None
@@ -144,7 +144,7 @@ class Connection:
                     header = await asyncio.wait_for(pending, s.idle_timeout)
                 else:
                     header = await self._header(s.idle_timeout)
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             pending = None
             if header is None:
@@ -161,7 +161,7 @@ class Connection:
             try:
                 try:
                     body = await asyncio.wait_for(self.reader.readexactly(n), s.read_timeout)
-                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
                 response, pending = await self._handle(body)
                 del body
@@ -210,7 +210,7 @@ class Connection:
             return protocol.error(rid, e.code, e.message, **e.details)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.exception("internal error handling %s from uid %d", request.get("op"), self.cred.uid)
             return protocol.error(rid, errors.INTERNAL, f"internal error: {type(e).__name__}")
 
@@ -219,7 +219,7 @@ class Connection:
             self.writer.write(protocol.encode(response))
             await asyncio.wait_for(self.writer.drain(), self.server.settings.write_timeout)
             return True
-        except (asyncio.TimeoutError, ConnectionError, OSError):
+        except (TimeoutError, ConnectionError, OSError):
             return False
 
 

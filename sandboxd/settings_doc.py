@@ -202,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rendered = (render_yaml(), render_man())
     if args.write:
-        for path, text in zip(args.write, rendered):
+        for path, text in zip(args.write, rendered, strict=False):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
         return 0
     if args.check:
         stale = []
-        for path, text in zip(args.check, rendered):
+        for path, text in zip(args.check, rendered, strict=False):
             try:
                 with open(path, encoding="utf-8") as f:
                     if f.read() != text:

@@ -45,7 +45,7 @@ def int_range(lo: int, hi: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"an integer from {lo} to {hi}")
-        return value
+        return int(value)
 
     convert.__doc__ = f"integer from {lo} to {hi}"
     return convert

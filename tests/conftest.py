@@ -31,7 +31,8 @@ from sandboxd.client import Client
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
-TEST_UID_RANGE = (870000, 256)
+UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never share them
+TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
 USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
 GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
@@ -74,6 +75,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 class DaemonProcess:
     """A sandboxd started in the foreground, ready when it sends READY=1."""
 
+    count = 0
+
     def __init__(self, workdir: str, overrides: dict[str, Any] | None = None) -> None:
         self.dir = workdir
         self.socket = os.path.join(workdir, "sandboxd.sock")
@@ -81,7 +84,12 @@ class DaemonProcess:
         self.config_path = os.path.join(workdir, "sandboxd.yaml")
         self.log_path = os.path.join(workdir, "daemon.log")
         self.notify_path = os.path.join(workdir, "notify.sock")
-        self.config = merge(BASE_CONFIG, overrides or {})
+        DaemonProcess.count += 1  # each daemon its own cgroup parent, as two daemons must never share one
+        first = TEST_UID_RANGE[0] + UID_BLOCK * (DaemonProcess.count % 128)
+        self.uid_range = (first, UID_BLOCK)
+        own = {"jail": {"cgroup_parent": f"{CGROUP_PARENT}-{DaemonProcess.count}",
+                        "run_uids": f"{first}-{first + UID_BLOCK - 1}"}}
+        self.config = merge(merge(BASE_CONFIG, own), overrides or {})
         self.write_config(self.config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: socket.socket | None = None
@@ -98,12 +106,11 @@ class DaemonProcess:
             os.unlink(self.notify_path)
         self.notify.bind(self.notify_path)
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
-             "--socket", self.socket, "--state-dir", self.state_dir],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
+                 "--socket", self.socket, "--state-dir", self.state_dir],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if not self.wait_for("READY=1", timeout):
             self.kill()
             raise RuntimeError(f"sandboxd did not become ready:\n{self.log()}")
@@ -113,12 +120,12 @@ class DaemonProcess:
         assert self.notify is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                return False
             self.notify.settimeout(0.2)
             try:
                 msg = self.notify.recv(4096).decode()
             except TimeoutError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    return False  # exited, and every message it sent has been read
                 continue
             self.messages.append(msg)
             if text in msg.split("\n"):
@@ -222,26 +229,35 @@ def unb64(obj: Any) -> bytes:
     return base64.b64decode(obj["b64"])
 
 
+def daemon_dir() -> str:
+    """A work directory other users can traverse (pytest's own tmp dirs are 0700)."""
+    path = tempfile.mkdtemp(prefix="sandboxd-test-")
+    os.chmod(path, 0o755)
+    return path
+
+
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory, test_users: Any) -> Iterator[DaemonProcess]:
+def daemon(test_users: Any) -> Iterator[DaemonProcess]:
     """One daemon shared by the tests that do not change its configuration."""
     require_root()
-    d = DaemonProcess(str(tmp_path_factory.mktemp("daemon"))).start()
+    d = DaemonProcess(daemon_dir()).start()
     yield d
     d.close()
+    shutil.rmtree(d.dir, ignore_errors=True)
 
 
 @pytest.fixture
-def make_daemon(tmp_path_factory: pytest.TempPathFactory, test_users: Any) -> Iterator[Any]:
+def make_daemon(test_users: Any) -> Iterator[Any]:
     """Start daemons with their own configuration; all are stopped afterwards."""
     require_root()
     started: list[DaemonProcess] = []
 
     def make(overrides: dict[str, Any] | None = None, start: bool = True) -> DaemonProcess:
-        d = DaemonProcess(str(tmp_path_factory.mktemp("daemon")), overrides)
+        d = DaemonProcess(daemon_dir(), overrides)
         started.append(d)
         return d.start() if start else d
 
     yield make
     for d in started:
         d.close()
+        shutil.rmtree(d.dir, ignore_errors=True)

@@ -10,16 +10,19 @@ stdin: a JSON list of requests (bytes given as {"b64": ...}); stdout: a JSON obj
 the helper sends it and exits without reading (to test disconnects).
 """
 
+from __future__ import annotations
+
 import base64
 import json
 import socket
 import struct
 import sys
+from typing import Any
 
 import msgpack
 
 
-def enc(obj):
+def enc(obj: Any) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"b64"}:
             return base64.b64decode(obj["b64"])
@@ -29,7 +32,7 @@ def enc(obj):
     return obj
 
 
-def dec(obj):
+def dec(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return {"b64": base64.b64encode(obj).decode()}
     if isinstance(obj, dict):
@@ -39,7 +42,7 @@ def dec(obj):
     return obj
 
 
-def read_exact(sock, n):
+def read_exact(sock: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -49,7 +52,7 @@ def read_exact(sock, n):
     return buf
 
 
-def main():
+def main() -> None:
     path = sys.argv[1]
     requests = json.load(sys.stdin)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -58,7 +61,7 @@ def main():
     except OSError as e:
         json.dump({"connect_error": e.strerror or str(e), "errno": e.errno}, sys.stdout)
         return
-    out = []
+    out: list[Any] = []
     for req in requests:
         hold = req.pop("hold", False)
         body = msgpack.packb(enc(req), use_bin_type=True)

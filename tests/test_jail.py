@@ -67,9 +67,9 @@ def test_unicode_and_binary_output(daemon: DaemonProcess) -> None:
 
 
 def test_five_megabytes_of_output_returned_exactly(daemon: DaemonProcess) -> None:
-    code = "import sys\nfor i in range(5 * 1024):\n    sys.stdout.write(('%07d' % i) * 146 + '\\n')"
+    code = "import sys\nfor i in range(5 * 1024):\n    sys.stdout.write(f'{i:07d}' * 146 + '\\n')"
     r = run(daemon, code, max_output=10 << 20)
-    expected = "".join(("%07d" % i) * 146 + "\n" for i in range(5 * 1024)).encode()
+    expected = "".join(f"{i:07d}" * 146 + "\n" for i in range(5 * 1024)).encode()
     assert len(expected) == 5 * 1024 * 1023
     assert r["status"] == "ok"
     assert r["stdout_truncated"] is False

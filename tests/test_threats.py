@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from conftest import TEST_UID_RANGE, DaemonProcess, require
 
 CTYPES = "import ctypes, ctypes.util, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -127,7 +126,7 @@ print(sorted(os.listdir("/")))
     r = d.run(code)
     lines = r["stdout"].decode().splitlines()
     assert all(line.endswith(" False") for line in lines[:6]), lines
-    top = eval(lines[6])  # noqa: S307 - our own printed list
+    top = eval(lines[6])
     assert "proc" not in top and "sys" not in top and "home" not in top and "root" not in top
 
 
@@ -327,7 +326,7 @@ print(sorted(results.items()))
 
 def test_11_network_off_refuses_every_socket_family(d: DaemonProcess) -> None:
     r = d.run(NET_PROBE)
-    results = dict(eval(r["stdout"]))  # noqa: S307
+    results = dict(eval(r["stdout"]))
     assert all(v == "EPERM" for v in results.values()), results
     assert r["denied_syscalls"] == {"socket": 8}
     r = d.run(f"import os; print(os.path.exists({d.socket!r}), os.path.exists('/run'))")
@@ -350,7 +349,7 @@ except OSError as e:
 
 def test_11_network_on_still_refuses_unix_raw_packet_netlink(d: DaemonProcess) -> None:
     r = d.run(NET_PROBE, network=True)
-    results = dict(eval(r["stdout"]))  # noqa: S307
+    results = dict(eval(r["stdout"]))
     assert results["inet"] == "open" and results["udp"] == "open"
     for fam in ("raw", "packet", "netlink", "unix", "vsock"):
         assert results[fam] == "EPERM", (fam, results)
@@ -587,13 +586,14 @@ def test_22_failed_setup_step_fails_closed(tmp_path: Any) -> None:
     import asyncio
 
     from conftest import CGROUP_PARENT, require_root
+
     from sandboxd.config import parse
     from sandboxd.daemon import jail_settings
     from sandboxd.jail.jail import Jail
     from sandboxd.jail.spec import RunPlan
 
     require_root()
-    cfg = parse({"jail": {"run_uids": "871000-871063", "cgroup_parent": CGROUP_PARENT + "-closed"},
+    cfg = parse({"jail": {"run_uids": "878500-878563", "cgroup_parent": CGROUP_PARENT + "-closed"},
                  "pool": {"min": 0, "max": 0}, "daemon": {"workers": 2}})
     settings = jail_settings(cfg, str(tmp_path))
     # An impossible host name makes the "namespaces" step fail (sethostname: EINVAL).

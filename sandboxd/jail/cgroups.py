@@ -14,10 +14,12 @@ The worker joins its cgroups itself, first thing after fork, by writing ``0`` to
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ V2_CONTROLLERS = ("memory", "pids", "cpu")
 
 class CgroupError(Exception):
     pass
+
+
+class CgroupInUse(CgroupError):
+    """Another live daemon holds the same cgroup parent."""
 
 
 @dataclass
@@ -224,10 +230,37 @@ class WorkerCgroup:
 class CgroupDriver:
     """Creates worker cgroups under ``<daemon's cgroup>/<parent>``."""
 
-    def __init__(self, kind: str, bases: dict[str, str]) -> None:
+    def __init__(self, kind: str, bases: dict[str, str], enable: str = "") -> None:
         self.kind = kind  # "cgroup2", "cgroup1" or "none"
         self.bases = bases  # "v2" or controller -> parent directory for workers
+        self.enable = enable  # v2: controllers to enable in the parent's subtree_control
         self._seq = 0
+        self._lock_fd = -1
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the parent: two daemons must never share one."""
+        if not self.bases:
+            return
+        base = sorted(set(self.bases.values()))[0]
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CgroupInUse(f"another sandboxd is using the cgroup parent {base}; give each daemon its own "
+                              "jail.cgroup_parent") from None
+        self._lock_fd = fd
+
+    def _mkdir(self, base: str, d: str) -> None:
+        try:
+            os.mkdir(d)
+        except FileNotFoundError:
+            # The parent vanished (removed by hand?): recreate it and carry on.
+            log.warning("cgroup parent %s was missing; recreating it", base)
+            os.makedirs(base, exist_ok=True)
+            if self.kind == "cgroup2" and self.enable:
+                _write(os.path.join(base, "cgroup.subtree_control"), self.enable)
+            os.mkdir(d)
 
     def create(self, name: str, limits: Limits) -> WorkerCgroup:
         if self.kind == "none":
@@ -237,7 +270,7 @@ class CgroupDriver:
         for key, base in self.bases.items():
             d = os.path.join(base, f"{name}.{self._seq}")
             if d not in dirs.values():
-                os.mkdir(d)
+                self._mkdir(base, d)
             dirs[key] = d
         cg = WorkerCgroup(self, dirs)
         try:
@@ -272,6 +305,18 @@ class CgroupDriver:
                 removed.append(n)
         return removed
 
+    def close(self) -> None:
+        """Remove the (empty) parent directories at shutdown."""
+        for base in sorted(set(self.bases.values())):
+            try:
+                os.rmdir(base)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    log.warning("cannot remove %s: %s", base, e)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "bases": dict(self.bases)}
 
@@ -280,27 +325,33 @@ def detect(parent: str, prefer: str = "auto") -> CgroupDriver:
     """Pick the driver for this host and prepare ``parent`` under the daemon's cgroup.
 
     ``prefer`` is ``auto``, ``cgroup2``, ``cgroup1`` or ``none``.  An explicit choice
-    that does not work raises ``CgroupError`` with the reason.
+    that does not work raises ``CgroupError`` with the reason; so does a parent that
+    another live daemon holds (``CgroupInUse``), whatever the choice.
     """
     if prefer == "none":
         return CgroupDriver("none", {})
     v2_mount, v1_mounts = _mounts()
     v2_own, v1_own = _own_paths()
+    candidates: list[tuple[str, Callable[[], CgroupDriver]]] = []
+    if v2_mount and v2_own is not None:
+        candidates.append(("cgroup2", lambda: _setup_v2(v2_mount, v2_own, parent)))
+    candidates.append(("cgroup1", lambda: _setup_v1(v1_mounts, v1_own, parent)))
     errors: list[str] = []
-    if prefer in ("auto", "cgroup2") and v2_mount and v2_own is not None:
+    for kind, setup in candidates:
+        if prefer not in ("auto", kind):
+            continue
         try:
-            return _setup_v2(v2_mount, v2_own, parent)
+            driver = setup()
+            driver.lock()
+            return driver
+        except CgroupInUse:
+            raise
         except (OSError, CgroupError) as e:
-            errors.append(f"cgroup v2: {e}")
-            if prefer == "cgroup2":
+            errors.append(f"{kind}: {e}")
+            if prefer == kind:
                 raise CgroupError("; ".join(errors)) from e
-    if prefer in ("auto", "cgroup1"):
-        try:
-            return _setup_v1(v1_mounts, v1_own, parent)
-        except (OSError, CgroupError) as e:
-            errors.append(f"cgroup v1: {e}")
-            if prefer == "cgroup1":
-                raise CgroupError("; ".join(errors)) from e
+    if prefer != "auto":
+        raise CgroupError(f"{prefer} is not available on this host")
     log.warning("no writable cgroup hierarchy (%s); runs are confined by rlimits only", "; ".join(errors))
     return CgroupDriver("none", {})
 
@@ -328,7 +379,7 @@ def _setup_v2(mount: str, own: str, parent: str) -> CgroupDriver:
     base = os.path.join(own_dir, parent)
     os.makedirs(base, exist_ok=True)
     _write(os.path.join(base, "cgroup.subtree_control"), enable)
-    return CgroupDriver("cgroup2", {"v2": base})
+    return CgroupDriver("cgroup2", {"v2": base}, enable)
 
 
 def _setup_v1(mounts: dict[str, str], own: dict[str, str], parent: str) -> CgroupDriver:

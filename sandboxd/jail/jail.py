@@ -167,6 +167,8 @@ class Jail:
         for worker in list(self.workers.values()):
             await worker.idle.wait()
             self._finish_cleanup(worker)
+        if self.driver is not None:
+            self.driver.close()
 
     async def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no cleanup is pending (tests use it to check nothing is left)."""
@@ -341,7 +343,7 @@ class Jail:
             self.forkserver, self.forkserver_info = server, info
             asyncio.get_running_loop().create_task(self._retire_server(old_server))
             changes.append("fork server restarted (profiles, preload or interpreter changed)")
-        elif root_changed:
+        elif root_changed and self.root is not None:
             reply, _ = await self.forkserver.call({"op": "template", "root": self.root.path})
             if not reply.get("ok"):
                 self.settings, self.root = old, previous_root

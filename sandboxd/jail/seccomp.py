@@ -59,13 +59,7 @@ class Profile:
 def unknown_syscalls(names: Iterable[str]) -> list[str]:
     """Names libseccomp does not know on any architecture it supports."""
     sc = _backend()
-    bad = []
-    for name in names:
-        try:
-            sc.resolve_syscall(sc.Arch.NATIVE, name)
-        except (ValueError, RuntimeError, TypeError):
-            bad.append(name)
-    return bad
+    return [name for name in names if not _resolvable(sc, name)]
 
 
 def _resolvable(sc: ModuleType, name: str) -> bool:

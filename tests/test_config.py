@@ -1,0 +1,95 @@
+"""Settings: defaults, errors that name file and key, and the generated files in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO
+
+from sandboxd import settings_doc
+from sandboxd.config import ConfigError, load, parse
+
+
+def errors_of(data: Any) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse(data, "/etc/sandboxd/sandboxd.yaml")
+    return e.value.errors
+
+
+def test_empty_config_is_the_defaults() -> None:
+    cfg = parse({})
+    assert cfg.daemon.workers == 8 and cfg.limits.memory == 256 << 20 and cfg.jail.run_uids == (880000, 1024)
+
+
+def test_shipped_file_and_man_page_match_the_declarations() -> None:
+    assert settings_doc.main(["--check", f"{REPO}/etc/sandboxd/sandboxd.yaml", f"{REPO}/man/sandboxd.yaml.5"]) == 0
+    cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
+    defaults = parse({})
+    for section in ("daemon", "root", "jail", "pool", "limits", "quotas", "profiles"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+
+
+def test_error_names_file_key_and_expected_form() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"quotas": {"default": {"max_memory": "lots"}}}, "/etc/sandboxd/sandboxd.yaml")
+    assert str(e.value) == ("/etc/sandboxd/sandboxd.yaml: quotas.default.max_memory: expected a size like 256M, "
+                            "1G or a number of bytes, got 'lots'")
+
+
+def test_every_problem_is_listed_with_suggestions() -> None:
+    errs = errors_of({"daemon": {"wokers": 4, "queue_timeout": "soon", "socket": "relative.sock"},
+                      "jail": {"run_uids": "5-1"}, "pool": {"min": 9, "max": 2}, "nonsense": {}})
+    assert "daemon.wokers: unknown setting (did you mean workers?)" in errs
+    assert "daemon.queue_timeout: expected a duration like 500ms, 5s or 2m, got 'soon'" in errs
+    assert "daemon.socket: expected an absolute path, got 'relative.sock'" in errs
+    assert any(e.startswith("jail.run_uids: expected a uid range") for e in errs)
+    assert "pool.min: expected at most pool.max (2), got 9" in errs
+    assert "nonsense: unknown section" in errs
+
+
+def test_types_are_checked() -> None:
+    errs = errors_of({"daemon": {"workers": "8", "self_test": "yes"}, "limits": {"pids": 1}})
+    assert "daemon.workers: expected an integer from 1 to 4096, got '8'" in errs
+    assert "daemon.self_test: expected true or false, got 'yes'" in errs
+    assert "limits.pids: expected an integer from 2 to 100000, got 1" in errs
+
+
+def test_uid_range_must_hold_workers_and_pools() -> None:
+    errs = errors_of({"jail": {"run_uids": "900000-900009"}})
+    assert any(e.startswith("jail.run_uids: expected at least") for e in errs)
+
+
+def test_socket_mode_quoted_or_yaml_octal() -> None:
+    assert parse({"daemon": {"socket_mode": "0660"}}).daemon.socket_mode == 0o660
+    assert parse({"daemon": {"socket_mode": 0o660}}).daemon.socket_mode == 0o660
+    assert parse({"daemon": {"socket_mode": 660}}).daemon.socket_mode == 0o660
+
+
+def test_quota_tables_and_profiles() -> None:
+    cfg = parse({"quotas": {"users": {"1001": {"concurrent": 9}}, "groups": {"0": {"network": True}},
+                            "deny_unlisted": True},
+                 "profiles": {"python3": {"allow": ["flock"], "errno": {"statx": "ENOSYS"}}}})
+    assert cfg.quotas.users["1001"] == {"concurrent": 9}
+    assert cfg.quotas.groups["0"] == {"network": True} and cfg.quotas.deny_unlisted
+    assert cfg.profiles["python3"].errno == {"statx": 38}
+    errs = errors_of({"profiles": {"python3": {"allow": ["not_a_syscall"]}, "ruby": {}},
+                      "quotas": {"users": {"alice": {"max_memory": -1}}}})
+    assert "profiles.python3.allow: unknown system call(s) not_a_syscall" in errs
+    assert "profiles.ruby: unknown language (known: python3)" in errs
+    assert "quotas.users.alice.max_memory: expected a size like 256M, 1G or a number of bytes, got -1" in errs
+
+
+def test_root_python_must_be_inside_the_root() -> None:
+    errs = errors_of({"root": {"python": "/opt/py/bin/python3"}})
+    assert errs == ["root.python: /opt/py/bin/python3 is not under any of root.paths / root.extra_paths"]
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("daemon: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(str(bad))
