@@ -111,6 +111,9 @@ class JailConfig:
     cgroup: str = setting("auto", sizes.choice("auto", "cgroup2", "cgroup1", "none"),
                           "cgroup driver; auto prefers a delegated v2 subtree, then v1, then rlimits only.")
     cgroup_parent: str = setting("sandboxd", sizes.text, "Name of the parent of worker cgroups.")
+    cgroup_favordynmods: bool = setting(
+        True, sizes.boolean, "Remount cgroup2 with favordynmods (Linux 6.0+): a worker joins its cgroup in "
+        "0.2 ms instead of 5 ms; fork/exit get slightly dearer host-wide. Global, so off leaves the mount alone.")
     cpus: float = setting(1.0, sizes.float_range(0.01, 1024.0), "CPU bandwidth of one run, in CPUs.")
     address_space_slack: int = setting(1 << 30, sizes.byte_size,
                                        "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")

@@ -35,7 +35,7 @@ def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
     groups = [o for g, o in policy.groups.items() if who.in_group(g)]
     if policy.deny_unlisted and user is None and not groups:
         return None
-    values = dataclasses.asdict(policy.default)
+    values = dict(policy.default.__dict__)
     for f in declared(QuotaLimits):
         offered = [o[f.name] for o in groups if f.name in o]
         if offered:

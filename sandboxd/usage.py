@@ -83,11 +83,15 @@ class UsageStore:
             log.error("usage database %s unusable, counting in memory only: %s", self.path, e)
         self.error = f"{type(e).__name__}: {e}"
 
-    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+    def _write(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Run the statements as one transaction (one commit per event, not per statement)."""
         if self.db is None:
             return
         try:
-            self.db.execute(sql, args)
+            with self.db:
+                self.db.execute("BEGIN")
+                for sql, args in statements:
+                    self.db.execute(sql, args)
         except sqlite3.Error as e:
             self._failed(e)
 
@@ -119,21 +123,22 @@ class UsageStore:
         u.starts.append(now)
         u.runs_total += 1
         u.last_run = now
-        self._write("INSERT OR REPLACE INTO runs(run_id, uid, started, status) VALUES (?, ?, ?, 'running')",
-                    (run_id, uid, now))
-        self._write("INSERT INTO totals(uid, runs, cpu_ms, last_run) VALUES (?, 1, 0, ?) "
-                    "ON CONFLICT(uid) DO UPDATE SET runs = runs + 1, last_run = excluded.last_run", (uid, now))
+        self._write(
+            ("INSERT OR REPLACE INTO runs(run_id, uid, started, status) VALUES (?, ?, ?, 'running')",
+             (run_id, uid, now)),
+            ("INSERT INTO totals(uid, runs, cpu_ms, last_run) VALUES (?, 1, 0, ?) "
+             "ON CONFLICT(uid) DO UPDATE SET runs = runs + 1, last_run = excluded.last_run", (uid, now)))
 
     def finished(self, run_id: str, uid: int, cpu_ms: float, status: str, now: float) -> None:
         u = self.uids[uid]
         if cpu_ms:
             u.cpu.append((now, cpu_ms))
         u.cpu_ms_total += cpu_ms
-        self._write("UPDATE runs SET finished=?, cpu_ms=?, status=? WHERE run_id=?", (now, cpu_ms, status, run_id))
-        self._write("UPDATE totals SET cpu_ms = cpu_ms + ? WHERE uid=?", (cpu_ms, uid))
+        self._write(("UPDATE runs SET finished=?, cpu_ms=?, status=? WHERE run_id=?", (now, cpu_ms, status, run_id)),
+                    ("UPDATE totals SET cpu_ms = cpu_ms + ? WHERE uid=?", (cpu_ms, uid)))
 
     def prune(self, now: float) -> None:
-        self._write("DELETE FROM runs WHERE started < ?", (now - WINDOW,))
+        self._write(("DELETE FROM runs WHERE started < ?", (now - WINDOW,)))
 
     def snapshot(self, uid: int, now: float) -> dict[str, object]:
         u = self.uids[uid]

@@ -17,7 +17,7 @@ from conftest import REPO, require_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandboxd.jail import elf, rootfs
+from sandboxd.jail import elf, layout, rootfs
 from sandboxd.jail.ldpath import LibraryResolver, multiarch
 
 
@@ -144,7 +144,7 @@ def test_build_links_files_keeps_symlinks_and_refuses_outside_dirs(tmp_path: Pat
     assert not (root / str(tmp_path / "outside" / "secretdir").lstrip("/")).exists()
     assert any("link kept dangling" in w for w in info.warnings)
     assert (root / "etc" / "passwd").read_bytes() == b"root:x:0:0::/:/x\n"
-    assert (root / rootfs.MARKER).exists()
+    assert (root / layout.MARKER).exists()
     for d in ("work", "tmp", "dev/shm", ".old", ".scratch"):
         assert (root / d).is_dir()
     assert os.path.realpath(tmp_path / "roots" / "current") == info.path

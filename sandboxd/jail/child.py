@@ -26,9 +26,12 @@ import mmap
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
+
+import msgpack
 
 from .. import protocol
 from . import credentials, libc, limits, mounts
@@ -64,14 +67,19 @@ class StepFailure(Exception):
         self.step, self.errno, self.message = step, err, message
 
 
-def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
+def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> dict[str, int]:
+    """Run the steps in order; return how long each took, in microseconds."""
+    took: dict[str, int] = {}
     for name, fn in steps:
+        t0 = time.monotonic_ns()
         try:
             fn()
         except OSError as e:
             raise StepFailure(name, e.errno or 0, str(e)) from e
         except Exception as e:
             raise StepFailure(name, 0, f"{type(e).__name__}: {e}") from e
+        took[name] = (time.monotonic_ns() - t0) // 1000
+    return took
 
 
 def remap_fds(fds: Sequence[int], start: int) -> None:
@@ -96,15 +104,19 @@ def write_frame(fd: int, obj: object) -> None:
 def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
     """Entry point of P, right after the fork server's fork. Never returns."""
     try:
+        libc.set_name("sbx-super")
         try:
-            _supervisor_setup(spec, state, fds)
-            runner_pid, handoff, listener = _fork_runner(spec, state)
+            timings = _supervisor_setup(spec, state, fds)
+            t0 = time.monotonic_ns()
+            runner_pid, handoff, listener, runner_timings = _fork_runner(spec, state)
+            timings["runner"] = (time.monotonic_ns() - t0) // 1000
+            timings.update({f"runner.{k}": v for k, v in runner_timings.items()})
         except StepFailure as f:
             write_frame(FD_STATUS, {"t": "setup_error", "step": f.step, "errno": f.errno, "message": f.message})
             os._exit(EXIT_SETUP)
         from .supervisor import supervise
 
-        supervise(spec, state, runner_pid, handoff, listener)
+        supervise(spec, state, runner_pid, handoff, listener, timings)
     except BaseException as e:  # noqa: BLE001 - last resort: report, never fall back
         try:
             write_frame(FD_STATUS, {"t": "setup_error", "step": "supervisor", "errno": 0,
@@ -115,7 +127,7 @@ def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) ->
         os._exit(EXIT_SETUP)
 
 
-def _supervisor_setup(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> None:
+def _supervisor_setup(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> dict[str, int]:
     net = 0 if spec.network else libc.CLONE_NEWNET
     ns_flags = libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP | net
 
@@ -140,7 +152,7 @@ def _supervisor_setup(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) 
             os.dup2(null, target)
         os.close(null)
 
-    run_steps([
+    return run_steps([
         ("fds", lambda: remap_fds(fds, FD_STATUS)),
         ("signals", _default_signals),
         ("cgroup", join_cgroups),
@@ -162,8 +174,8 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, int]:
-    """Fork R; return its pid, the shared handoff page and R's seccomp listener (-1 if R failed)."""
+def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, int, dict[str, int]]:
+    """Fork R; return its pid, the handoff page, R's seccomp listener (-1 if R failed) and R's step times."""
     handoff = Handoff(mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS))
     psock, rsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -180,12 +192,16 @@ def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, in
     for fd in (FD_CTRL, FD_STDIN, FD_STDOUT, FD_STDERR):
         os.close(fd)
     try:
-        _msg, listener, _flags, _addr = socket.recv_fds(psock, 16, 1)
+        msg, listener, _flags, _addr = socket.recv_fds(psock, 4096, 1)
     except OSError:
-        listener = []
+        msg, listener = b"", []
     psock.close()
+    try:
+        timings = msgpack.unpackb(msg) if msg else {}
+    except ValueError:
+        timings = {}
     # No listener means the runner died in setup; the supervisor reports it from the handoff.
-    return pid, handoff, listener[0] if listener else -1
+    return pid, handoff, listener[0] if listener else -1, timings
 
 
 # -- R: the runner ------------------------------------------------------------------------
@@ -202,27 +218,34 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         if libc.prctl(libc.PR_GET_NO_NEW_PRIVS) != 1:
             raise OSError(1, "no_new_privs did not stick")
 
-    def load_seccomp() -> None:
-        listener = libc.seccomp_load(state.filters[spec.filter_key], new_listener=True)
-        sock = socket.socket(fileno=R_FD_LISTENER_SOCK)
-        socket.send_fds(sock, [b"L"], [listener])
-        os.close(listener)
-        sock.close()
+    from .runtime import prepare, serve_one
 
+    listener = -1
+
+    def load_seccomp() -> None:
+        nonlocal listener
+        listener = libc.seccomp_load(state.filters[spec.filter_key], new_listener=True)
+
+    libc.set_name("sbx-runner")
     try:
-        run_steps([
+        timings = run_steps([
             ("stdio", stdio),
             ("fds", lambda: remap_fds([FD_CTRL, sock_fd], R_FD_CTRL)),
             ("session", lambda: _setsid()),
             ("no_new_privs", no_new_privs),
-            ("seccomp", load_seccomp),
+            ("prepare", lambda: prepare(state)),  # trusted interpreter housekeeping, no user input
+            ("seccomp", load_seccomp),  # last
         ])
-    except StepFailure as f:
-        handoff.write(Handoff.SETUP, f.step, f.errno, message=f.message)
+        # Hand the listener to the supervisor; it answers refused calls from here on.
+        sock = socket.socket(fileno=R_FD_LISTENER_SOCK)
+        socket.send_fds(sock, [msgpack.packb(timings)], [listener])
+        os.close(listener)
+        sock.close()
+    except (StepFailure, OSError) as f:
+        step = f.step if isinstance(f, StepFailure) else "listener"
+        handoff.write(Handoff.SETUP, step, getattr(f, "errno", 0) or 0, message=str(f))
         os._exit(EXIT_SETUP)
-    from .runtime import serve_one
-
-    serve_one(spec, state, handoff)
+    serve_one(handoff, killed_when_done=bool(spec.cgroup_procs))
 
 
 def _setsid() -> None:

@@ -16,8 +16,7 @@ from . import libc
 def drop(uid: int, gid: int, cap_last: int) -> None:
     if uid == 0 or gid == 0:
         raise OSError(1, "refusing to run as uid or gid 0")
-    for cap in range(cap_last + 1):
-        libc.prctl(libc.PR_CAPBSET_DROP, cap)
+    libc.drop_bounding_set(cap_last)
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
     os.setgroups([])
     os.setresgid(gid, gid, gid)

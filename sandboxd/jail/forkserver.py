@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import logging
 import os
 import select
 import signal
@@ -37,7 +36,6 @@ from . import seccomp as sc
 from .child import ServerState, supervisor_main
 from .spec import WorkerSpec
 
-log = logging.getLogger("sandboxd.forkserver")
 MAX_MESSAGE = 1 << 20
 
 
@@ -295,7 +293,7 @@ def _status_kb(field: str) -> int:
 
 def main(fd: int) -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    logging.basicConfig(level=logging.INFO, format="sandboxd-forkserver: %(message)s")
+    libc.set_name("sbx-forkserver")
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     server = ForkServer(sock)

@@ -13,9 +13,11 @@ its pid 1 has been reaped: cgroup removed, then its uid slot freed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
+import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class JailSettings:
     scratch_inodes: int = 4096
     cgroup: str = "auto"
     cgroup_parent: str = "sandboxd"
+    cgroup_favordynmods: bool = True
     cpus: float = 1.0
     as_slack: int = 1 << 30
     pool_min: int = 2
@@ -65,6 +68,7 @@ class JailSettings:
     profiles: Mapping[str, Profile] = field(default_factory=lambda: {"python3": Profile("python3")})
     # ceilings every pooled worker is started with; plans may only lower them
     max_memory: int = 2 << 30
+    pool_memory: int = 256 << 20  # memory limit a waiting worker has: the common request needs no change
     max_cpu_ms: int = 600_000
     max_pids: int = 256
     max_nofile: int = 1024
@@ -107,6 +111,7 @@ class Jail:
         self.started_at = time.time()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._run_seq = 0
+        self.setup_samples: collections.deque[dict[str, int]] = collections.deque(maxlen=200)
 
     @property
     def root_base(self) -> str:
@@ -122,6 +127,8 @@ class Jail:
         for warning in self.root.warnings:
             log.warning("root: %s", warning)
         self.driver = cgroups.detect(s.cgroup_parent, s.cgroup)
+        if self.driver.kind != "none" and s.cgroup_favordynmods:
+            log.info("cgroup: %s", cgroups.favor_dynamic_modifications())
         stale = self.driver.cleanup_stale()
         if stale:
             log.warning("removed %d worker cgroups left by an earlier daemon", len(stale))
@@ -178,12 +185,14 @@ class Jail:
         return not self._cleanups
 
     # -- workers ------------------------------------------------------------------------
-    async def _make_worker(self, key: str, discover: bool = False) -> Worker:
+    async def _make_worker(self, key: str, urgent: bool = False, discover: bool = False) -> Worker:
+        """Start a worker; ``urgent`` ones (a request waits) get full CPU weight from the start."""
         s = self.settings
         assert self.driver is not None and self.forkserver is not None
         slot = await self.slots.acquire(timeout=30.0)
         try:
-            cgroup = self.driver.create(f"w{slot.index}", Limits(s.max_memory, s.max_pids + 1, s.cpus))
+            cgroup = self.driver.create(f"w{slot.index}", Limits(s.pool_memory, s.max_pids + 1, s.cpus, active=urgent),
+                                        slot.index)
         except BaseException:
             self.slots.release(slot)
             raise
@@ -213,6 +222,8 @@ class Jail:
             raise
         worker = Worker(spawned, spec, slot, cgroup, key, self.generation, s.cpus, vsz, s.as_slack)
         worker.forkserver = self.forkserver
+        worker.ready.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() else self.setup_samples.append(worker.setup_us))
         self.workers[worker.pid] = worker
         self._track_cleanup(worker)
         return worker
@@ -239,13 +250,17 @@ class Jail:
                       worker.pid, REAP_TIMEOUT)
             worker.kill("killed")
         await worker.idle.wait()  # the run's result has read the cgroup's counters
+        for _ in range(200):  # the last task is reaped; the kernel may take a moment to notice
+            if worker.cgroup.remove():
+                break
+            await asyncio.sleep(0.01)
         self._finish_cleanup(worker)
 
     def _finish_cleanup(self, worker: Worker) -> None:
         if self.workers.pop(worker.pid, None) is None:
             return
         worker.close_fds()
-        if worker.cgroup.remove():
+        if worker.cgroup.remove(timeout=2.0):
             self.slots.release(worker.slot)
         else:
             log.error("worker %d: cgroup not removed; uid slot %d stays out of use", worker.pid, worker.slot.uid)
@@ -263,7 +278,7 @@ class Jail:
         key = s.filter_key(plan.language, plan.network)
         try:
             if plan.discover:
-                worker = await self._make_worker(key, discover=True)
+                worker = await self._make_worker(key, urgent=True, discover=True)
                 await worker.ready
             else:
                 worker = await self.pool.acquire(key)
@@ -278,6 +293,8 @@ class Jail:
             return await worker.execute(plan)
         finally:
             self.running.pop(plan.run_id, None)
+            if not plan.discover:
+                self.pool.done(key)
 
     def kill_run(self, run_id: str) -> bool:
         worker = self.running.get(run_id)
@@ -367,8 +384,17 @@ class Jail:
         assert self.root is not None
         rootfs.remove_stale_roots(self.root_base, [self.root.path])
 
+    def setup_costs(self) -> dict[str, float]:
+        """Median microseconds of each setup step over the last workers made."""
+        steps: dict[str, list[int]] = {}
+        for sample in self.setup_samples:
+            for name, us in sample.items():
+                steps.setdefault(name, []).append(us)
+        return {name: float(statistics.median(v)) for name, v in steps.items()}
+
     def describe(self) -> dict[str, Any]:
         return {
+            "setup_us": self.setup_costs(),
             "root": self.root.summary() if self.root else None,
             "cgroup": self.driver.describe() if self.driver else None,
             "pool": self.pool.describe() if self.pool else None,

@@ -36,6 +36,7 @@ MNT_DETACH = 0x2
 
 # prctl options
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -103,6 +104,11 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(rc, f"prctl({option}, {arg2}, {arg3})")
 
 
+def set_name(name: str) -> None:
+    """The process name shown by ps and top (15 bytes at most)."""
+    _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
@@ -112,6 +118,15 @@ class _CapData(ctypes.Structure):
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_bounding_set(cap_last: int) -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP, so before giving up root)."""
+    fn = _libc.prctl
+    for cap in range(cap_last + 1):
+        if fn(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
 
 
 def capset_empty() -> None:

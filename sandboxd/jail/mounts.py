@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from . import libc
-from .rootfs import DEVICE_NODES, MARKER
+from .layout import DEVICE_NODES, MARKER
 
 SCRATCH = "/.scratch"
 SCRATCH_BINDS = (("work", "/work", 0o755), ("tmp", "/tmp", 0o1777), ("shm", "/dev/shm", 0o1777))
@@ -68,8 +68,9 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
 
 
 def _bind(source: str, target: str) -> None:
+    # A bind mount inherits nosuid/nodev/noexec from the tmpfs it comes from (clone_mnt copies
+    # the source mount's flags), so no remount is needed; tests check the flags from inside.
     libc.mount(source, target, None, libc.MS_BIND)
-    libc.mount(None, target, None, libc.MS_REMOUNT | libc.MS_BIND | SCRATCH_FLAGS)
 
 
 def check_root() -> None:

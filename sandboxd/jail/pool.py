@@ -19,10 +19,11 @@ from .worker import Worker, WorkerFailed
 
 log = logging.getLogger(__name__)
 DECAY_SECONDS = 30.0
+REFILL_DELAY = 0.002  # seconds after a run ends before its pool is topped up
 
 
 class Pool:
-    def __init__(self, make: Callable[[str], Awaitable[Worker]], retire: Callable[[Worker], None],
+    def __init__(self, make: Callable[[str, bool], Awaitable[Worker]], retire: Callable[[Worker], None],
                  keys: Iterable[str], minimum: int, maximum: int) -> None:
         self.make = make
         self.retire = retire
@@ -47,25 +48,33 @@ class Pool:
         self._decay = asyncio.get_running_loop().create_task(self._decay_loop())
 
     async def acquire(self, key: str) -> Worker:
+        """A ready worker.  While the pool has others left its refill waits for ``done``
+        (after the run), so making workers stays off the run's critical path."""
         queue = self.ready[key]
         while queue:
             worker = queue.popleft()
             if worker.state == "ready" and worker.generation == self.generation:
                 self.hits += 1
-                self._refill(key)
+                if not queue:
+                    self._refill(key)
                 return worker
             self.retire(worker)
         self.misses += 1
         self.last_miss[key] = time.monotonic()
         self.target[key] = min(self.maximum, self.target[key] + 1)
         self._refill(key)
-        worker = await self.make(key)
+        worker = await self.make(key, True)  # a request is waiting for this one: full CPU weight
         try:
             await worker.ready
         except WorkerFailed:
             self.retire(worker)
             raise
         return worker
+
+    def done(self, key: str) -> None:
+        """A run on a worker of ``key`` finished: top the pool up, once its response is out
+        (a refill starts with synchronous cgroup work that would otherwise go first)."""
+        asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, key)
 
     def _refill(self, key: str) -> None:
         if self.closed:
@@ -81,7 +90,7 @@ class Pool:
         generation = self.generation
         worker: Worker | None = None
         try:
-            worker = await self.make(key)
+            worker = await self.make(key, False)
             await worker.ready
         except asyncio.CancelledError:
             if worker is not None:

@@ -28,18 +28,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .layout import DEVICE_NODES, MARKER, SKELETON_DIRS
 from .ldpath import LibraryResolver
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".sandboxd-manifest.json"
-MARKER = ".sandboxd-root"
 MANIFEST_VERSION = 2
 # Never brought into a root, whatever the configuration says.
 FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc/sandboxd", "/root", "/home", "/tmp")
-# Mount points and empty directories every root has.
-SKELETON_DIRS = ("dev", "dev/shm", "tmp", "var", "var/tmp", "work", ".scratch", ".old", "etc")
-DEVICE_NODES = ("null", "zero", "full", "random", "urandom")
 
 
 class RootError(Exception):

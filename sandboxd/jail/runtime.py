@@ -17,6 +17,7 @@ import builtins
 import io
 import linecache
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,13 +28,18 @@ from typing import NoReturn
 from .. import protocol
 from . import limits
 from .child import EXIT_SETUP, R_FD_CTRL, ServerState, StepFailure, run_steps
-from .spec import Handoff, RunRequest, WorkerSpec
+from .spec import Handoff, RunRequest
 
 FILENAME = "<code>"
 EXIT_FLUSH_FAILED = 120  # as CPython, when flushing stdout at exit fails
 
 
-def serve_one(spec: WorkerSpec, state: ServerState, handoff: Handoff) -> NoReturn:
+def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
+    """Wait for the request, apply it, run the code. Everything here is already confined.
+
+    ``killed_when_done``: after its code the runner tells the supervisor and waits to be
+    killed, rather than exiting (the supervisor needs a real exit only for rusage).
+    """
     handoff.write(Handoff.WAITING)
     try:
         request = _read_request(R_FD_CTRL)
@@ -46,13 +52,13 @@ def serve_one(spec: WorkerSpec, state: ServerState, handoff: Handoff) -> NoRetur
         run_steps([
             ("limits", lambda: limits.apply(request.rlimits)),
             ("files", lambda: _write_files(request.files)),
-            ("environment", lambda: _environment(state, request)),
+            ("environment", lambda: _environment(request)),
             ("close_fds", lambda: os.closerange(3, 2**31 - 1)),
         ])
     except StepFailure as f:
         handoff.write(Handoff.SETUP, f.step, f.errno, message=f.message)
         os._exit(EXIT_SETUP)
-    _execute(request.code, handoff)
+    _execute(request.code, handoff, killed_when_done)
 
 
 def _read_request(fd: int) -> RunRequest:
@@ -90,11 +96,11 @@ def _write_files(files: dict[str, bytes] | object) -> None:
             os.close(fd)
 
 
-def _environment(state: ServerState, request: RunRequest) -> None:
+def prepare(state: ServerState) -> None:
+    """A fresh interpreter state for user code, made before the worker waits in the pool."""
     os.environ.clear()
     os.environ.update(state.base_env)
-    os.environ.update(request.env)
-    sys.argv = list(request.argv)
+    sys.argv = ["-c"]
     sys.path[:] = ["", *state.run_path]
     keep = set(state.run_path)
     for key in list(sys.path_importer_cache):
@@ -108,9 +114,30 @@ def _environment(state: ServerState, request: RunRequest) -> None:
                               errors="backslashreplace", line_buffering=True)
     sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = stdin, stdout, stderr  # type: ignore[misc]
+    _warm_up()
 
 
-def _execute(code: str, handoff: Handoff) -> NoReturn:
+def _warm_up() -> None:
+    """Walk the release path once on dummy data.
+
+    The worker shares its memory copy-on-write with the fork server; the first write to
+    each page costs a fault and a copy.  Decoding a request, compiling and printing here,
+    while the worker waits, takes those faults off the run's own clock.
+    """
+    sample = protocol.encode(RunRequest("import sys\nprint('warm', sys.argv)\n" * 8, {"nofile": 64},
+                                        {"a.txt": b"x" * 64}, {"A": "1"}).to_wire())
+    request = RunRequest.from_wire(protocol.decode_body(sample[protocol.HEADER.size:]))
+    code = compile(request.code, FILENAME, "exec")
+    scratch = io.StringIO()
+    exec(code, {"__builtins__": builtins, "print": lambda *a, **k: print(*a, **k, file=scratch)})
+    types.ModuleType("__main__")
+
+
+def _environment(request: RunRequest) -> None:
+    os.environ.update(request.env)
+    sys.argv = list(request.argv)
+
+def _execute(code: str, handoff: Handoff, killed_when_done: bool) -> NoReturn:
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main
@@ -125,7 +152,19 @@ def _execute(code: str, handoff: Handoff) -> NoReturn:
         handoff.set_exception(type(e).__name__)
         _report(e)
         status = 1
-    os._exit(_finish(status))
+    status = _finish(status)
+    # Tell the supervisor at once and get out of its way: it kills the run and reports,
+    # and only then does the kernel tear this address space down (that teardown takes
+    # longer than everything else after the user's last statement).
+    handoff.finish(status)
+    os.closerange(0, 3)
+    try:
+        os.kill(1, signal.SIGUSR1)
+        while killed_when_done:
+            signal.pause()
+    except OSError:
+        pass
+    os._exit(status)
 
 
 def _exit_status(e: SystemExit) -> int:

@@ -86,11 +86,13 @@ class Handoff:
     """A shared anonymous page between the supervisor and the runner (no fd involved).
 
     The runner writes its phase, the failing step with errno, the name of an uncaught
-    exception and when user code started; the supervisor reads it after the runner
-    exits.  User code can scribble on it, which can only mislead its own verdict.
+    exception, when user code started and, when it is done, its exit status; the
+    supervisor reads it.  User code can scribble on it, which can only mislead its own
+    verdict (it could as well choose its own exit status).
     """
 
     LAYOUT = struct.Struct("=IiQ32s64s256s")
+    STATUS = struct.Struct("=i")  # the runner's exit status, after LAYOUT
     SETUP, WAITING, RUNNING, DONE = 0, 1, 2, 3
 
     def __init__(self, buf: Any) -> None:
@@ -103,7 +105,19 @@ class Handoff:
 
     def set_exception(self, exc: str) -> None:
         phase, err, started, step, _old, message = self.LAYOUT.unpack_from(self.buf, 0)
-        self.LAYOUT.pack_into(self.buf, 0, self.DONE, err, started, step, exc.encode()[:64], message)
+        self.LAYOUT.pack_into(self.buf, 0, phase, err, started, step, exc.encode()[:64], message)
+
+    def finish(self, exit_status: int) -> None:
+        """The user's code is over and its output flushed; this is its exit status."""
+        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status)
+        phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)
+        self.LAYOUT.pack_into(self.buf, 0, self.DONE, err, started, step, exc, message)
+
+    def phase(self) -> int:
+        return int(self.LAYOUT.unpack_from(self.buf, 0)[0])
+
+    def exit_status(self) -> int:
+        return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[0]) & 0xFF
 
     def read(self) -> dict[str, Any]:
         phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)

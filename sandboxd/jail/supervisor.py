@@ -30,13 +30,15 @@ OUT_DIR = "out"
 MAX_DEPTH = 8
 
 
-def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int) -> NoReturn:
+def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int,
+              timings: dict[str, int]) -> NoReturn:
     pidfd = os.pidfd_open(runner)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # the runner: "my code is done" (see runtime)
     if listener >= 0:
-        write_frame(FD_STATUS, {"t": "ready"})
+        write_frame(FD_STATUS, {"t": "ready", "setup_us": timings})
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     libc.seccomp_load(state.supervisor_filter, new_listener=False)
 
@@ -47,6 +49,8 @@ def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handof
         poller.register(listener, select.POLLIN)
     denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
     status: tuple[int, Any] | None = None
+    # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
+    early = bool(spec.cgroup_procs)
     while status is None:
         try:
             events = poller.poll()
@@ -61,6 +65,8 @@ def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handof
             elif fd == wake_r:
                 _drain(wake_r)
                 status = _reap(runner, block=False) or status
+                if status is None and early and handoff.phase() == Handoff.DONE:
+                    status = (handoff.exit_status() << 8, None)
             elif fd == FD_LIFELINE:
                 os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
             elif fd == pidfd:
@@ -73,23 +79,32 @@ def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handof
         while any(ev & select.POLLIN for _fd, ev in drain.poll(0)):
             if not _answer(listener, state, spec.discover, denied):
                 break
-    _kill_rest()
-    files, truncated, files_error = _collect_out(spec.out_max_files, spec.out_max_bytes)
+    # Everything else of the run dies now.  Files in out/ are read once it is really dead
+    # (no torn reads).  Without out/ the report goes first: killing wakes the runner, whose
+    # teardown would otherwise run before us; the kill follows within microseconds.
     wstatus, rusage = status
-    write_frame(FD_STATUS, {
+    report = {
         "t": "exit",
         "wstatus": wstatus,
-        "utime": rusage.ru_utime,
-        "stime": rusage.ru_stime,
-        "maxrss_kb": rusage.ru_maxrss,
+        "utime": rusage.ru_utime if rusage else None,
+        "stime": rusage.ru_stime if rusage else None,
+        "maxrss_kb": rusage.ru_maxrss if rusage else None,
         "end_ns": end_ns,
         "handoff": handoff.read(),
         "denied": [[name, c, allowed] for name, (c, allowed) in denied.items()],
-        "files": files,
-        "files_truncated": truncated,
-        "files_error": files_error,
-    })
-    os._exit(0)
+        "files": {},
+        "files_truncated": False,
+        "files_error": None,
+    }
+    if os.path.lexists(OUT_DIR):
+        _kill_rest(wait=True)
+        report["files"], report["files_truncated"], report["files_error"] = _collect_out(
+            spec.out_max_files, spec.out_max_bytes)
+        write_frame(FD_STATUS, report)
+    else:
+        write_frame(FD_STATUS, report)
+        _kill_rest(wait=False)
+    os._exit(0)  # as pid 1: the kernel kills and reaps whatever is left of the namespace
 
 
 def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str, list[Any]]) -> bool:
@@ -134,12 +149,12 @@ def _reap(runner: int, block: bool) -> tuple[int, Any] | None:
             return wstatus, rusage
 
 
-def _kill_rest() -> None:
+def _kill_rest(wait: bool) -> None:
     try:
         os.kill(-1, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while True:
+    while wait:
         try:
             os.wait3(0)
         except ChildProcessError:

@@ -55,9 +55,11 @@ class Worker:
         self.plan: RunPlan | None = None
         self.started: float | None = None
         self.setup_error: dict[str, Any] | None = None
+        self.setup_us: dict[str, int] = {}  # how long each setup step took
         self.exit_frame: dict[str, Any] | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
-        self.exited: asyncio.Future[None] = self.loop.create_future()
+        self.exited: asyncio.Future[None] = self.loop.create_future()  # the status pipe closed
+        self.reported: asyncio.Future[None] = self.loop.create_future()  # exit frame or closed: run over
         self.reaped: asyncio.Future[int] = self.loop.create_future()
         self.killed_for: str | None = None
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
@@ -76,12 +78,16 @@ class Worker:
             kind = frame.get("t")
             if kind == "ready":
                 self.state = "ready"
+                setup = frame.get("setup_us")
+                self.setup_us = setup if isinstance(setup, dict) else {}
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif kind == "setup_error":
                 self.setup_error = {k: frame.get(k) for k in ("step", "errno", "message")}
             elif kind == "exit":
                 self.exit_frame = frame
+                if not self.reported.done():
+                    self.reported.set_result(None)  # everything of the run is dead by now
         if self.status.error:
             log.error("worker %d: bad status frame: %s", self.pid, self.status.error)
         if not self.ready.done():
@@ -94,6 +100,8 @@ class Worker:
             self.ready.exception()  # consumed here; waiters re-raise it
         self.state = "exited"
         self.exited.set_result(None)
+        if not self.reported.done():
+            self.reported.set_result(None)
 
     def on_reaped(self, wstatus: int) -> None:
         if not self.reaped.done():
@@ -157,7 +165,7 @@ class Worker:
         if cpu0 is not None and plan.cpu_ms < plan.timeout_ms * self.cpus:
             timers.append(self.loop.call_later(plan.cpu_ms / 1000 / self.cpus, self._cpu_check, plan, cpu0, timers))
         try:
-            await self.exited
+            await self.reported
             try:
                 await asyncio.wait_for(asyncio.gather(out.done, err.done), DRAIN_TIMEOUT)
             except TimeoutError:
@@ -206,12 +214,12 @@ class Worker:
             result.wall_ms = round(wall * 1000, 3)
         if stats.cpu_usage_ns is not None and cpu0 is not None:
             result.cpu_ms = round((stats.cpu_usage_ns - cpu0) / 1e6, 3)
-        elif frame:
+        elif frame and frame.get("utime") is not None:
             result.cpu_ms = round((frame["utime"] + frame["stime"]) * 1000, 3)
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
         elif frame:
-            result.memory_peak_kb = int(frame.get("maxrss_kb", 0))
+            result.memory_peak_kb = int(frame.get("maxrss_kb") or 0)
         if frame:
             result.denied_syscalls = {d[0]: d[1] for d in frame.get("denied", [])}
             files, truncated = _cap_files(frame.get("files") or {}, plan.out_files_count, plan.out_files_bytes)
