@@ -9,6 +9,7 @@ SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # numpy is only for the preload tests and benchmark.
 APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
 	python3-venv python3-numpy mandoc
+BENCH_PACKAGES := python3-matplotlib bubblewrap
 DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230
 RUN_DIR := $(CURDIR)/run
 DEV_SOCKET := $(RUN_DIR)/sandboxd.sock
@@ -59,6 +60,7 @@ man-lint: dev
 	$(VPY) -m sandboxd.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5
 
 bench: dev
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(VPY) tests/bench/bench.py $(BENCH_ARGS)
 
 fuzz: dev

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from . import protocol
@@ -89,10 +90,20 @@ class Client:
             buf += chunk
         return bytes(buf)
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    def call(self, op: str, progress: Callable[[dict[str, Any]], None] | None = None,
+             **fields: Any) -> dict[str, Any]:
+        """Send one request and return its answer; interim ``progress`` frames go to ``progress``."""
         rid = next(self._ids)
+        if progress is not None:
+            fields["progress"] = True  # ask for interim frames
         self.send({"op": op, "id": rid, **fields})
-        return _unwrap(self.receive())
+        while True:
+            frame = self.receive()
+            if isinstance(frame, dict) and "progress" in frame and "ok" not in frame:
+                if progress is not None:
+                    progress(frame["progress"])
+                continue
+            return _unwrap(frame)
 
     def hello(self) -> dict[str, Any]:
         return self.call("hello")

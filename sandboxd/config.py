@@ -301,8 +301,10 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
     if not any(cfg.root.python == p or cfg.root.python.startswith(p.rstrip("/") + "/") for p in all_paths):
         errors.append(f"root.python: {cfg.root.python} is not under any of root.paths / root.extra_paths")
     for p in cfg.root.python_path:
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in all_paths):
-            errors.append(f"root.python_path: {p} is not under any of root.paths / root.extra_paths")
+        inside = any(p == q or p.startswith(q.rstrip("/") + "/") or q.startswith(p.rstrip("/") + "/")
+                     for q in all_paths)
+        if not inside:
+            errors.append(f"root.python_path: {p} holds nothing of root.paths / root.extra_paths")
     if cfg.pool.min > cfg.pool.max:
         errors.append(f"pool.min: expected at most pool.max ({cfg.pool.max}), got {cfg.pool.min}")
     first, count = cfg.jail.run_uids

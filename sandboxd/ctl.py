@@ -1,111 +1,299 @@
-"""sandboxctl: talk to sandboxd over its socket (see sandboxctl(8))."""
+"""sandboxctl: use and administer sandboxd over its socket (see sandboxctl(8)).
+
+It never needs root itself: what it may do is what the daemon allows the caller's uid.
+Every subcommand takes --json for scripts.  Exit statuses are stable (EXIT_*).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from . import render
 from .client import Client, SandboxdError, default_socket
+from .config import ConfigError, load
 
-# Exit codes (documented in sandboxctl(8)).
 EXIT_OK = 0
-EXIT_RUN_FAILED = 1  # the run did not finish with status 0 (run mirrors the run's own exit status)
+EXIT_RUN_FAILED = 1  # the run did not succeed (run mirrors exit codes and signals instead when it can)
 EXIT_USAGE = 2
 EXIT_CONNECT = 3
 EXIT_FORBIDDEN = 4
 EXIT_QUOTA = 5
 EXIT_BUSY = 6
 EXIT_ERROR = 7  # any other error answer from the daemon
-EXIT_SANDBOX = 8  # the run failed because the jail could not be set up
-
+EXIT_SANDBOX = 8  # the jail could not be set up for the run
 ERROR_EXITS = {"forbidden": EXIT_FORBIDDEN, "quota_exceeded": EXIT_QUOTA, "busy": EXIT_BUSY,
                "unavailable": EXIT_BUSY}
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, bytes):
+class Ctl:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.args.socket or default_socket())
+        return self._client
+
+    def out(self, data: Any, human: Callable[[], str]) -> None:
+        print(render.to_json(data) if self.args.json else human())
+
+    # -- health and jobs ----------------------------------------------------------------------
+    def status(self) -> int:
+        st = self.client.status()
+
+        def human() -> str:
+            root, cap, pool = st.get("root") or {}, st.get("capacity") or {}, st.get("pool") or {}
+            you = st.get("you") or {}
+            lines = [
+                f"sandboxd {st['version']}, pid {st['pid']}, up {render.duration(st['uptime_s'])}"
+                + ("  (STOPPING)" if st.get("stopping") else ""),
+                f"root       {root.get('path')}",
+                f"           build {root.get('build_id')}, {root.get('files')} files "
+                f"({render.size(root.get('bytes'))}), {root.get('libraries')} libraries resolved"
+                + (f", {len(root['missing_libraries'])} objects with missing libraries"
+                   if root.get("missing_libraries") else ""),
+                f"capacity   {cap.get('running')}/{cap.get('capacity')} running, {cap.get('queued')}/"
+                f"{cap.get('queue_max')} queued, {st.get('connections')} connections",
+                f"cgroup     {(st.get('cgroup') or {}).get('kind')}   usage db: {st.get('usage_db')}",
+                "self-test  " + ("passed" if (st.get("self_test") or {}).get("passed") else
+                                 "off" if not (st.get("self_test") or {}).get("enabled") else "FAILED"),
+                f"pool       min {pool.get('minimum')}, max {pool.get('maximum')}, {pool.get('hits')} hits, "
+                f"{pool.get('misses')} misses",
+            ]
+            rows = [(k, v.get("ready"), v.get("starting"), v.get("waiting"), v.get("target"))
+                    for k, v in (pool.get("profiles") or {}).items()]
+            lines.append(render.table(["profile", "ready", "starting", "waiting", "target"], rows))
+            u = you.get("usage") or {}
+            lines.append(f"you        {you.get('user')} (uid {you.get('uid')}){' admin' if you.get('admin') else ''}"
+                         f": {u.get('runs_total')} runs, {u.get('runs_last_minute')} in the last minute")
+            return "\n".join(lines)
+
+        self.out(st, human)
+        return EXIT_OK
+
+    def jobs(self) -> int:
+        reply = self.client.call("jobs")
+        rows = [(j["run_id"], j["caller_uid"], j["run_uid"], j["worker_pid"], render.duration(j["age_ms"] / 1000),
+                 f"{j['timeout_ms'] / 1000:g} s", f"{j['memory_mb']} MiB", "yes" if j["network"] else "no")
+                for j in reply["jobs"]]
+        self.out(reply, lambda: render.table(["run", "caller", "run uid", "pid", "age", "timeout", "memory",
+                                               "network"], rows) + f"\n{reply['queued']} queued")
+        return EXIT_OK
+
+    def kill(self) -> int:
+        reply = self.client.call("kill", run_id=self.args.run_id)
+        self.out(reply, lambda: f"killed {reply['killed']}")
+        return EXIT_OK
+
+    def usage(self) -> int:
+        fields: dict[str, Any] = {}
+        if self.args.user:
+            fields["user"] = self.args.user
+        if self.args.all:
+            fields["all"] = True
+        reply = self.client.call("usage", **fields)
+
+        def human() -> str:
+            rows = []
+            for e in reply["users"]:
+                u, q = e["usage"], e.get("quota") or {}
+                rpm = q.get("runs_per_minute") or "-"
+                cpu = q.get("cpu_seconds_per_hour") or "-"
+                rows.append((e["user"], e["uid"], f"{e['running']}/{q.get('concurrent', '-')}",
+                             f"{e['queued']}/{q.get('queued', '-')}", f"{u['runs_last_minute']}/{rpm}",
+                             f"{u['cpu_ms_last_hour'] / 1000:.1f}/{cpu}", u["runs_total"], render.ago(u["last_run"])))
+            return render.table(["user", "uid", "running", "queued", "runs/min", "cpu s/hour", "runs total",
+                                 "last run"], rows)
+
+        self.out(reply, human)
+        return EXIT_OK
+
+    def reload(self) -> int:
+        reply = self.client.call("reload")
+        self.out(reply, lambda: "reloaded: " + ("; ".join(reply["changes"]) or "no changes"))
+        return EXIT_OK
+
+    def check_config(self) -> int:
+        path = self.args.file or "/etc/sandboxd/sandboxd.yaml"
         try:
-            return obj.decode("utf-8")
-        except UnicodeDecodeError:
-            return {"base64": __import__("base64").b64encode(obj).decode()}
-    raise TypeError(type(obj).__name__)
+            cfg = load(path)
+        except ConfigError as e:
+            message = str(e)
+            self.out({"ok": False, "file": e.path, "errors": e.errors}, lambda: message)
+            return EXIT_RUN_FAILED
+        self.out({"ok": True, "file": cfg.path, "warnings": list(cfg.warnings)},
+                 lambda: "\n".join([f"{cfg.path}: ok", *(f"warning: {w}" for w in cfg.warnings)]))
+        return EXIT_OK
+
+    def rebuild_root(self) -> int:
+        def progress(p: dict[str, Any]) -> None:
+            if self.args.json:
+                return
+            stage = p.get("stage")
+            if stage == "building" and p.get("total"):
+                done, total = p.get("done", 0), p["total"]
+                bar = "#" * int(30 * done / total)
+                sys.stderr.write(f"\rbuilding  [{bar:30s}] {done}/{total} entries")
+                if done == total:
+                    sys.stderr.write("\n")
+            elif stage == "collected":
+                sys.stderr.write(f"collected {p.get('entries')} entries, {p.get('libraries')} libraries\n")
+            else:
+                sys.stderr.write(f"{stage}\n")
+            sys.stderr.flush()
+
+        reply = self.client.call("rebuild_root", progress=progress, force=not self.args.if_changed)
+        r = reply["root"]
+
+        def human() -> str:
+            lines = [f"root {r['build_id']} {'reused' if r['reused'] else 'built'} in {render.duration(r['seconds'])}",
+                     f"  {r['path']}",
+                     f"  {r['files']} files, {render.size(r['bytes'])}: {r['linked']} hard-linked, "
+                     f"{r['copied']} copied; {r['libraries']} libraries found through DT_NEEDED"]
+            for obj, names in (r.get("missing_libraries") or {}).items():
+                lines.append(f"  missing: {obj} needs {', '.join(names)}")
+            lines += [f"  warning: {w}" for w in r.get("warnings") or []]
+            return "\n".join(lines)
+
+        self.out(reply, human)
+        return EXIT_OK
+
+    # -- running code -----------------------------------------------------------------------------
+    def _code(self) -> tuple[str, bool]:
+        """The code, and whether it came from standard input."""
+        if self.args.code is not None:
+            return self.args.code, False
+        if self.args.file and self.args.file != "-":
+            with open(self.args.file, encoding="utf-8") as f:
+                return f.read(), False
+        return sys.stdin.read(), True
+
+    def _run_fields(self, code_from_stdin: bool) -> dict[str, Any]:
+        a = self.args
+        stdin = b""
+        if getattr(a, "stdin_file", None):
+            with open(a.stdin_file, "rb") as f:
+                stdin = f.read()
+        elif not code_from_stdin and not sys.stdin.isatty():
+            stdin = sys.stdin.buffer.read()  # the code came from elsewhere: our stdin is the run's
+        files = {}
+        for spec in getattr(a, "file_input", None) or []:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                raise UsageError(f"--file expects NAME=PATH, got {spec!r}")
+            with open(path, "rb") as f:
+                files[name] = f.read()
+        env = {}
+        for spec in getattr(a, "env", None) or []:
+            name, sep, value = spec.partition("=")
+            if not sep:
+                raise UsageError(f"--env expects NAME=VALUE, got {spec!r}")
+            env[name] = value
+        fields: dict[str, Any] = {"stdin": stdin}
+        if files:
+            fields["files"] = files
+        if env:
+            fields["env"] = env
+        if a.timeout:
+            fields["timeout_ms"] = int(a.timeout * 1000)
+        if a.memory:
+            fields["memory_mb"] = a.memory
+        if getattr(a, "network", False):
+            fields["network"] = True
+        return fields
+
+    def run(self) -> int:
+        code, from_stdin = self._code()
+        result = self.client.call("run", code=code, **self._run_fields(from_stdin))["result"]
+        if self.args.json:
+            print(render.to_json(result))
+        else:
+            sys.stdout.buffer.write(result.get("stdout") or b"")
+            sys.stdout.flush()
+            sys.stderr.buffer.write(result.get("stderr") or b"")
+            sys.stderr.write(render.verdict_line(result) + "\n")
+        if self.args.out and result.get("files"):
+            save_files(self.args.out, result["files"])
+        return run_exit(result)
+
+    def syscalls(self) -> int:
+        code, from_stdin = self._code()
+        reply = self.client.call("syscalls", code=code, **self._run_fields(from_stdin))
+        result = reply["result"]
+
+        def human() -> str:
+            lines = [f"ran in discovery mode: {result['status']}"
+                     + (f" (exit {result['exit_code']})" if result.get("exit_code") is not None else "")]
+            if reply["missing"]:
+                lines.append(f"system calls the {reply['profile']} profile does not allow (let through this once):")
+                lines.append(render.table(["syscall", "count"], [(m["name"], m["count"]) for m in reply["missing"]]))
+                lines.append("\nadd to /etc/sandboxd/sandboxd.yaml, then `sandboxctl reload`:\n")
+                lines.append(reply["yaml"].rstrip())
+            else:
+                lines.append(f"the {reply['profile']} profile allows every system call this code made")
+            if reply["refused"]:
+                lines.append("\nrefused even in discovery mode (escapes and kernel attack surface, never allowed):")
+                lines.append(render.table(["syscall", "count", "why"],
+                                          [(r["name"], r["count"], r["why"]) for r in reply["refused"]]))
+            if result.get("stderr"):
+                lines.append("\nthe program's stderr (last lines):")
+                lines += ["  " + ln for ln in result["stderr"].decode("utf-8", "replace").splitlines()[-5:]]
+            return "\n".join(lines)
+
+        self.out(reply, human)
+        return EXIT_OK
+
+    def root_why(self) -> int:
+        reply = self.client.call("root_why", module=self.args.module)
+
+        def human() -> str:
+            m = reply["module"]
+            lines = []
+            if reply["found"]:
+                lines.append(f"{m}: in the root at {reply['found']}")
+            else:
+                lines.append(f"{m}: not in the root (searched {', '.join(reply['searched'])})")
+                if reply.get("on_host"):
+                    lines.append(f"  on this host: {reply['on_host']}")
+            exts = reply["extensions"]
+            if exts:
+                libs = {lib for e in exts for lib in e["libraries"]}
+                lines.append(f"  {len(exts)} extension modules; the {len(libs)} libraries they need are "
+                             + ("in the root" if not reply["missing_libraries"] else "in the root, except:"))
+            for obj, names in reply["missing_libraries"].items():
+                lines.append(f"  MISSING: {obj} needs {', '.join(names)}")
+            imp = reply["import"]
+            lines.append(f"import in the jail: {imp['status']}"
+                         + (f" ({imp['stdout'].strip()})" if imp["status"] == "ok" else f": {imp['error']}"))
+            lines += [f"advice: {a}" for a in reply["advice"]]
+            return "\n".join(lines)
+
+        self.out(reply, human)
+        return EXIT_OK if reply.get("importable") else EXIT_RUN_FAILED
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, default=_json_default, indent=2, sort_keys=True))
+class UsageError(Exception):
+    pass
 
 
-def cmd_run(client: Client, args: argparse.Namespace) -> int:
-    if args.code is not None:
-        code = args.code
-    elif args.file and args.file != "-":
-        with open(args.file, encoding="utf-8") as f:
-            code = f.read()
-    else:
-        code = sys.stdin.read()
-    stdin = b""
-    code_from_stdin = args.code is None and (not args.file or args.file == "-")
-    if args.stdin_file:
-        with open(args.stdin_file, "rb") as f:
-            stdin = f.read()
-    elif not code_from_stdin and not sys.stdin.isatty():
-        stdin = sys.stdin.buffer.read()  # the code came from elsewhere: our stdin is the run's
-    files = {}
-    for spec in args.file_input or []:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"sandboxctl: --file expects NAME=PATH, got {spec!r}")
-        with open(path, "rb") as f:
-            files[name] = f.read()
-    options: dict[str, Any] = {"stdin": stdin, "files": files or None, "network": args.network or None,
-                               "timeout_ms": int(args.timeout * 1000) if args.timeout else None,
-                               "memory_mb": args.memory}
-    result = client.run(code, **options)
-    if args.json:
-        _print_json(result)
-    else:
-        sys.stdout.buffer.write(result.get("stdout") or b"")
-        sys.stdout.flush()
-        sys.stderr.buffer.write(result.get("stderr") or b"")
-        sys.stderr.write(verdict_line(result) + "\n")
-    if args.out and result.get("files"):
-        save_files(args.out, result["files"])
+def run_exit(result: dict[str, Any]) -> int:
+    """The exit status of ``sandboxctl run``: the run's own, where it has one."""
     status = result.get("status")
     if status == "ok":
         return EXIT_OK
     if status == "sandbox_error":
         return EXIT_SANDBOX
-    code_ = result.get("exit_code")
-    if status == "exit_nonzero" and isinstance(code_, int):
-        return code_
+    if status == "exit_nonzero" and isinstance(result.get("exit_code"), int):
+        return int(result["exit_code"])
     if result.get("signal"):
         return 128 + int(result["signal"])
     return EXIT_RUN_FAILED
-
-
-def verdict_line(result: dict[str, Any]) -> str:
-    status = result.get("status")
-    parts = [f"sandboxd: {status}"]
-    if result.get("exit_code") is not None:
-        parts.append(f"exit {result['exit_code']}")
-    if result.get("signal_name"):
-        parts.append(str(result["signal_name"]))
-    if result.get("blocked_syscall"):
-        parts.append(f"blocked syscall {result['blocked_syscall']}")
-    if status == "sandbox_error" and result.get("error"):
-        e = result["error"]
-        parts.append(f"step {e.get('step')} errno {e.get('errno')}: {e.get('message')}")
-    if result.get("stdout_truncated"):
-        parts.append("stdout truncated")
-    if result.get("stderr_truncated"):
-        parts.append("stderr truncated")
-    parts.append(f"{result.get('wall_ms', 0):.1f} ms wall, {result.get('cpu_ms', 0):.1f} ms cpu, "
-                 f"{result.get('memory_peak_kb') or 0} KiB peak")
-    parts.append(f"run {result.get('run_id')}")
-    return " | ".join(parts)
 
 
 def save_files(directory: str, files: dict[str, bytes]) -> None:
@@ -113,70 +301,93 @@ def save_files(directory: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         target = os.path.realpath(os.path.join(base, name))
         if not target.startswith(base + os.sep):
-            print(f"sandboxctl: skipping {name!r}: outside {directory}", file=sys.stderr)
+            print(f"sandboxctl: skipping {name!r}: it would land outside {directory}", file=sys.stderr)
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:
             f.write(data)
 
 
-def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    status = client.status()
-    if args.json:
-        _print_json(status)
-        return EXIT_OK
-    root = status.get("root") or {}
-    cap = status.get("capacity") or {}
-    print(f"sandboxd {status['version']}  pid {status['pid']}  up {status['uptime_s']:.0f}s"
-          f"{'  STOPPING' if status.get('stopping') else ''}")
-    print(f"root      {root.get('path')}  ({root.get('files')} files, {root.get('libraries')} libraries, "
-          f"build {root.get('build_id')})")
-    print(f"capacity  {cap.get('running')}/{cap.get('capacity')} running, {cap.get('queued')} queued")
-    print(f"cgroup    {(status.get('cgroup') or {}).get('kind')}")
-    return EXIT_OK
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Administer and use sandboxd.")
-    p.add_argument("--socket", default=None, help="daemon socket (default $SANDBOXD_SOCKET or "
-                   "/run/sandboxd/sandboxd.sock)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run code from a file, -c CODE or stdin")
-    r.add_argument("file", nargs="?", help="file with the code ('-' or nothing: standard input)")
-    r.add_argument("-c", dest="code", help="the code itself")
-    r.add_argument("--stdin-file", help="give this file to the run as its standard input")
-    r.add_argument("--file", dest="file_input", action="append", metavar="NAME=PATH",
-                   help="place PATH in the run's working directory as NAME (repeatable)")
-    r.add_argument("--out", help="save the run's out/ files into this directory")
-    r.add_argument("--timeout", type=float, help="wall-clock limit in seconds")
-    r.add_argument("--memory", type=int, help="memory limit in MiB")
-    r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
-    r.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    r.set_defaults(func=cmd_run)
-    s = sub.add_parser("status", help="daemon health, root, capacity")
-    s.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    s.set_defaults(func=cmd_status)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    p = argparse.ArgumentParser(prog="sandboxctl", parents=[common],
+                                description="Use and administer sandboxd (see sandboxctl(8)).")
+    p.add_argument("--socket", help="daemon socket (default: $SANDBOXD_SOCKET, else /run/sandboxd/sandboxd.sock)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, helptext: str, method: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=helptext, description=helptext)
+        sp.set_defaults(method=method)
+        return sp
+
+    add("status", "health, version, uptime, root, pool, queue and capacity", "status")
+    add("jobs", "runs in flight (admin)", "jobs")
+    add("kill", "kill a run in flight (its owner or an admin)", "kill").add_argument("run_id")
+    u = add("usage", "usage against quota (another user's: admin)", "usage")
+    u.add_argument("user", nargs="?", help="user name or uid (default: you)")
+    u.add_argument("--all", action="store_true", help="every user the daemon has seen (admin)")
+    add("reload", "re-read the daemon's configuration (admin)", "reload")
+    add("check-config", "validate a configuration file without touching the daemon", "check_config").add_argument(
+        "file", nargs="?", help="default /etc/sandboxd/sandboxd.yaml")
+    add("rebuild-root", "rebuild the root from the configured paths (admin)", "rebuild_root").add_argument(
+        "--if-changed", action="store_true", help="reuse the current root when its sources are unchanged")
+    for name, method, helptext in (("run", "run", "run code from a file, -c CODE or standard input"),
+                                   ("syscalls", "syscalls", "which system calls a program needs that the "
+                                    "profile lacks, and the YAML to allow them (admin)")):
+        r = add(name, helptext, method)
+        r.add_argument("file", nargs="?", help="file with the code ('-' or nothing: standard input)")
+        r.add_argument("-c", dest="code", help="the code itself")
+        r.add_argument("--stdin-file", help="give this file to the run as its standard input")
+        r.add_argument("--file", dest="file_input", action="append", metavar="NAME=PATH",
+                       help="place PATH in the run's working directory as NAME (repeatable)")
+        r.add_argument("--env", action="append", metavar="NAME=VALUE", help="set a variable (repeatable)")
+        r.add_argument("--timeout", type=float, help="wall-clock limit, seconds")
+        r.add_argument("--memory", type=int, help="memory limit, MiB")
+        r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
+        if name == "run":
+            r.add_argument("--out", help="save the files the run left in out/ into this directory")
+    root = sub.add_parser("root", help="questions about the root")
+    rsub = root.add_subparsers(dest="root_command", required=True, metavar="QUESTION")
+    why = rsub.add_parser("why", parents=[common], help="can MODULE be imported in the jail, and if not why")
+    why.add_argument("module")
+    why.set_defaults(method="root_why")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    if not hasattr(args, "json"):
+        args.json = False
+    ctl = Ctl(args)
     path = args.socket or default_socket()
     try:
-        client = Client(path)
-    except OSError as e:
-        print(f"sandboxctl: cannot connect to {path}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_CONNECT
-    try:
-        with client:
-            return int(args.func(client, args))
+        return int(getattr(ctl, args.method)())
+    except UsageError as e:
+        print(f"sandboxctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except SandboxdError as e:
-        print(f"sandboxctl: {e.code}: {e.message}", file=sys.stderr)
+        if args.json:
+            print(render.to_json({"ok": False, "error": {"code": e.code, "message": e.message, **e.details}}))
+        else:
+            print(f"sandboxctl: {e.code}: {e.message}", file=sys.stderr)
         return ERROR_EXITS.get(e.code, EXIT_ERROR)
-    except (ConnectionError, OSError) as e:
-        print(f"sandboxctl: connection to {path} failed: {e}", file=sys.stderr)
+    except FileNotFoundError as e:
+        if e.filename and e.filename != path:
+            print(f"sandboxctl: {e.filename}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"sandboxctl: cannot connect to {path}: {e.strerror} (is sandboxd running?)", file=sys.stderr)
         return EXIT_CONNECT
+    except (ConnectionError, PermissionError, OSError) as e:
+        hint = " (are you in the socket's group?)" if isinstance(e, PermissionError) else ""
+        print(f"sandboxctl: cannot talk to {path}: {e}{hint}", file=sys.stderr)
+        return EXIT_CONNECT
+    finally:
+        if ctl._client is not None:
+            ctl._client.close()
 
 
 if __name__ == "__main__":

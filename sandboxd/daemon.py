@@ -26,6 +26,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__, errors, handlers, quota
@@ -105,8 +106,9 @@ class Daemon:
         self.last_reload: dict[str, Any] | None = None
 
     # -- identity and policy --------------------------------------------------------------
-    async def _dispatch(self, cred: PeerCred, req: dict[str, Any]) -> dict[str, Any]:
-        return await handlers.dispatch(self, identify(cred), req)
+    async def _dispatch(self, cred: PeerCred, req: dict[str, Any],
+                        progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        return await handlers.dispatch(self, handlers.Call(identify(cred), req, progress))
 
     def is_admin(self, who: Identity) -> bool:
         return who.uid == 0 or who.in_group(self.config.daemon.admin_group)

@@ -4,11 +4,11 @@
     run            anyone      run code (quota applies)
     status         anyone      health, root, capacity, your usage (admins: everyone's)
     usage          anyone      usage against quota; another user's needs admin
+    kill           owner/admin kill a run by id
     root_why       anyone      can MODULE be imported in the root, and if not why
     jobs           admin       runs in flight and queued
-    kill           admin      kill a run by id (its owner may too)
     reload         admin       re-read the config file
-    rebuild_root   admin       rebuild the root from the config's paths
+    rebuild_root   admin       rebuild the root from the config's paths (progress frames)
     syscalls       admin       run code in discovery mode: which syscalls the profile lacks
 """
 
@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, errors, plan, protocol, quota
+from . import __version__, errors, plan, protocol, quota, rootwhy
 from .errors import RequestError
+from .jail.profiles import NEVER_ALLOW
 from .peer import Identity
 
 if TYPE_CHECKING:
@@ -28,30 +30,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sandboxd.run")
 OPEN, ADMIN = "open", "admin"
-Handler = Callable[["Daemon", Identity, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-async def op_hello(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class Call:
+    """One request being handled: who asked, what, and a way to send interim progress frames."""
+
+    who: Identity
+    req: dict[str, Any]
+    progress: Callable[[dict[str, Any]], None]
+
+    @property
+    def id(self) -> Any:
+        return self.req.get("id")
+
+
+Handler = Callable[["Daemon", Call], Awaitable[dict[str, Any]]]
+
+
+async def op_hello(app: Daemon, call: Call) -> dict[str, Any]:
+    who = call.who
     limits = app.limits_for(who)
-    return protocol.ok(req.get("id"), server="sandboxd", version=__version__, protocol=protocol.PROTOCOL_VERSION,
+    return protocol.ok(call.id, server="sandboxd", version=__version__, protocol=protocol.PROTOCOL_VERSION,
                        uid=who.uid, user=who.name, admin=app.is_admin(who), quota=quota.limits_dict(limits))
 
 
-async def op_run(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
-    result = await execute(app, who, req, discover=False)
-    return protocol.ok(req.get("id"), result=result)
+async def op_run(app: Daemon, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, result=await execute(app, call.who, call.req))
 
 
-async def execute(app: Daemon, who: Identity, req: dict[str, Any], discover: bool) -> dict[str, Any]:
+async def execute(app: Daemon, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]:
     """Admit and run one request; the result record plus run_id."""
     app.check_available()
     limits = app.limits_for(who)
     run_id = app.jail.new_run_id()
     run_plan = plan.build(req, limits, app.config, run_id)
     if discover:
-        import dataclasses
-
-        run_plan = dataclasses.replace(run_plan, discover=True)
+        run_plan = replace(run_plan, discover=True)
     await app.admission.admit(who.uid, limits)
     started = time.time()
     app.usage.started(run_id, who.uid, started)
@@ -74,11 +89,12 @@ async def execute(app: Daemon, who: Identity, req: dict[str, Any], discover: boo
     return record
 
 
-async def op_status(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
-    return protocol.ok(req.get("id"), **app.status(who))
+async def op_status(app: Daemon, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, **app.status(call.who))
 
 
-async def op_usage(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
+async def op_usage(app: Daemon, call: Call) -> dict[str, Any]:
+    who, req = call.who, call.req
     target = req.get("uid", req.get("user"))
     now = time.time()
     if target is None:
@@ -97,10 +113,10 @@ async def op_usage(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str,
             "running": app.admission.running_by_uid.get(uid, 0), "queued": app.admission.queued_by_uid.get(uid, 0),
             "quota": quota.limits_dict(limits) if limits else None,
         })
-    return protocol.ok(req.get("id"), users=entries)
+    return protocol.ok(call.id, users=entries)
 
 
-async def op_jobs(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
+async def op_jobs(app: Daemon, call: Call) -> dict[str, Any]:
     now = time.monotonic()
     jobs = []
     for run_id, worker in list(app.jail.running.items()):
@@ -111,31 +127,86 @@ async def op_jobs(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, 
             "timeout_ms": p.timeout_ms if p else None, "memory_mb": (p.memory_bytes >> 20) if p else None,
             "network": p.network if p else None, "language": p.language if p else None,
         })
-    return protocol.ok(req.get("id"), jobs=jobs, queued=len(app.admission.queue))
+    return protocol.ok(call.id, jobs=jobs, queued=len(app.admission.queue))
 
 
-async def op_kill(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
-    run_id = req.get("run_id")
+async def op_kill(app: Daemon, call: Call) -> dict[str, Any]:
+    run_id = call.req.get("run_id")
     if not isinstance(run_id, str):
         raise errors.bad_request("run_id", "required, a string")
     worker = app.jail.running.get(run_id)
     if worker is None:
         raise RequestError(errors.NOT_FOUND, f"no run {run_id} is in flight", run_id=run_id)
-    if worker.caller_uid != who.uid and not app.is_admin(who):
+    if worker.caller_uid != call.who.uid and not app.is_admin(call.who):
         raise errors.forbidden("only the run's owner or an admin may kill it")
     app.jail.kill_run(run_id)
-    log.warning("run %s killed by uid %d", run_id, who.uid)
-    return protocol.ok(req.get("id"), killed=run_id)
+    log.warning("run %s killed by uid %d", run_id, call.who.uid)
+    return protocol.ok(call.id, killed=run_id)
 
 
-async def op_reload(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
+async def op_reload(app: Daemon, call: Call) -> dict[str, Any]:
     changes = await app.reload()
-    return protocol.ok(req.get("id"), reloaded=True, changes=changes)
+    return protocol.ok(call.id, reloaded=True, changes=changes)
 
 
-async def op_rebuild_root(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
-    info = await app.jail.rebuild_root(force=bool(req.get("force", True)))
-    return protocol.ok(req.get("id"), root=info.summary())
+async def op_rebuild_root(app: Daemon, call: Call) -> dict[str, Any]:
+    """Rebuild from the configured paths; with ``progress: true`` interim frames report the stages."""
+    want = bool(call.req.get("progress"))
+
+    def progress(stage: str, info: dict[str, Any]) -> None:
+        if want:
+            call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
+
+    info = await app.jail.rebuild_root(force=bool(call.req.get("force", True)), progress=progress)
+    log.warning("root rebuilt by uid %d: %s", call.who.uid, info.build_id)
+    return protocol.ok(call.id, root=info.summary())
+
+
+async def op_syscalls(app: Daemon, call: Call) -> dict[str, Any]:
+    """Run the code once with calls outside the profile recorded and let through (except the
+    never-allowed ones, refused as always), inside the same confinement otherwise."""
+    result = await execute(app, call.who, call.req, discover=True)
+    profile = str(call.req.get("language", "python3"))
+    seen = result.get("discovery") or {}
+    missing = sorted(seen.get("allowed", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    refused = sorted(seen.get("refused", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    names = [name for name, _ in missing]
+    yaml_snippet = "" if not names else (
+        f"profiles:\n  {profile}:\n    allow: [{', '.join(sorted(names))}]\n")
+    return protocol.ok(call.id, result=result, profile=profile,
+                       missing=[{"name": n, "count": c} for n, c in missing],
+                       refused=[{"name": n, "count": c, "why": "never allowed" if n in NEVER_ALLOW else
+                                 "not a native system call"} for n, c in refused],
+                       yaml=yaml_snippet)
+
+
+async def op_root_why(app: Daemon, call: Call) -> dict[str, Any]:
+    module = call.req.get("module")
+    if not isinstance(module, str) or not module or not all(p.isidentifier() for p in module.split(".")):
+        raise errors.bad_request("module", "required, a dotted module name like numpy.linalg")
+    root = app.jail.root
+    run_path = list(app.jail.forkserver_info.get("run_path") or [])
+    if root is None:
+        raise RequestError(errors.UNAVAILABLE, "the root is not built yet")
+    report = rootwhy.explain(module, root.path, run_path)
+    probe = {"code": f"import importlib\nm = importlib.import_module({module!r})\nprint(getattr(m, '__file__', m))",
+             "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
+    result = await execute(app, call.who, probe)
+    report["import"] = {"status": result["status"], "stdout": result["stdout"].decode("utf-8", "replace"),
+                        "error": _last_line(result["stderr"]), "run_id": result["run_id"]}
+    if result["status"] == "ok":
+        report["importable"] = True
+    else:
+        report["importable"] = False
+        if result.get("blocked_syscall"):
+            report["advice"].append(f"importing it needs the system call {result['blocked_syscall']}: "
+                                    "sandboxctl syscalls shows what to add to the profile")
+    return protocol.ok(call.id, **report)
+
+
+def _last_line(data: bytes) -> str:
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 HANDLERS: dict[str, tuple[str, Handler]] = {
@@ -143,21 +214,23 @@ HANDLERS: dict[str, tuple[str, Handler]] = {
     "run": (OPEN, op_run),
     "status": (OPEN, op_status),
     "usage": (OPEN, op_usage),
-    "jobs": (ADMIN, op_jobs),
     "kill": (OPEN, op_kill),
+    "root_why": (OPEN, op_root_why),
+    "jobs": (ADMIN, op_jobs),
     "reload": (ADMIN, op_reload),
     "rebuild_root": (ADMIN, op_rebuild_root),
+    "syscalls": (ADMIN, op_syscalls),
 }
 
 
-async def dispatch(app: Daemon, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
-    op = req.get("op")
+async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
+    op = call.req.get("op")
     if not isinstance(op, str):
         raise errors.bad_request("op", "required, a string naming the operation", known=sorted(HANDLERS))
     entry = HANDLERS.get(op)
     if entry is None:
         raise RequestError(errors.UNKNOWN_OP, f"unknown operation {op!r}", known=sorted(HANDLERS))
     access, handler = entry
-    if access == ADMIN and not app.is_admin(who):
+    if access == ADMIN and not app.is_admin(call.who):
         raise errors.forbidden(f"{op} is for root and members of the admin group")
-    return await handler(app, who, req)
+    return await handler(app, call)

@@ -78,7 +78,7 @@ class Admission:
     def check_budget(self, uid: int, limits: QuotaLimits) -> None:
         now = time.time()
         if limits.runs_per_minute:
-            count, frees = self.usage.runs_last_minute(uid, now)
+            count, frees = self.usage.runs_last_minute(uid, now, limits.runs_per_minute)
             if count >= limits.runs_per_minute:
                 raise RequestError(errors.QUOTA_EXCEEDED,
                                    f"{count} runs in the last minute; the limit is {limits.runs_per_minute}",

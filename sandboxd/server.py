@@ -25,7 +25,8 @@ from .peer import PeerCred, peer_credentials
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[PeerCred, dict[str, Any]], Awaitable[dict[str, Any]]]
+Progress = Callable[[dict[str, Any]], None]
+Dispatch = Callable[[PeerCred, dict[str, Any], Progress], Awaitable[dict[str, Any]]]
 
 
 class ByteBudget:
@@ -204,8 +205,14 @@ class Connection:
 
     async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         rid = request.get("id")
+
+        def progress(info: dict[str, Any]) -> None:
+            """An interim frame for this request: ``{"id": ..., "progress": {...}}`` (no "ok")."""
+            if not self.writer.is_closing():
+                self.writer.write(protocol.encode({"id": rid, "progress": info}))
+
         try:
-            return await self.server.dispatch(self.cred, request)
+            return await self.server.dispatch(self.cred, request, progress)
         except RequestError as e:
             return protocol.error(rid, e.code, e.message, **e.details)
         except asyncio.CancelledError:

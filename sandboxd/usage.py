@@ -1,9 +1,10 @@
 """Per-uid usage that survives a restart: runs started and CPU used, in sqlite.
 
 The rolling windows that quotas check (runs in the last minute, CPU in the last hour)
-live in memory and are rebuilt from the database at start.  A run is written when it
-is admitted and updated when it ends; runs still marked running at start belonged to
-a daemon that died and are marked ``lost``.  If the database cannot be written (disk
+live in memory, in buckets, and are rebuilt at start from per-minute rows.  A run is
+recorded as in flight when it is admitted and removed when it ends, so runs still in
+flight at start belonged to a daemon that died: they count as ``lost``.  The database
+stays small whatever the rate (one row per uid and minute for an hour).  If the database cannot be written (disk
 full, read-only) the daemon keeps counting in memory, logs the error once and says
 so in ``status``.
 """
@@ -20,28 +21,63 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 WINDOW = 3600.0
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, uid INTEGER NOT NULL, started REAL NOT NULL,
-    finished REAL, cpu_ms REAL NOT NULL DEFAULT 0, status TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS runs_started ON runs(started);
+CREATE TABLE IF NOT EXISTS inflight (
+    run_id TEXT PRIMARY KEY, uid INTEGER NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS minutes (
+    uid INTEGER NOT NULL, minute INTEGER NOT NULL, runs INTEGER NOT NULL DEFAULT 0,
+    cpu_ms REAL NOT NULL DEFAULT 0, PRIMARY KEY (uid, minute));
 CREATE TABLE IF NOT EXISTS totals (
-    uid INTEGER PRIMARY KEY, runs INTEGER NOT NULL, cpu_ms REAL NOT NULL, last_run REAL);
+    uid INTEGER PRIMARY KEY, runs INTEGER NOT NULL, cpu_ms REAL NOT NULL, last_run REAL,
+    lost INTEGER NOT NULL DEFAULT 0);
 """
+
+
+class Window:
+    """Amounts over the last ``span`` seconds, in buckets of ``resolution`` seconds.
+
+    Memory is bounded by span/resolution whatever the rate: a per-run list held for an hour
+    would grow by hundreds of thousands of entries under load.
+    """
+
+    def __init__(self, span: float, resolution: float) -> None:
+        self.span, self.resolution = span, resolution
+        self.buckets: collections.deque[list[float]] = collections.deque()  # [start, amount]
+
+    def add(self, ts: float, amount: float = 1.0) -> None:
+        start = ts - ts % self.resolution
+        if self.buckets and self.buckets[-1][0] >= start:
+            self.buckets[-1][1] += amount  # same bucket (or a late arrival: counted as now)
+        else:
+            self.buckets.append([start, amount])
+            self.prune(ts)
+
+    def prune(self, now: float) -> None:
+        while self.buckets and self.buckets[0][0] + self.resolution <= now - self.span:
+            self.buckets.popleft()
+
+    def total(self, now: float) -> float:
+        self.prune(now)
+        return sum(b[1] for b in self.buckets)
+
+    def below_at(self, limit: float, now: float) -> float:
+        """When the total will have dropped below ``limit`` (now if it already has)."""
+        total = self.total(now)
+        for start, amount in self.buckets:
+            if total < limit:
+                break
+            total -= amount
+            if total < limit:
+                return start + self.resolution + self.span
+        return now
 
 
 @dataclass
 class UidUsage:
-    starts: collections.deque[float] = field(default_factory=collections.deque)
-    cpu: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+    starts: Window = field(default_factory=lambda: Window(60.0, 1.0))
+    cpu: Window = field(default_factory=lambda: Window(WINDOW, 60.0))
     runs_total: int = 0
     cpu_ms_total: float = 0.0
     last_run: float | None = None
-
-    def prune(self, now: float) -> None:
-        while self.starts and self.starts[0] < now - 60:
-            self.starts.popleft()
-        while self.cpu and self.cpu[0][0] < now - WINDOW:
-            self.cpu.popleft()
 
 
 class UsageStore:
@@ -62,15 +98,21 @@ class UsageStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
             now = time.time()
-            cur = db.execute("UPDATE runs SET status='lost', finished=? WHERE status='running'", (now,))
-            self.lost_at_start = cur.rowcount
-            db.execute("DELETE FROM runs WHERE started < ?", (now - WINDOW,))
-            for uid, started, finished, cpu in db.execute(
-                    "SELECT uid, started, finished, cpu_ms FROM runs ORDER BY started"):
+            with db:  # runs still in flight belonged to a daemon that died: count them as lost
+                db.execute("BEGIN")
+                for (uid,) in db.execute("SELECT uid FROM inflight").fetchall():
+                    db.execute("UPDATE totals SET lost = lost + 1 WHERE uid=?", (uid,))
+                    self.lost_at_start += 1
+                db.execute("DELETE FROM inflight")
+                db.execute("DELETE FROM minutes WHERE minute < ?", (int((now - WINDOW) // 60),))
+            for uid, minute, runs, cpu in db.execute(
+                    "SELECT uid, minute, runs, cpu_ms FROM minutes ORDER BY minute"):
                 u = self.uids[uid]
-                u.starts.append(started)
+                if minute * 60 >= now - 120:
+                    # Minute resolution across a restart: count them at the minute's end (strict).
+                    u.starts.add(min(now, minute * 60 + 59.0), runs)
                 if cpu:
-                    u.cpu.append((finished or started, cpu))
+                    u.cpu.add(minute * 60, cpu)
             for uid, runs, cpu, last in db.execute("SELECT uid, runs, cpu_ms, last_run FROM totals"):
                 u = self.uids[uid]
                 u.runs_total, u.cpu_ms_total, u.last_run = runs, cpu, last
@@ -96,58 +138,52 @@ class UsageStore:
             self._failed(e)
 
     # -- windows ------------------------------------------------------------------------
-    def runs_last_minute(self, uid: int, now: float) -> tuple[int, float]:
-        """(runs started in the last 60 s, when the oldest of them leaves the window)."""
-        u = self.uids[uid]
-        u.prune(now)
-        return len(u.starts), (u.starts[0] + 60 if u.starts else now)
+    def runs_last_minute(self, uid: int, now: float, limit: int) -> tuple[int, float]:
+        """(runs started in the last minute, when fewer than ``limit`` will remain)."""
+        starts = self.uids[uid].starts
+        return int(starts.total(now)), starts.below_at(limit, now)
 
     def cpu_last_hour(self, uid: int, now: float) -> float:
-        u = self.uids[uid]
-        u.prune(now)
-        return sum(c for _, c in u.cpu)
+        return self.uids[uid].cpu.total(now)
 
     def cpu_frees_at(self, uid: int, budget_ms: float, now: float) -> float:
         """When enough CPU leaves the hour window for usage to drop below ``budget_ms``."""
-        u = self.uids[uid]
-        total = sum(c for _, c in u.cpu)
-        for ts, c in u.cpu:
-            total -= c
-            if total < budget_ms:
-                return ts + WINDOW
-        return now
+        return self.uids[uid].cpu.below_at(budget_ms, now)
 
     # -- events ---------------------------------------------------------------------------
     def started(self, run_id: str, uid: int, now: float) -> None:
         u = self.uids[uid]
-        u.starts.append(now)
+        u.starts.add(now)
         u.runs_total += 1
         u.last_run = now
         self._write(
-            ("INSERT OR REPLACE INTO runs(run_id, uid, started, status) VALUES (?, ?, ?, 'running')",
-             (run_id, uid, now)),
+            ("INSERT OR REPLACE INTO inflight(run_id, uid, started) VALUES (?, ?, ?)", (run_id, uid, now)),
+            ("INSERT INTO minutes(uid, minute, runs) VALUES (?, ?, 1) "
+             "ON CONFLICT(uid, minute) DO UPDATE SET runs = runs + 1", (uid, int(now // 60))),
             ("INSERT INTO totals(uid, runs, cpu_ms, last_run) VALUES (?, 1, 0, ?) "
              "ON CONFLICT(uid) DO UPDATE SET runs = runs + 1, last_run = excluded.last_run", (uid, now)))
 
     def finished(self, run_id: str, uid: int, cpu_ms: float, status: str, now: float) -> None:
         u = self.uids[uid]
         if cpu_ms:
-            u.cpu.append((now, cpu_ms))
+            u.cpu.add(now, cpu_ms)
         u.cpu_ms_total += cpu_ms
-        self._write(("UPDATE runs SET finished=?, cpu_ms=?, status=? WHERE run_id=?", (now, cpu_ms, status, run_id)),
+        self._write(("DELETE FROM inflight WHERE run_id=?", (run_id,)),
+                    ("INSERT INTO minutes(uid, minute, cpu_ms) VALUES (?, ?, ?) "
+                     "ON CONFLICT(uid, minute) DO UPDATE SET cpu_ms = cpu_ms + excluded.cpu_ms",
+                     (uid, int(now // 60), cpu_ms)),
                     ("UPDATE totals SET cpu_ms = cpu_ms + ? WHERE uid=?", (cpu_ms, uid)))
 
     def prune(self, now: float) -> None:
-        self._write(("DELETE FROM runs WHERE started < ?", (now - WINDOW,)))
+        self._write(("DELETE FROM minutes WHERE minute < ?", (int((now - WINDOW) // 60),)))
 
     def snapshot(self, uid: int, now: float) -> dict[str, object]:
         u = self.uids[uid]
-        u.prune(now)
         return {
             "runs_total": u.runs_total,
             "cpu_ms_total": round(u.cpu_ms_total, 3),
-            "runs_last_minute": len(u.starts),
-            "cpu_ms_last_hour": round(sum(c for _, c in u.cpu), 3),
+            "runs_last_minute": int(u.starts.total(now)),
+            "cpu_ms_last_hour": round(u.cpu.total(now), 3),
             "last_run": u.last_run,
         }
 

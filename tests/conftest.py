@@ -1,4 +1,4 @@
-"""Test harness: a real sandboxd on a temporary socket, and real test users.
+"""Test fixtures: real daemons on temporary sockets, and real test users.
 
 Everything here runs as root against the real kernel features.  A test that needs
 something this host lacks is skipped with the reason, unless SANDBOXD_MUST_WORK=1
@@ -8,45 +8,22 @@ something this host lacks is skipped with the reason, unless SANDBOXD_MUST_WORK=
 from __future__ import annotations
 
 import base64
-import copy
 import grp
 import json
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
+from harness import HERE, DaemonProcess, daemon_dir
 
-from sandboxd.client import Client
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
-UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never share them
-TEST_UID_RANGE = (870000, UID_BLOCK * 128)
-CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
 USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
 GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
-
-BASE_CONFIG: dict[str, Any] = {
-    "daemon": {"socket_group": "sbx-clients", "admin_group": "sbx-admins", "workers": 8, "queue": 64,
-               "shutdown_grace": "5s", "log_level": "info"},
-    "jail": {"run_uids": f"{TEST_UID_RANGE[0]}-{TEST_UID_RANGE[0] + TEST_UID_RANGE[1] - 1}",
-             "cgroup_parent": CGROUP_PARENT},
-    "pool": {"min": 1, "max": 4},
-    "quotas": {"default": {"concurrent": 16, "queued": 64, "runs_per_minute": 1000000,
-                           "cpu_seconds_per_hour": 1000000, "max_output": "16M", "max_timeout": "30s",
-                           "max_memory": "1G", "max_files_size": "16M", "network": True}},
-}
 
 
 def require(condition: bool, reason: str) -> None:
@@ -60,117 +37,6 @@ def require(condition: bool, reason: str) -> None:
 
 def require_root() -> None:
     require(os.geteuid() == 0, "needs root (namespaces, mounts, cgroups, setuid)")
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-class DaemonProcess:
-    """A sandboxd started in the foreground, ready when it sends READY=1."""
-
-    count = 0
-
-    def __init__(self, workdir: str, overrides: dict[str, Any] | None = None) -> None:
-        self.dir = workdir
-        self.socket = os.path.join(workdir, "sandboxd.sock")
-        self.state_dir = os.path.join(workdir, "state")
-        self.config_path = os.path.join(workdir, "sandboxd.yaml")
-        self.log_path = os.path.join(workdir, "daemon.log")
-        self.notify_path = os.path.join(workdir, "notify.sock")
-        DaemonProcess.count += 1  # each daemon its own cgroup parent, as two daemons must never share one
-        first = TEST_UID_RANGE[0] + UID_BLOCK * (DaemonProcess.count % 128)
-        self.uid_range = (first, UID_BLOCK)
-        own = {"jail": {"cgroup_parent": f"{CGROUP_PARENT}-{DaemonProcess.count}",
-                        "run_uids": f"{first}-{first + UID_BLOCK - 1}"}}
-        self.config = merge(merge(BASE_CONFIG, own), overrides or {})
-        self.write_config(self.config)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify: socket.socket | None = None
-        self.messages: list[str] = []
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        self.config = config
-        with open(self.config_path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f)
-
-    def start(self, timeout: float = 60.0) -> DaemonProcess:
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if os.path.exists(self.notify_path):
-            os.unlink(self.notify_path)
-        self.notify.bind(self.notify_path)
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
-                 "--socket", self.socket, "--state-dir", self.state_dir],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        if not self.wait_for("READY=1", timeout):
-            self.kill()
-            raise RuntimeError(f"sandboxd did not become ready:\n{self.log()}")
-        return self
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        assert self.notify is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.notify.settimeout(0.2)
-            try:
-                msg = self.notify.recv(4096).decode()
-            except TimeoutError:
-                if self.proc is not None and self.proc.poll() is not None:
-                    return False  # exited, and every message it sent has been read
-                continue
-            self.messages.append(msg)
-            if text in msg.split("\n"):
-                return True
-        return False
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def client(self, timeout: float | None = 120) -> Client:
-        return Client(self.socket, timeout=timeout)
-
-    def run(self, code: str, **options: Any) -> dict[str, Any]:
-        with self.client() as c:
-            return c.run(code, **options)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            if self.notify is not None:
-                self.notify.close()
 
 
 @pytest.fixture(scope="session")
@@ -227,13 +93,6 @@ def b64(data: bytes) -> dict[str, str]:
 
 def unb64(obj: Any) -> bytes:
     return base64.b64decode(obj["b64"])
-
-
-def daemon_dir() -> str:
-    """A work directory other users can traverse (pytest's own tmp dirs are 0700)."""
-    path = tempfile.mkdtemp(prefix="sandboxd-test-")
-    os.chmod(path, 0o755)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from conftest import CGROUP_PARENT, DaemonProcess
+from harness import CGROUP_PARENT, DaemonProcess
 from test_threats import run_uid_processes
 
 BOMBS = [

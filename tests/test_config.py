@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from harness import REPO
 
 from sandboxd import settings_doc
 from sandboxd.config import ConfigError, load, parse

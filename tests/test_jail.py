@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import DaemonProcess
+from harness import DaemonProcess
 
 
 def run(daemon: DaemonProcess, code: str, **kw: Any) -> dict[str, Any]:

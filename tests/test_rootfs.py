@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require_root
+from conftest import require_root
+from harness import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

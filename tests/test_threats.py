@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import TEST_UID_RANGE, DaemonProcess, require
+from conftest import require
+from harness import TEST_UID_RANGE, DaemonProcess
 
 CTYPES = "import ctypes, ctypes.util, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
@@ -585,7 +586,8 @@ def test_22_failed_setup_step_fails_closed(tmp_path: Any) -> None:
     """A worker whose setup cannot complete reports sandbox_error and never runs the code."""
     import asyncio
 
-    from conftest import CGROUP_PARENT, require_root
+    from conftest import require_root
+    from harness import CGROUP_PARENT
 
     from sandboxd.config import parse
     from sandboxd.daemon import jail_settings

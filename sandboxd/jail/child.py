@@ -114,9 +114,7 @@ def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) ->
         except StepFailure as f:
             write_frame(FD_STATUS, {"t": "setup_error", "step": f.step, "errno": f.errno, "message": f.message})
             os._exit(EXIT_SETUP)
-        from .supervisor import supervise
-
-        supervise(spec, state, runner_pid, handoff, listener, timings)
+        supervisor.supervise(spec, state, runner_pid, handoff, listener, timings)
     except BaseException as e:  # noqa: BLE001 - last resort: report, never fall back
         try:
             write_frame(FD_STATUS, {"t": "setup_error", "step": "supervisor", "errno": 0,
@@ -218,8 +216,6 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         if libc.prctl(libc.PR_GET_NO_NEW_PRIVS) != 1:
             raise OSError(1, "no_new_privs did not stick")
 
-    from .runtime import prepare, serve_one
-
     listener = -1
 
     def load_seccomp() -> None:
@@ -233,7 +229,7 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
             ("fds", lambda: remap_fds([FD_CTRL, sock_fd], R_FD_CTRL)),
             ("session", lambda: _setsid()),
             ("no_new_privs", no_new_privs),
-            ("prepare", lambda: prepare(state)),  # trusted interpreter housekeeping, no user input
+            ("prepare", lambda: runtime.prepare(state)),  # trusted interpreter housekeeping, no user input
             ("seccomp", load_seccomp),  # last
         ])
         # Hand the listener to the supervisor; it answers refused calls from here on.
@@ -245,8 +241,14 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         step = f.step if isinstance(f, StepFailure) else "listener"
         handoff.write(Handoff.SETUP, step, getattr(f, "errno", 0) or 0, message=str(f))
         os._exit(EXIT_SETUP)
-    serve_one(handoff, killed_when_done=bool(spec.cgroup_procs))
+    runtime.serve_one(handoff, killed_when_done=bool(spec.cgroup_procs))
 
 
 def _setsid() -> None:
     os.setsid()
+
+
+# At the end: these two import names from this module.  Workers reach them as module
+# attributes, never through an import statement: the fork server drops the daemon's
+# modules from sys.modules, and inside the root there is nothing to import them from.
+from . import runtime, supervisor  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from . import libc, mounts, runtime, supervisor  # noqa: F401 - imported before any fork: the root has no sandboxd
+from . import libc, mounts
 from . import seccomp as sc
 from .child import ServerState, supervisor_main
 from .spec import WorkerSpec
@@ -71,6 +71,7 @@ class ForkServer:
             foreign_modules=foreign_modules(run_path),
             base_env=dict(init["env"]),
         )
+        forget_foreign_modules(self.state.foreign_modules)
         gc.collect()
         gc.freeze()  # no copy-on-write faults from the first collection in every worker
         return {
@@ -266,6 +267,15 @@ def foreign_modules(run_path: tuple[str, ...]) -> tuple[str, ...]:
         if name == "__main__" or (path and not path.startswith(roots)):
             out.append(name)
     return tuple(out)
+
+
+def forget_foreign_modules(names: tuple[str, ...]) -> None:
+    """Drop the daemon's own modules from sys.modules, once, here rather than in every
+    runner: user code then cannot ``import sandboxd`` or msgpack from memory (the root does
+    not hold them).  Code already loaded keeps its references; nothing the server or a
+    worker runs later imports them by name again (see child.py)."""
+    for name in names:
+        sys.modules.pop(name, None)
 
 
 def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,9 +306,40 @@ class Jail:
         worker.kill("killed")
         return True
 
-    async def rebuild_root(self, force: bool = False) -> rootfs.RootInfo:
+    async def build_root(self, settings: JailSettings, force: bool = False,
+                         progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
+        """Build (or reuse) the root in a child process, so this loop keeps serving meanwhile."""
+        spec = settings.root_spec()
+        os.makedirs(self.root_base, mode=0o755, exist_ok=True)
+        spec_file = os.path.join(self.root_base, f".spec-{os.getpid()}.json")
+        with open(spec_file, "w", encoding="utf-8") as f:
+            json.dump({"paths": list(spec.paths), "exclude": list(spec.exclude), "required": list(spec.required),
+                       "generated": {k: v.decode("latin-1") for k, v in spec.generated.items()}}, f)
+        argv = [sys.executable, "-m", "sandboxd.jail.rootfs", spec_file, self.root_base]
+        if force:
+            argv.append("--force")
+        last: dict[str, Any] = {}
+        try:
+            async for line in _child_lines(argv):
+                try:
+                    last = json.loads(line)
+                except ValueError:
+                    continue
+                if progress is not None and last.get("stage") not in ("done", "error"):
+                    progress(str(last.get("stage")), last)
+        finally:
+            os.unlink(spec_file)
+        if last.get("stage") != "done":
+            raise rootfs.RootError(str(last.get("message", "the root builder failed without a report")))
+        r = last["root"]
+        return rootfs.RootInfo(path=r["path"], build_id=r["build_id"], reused=r["reused"], seconds=r["seconds"],
+                               files=r["files"], bytes=r["bytes"], linked=r["linked"], copied=r["copied"],
+                               libraries=r["libraries"], missing_libraries=r["missing_libraries"],
+                               warnings=r["warnings"])
+
+    async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
         assert self.forkserver is not None and self.pool is not None
-        info = rootfs.ensure_root(self.settings.root_spec(), self.root_base, force=force)
+        info = await self.build_root(self.settings, force=force, progress=progress)
         if self.root is None or info.path != self.root.path:
             reply, _ = await self.forkserver.call({"op": "template", "root": info.path})
             if not reply.get("ok"):
@@ -345,7 +379,7 @@ class Jail:
         self.pool.resize(new.pool_min, new.pool_max)
         previous_root = self.root
         if root_changed:
-            self.root = rootfs.ensure_root(new.root_spec(), self.root_base)
+            self.root = await self.build_root(new)
             changes.append(f"root rebuilt ({self.root.build_id})")
         if server_changed:
             old_server = self.forkserver
@@ -404,3 +438,42 @@ class Jail:
             "fork_server": {k: self.forkserver_info.get(k) for k in ("preloaded", "preload_errors", "run_path",
                                                                       "vsz_kb", "filters")},
         }
+
+
+async def _child_lines(argv: list[str]) -> AsyncIterator[str]:
+    """Run ``argv`` and yield its output lines, without threads (asyncio's own subprocess
+    support waits for children from a thread in Python 3.11; this daemon has one thread)."""
+    loop = asyncio.get_running_loop()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        queue.put_nowait(chunk)
+        if not chunk:
+            loop.remove_reader(fd)
+
+    loop.add_reader(fd, readable)
+    buf = b""
+    try:
+        while True:
+            chunk = await queue.get()
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+    finally:
+        loop.remove_reader(fd)
+        proc.stdout.close()
+        if proc.poll() is None:
+            proc.kill()
+        while proc.poll() is None:  # it closed its output: its exit is a moment away
+            await asyncio.sleep(0.005)

@@ -20,6 +20,7 @@ from .worker import Worker, WorkerFailed
 log = logging.getLogger(__name__)
 DECAY_SECONDS = 30.0
 REFILL_DELAY = 0.002  # seconds after a run ends before its pool is topped up
+FAILURES_BEFORE_GIVING_UP = 3  # consecutive worker setup failures before waiting requests get the error
 
 
 class Pool:
@@ -33,6 +34,8 @@ class Pool:
         self.keys = list(keys)
         self.ready: dict[str, collections.deque[Worker]] = {k: collections.deque() for k in self.keys}
         self.starting: dict[str, int] = {k: 0 for k in self.keys}
+        self.waiters: dict[str, collections.deque[asyncio.Future[Worker]]] = {
+            k: collections.deque() for k in self.keys}
         self.target: dict[str, int] = {k: minimum for k in self.keys}
         self.last_miss: dict[str, float] = {k: 0.0 for k in self.keys}
         self.hits = 0
@@ -47,8 +50,9 @@ class Pool:
             self._refill(key)
         self._decay = asyncio.get_running_loop().create_task(self._decay_loop())
 
-    async def acquire(self, key: str) -> Worker:
-        """A ready worker.  While the pool has others left its refill waits for ``done``
+    async def acquire(self, key: str, timeout: float = 60.0) -> Worker:
+        """A ready worker: a pooled one, else the next one to become ready (first come,
+        first served).  While the pool has others left its refill waits for ``done``
         (after the run), so making workers stays off the run's critical path."""
         queue = self.ready[key]
         while queue:
@@ -62,14 +66,17 @@ class Pool:
         self.misses += 1
         self.last_miss[key] = time.monotonic()
         self.target[key] = min(self.maximum, self.target[key] + 1)
+        waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        self.waiters[key].append(waiter)
         self._refill(key)
-        worker = await self.make(key, True)  # a request is waiting for this one: full CPU weight
         try:
-            await worker.ready
-        except WorkerFailed:
-            self.retire(worker)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._deliver(key, waiter.result())  # handed over as we gave up: pass it on
+            else:
+                waiter.cancel()
             raise
-        return worker
 
     def done(self, key: str) -> None:
         """A run on a worker of ``key`` finished: top the pool up, once its response is out
@@ -79,37 +86,63 @@ class Pool:
     def _refill(self, key: str) -> None:
         if self.closed:
             return
-        missing = self.target[key] - len(self.ready[key]) - self.starting[key]
+        waiting = sum(1 for w in self.waiters[key] if not w.done())
+        missing = self.target[key] + waiting - len(self.ready[key]) - self.starting[key]
         for _ in range(max(0, missing)):
             self.starting[key] += 1
-            task = asyncio.get_running_loop().create_task(self._grow(key))
+            task = asyncio.get_running_loop().create_task(self._grow(key, urgent=waiting > 0))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _grow(self, key: str) -> None:
+    def _deliver(self, key: str, worker: Worker) -> None:
+        """Hand a ready worker to the oldest waiting request, or keep it."""
+        waiters = self.waiters[key]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self.ready[key].append(worker)
+
+    async def _grow(self, key: str, urgent: bool) -> None:
         generation = self.generation
         worker: Worker | None = None
         try:
-            worker = await self.make(key, False)
+            worker = await self.make(key, urgent)  # urgent: requests wait, so full CPU weight
             await worker.ready
         except asyncio.CancelledError:
+            self.starting[key] -= 1
             if worker is not None:
                 self.retire(worker)
             raise
-        except Exception as e:  # noqa: BLE001 - a failed refill is logged; requests still get workers
+        except Exception as e:  # noqa: BLE001 - logged; the waiters' requests get the error
+            self.starting[key] -= 1
             self.failures += 1
             if worker is not None:
                 self.retire(worker)
             log.error("could not start a %s worker: %s", key, e)
-            await asyncio.sleep(min(5.0, 0.1 * self.failures))
+            error = e if isinstance(e, WorkerFailed) else WorkerFailed(
+                {"step": "spawn", "errno": getattr(e, "errno", 0) or 0, "message": str(e)})
+            await asyncio.sleep(min(5.0, 0.05 * self.failures))
+            self._fail_waiters(key, error)
             return
-        finally:
-            self.starting[key] -= 1
+        self.starting[key] -= 1
         if self.closed or generation != self.generation:
             self.retire(worker)
+            self._refill(key)
             return
         self.failures = 0
-        self.ready[key].append(worker)
+        self._deliver(key, worker)
+
+    def _fail_waiters(self, key: str, error: WorkerFailed) -> None:
+        """Setup keeps failing: tell waiting requests why rather than let them wait."""
+        if self.failures < FAILURES_BEFORE_GIVING_UP:
+            self._refill(key)
+            return
+        while self.waiters[key]:
+            waiter = self.waiters[key].popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     async def _decay_loop(self) -> None:
         while not self.closed:
@@ -143,6 +176,8 @@ class Pool:
         for key in self.keys:
             while self.ready[key]:
                 self.retire(self.ready[key].popleft())
+            while self.waiters[key]:
+                self.waiters[key].popleft().cancel()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -150,6 +185,6 @@ class Pool:
             "maximum": self.maximum,
             "hits": self.hits,
             "misses": self.misses,
-            "profiles": {k: {"ready": len(self.ready[k]), "starting": self.starting[k], "target": self.target[k]}
-                         for k in self.keys},
+            "profiles": {k: {"ready": len(self.ready[k]), "starting": self.starting[k], "target": self.target[k],
+                             "waiting": sum(1 for w in self.waiters[k] if not w.done())} for k in self.keys},
         }

@@ -24,7 +24,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,12 +262,22 @@ def _maybe_elf(path: str, src: Source) -> bool:
 # -- building ---------------------------------------------------------------------------
 
 
-def ensure_root(spec: RootSpec, base: str, force: bool = False) -> RootInfo:
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _quiet(stage: str, info: dict[str, Any]) -> None:
+    pass
+
+
+def ensure_root(spec: RootSpec, base: str, force: bool = False, progress: Progress = _quiet) -> RootInfo:
     """Return the current root for ``spec`` under ``base``, building it if needed."""
     t0 = time.monotonic()
     os.makedirs(base, mode=0o755, exist_ok=True)
     current = os.path.join(base, "current")
+    progress("collecting", {"paths": len(spec.paths)})
     inventory = Inventory(spec).collect()
+    progress("collected", {"entries": len(inventory.entries), "libraries": inventory.libraries,
+                           "missing_libraries": len(inventory.missing_libraries)})
     fingerprint = inventory.fingerprint()
     if not force:
         manifest = read_manifest(current)
@@ -289,10 +299,12 @@ def ensure_root(spec: RootSpec, base: str, force: bool = False) -> RootInfo:
                     warnings=inventory.warnings,
                 )
             log.warning("root %s is damaged (%s); rebuilding", current, problem)
-    return _build(spec, base, inventory, fingerprint, t0)
+            progress("damaged", {"problem": problem})
+    return _build(spec, base, inventory, fingerprint, t0, progress)
 
 
-def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, list[object]], t0: float) -> RootInfo:
+def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, list[object]], t0: float,
+           progress: Progress = _quiet) -> RootInfo:
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}"
     final = os.path.join(base, f"root-{build_id}")
     tmp = final + ".partial"
@@ -306,7 +318,11 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
         os.chmod(os.path.join(tmp, ".old"), 0o000)
         for node in DEVICE_NODES:
             _write_file(os.path.join(tmp, "dev", node), b"", 0o644)
-        for path in sorted(inv.entries):
+        total = len(inv.entries)
+        progress("building", {"done": 0, "total": total})
+        for n, path in enumerate(sorted(inv.entries), 1):
+            if n % 500 == 0:
+                progress("building", {"done": n, "total": total})
             src = inv.entries[path]
             dest = tmp + path
             parent = os.path.dirname(dest)
@@ -348,6 +364,7 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
             "generated": sorted(spec.generated),
         }
         _write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest).encode(), 0o644)
+        progress("building", {"done": total, "total": total})
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -451,3 +468,37 @@ def remove_stale_roots(base: str, keep: Iterable[str]) -> list[str]:
         elif name.startswith(".current-"):
             os.unlink(full)
     return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sandboxd.jail.rootfs SPEC.json BASE [--force]``: build in a separate
+    process (the daemon's event loop keeps serving), one JSON line per progress step, the
+    last one ``{"stage": "done", "root": {...}}`` or ``{"stage": "error", ...}``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec")
+    ap.add_argument("base")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    with open(args.spec, encoding="utf-8") as f:
+        raw = json.load(f)
+    spec = RootSpec(tuple(raw["paths"]), tuple(raw["exclude"]),
+                    {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]))
+
+    def emit(stage: str, info: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps({"stage": stage, **info}) + "\n")
+        sys.stdout.flush()
+
+    try:
+        info = ensure_root(spec, args.base, force=args.force, progress=emit)
+    except (RootError, OSError) as e:
+        emit("error", {"message": str(e)})
+        return 1
+    emit("done", {"root": info.summary()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

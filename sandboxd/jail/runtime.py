@@ -106,8 +106,6 @@ def prepare(state: ServerState) -> None:
     for key in list(sys.path_importer_cache):
         if key not in keep:
             del sys.path_importer_cache[key]
-    for name in state.foreign_modules:
-        sys.modules.pop(name, None)
     stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
     stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
     stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",

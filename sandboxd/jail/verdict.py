@@ -47,6 +47,7 @@ class Result:
     error: dict[str, Any] | None = None
     limits_enforced_by: str = "none"
     run_uid: int | None = None
+    discovery: dict[str, dict[str, int]] | None = None  # discovery runs: {"allowed": ..., "refused": ...}
     files: dict[str, bytes] = field(default_factory=dict)
     files_truncated: bool = False
     reason: str = ""

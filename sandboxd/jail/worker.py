@@ -222,6 +222,9 @@ class Worker:
             result.memory_peak_kb = int(frame.get("maxrss_kb") or 0)
         if frame:
             result.denied_syscalls = {d[0]: d[1] for d in frame.get("denied", [])}
+            if plan.discover:
+                result.discovery = {"allowed": {d[0]: d[1] for d in frame.get("denied", []) if d[2]},
+                                    "refused": {d[0]: d[1] for d in frame.get("denied", []) if not d[2]}}
             files, truncated = _cap_files(frame.get("files") or {}, plan.out_files_count, plan.out_files_bytes)
             result.files = files
             result.files_truncated = truncated or bool(frame.get("files_truncated"))

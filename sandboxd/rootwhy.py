@@ -1,0 +1,100 @@
+"""Why does ``import MODULE`` fail in the jail?  Look in the root the way the import
+system and the dynamic loader would, and say what is missing and how to fix it.
+
+Answers the two questions behind most support threads of this kind of sandbox:
+"No module named X" (the package directory is not in the root, or not on sys.path)
+and "libX.so: cannot open shared object file" (an extension needs a library the root
+does not have).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+from typing import Any
+
+from .jail.elf import is_elf
+from .jail.ldpath import LibraryResolver, default_dirs, ld_so_conf_dirs
+
+EXT_SUFFIXES = tuple(dict.fromkeys([sysconfig.get_config_var("EXT_SUFFIX") or ".so", ".abi3.so", ".so"]))
+HOST_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/local/lib/python{v}/dist-packages",
+                  "/usr/lib/python{v}/site-packages", "/opt")
+
+
+def find_module(name: str, search: list[str], prefix: str = "") -> str | None:
+    """Where ``name`` (dotted) would be imported from, looking under ``prefix`` (a root)."""
+    parts = name.split(".")
+    for base in search:
+        path = prefix + base
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            pkg = os.path.join(path, part)
+            if os.path.isdir(pkg) and (os.path.exists(os.path.join(pkg, "__init__.py")) or not last):
+                path = pkg
+                if last:
+                    return pkg[len(prefix):] if prefix else pkg
+                continue
+            if last:
+                for suffix in (".py", *EXT_SUFFIXES):
+                    if os.path.isfile(pkg + suffix):
+                        found = pkg + suffix
+                        return found[len(prefix):] if prefix else found
+                if os.path.isdir(pkg):  # namespace package
+                    return pkg[len(prefix):] if prefix else pkg
+            break
+    return None
+
+
+def extensions(path: str, prefix: str) -> list[str]:
+    """ELF files of a module (one file) or package (its whole tree), as paths inside the root."""
+    full = prefix + path
+    if os.path.isfile(full):
+        return [path] if is_elf(full) else []
+    out = []
+    for top, _dirs, files in os.walk(full):
+        for f in files:
+            if ".so" in f and is_elf(os.path.join(top, f)):
+                out.append(os.path.join(top, f)[len(prefix):])
+    return sorted(out)
+
+
+def explain(name: str, root: str, run_path: list[str]) -> dict[str, Any]:
+    """Everything ``sandboxctl root why`` prints, as data."""
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    report: dict[str, Any] = {"module": name, "root": root, "searched": run_path, "found": None,
+                              "extensions": [], "missing_libraries": {}, "advice": []}
+    found = find_module(name, run_path, prefix=root)
+    if found is None:
+        host_dirs = [d.format(v=v) for d in HOST_SITE_DIRS] + [p for p in sys.path if p.startswith("/")]
+        on_host = find_module(name, list(dict.fromkeys(host_dirs)))
+        report["on_host"] = on_host
+        if on_host:
+            top = os.path.dirname(on_host) if os.path.isfile(on_host) else on_host
+            site = os.path.dirname(top) if name.count(".") == 0 else top
+            report["advice"].append(
+                f"{name} is on this host at {on_host} but not in the root: add {top} to root.extra_paths and "
+                f"{site} to root.python_path, then reload (libraries its extensions need come along)")
+        else:
+            report["advice"].append(f"{name} is neither in the root nor in the usual places on this host; "
+                                    "install it (e.g. into a virtualenv) and add its site-packages to the root")
+        return report
+    report["found"] = found
+    system = [root + d for d in [*ld_so_conf_dirs(), *default_dirs()]]
+    resolver = LibraryResolver(system_dirs=system)
+    for ext in extensions(found, root):
+        needed_found, missing = resolver.closure([root + ext])
+        report["extensions"].append({"file": ext, "libraries": sorted(p[len(root):] for p in needed_found)})
+        for obj, names in missing.items():
+            report["missing_libraries"][obj[len(root):]] = names
+    for obj, names in report["missing_libraries"].items():
+        for lib in names:
+            hits = glob.glob(f"/usr/lib/*/{lib}") + glob.glob(f"/usr/lib/{lib}") + glob.glob(f"/lib/*/{lib}")
+            if hits:
+                report["advice"].append(f"{obj} needs {lib}, which the host has at {hits[0]}: rebuild the root "
+                                        "(sandboxctl rebuild-root) so it is picked up, or add it to root.paths")
+            else:
+                report["advice"].append(f"{obj} needs {lib}, which this host does not have either: install the "
+                                        "package that provides it, then rebuild the root")
+    return report

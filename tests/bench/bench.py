@@ -1,0 +1,427 @@
+"""make bench: sandboxd against a spawn-per-request baseline, in one run, on this machine.
+
+Prints a table and writes results (JSON) and a plot (PNG) to --out (default bench-out/).
+Every ratio compares numbers measured in this same run.
+
+    sandboxd            a real daemon over its socket (pool of pre-confined workers)
+    spawn baseline      the dify-sandbox model, implemented here: per request fork, chroot
+                        into the same root, setuid to a run uid, rlimits, no_new_privs, the
+                        same syscall profile (as ERRNO, plus what exec needs), then a fresh
+                        /usr/bin/python3 -I -S -c CODE
+    bwrap               bubblewrap with every namespace and the same root, when installed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from harness import DaemonProcess, daemon_dir  # noqa: E402
+
+from sandboxd.client import Client  # noqa: E402
+
+PRINT1 = "print(1)"
+BASELINE_UID = 879900  # outside every test daemon's run uids
+NUMPY_CODE = "import numpy as np\nprint(int((np.arange(100000) ** 2).sum() % 97), np.linalg.det(np.eye(3)))"
+BENCH_CONFIG: dict[str, Any] = {
+    "daemon": {"socket_group": "", "workers": 16, "queue": 512, "log_level": "warning"},
+    "pool": {"min": 4, "max": 16},
+    "quotas": {"default": {"concurrent": 128, "queued": 512, "runs_per_minute": 0, "cpu_seconds_per_hour": 0,
+                           "max_output": "16M", "max_files_size": "16M"}},
+    "limits": {"output": "16M"},
+}
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p))] if s else float("nan")
+
+
+def summary(lat: list[float], seconds: float) -> dict[str, float]:
+    return {"n": len(lat), "p50_ms": pct(lat, 0.50) * 1e3, "p95_ms": pct(lat, 0.95) * 1e3,
+            "p99_ms": pct(lat, 0.99) * 1e3, "runs_per_s": len(lat) / seconds if seconds else 0.0}
+
+
+# -- sandboxd ------------------------------------------------------------------------------------
+def closed_loop(sock: str, concurrency: int, seconds: float, code: str = PRINT1, **kw: Any) -> dict[str, float]:
+    """``concurrency`` clients, each sending the next request when the last answer arrives."""
+    lat: list[float] = []
+    errors: list[str] = []
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        with Client(sock, timeout=120) as c:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = c.run(code, **kw)
+                lat.append(time.perf_counter() - t)
+                if r["status"] != "ok":
+                    errors.append(r["status"])
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = summary(lat, time.perf_counter() - t0)
+    out["errors"] = len(errors)
+    return out
+
+
+def paced(sock: str, rate: float, count: int, code: str = PRINT1, **kw: Any) -> dict[str, float]:
+    """One client at ``rate`` requests per second: the latency of a request that finds a warm pool."""
+    lat: list[float] = []
+    with Client(sock, timeout=120) as c:
+        for _ in range(count):
+            t = time.perf_counter()
+            c.run(code, **kw)
+            d = time.perf_counter() - t
+            lat.append(d)
+            time.sleep(max(0.0, 1 / rate - d))
+    return summary(lat, 0)
+
+
+# -- the spawn-per-request baseline ---------------------------------------------------------------
+class SpawnBaseline:
+    """Fresh interpreter per request: fork, chroot, setuid, rlimits, no_new_privs, seccomp, execve."""
+
+    def __init__(self, root: str, uid: int) -> None:
+        from sandboxd.jail import libc, profiles
+        from sandboxd.jail.seccomp import _backend
+
+        sc = _backend()
+        f = sc.SyscallFilter(sc.ERRNO(1))
+        f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+        exec_needs = ("execve", "arch_prctl", "set_tid_address", "set_robust_list", "rseq", "prlimit64",
+                      "access", "readlink", "ioctl", "socket", "connect", "sysinfo")
+        for name in dict.fromkeys([*profiles.PYTHON_ALLOW, *profiles.RUNTIME_REQUIRED, *exec_needs]):
+            try:
+                f.add_rule(sc.ALLOW, name)
+            except (RuntimeError, ValueError, OSError):
+                pass
+        f.add_rule(sc.ERRNO(38), "clone3")
+        f.add_rule(sc.ALLOW, "clone")
+        r, w = os.pipe()
+        with os.fdopen(w, "wb") as wf:
+            f.export_bpf(wf)
+        self.bpf = b""
+        while chunk := os.read(r, 65536):
+            self.bpf += chunk
+        os.close(r)
+        self.root, self.uid, self.libc = root, uid, libc
+
+    def run_one(self, code: str) -> float:
+        out_r, out_w = os.pipe()
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.dup2(out_w, 1)
+                os.closerange(3, 1 << 16)
+                os.chroot(self.root)
+                os.chdir("/tmp")
+                os.setgroups([])
+                os.setresgid(self.uid, self.uid, self.uid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+                self.libc.prctl(self.libc.PR_SET_NO_NEW_PRIVS, 1)
+                self.libc.seccomp_load(self.bpf, new_listener=False)
+                os.execve("/usr/bin/python3", ["python3", "-I", "-S", "-c", code],
+                          {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+            finally:
+                os._exit(127)
+        os.close(out_w)
+        data = b""
+        while chunk := os.read(out_r, 65536):
+            data += chunk
+        os.close(out_r)
+        _, st = os.waitpid(pid, 0)
+        d = time.perf_counter() - t
+        if st != 0 or not data:
+            raise RuntimeError(f"baseline run failed: status {st}")
+        return d
+
+
+def baseline_closed_loop(base: SpawnBaseline, concurrency: int, seconds: float) -> dict[str, float]:
+    """The baseline at ``concurrency``: forks from one single-threaded loop (no forking from threads)."""
+
+    async def go() -> list[float]:
+        lat: list[float] = []
+        stop = time.perf_counter() + seconds
+        loop = asyncio.get_running_loop()
+
+        async def client() -> None:
+            while time.perf_counter() < stop:
+                done: asyncio.Future[bytes] = loop.create_future()
+                t = time.perf_counter()
+                pid_r, pid_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(pid_r)
+                    try:
+                        base.run_one(PRINT1)
+                        os.write(pid_w, b"ok")
+                    finally:
+                        os._exit(0)
+                os.close(pid_w)
+
+                def readable(fd: int = pid_r, fut: asyncio.Future[bytes] = done) -> None:
+                    if not fut.done():
+                        fut.set_result(os.read(fd, 8))
+
+                loop.add_reader(pid_r, readable)
+                await done
+                loop.remove_reader(pid_r)
+                os.close(pid_r)
+                os.waitpid(pid, 0)
+                lat.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return lat
+
+    t0 = time.perf_counter()
+    lat = asyncio.run(go())
+    return summary(lat, time.perf_counter() - t0)
+
+
+def bwrap_one(root: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", root, "/",
+                    "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp",
+                    "/usr/bin/python3", "-I", "-S", "-c", PRINT1], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def memory(daemon_pid: int) -> dict[str, float]:
+    """RSS and PSS (MiB) of the daemon, its fork server, and every pooled worker (their descendants)."""
+    def tree(pid: int) -> list[int]:
+        out = [pid]
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+                children = f.read().split()
+        except OSError:
+            return out
+        for child in children:
+            out += tree(int(child))
+        return out
+
+    def rollup(pid: int) -> tuple[int, int]:
+        rss = pss = 0
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss = int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss = int(line.split()[1])
+        except OSError:
+            pass
+        return rss, pss
+
+    pids = tree(daemon_pid)
+    d_rss, d_pss = rollup(daemon_pid)
+    fs_rss = fs_pss = w_rss = w_pss = 0
+    children = [p for p in pids if p != daemon_pid]
+    fs = children[0] if children else None
+    for p in children:
+        rss, pss = rollup(p)
+        if p == fs:
+            fs_rss, fs_pss = rss, pss
+        else:
+            w_rss, w_pss = w_rss + rss, w_pss + pss
+    mib = 1024.0
+    return {"daemon_rss": d_rss / mib, "daemon_pss": d_pss / mib, "forkserver_rss": fs_rss / mib,
+            "forkserver_pss": fs_pss / mib, "pool_rss": w_rss / mib, "pool_pss": w_pss / mib,
+            "pool_processes": len(children) - 1, "total_pss": (d_pss + fs_pss + w_pss) / mib}
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench-out"))
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of each closed-loop measurement")
+    ap.add_argument("--soak-runs", type=int, default=10000, help="runs between the two memory readings")
+    ap.add_argument("--quick", action="store_true", help="shorter everything (a smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.soak_runs = 2.0, 500
+    os.makedirs(args.out, exist_ok=True)
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    table: list[tuple[str, str]] = []
+
+    def row(name: str, value: str) -> None:
+        table.append((name, value))
+        print(f"  {name:48s} {value}", flush=True)
+
+    print("sandboxd benchmark (ratios compare numbers from this same run)")
+    d = DaemonProcess(daemon_dir(), BENCH_CONFIG).start()
+    try:
+        sock = d.socket
+        closed_loop(sock, 4, 2.0)  # warm up: pool targets, page cache
+        st = Client(sock).status()
+        root = st["root"]["path"]
+        results["setup_us"] = st["pool"]["setup_us"]
+        results["memory_idle"] = memory(d.proc.pid)  # type: ignore[union-attr]
+
+        print("print(1) through the socket")
+        results["paced_c1"] = paced(sock, rate=50, count=300 if not args.quick else 60)
+        row("sandboxd, paced 50/s, c=1: p50 / p99", f"{results['paced_c1']['p50_ms']:.2f} / "
+            f"{results['paced_c1']['p99_ms']:.2f} ms")
+        results["sandboxd"] = {}
+        for c in (1, 4, 16, 64):
+            s = closed_loop(sock, c, args.seconds)
+            results["sandboxd"][c] = s
+            row(f"sandboxd, closed loop, c={c}: p50/p95/p99, runs/s",
+                f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f} ms, {s['runs_per_s']:.0f}/s"
+                + (f"  ({s['errors']} errors)" if s["errors"] else ""))
+
+        print("spawn-per-request baseline (same root, chroot + setuid + seccomp + fresh python3)")
+        base = SpawnBaseline(root, uid=BASELINE_UID)
+        base.run_one(PRINT1)
+        lat = [base.run_one(PRINT1) for _ in range(60 if not args.quick else 20)]
+        results["baseline_c1"] = summary(lat, sum(lat))
+        row("baseline, c=1: p50 / p99", f"{results['baseline_c1']['p50_ms']:.2f} / "
+            f"{results['baseline_c1']['p99_ms']:.2f} ms")
+        results["baseline_c16"] = baseline_closed_loop(base, 16, args.seconds)
+        row("baseline, closed loop, c=16: p50, runs/s", f"{results['baseline_c16']['p50_ms']:.1f} ms, "
+            f"{results['baseline_c16']['runs_per_s']:.0f}/s")
+        if shutil.which("bwrap"):
+            bwrap_one(root)
+            lat = [bwrap_one(root) for _ in range(40 if not args.quick else 10)]
+            results["bwrap_c1"] = summary(lat, sum(lat))
+            row("bwrap (all namespaces), c=1: p50", f"{results['bwrap_c1']['p50_ms']:.2f} ms")
+        ratio = results["baseline_c1"]["p50_ms"] / results["paced_c1"]["p50_ms"]
+        tput = results["sandboxd"][16]["runs_per_s"] / results["baseline_c16"]["runs_per_s"]
+        results["ratios"] = {"p50_c1_baseline_over_sandboxd": ratio, "throughput_c16_sandboxd_over_baseline": tput}
+        row("HEADLINE: p50 c=1, baseline / sandboxd", f"{ratio:.1f}x lower with sandboxd")
+        row("HEADLINE: runs/s c=16, sandboxd / baseline", f"{tput:.1f}x")
+        if "bwrap_c1" in results:
+            row("p50 c=1, bwrap / sandboxd", f"{results['bwrap_c1']['p50_ms'] / results['paced_c1']['p50_ms']:.1f}x")
+
+        print("output and code size (c=1)")
+        results["output_size"] = {}
+        for size in (1 << 10, 100 << 10, 1 << 20, 10 << 20):
+            s = paced(sock, 20, 15 if not args.quick else 5, f"import sys; sys.stdout.write('x' * {size})",
+                      max_output=16 << 20)
+            results["output_size"][size] = s
+            row(f"output {size >> 10} KiB: p50", f"{s['p50_ms']:.2f} ms")
+        results["code_size"] = {}
+        for size in (1 << 10, 10 << 10, 100 << 10, 1 << 20):
+            code = f"s = '{'x' * (size - 40)}'\nprint(len(s))"
+            s = paced(sock, 20, 15 if not args.quick else 5, code)
+            results["code_size"][size] = s
+            row(f"code {size >> 10} KiB: p50", f"{s['p50_ms']:.2f} ms")
+
+        print(f"memory over {args.soak_runs} runs")
+        idle = results["memory_idle"]
+        row("idle: daemon / fork server / pool PSS", f"{idle['daemon_pss']:.1f} / {idle['forkserver_pss']:.1f} / "
+            f"{idle['pool_pss']:.1f} MiB ({idle['pool_processes']} pool processes)")
+        done = 0
+        t0 = time.perf_counter()
+        while done < args.soak_runs:
+            s = closed_loop(sock, 16, 2.0)
+            done += int(s["n"])
+        results["soak"] = {"runs": done, "seconds": time.perf_counter() - t0}
+        time.sleep(3)
+        closed_loop(sock, 1, 1.0)
+        time.sleep(2)
+        after = memory(d.proc.pid)  # type: ignore[union-attr]
+        results["memory_after"] = after
+        row(f"after {done} runs: daemon / fork server / pool PSS",
+            f"{after['daemon_pss']:.1f} / {after['forkserver_pss']:.1f} / {after['pool_pss']:.1f} MiB")
+        row("daemon RSS growth", f"{after['daemon_rss'] - idle['daemon_rss']:+.1f} MiB "
+            f"({idle['daemon_rss']:.1f} -> {after['daemon_rss']:.1f})")
+    finally:
+        d.close()
+
+    print("numpy (Debian's python3-numpy in the root)")
+    numpy_dir = "/usr/lib/python3/dist-packages/numpy"
+    if os.path.isdir(numpy_dir):
+        results["numpy"] = {}
+        for preload in (False, True):
+            cfg = {**BENCH_CONFIG, "jail": {"preload": ["numpy"] if preload else []}, "pool": {"min": 2, "max": 4},
+                   "root": {"extra_paths": [numpy_dir], "python_path": ["/usr/lib/python3/dist-packages"]}}
+            nd = DaemonProcess(daemon_dir(), cfg).start()
+            try:
+                r = Client(nd.socket).run(NUMPY_CODE)
+                assert r["status"] == "ok", r
+                s = paced(nd.socket, 20, 60 if not args.quick else 15, NUMPY_CODE)
+            finally:
+                nd.close()
+            results["numpy"]["preload" if preload else "no_preload"] = s
+            row(f"numpy run {'with' if preload else 'without'} preload: p50", f"{s['p50_ms']:.2f} ms")
+    else:
+        print("  skipped: python3-numpy is not installed")
+
+    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+    plot(results, os.path.join(args.out, "bench.png"))
+    print(f"\nresults: {args.out}/bench.json, plot: {args.out}/bench.png")
+    return 0
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (no plot: matplotlib is not installed)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    conc = sorted(results["sandboxd"], key=int)
+    ax = axes[0]
+    for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+        ax.plot([int(c) for c in conc], [results["sandboxd"][c][key] for c in conc], marker="o",
+                label=f"sandboxd {label}")
+    ax.axhline(results["baseline_c1"]["p50_ms"], color="red", linestyle="--", label="spawn baseline p50 (c=1)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("latency of print(1), ms")
+    ax.set_title("round trip through the socket")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    names = ["sandboxd\n(paced)", "spawn\nbaseline"] + (["bwrap"] if "bwrap_c1" in results else [])
+    vals = [results["paced_c1"]["p50_ms"], results["baseline_c1"]["p50_ms"]] + (
+        [results["bwrap_c1"]["p50_ms"]] if "bwrap_c1" in results else [])
+    ax.bar(names, vals, color=["tab:green", "tab:red", "tab:orange"][: len(vals)])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("p50 ms, concurrency 1")
+    ax.set_title("print(1): pre-confined worker vs fresh interpreter")
+    ax = axes[2]
+    sizes = sorted(results["output_size"], key=int)
+    ax.plot([int(s) / 1024 for s in sizes], [results["output_size"][s]["p50_ms"] for s in sizes], marker="o",
+            label="output size")
+    csizes = sorted(results["code_size"], key=int)
+    ax.plot([int(s) / 1024 for s in csizes], [results["code_size"][s]["p50_ms"] for s in csizes], marker="s",
+            label="code size")
+    ax.set_xscale("log")
+    ax.set_xlabel("KiB")
+    ax.set_ylabel("p50 ms")
+    ax.set_title("size of output and of code")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

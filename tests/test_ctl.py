@@ -1,0 +1,205 @@
+"""sandboxctl end to end: every subcommand, text and JSON output, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require
+from harness import REPO, DaemonProcess, merge
+
+NUMPY_DIR = "/usr/lib/python3/dist-packages/numpy"
+
+
+def ctl(daemon: DaemonProcess | None, *args: str, stdin: bytes = b"", user: str | None = None,
+        socket: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, SANDBOXD_SOCKET=socket or (daemon.socket if daemon else "/nonexistent.sock"))
+    kw: dict[str, Any] = {}
+    if user:
+        pw = pwd.getpwnam(user)
+        kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+    return subprocess.run([sys.executable, "-m", "sandboxd.ctl", *args], input=stdin, capture_output=True,
+                          env=env, cwd=REPO, timeout=120, **kw)
+
+
+def js(proc: subprocess.CompletedProcess[bytes]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def test_status_text_and_json(daemon: DaemonProcess) -> None:
+    p = ctl(daemon, "status")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert out.startswith("sandboxd ") and "root " in out and "capacity " in out and "python3+net" in out
+    data = js(ctl(daemon, "status", "--json"))
+    assert data["server"] == "sandboxd" and data["self_test"]["passed"] is True
+    assert js(ctl(daemon, "--json", "status"))["pid"] == data["pid"]  # --json before or after the command
+
+
+def test_run_mirrors_the_program(daemon: DaemonProcess, tmp_path: Path) -> None:
+    p = ctl(daemon, "run", "-c", "import sys; print('out'); print('err', file=sys.stderr)")
+    assert p.returncode == 0 and p.stdout == b"out\n"
+    err = p.stderr.decode().splitlines()
+    assert err[0] == "err" and err[-1].startswith("sandboxd: ok | exit 0 |") and "run " in err[-1]
+    assert ctl(daemon, "run", "-c", "raise SystemExit(3)").returncode == 3
+    assert ctl(daemon, "run", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)").returncode == 128 + 11
+    p = ctl(daemon, "run", "--timeout", "0.5", "-c", "while True: pass")
+    assert p.returncode == 1 and "sandboxd: timeout" in p.stderr.decode()
+    p = ctl(daemon, "run", "-c", "import os; os.chroot('/')")
+    assert p.returncode == 1 and "blocked syscall chroot" in p.stderr.decode()
+
+
+def test_run_inputs_outputs_and_json(daemon: DaemonProcess, tmp_path: Path) -> None:
+    script = tmp_path / "prog.py"
+    script.write_text("import sys, os\nprint(sys.stdin.read()[::-1], open('data.txt').read(), os.environ['X'])\n"
+                      "os.makedirs('out/d'); open('out/d/r.txt', 'w').write('result')\n")
+    (tmp_path / "data.txt").write_text("DATA")
+    outdir = tmp_path / "saved"
+    p = ctl(daemon, "run", str(script), "--file", f"data.txt={tmp_path / 'data.txt'}", "--env", "X=42",
+            "--out", str(outdir), stdin=b"olleh")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"hello DATA 42\n"
+    assert (outdir / "d" / "r.txt").read_text() == "result"
+    (tmp_path / "in.txt").write_bytes(b"abc")
+    data = js(ctl(daemon, "run", "--json", "--stdin-file", str(tmp_path / "in.txt"), "-c",
+                  "import sys; print(sys.stdin.read())"))
+    assert data["status"] == "ok" and data["stdout"] == "abc\n" and data["run_id"]
+    p = ctl(daemon, "run", "-", stdin=b"print('from stdin')")  # the code itself on stdin
+    assert p.stdout == b"from stdin\n"
+    data = js(ctl(daemon, "run", "--json", "--memory", "64", "-c", "x = bytearray(10**9)"))
+    assert data["status"] == "memory_limit"
+
+
+def test_jobs_kill_and_errors(daemon: DaemonProcess) -> None:
+    holder: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: holder.update(
+        p=ctl(daemon, "run", "--timeout", "30", "-c", "import time; time.sleep(30)")))
+    t.start()
+    jobs: list[Any] = []
+    deadline = time.monotonic() + 15
+    while not jobs and time.monotonic() < deadline:
+        jobs = js(ctl(daemon, "jobs", "--json"))["jobs"]
+    assert len(jobs) == 1
+    assert ctl(daemon, "jobs").stdout.decode().splitlines()[0].split()[:3] == ["run", "caller", "run"]
+    p = ctl(daemon, "kill", jobs[0]["run_id"])
+    assert p.returncode == 0 and p.stdout.decode().strip() == f"killed {jobs[0]['run_id']}"
+    t.join(30)
+    assert holder["p"].returncode == 128 + 9
+    p = ctl(daemon, "kill", "no-such-run")
+    assert p.returncode == 7 and "not_found" in p.stderr.decode()
+    data = js(ctl(daemon, "kill", "no-such-run", "--json"))
+    assert data["error"]["code"] == "not_found"
+
+
+def test_usage(daemon: DaemonProcess) -> None:
+    ctl(daemon, "run", "-c", "pass")
+    p = ctl(daemon, "usage")
+    assert p.returncode == 0 and p.stdout.decode().splitlines()[2].split()[0] == "root"
+    data = js(ctl(daemon, "usage", "--all", "--json"))
+    assert any(u["uid"] == 0 and u["usage"]["runs_total"] >= 1 for u in data["users"])
+    assert js(ctl(daemon, "usage", "sbx-alice", "--json"))["users"][0]["user"] == "sbx-alice"
+
+
+def test_permissions_and_exit_codes_for_other_users(daemon: DaemonProcess) -> None:
+    p = ctl(daemon, "usage", "root", user="sbx-alice")
+    assert p.returncode == 4 and "forbidden" in p.stderr.decode()
+    assert ctl(daemon, "jobs", user="sbx-alice").returncode == 4
+    assert ctl(daemon, "reload", user="sbx-alice").returncode == 4
+    assert ctl(daemon, "syscalls", "-c", "pass", user="sbx-alice").returncode == 4
+    p = ctl(daemon, "run", "-c", "print(7)", user="sbx-alice")
+    assert p.returncode == 0 and p.stdout == b"7\n"
+    p = ctl(daemon, "status", user="sbx-carol")
+    assert p.returncode == 3 and "socket's group" in p.stderr.decode()
+
+
+def test_connection_and_usage_errors(daemon: DaemonProcess) -> None:
+    p = ctl(None, "status", socket="/run/nonexistent/sandboxd.sock")
+    assert p.returncode == 3 and "is sandboxd running" in p.stderr.decode()
+    assert ctl(daemon, "frobnicate").returncode == 2
+    assert ctl(daemon, "run", "--file", "nonsense", "-c", "pass").returncode == 2
+
+
+def test_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("daemon: {workers: 4}\n")
+    p = ctl(None, "check-config", str(good))
+    assert p.returncode == 0 and p.stdout.decode().startswith(f"{good}: ok")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("daemon: {workers: many}\nlimits: {memory: lots}\n")
+    p = ctl(None, "check-config", str(bad))
+    assert p.returncode == 1
+    assert f"{bad}: daemon.workers: expected an integer from 1 to 4096, got 'many'" in p.stdout.decode()
+    data = js(ctl(None, "check-config", str(bad), "--json"))
+    assert data["ok"] is False and len(data["errors"]) == 2
+    assert ctl(None, "check-config", str(tmp_path / "missing.yaml")).returncode == 1
+    assert ctl(None, "check-config", f"{REPO}/etc/sandboxd/sandboxd.yaml").returncode == 0
+
+
+def test_reload(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon()
+    d.write_config(merge(d.config, {"quotas": {"default": {"concurrent": 5}}}))
+    p = ctl(d, "reload")
+    assert p.returncode == 0 and "quotas changed" in p.stdout.decode()
+    assert js(ctl(d, "usage", "--json"))["users"][0]["quota"]["concurrent"] == 5
+
+
+def test_rebuild_root_shows_progress_then_the_summary(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon()
+    p = ctl(d, "rebuild-root")
+    assert p.returncode == 0, p.stderr
+    err, out = p.stderr.decode(), p.stdout.decode()
+    assert "collecting" in err and "building  [" in err and "entries" in err
+    assert out.startswith("root ") and " built in " in out and "hard-linked" in out
+    data = js(ctl(d, "rebuild-root", "--if-changed", "--json"))
+    assert data["root"]["reused"] is True
+    assert ctl(d, "run", "-c", "print('new root')").stdout == b"new root\n"
+
+
+def test_syscalls_discovery(daemon: DaemonProcess) -> None:
+    code = ("import os, fcntl\nos.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
+            "try:\n    fcntl.flock(open('/tmp/l', 'w'), fcntl.LOCK_EX)\nexcept OSError as e:\n    print(e.errno)\n")
+    p = ctl(daemon, "syscalls", "-c", code)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert "sched_setscheduler" in out and "allow: [sched_setscheduler]" in out
+    assert "flock" in out.split("refused even in discovery mode")[1]
+    data = js(ctl(daemon, "syscalls", "--json", "-c", code))
+    assert data["missing"] == [{"name": "sched_setscheduler", "count": 1}]
+    assert data["refused"][0]["name"] == "flock" and data["refused"][0]["why"] == "never allowed"
+    assert data["yaml"] == "profiles:\n  python3:\n    allow: [sched_setscheduler]\n"
+    assert data["result"]["stdout"] == "1\n"  # flock still got EPERM; the run went on
+    # A normal run of the same code is refused the call, and names it.
+    r = js(ctl(daemon, "run", "--json", "-c", code))
+    assert r["status"] == "blocked_syscall" and r["blocked_syscall"] == "sched_setscheduler"
+
+
+def test_root_why(make_daemon: Any) -> None:
+    require(os.path.isdir(NUMPY_DIR), "python3-numpy is not installed (make dev installs it)")
+    d: DaemonProcess = make_daemon({"root": {"extra_paths": [NUMPY_DIR],
+                                             "python_path": ["/usr/lib/python3/dist-packages"]}})
+    p = ctl(d, "root", "why", "numpy.linalg")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert out.startswith(f"numpy.linalg: in the root at {NUMPY_DIR}/linalg")
+    assert "import in the jail: ok" in out
+    p = ctl(d, "root", "why", "yaml")
+    assert p.returncode == 1
+    out = p.stdout.decode()
+    assert "yaml: not in the root" in out and "ModuleNotFoundError" in out
+    assert "add /usr/lib/python3/dist-packages/yaml to root.extra_paths" in out
+    data = js(ctl(d, "root", "why", "numpy", "--json"))
+    assert data["importable"] is True and data["missing_libraries"] == {} and len(data["extensions"]) > 5
+
+
+@pytest.mark.parametrize("module", ["../etc", "os;rm", ""])
+def test_root_why_refuses_bad_names(daemon: DaemonProcess, module: str) -> None:
+    p = ctl(daemon, "root", "why", module)
+    assert p.returncode == 7 and "bad_request" in p.stderr.decode()

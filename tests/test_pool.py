@@ -1,0 +1,62 @@
+"""Warm workers: preload, empty pools, single use."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Any
+
+from conftest import require
+from harness import DaemonProcess
+
+NUMPY_DIR = "/usr/lib/python3/dist-packages/numpy"
+
+
+def test_preloaded_numpy_works_in_the_forked_worker(make_daemon: Any) -> None:
+    require(os.path.isdir(NUMPY_DIR), "python3-numpy is not installed (make dev installs it)")
+    d: DaemonProcess = make_daemon({"root": {"extra_paths": [NUMPY_DIR],
+                                             "python_path": ["/usr/lib/python3/dist-packages"]},
+                                    "jail": {"preload": ["numpy"]}})
+    code = ("import sys\nalready = 'numpy' in sys.modules\nimport numpy as np\n"
+            "a = np.random.default_rng(0).random((200, 200))\n"
+            "print(already, round(float(np.linalg.det(np.eye(4) * 2)), 3),\n"
+            "      np.allclose(a @ np.linalg.inv(a), np.eye(200)))")
+    r = d.run(code)
+    assert r["status"] == "ok", r["stderr"]
+    assert r["stdout"] == b"True 16.0 True\n"
+    with d.client() as c:
+        st = c.status()
+    assert st["fork_server"]["preloaded"] == ["numpy"] and st["fork_server"]["preload_errors"] == {}
+
+
+def test_a_preload_that_fails_is_reported_not_fatal(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon({"jail": {"preload": ["no_such_module", "json"]}})
+    with d.client() as c:
+        st = c.status()
+    assert st["fork_server"]["preloaded"] == ["json"]
+    assert "No module named" in st["fork_server"]["preload_errors"]["no_such_module"]
+    assert "preload no_such_module failed" in d.log()
+
+
+def test_an_empty_pool_never_fails_a_request(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon({"pool": {"min": 0, "max": 0}, "daemon": {"workers": 8}})
+
+    def one(i: int) -> bytes:
+        out: bytes = d.run(f"print({i})")["stdout"]
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(one, range(24)))
+    assert outs == [f"{i}\n".encode() for i in range(24)]
+
+
+def test_workers_are_single_use(daemon: DaemonProcess) -> None:
+    seen = set()
+    for _ in range(6):
+        r = daemon.run("import os, time; print(os.getpid(), time.monotonic_ns())")
+        seen.add(r["stdout"])
+    assert len(seen) == 6
+    # Nothing a run leaves in its interpreter reaches the next run.
+    daemon.run("import builtins, sys; builtins.LEFTOVER = 1; sys.modules['leak'] = 1")
+    r = daemon.run("import builtins, sys; print(hasattr(builtins, 'LEFTOVER'), 'leak' in sys.modules)")
+    assert r["stdout"] == b"False False\n"
