@@ -174,6 +174,15 @@ while True:
     assert len(os.listdir("/proc")) < before + 20
 
 
+def test_06_plain_fork_bomb_is_reported_as_pids_limit(d: DaemonProcess) -> None:
+    # Its processes die as soon as a fork fails: RLIMIT_NPROC (which counts them until
+    # they are reaped) must not trip before the pids cgroup, or the verdict is exit_nonzero.
+    for _ in range(5):
+        r = d.run("import os\nwhile True:\n    os.fork()", timeout_ms=5000)
+        assert r["status"] == "pids_limit", r
+        assert_run_gone(r["run_uid"])
+
+
 def assert_run_gone(uid: int, within: float = 3.0) -> None:
     """Nothing of a finished run is left on the host."""
     deadline = time.monotonic() + within

@@ -57,8 +57,7 @@ class ForkServer:
                    for key, p in init["profiles"].items()}
         run_path = run_sys_path(init["root"], init["python_path"])
         preloaded, preload_errors = preload(init["preload"], run_path)
-        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-            cap_last = int(f.read())
+        cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
             lifeline_fd=self.lifeline_r,

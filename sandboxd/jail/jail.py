@@ -26,11 +26,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import cgroups, rootfs
+from . import cgroups, limits, rootfs
 from .cgroups import CgroupDriver, Limits
 from .fsclient import ForkServerClient, ForkServerError
 from .pool import Pool
-from .seccomp import Profile
+from .seccomp import Profile, unfiltered
 from .slots import SlotPool
 from .spec import RunPlan, WorkerSpec
 from .verdict import Result
@@ -135,6 +135,9 @@ class Jail:
         stale = self.driver.cleanup_stale()
         if stale:
             log.warning("removed %d worker cgroups left by an earlier daemon", len(stale))
+        for lang, prof in s.profiles.items():
+            for name in unfiltered(prof):
+                log.warning("profiles.%s.allow lists %s: it is allowed without its usual argument checks", lang, name)
         env = {"PATH": RUN_ENV["PATH"], "LANG": "C.UTF-8", **s.preload_env}
         self.forkserver = ForkServerClient(s.python, env, self._on_reaped)
         self.forkserver_info = await self.forkserver.start(self._init_message())
@@ -200,6 +203,7 @@ class Jail:
             self.slots.release(slot)
             raise
         vsz = int(self.forkserver_info.get("vsz_kb", 0)) * 1024 + (64 << 20)
+        cgroup_on = self.driver is not None and self.driver.kind != "none"
         spec = WorkerSpec(
             worker_id=f"{key}/{slot.index}",
             uid=slot.uid,
@@ -210,7 +214,7 @@ class Jail:
             scratch_bytes=s.scratch_bytes,
             scratch_inodes=s.scratch_inodes,
             rlimits={"as": vsz + s.max_memory + s.as_slack, "cpu": s.max_cpu_ms // 1000 + 2,
-                     "fsize": s.max_file_size, "nofile": s.max_nofile, "nproc": s.max_pids + 2,
+                     "fsize": s.max_file_size, "nofile": s.max_nofile, "nproc": limits.nproc_for(s.max_pids, cgroup_on),
                      "stack": 8 << 20},
             out_max_bytes=s.max_out_bytes,
             out_max_files=s.max_out_files,

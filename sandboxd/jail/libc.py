@@ -38,6 +38,7 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
@@ -118,6 +119,19 @@ class _CapData(ctypes.Structure):
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def cap_last_cap() -> int:
+    """The highest capability this kernel knows, probed with PR_CAPBSET_READ.
+
+    Probing rather than reading /proc/sys/kernel/cap_last_cap keeps working where /proc
+    shows only processes (systemd's ProcSubset=pid).
+    """
+    fn = _libc.prctl
+    cap = 0
+    while fn(PR_CAPBSET_READ, cap + 1, 0, 0, 0) >= 0:
+        cap += 1
+    return cap
 
 
 def drop_bounding_set(cap_last: int) -> None:

@@ -183,7 +183,10 @@ class Inventory:
             return  # dangling on the host too: keep the link as it is
         if stat.S_ISDIR(tst.st_mode):
             configured = any(resolved == p or resolved.startswith(p.rstrip("/") + "/") for p in self.spec.paths)
-            if not configured and not self._under_collected(resolved):
+            # A directory others may not enter (/etc/ssl/private) is one no run could read:
+            # leaving it out is the point, not something to warn about.
+            private = tst.st_mode & 0o005 != 0o005
+            if not configured and not private and not self._under_collected(resolved):
                 self.warnings.append(
                     f"{path} -> {target}: directory outside the configured paths, link kept dangling"
                     f" (add {resolved} to root.paths if the jail needs it)"
@@ -402,8 +405,8 @@ def _copy(src: str, dest: str, mode: int) -> None:
         try:
             size = os.fstat(fd).st_size
             offset = 0
-            while offset < size:
-                n = os.copy_file_range(fd, out, size - offset)
+            while offset < size:  # sendfile works across filesystems (copy_file_range may not)
+                n = os.sendfile(out, fd, offset, size - offset)
                 if n == 0:
                     break
                 offset += n

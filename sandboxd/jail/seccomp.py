@@ -37,6 +37,14 @@ class ProfileError(ValueError):
     pass
 
 
+CONDITIONAL = ("clone", "ioctl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat")
+
+
+def unfiltered(profile: Profile) -> list[str]:
+    """Argument-checked calls this profile allows outright (worth a warning)."""
+    return [name for name in CONDITIONAL if name in profile.allow]
+
+
 @dataclass(frozen=True)
 class Profile:
     """A syscall policy, by name: what is allowed and what fails silently with an errno."""
@@ -96,7 +104,10 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
     f = sc.SyscallFilter(sc.NOTIFY)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     f.set_attr(sc.Attr.CTL_NNP, 0)  # the child sets no_new_privs itself, as a named step
-    special = {"clone", "ioctl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat"}
+    # These are allowed below only with argument checks -- unless the profile names one
+    # explicitly, which allows it outright (the daemon warns, and its self-test refuses a
+    # profile that lets sockets through without network).
+    special = set(CONDITIONAL) - set(profile.allow)
     for name in dict.fromkeys([*profile.allow, *profiles.RUNTIME_REQUIRED]):
         if name in special or name in profile.errno:
             continue

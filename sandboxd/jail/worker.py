@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from .. import protocol
+from . import limits
 from .cgroups import Limits, WorkerCgroup
 from .fsclient import SpawnedWorker
 from .pipes import CappedReader, FrameReader, Writer
@@ -125,16 +126,14 @@ class Worker:
         self.proc.close()
 
     def rlimits(self, plan: RunPlan) -> dict[str, int]:
-        if self.cgroup.driver.kind == "none":
-            address_space = self.as_base + plan.memory_bytes
-        else:
-            address_space = self.as_base + plan.memory_bytes + self.as_slack
+        cgroup = self.cgroup.driver.kind != "none"
+        address_space = self.as_base + plan.memory_bytes + (self.as_slack if cgroup else 0)
         return {
             "as": address_space,
             "cpu": math.ceil(plan.cpu_ms / 1000) + 1,
             "fsize": plan.file_size_bytes,
             "nofile": plan.nofile,
-            "nproc": plan.pids + 2,
+            "nproc": limits.nproc_for(plan.pids, cgroup),
             "stack": STACK_BYTES,
         }
 
