@@ -21,6 +21,7 @@ import logging
 import logging.handlers
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, errors, handlers, quota
+from . import __version__, errors, handlers, quota, uidcheck
 from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, all_quota_maxima, load
 from .errors import RequestError
 from .jail.cgroups import CgroupError
@@ -87,6 +88,9 @@ def jail_settings(cfg: Config, state_dir: str) -> JailSettings:
     )
 
 
+MAX_UID = 2**32 - 1  # (uid_t)-1 means "no uid"
+
+
 class Daemon:
     def __init__(self, config: Config, socket_path: str | None = None, state_dir: str | None = None) -> None:
         self.config = config
@@ -127,11 +131,16 @@ class Daemon:
         return identify(PeerCred(0, uid, gid))
 
     def resolve_uid(self, target: Any) -> int:
+        uid: int | None = None
         if isinstance(target, int) and not isinstance(target, bool):
-            return target
+            uid = target
+        elif isinstance(target, str) and target.isascii() and target.isdigit():
+            uid = int(target)
+        if uid is not None:
+            if not 0 <= uid < MAX_UID:
+                raise errors.bad_request("uid", f"a uid is between 0 and {MAX_UID - 1}")
+            return uid
         if isinstance(target, str):
-            if target.isdigit():
-                return int(target)
             try:
                 return pwd.getpwnam(target).pw_uid
             except KeyError:
@@ -171,7 +180,8 @@ class Daemon:
     # -- start-up -------------------------------------------------------------------------
     def _lock_state_dir(self) -> None:
         os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-        fd = os.open(os.path.join(self.state_dir, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The directory itself is the lock: no file to create (it may be read-only) or leave behind.
+        fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,6 +190,7 @@ class Daemon:
         self._state_lock = fd
 
     async def start(self) -> None:
+        _raise_nofile()
         self._lock_state_dir()
         self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
         self.admission.usage = self.usage
@@ -189,6 +200,10 @@ class Daemon:
                         self.usage.lost_at_start)
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
+        first, count = self.config.jail.run_uids
+        for problem in uidcheck.overlaps(first, count):
+            log.warning("jail.run_uids %d-%d overlaps: %s; runs and that user could reach each other",
+                        first, first + count - 1, problem)
         await self.jail.start()
         if self.config.daemon.self_test:
             self.notifier.notify(status="self-test")
@@ -365,6 +380,13 @@ class Daemon:
         while True:
             await asyncio.sleep(300)
             self.usage.prune(time.time())
+
+
+def _raise_nofile() -> None:
+    """Connections and worker pipes are fds: use the whole hard limit (systemd sets it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 SELF_TEST_CODE = r'''
