@@ -8,7 +8,6 @@ something this host lacks is skipped with the reason, unless SANDBOXD_MUST_WORK=
 from __future__ import annotations
 
 import base64
-import grp
 import json
 import os
 import pwd
@@ -19,11 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import HERE, DaemonProcess, daemon_dir
+from harness import HERE, USERS, DaemonProcess, daemon_dir, ensure_test_users
 
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
-USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
-GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
 
 
 def require(condition: bool, reason: str) -> None:
@@ -44,27 +41,9 @@ def test_users() -> Iterator[dict[str, pwd.struct_passwd]]:
     """Real users and groups for multi-user tests (created once, removed at the end)."""
     require_root()
     require(shutil.which("useradd") is not None, "useradd is missing")
-    created_users, created_groups = [], []
-    for g in GROUPS:
-        try:
-            grp.getgrnam(g)
-        except KeyError:
-            subprocess.run(["groupadd", g], check=True)
-            created_groups.append(g)
-    for user, groups in USERS.items():
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            cmd = ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group"]
-            if groups:
-                cmd += ["--groups", ",".join(groups)]
-            subprocess.run([*cmd, user], check=True)
-            created_users.append(user)
+    remove = ensure_test_users()
     yield {u: pwd.getpwnam(u) for u in USERS}
-    for user in created_users:
-        subprocess.run(["userdel", user], check=False)
-    for g in created_groups:
-        subprocess.run(["groupdel", g], check=False)
+    remove()
 
 
 def call_as(user: str, socket_path: str, requests: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:

@@ -4,15 +4,21 @@ socket, ready when it sends READY=1 on its NOTIFY_SOCKET."""
 from __future__ import annotations
 
 import copy
+import fcntl
+import grp
 import os
+import pwd
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import yaml
 
 from sandboxd.client import Client
@@ -22,6 +28,9 @@ REPO = os.path.dirname(HERE)
 UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never share them
 TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
+
+USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
+GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
 
 BASE_CONFIG: dict[str, Any] = {
     "daemon": {"socket_group": "sbx-clients", "admin_group": "sbx-admins", "workers": 8, "queue": 64,
@@ -58,7 +67,8 @@ class DaemonProcess:
         self.log_path = os.path.join(workdir, "daemon.log")
         self.notify_path = os.path.join(workdir, "notify.sock")
         DaemonProcess.count += 1  # each daemon its own cgroup parent, as two daemons must never share one
-        first = TEST_UID_RANGE[0] + UID_BLOCK * (DaemonProcess.count % 128)
+        self._block_lock, block = claim_uid_block()
+        first = TEST_UID_RANGE[0] + UID_BLOCK * block
         self.uid_range = (first, UID_BLOCK)
         own = {"jail": {"cgroup_parent": f"{CGROUP_PARENT}-{DaemonProcess.count}",
                         "run_uids": f"{first}-{first + UID_BLOCK - 1}"}}
@@ -83,7 +93,7 @@ class DaemonProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
                  "--socket", self.socket, "--state-dir", self.state_dir],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=_die_with_parent)
         if not self.wait_for("READY=1", timeout):
             self.kill()
             raise RuntimeError(f"sandboxd did not become ready:\n{self.log()}")
@@ -144,6 +154,50 @@ class DaemonProcess:
         finally:
             if self.notify is not None:
                 self.notify.close()
+            if self._block_lock >= 0:
+                os.close(self._block_lock)  # its uids may go to another test daemon now
+                self._block_lock = -1
+
+
+BLOCK_LOCKS = "/tmp/sandboxd-test-uid-blocks"
+
+
+def recv_frame(s: socket.socket) -> Any:
+    """One response frame read straight off a raw socket; None when the daemon closed it."""
+    header = _recv_exact(s, 4)
+    body = None if header is None else _recv_exact(s, struct.unpack(">I", header)[0])
+    return None if body is None else msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _die_with_parent() -> None:
+    """A test daemon must not outlive a killed test run: its uid block goes back to the
+    pool when the run's lock file is released, and the next run would share it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def claim_uid_block() -> tuple[int, int]:
+    """A block of run uids no other test daemon on this host holds (any process): (lock fd, index)."""
+    os.makedirs(BLOCK_LOCKS, exist_ok=True)
+    for index in range(1, TEST_UID_RANGE[1] // UID_BLOCK):
+        fd = os.open(os.path.join(BLOCK_LOCKS, str(index)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, index
+        except BlockingIOError:
+            os.close(fd)
+    raise RuntimeError("every test uid block is in use")
 
 
 def daemon_dir() -> str:
@@ -151,3 +205,31 @@ def daemon_dir() -> str:
     path = tempfile.mkdtemp(prefix="sandboxd-test-")
     os.chmod(path, 0o755)
     return path
+
+
+def ensure_test_users() -> Callable[[], None]:
+    """Create the test users and groups that do not exist; return a function removing them."""
+    created_users, created_groups = [], []
+    for g in GROUPS:
+        try:
+            grp.getgrnam(g)
+        except KeyError:
+            subprocess.run(["groupadd", g], check=True)
+            created_groups.append(g)
+    for user, groups in USERS.items():
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            cmd = ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group"]
+            if groups:
+                cmd += ["--groups", ",".join(groups)]
+            subprocess.run([*cmd, user], check=True)
+            created_users.append(user)
+
+    def remove() -> None:
+        for user in created_users:
+            subprocess.run(["userdel", user], check=False)
+        for g in created_groups:
+            subprocess.run(["groupdel", g], check=False)
+
+    return remove

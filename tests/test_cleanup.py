@@ -81,7 +81,7 @@ def test_200_runs_leave_nothing_behind(make_daemon: Any) -> None:
     assert cgroup_dirs() == []
     assert host_mounts() == mounts_before
     state = set(os.listdir(d.state_dir)) - {"usage.sqlite-shm", "usage.sqlite-wal"}
-    assert state == {"daemon.lock", "roots", "usage.sqlite"}, state
+    assert state == {"roots", "usage.sqlite"}, state
     roots = os.listdir(os.path.join(d.state_dir, "roots"))
     assert len([r for r in roots if r.startswith("root-")]) == 1 and not [r for r in roots if ".partial" in r]
     harness = ("pytest", "sandboxd-test-", "sbx-helper-")  # the tests' own work directories

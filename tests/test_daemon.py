@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import b64, call_as
-from harness import REPO, DaemonProcess, merge
+from harness import REPO, DaemonProcess, merge, recv_frame
 from test_threats import run_uid_processes
 
 from sandboxd import __version__
@@ -36,24 +36,6 @@ def send(s: socket.socket, obj: Any = None, body: bytes | None = None) -> None:
     if body is None:
         body = msgpack.packb(obj, use_bin_type=True)
     s.sendall(struct.pack(">I", len(body)) + body)
-
-
-def recv(s: socket.socket) -> Any:
-    header = _exact(s, 4)
-    if header is None:
-        return None
-    body = _exact(s, struct.unpack(">I", header)[0])
-    return msgpack.unpackb(body, raw=False)
-
-
-def _exact(s: socket.socket, n: int) -> bytes | None:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
 
 
 def error_code(resp: dict[str, Any]) -> str:
@@ -76,9 +58,9 @@ def test_many_requests_on_one_connection_echo_their_ids(daemon: DaemonProcess) -
     for rid in ids:
         send(s, {"op": "hello", "id": rid})
     for rid in ids:  # pipelined: answered in order
-        assert recv(s)["id"] == rid
+        assert recv_frame(s)["id"] == rid
     send(s, {"op": "run", "id": "r", "code": "print(6*7)"})
-    resp = recv(s)
+    resp = recv_frame(s)
     assert resp["id"] == "r" and resp["ok"] and resp["result"]["stdout"] == b"42\n"
     s.close()
 
@@ -97,6 +79,10 @@ def test_status_jobs_usage(daemon: DaemonProcess) -> None:
         assert jobs["jobs"] == [] and jobs["queued"] == 0
         usage = c.call("usage")
         assert usage["users"][0]["uid"] == 0 and usage["users"][0]["usage"]["runs_total"] >= 1
+        for bad in (-2, 2**32 - 1, 2**64 - 1, "99999999999999999999"):  # found by make fuzz
+            with pytest.raises(SandboxdError) as e:
+                c.call("usage", uid=bad)
+            assert e.value.code == "bad_request" and e.value.details["field"] == "uid"
 
 
 def test_jobs_lists_and_kill_ends_a_run(daemon: DaemonProcess) -> None:
@@ -138,34 +124,34 @@ def test_async_client(daemon: DaemonProcess) -> None:
 def test_frame_too_large_closes_the_connection(daemon: DaemonProcess) -> None:
     s = raw(daemon.socket)
     s.sendall(struct.pack(">I", 64 << 20))
-    resp = recv(s)
+    resp = recv_frame(s)
     assert error_code(resp) == "frame_too_large" and resp["error"]["max_frame"] == 16 << 20
-    assert recv(s) is None  # closed
+    assert recv_frame(s) is None  # closed
     s.close()
 
 
 def test_bad_frames_and_requests_are_answered(daemon: DaemonProcess) -> None:
     s = raw(daemon.socket)
     send(s, body=b"\xc1garbage")
-    assert error_code(recv(s)) == "bad_frame"
+    assert error_code(recv_frame(s)) == "bad_frame"
     send(s, [1, 2, 3])
-    assert error_code(recv(s)) == "bad_frame"
+    assert error_code(recv_frame(s)) == "bad_frame"
     send(s, {"id": 1})
-    resp = recv(s)
+    resp = recv_frame(s)
     assert error_code(resp) == "bad_request" and resp["error"]["field"] == "op"
     send(s, {"op": "launch_missiles", "id": 2})
-    resp = recv(s)
+    resp = recv_frame(s)
     assert error_code(resp) == "unknown_op" and resp["id"] == 2 and "run" in resp["error"]["known"]
     send(s, {"op": "hello", "id": [1, 2]})
-    assert recv(s)["error"]["field"] == "id"
+    assert recv_frame(s)["error"]["field"] == "id"
     send(s, {"op": "run", "id": 3, "code": 5})
-    resp = recv(s)
+    resp = recv_frame(s)
     assert error_code(resp) == "bad_request" and resp["error"]["field"] == "code"
     send(s, {"op": "run", "id": 4, "code": "1", "timeout_ms": 10**9})
-    resp = recv(s)
+    resp = recv_frame(s)
     assert error_code(resp) == "forbidden" and resp["error"]["field"] == "timeout_ms"
     send(s, {"op": "hello", "id": 5})  # the connection still works after all of that
-    assert recv(s)["ok"] is True
+    assert recv_frame(s)["ok"] is True
     s.close()
 
 
@@ -443,7 +429,7 @@ def test_a_client_that_disconnects_mid_run_gets_its_run_killed(daemon: DaemonPro
             jobs = c.call("jobs")["jobs"]
         if not jobs:
             s.settimeout(1)
-            print("DEBUG", recv(s), c.status())
+            print("DEBUG", recv_frame(s), c.status())
         assert len(jobs) == 1
         uid = jobs[0]["run_uid"]
         s.close()

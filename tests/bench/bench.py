@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -252,6 +253,51 @@ def memory(daemon_pid: int) -> dict[str, float]:
 
 
 # -- the run ------------------------------------------------------------------------------------------
+def extra_lib_paths(n: int) -> list[str]:
+    """``n`` real package directories, as a user would add site-packages trees."""
+    top = "/usr/lib/python3/dist-packages"
+    dirs = sorted(e.path for e in os.scandir(top) if e.is_dir() and not e.name.endswith((".dist-info", ".egg-info"))
+                  and e.name != "__pycache__") if os.path.isdir(top) else []
+    return dirs[:n]
+
+
+def root_builds(work: str) -> dict[str, Any]:
+    """Cold build (hard links on the same filesystem, copies across), warm start, and
+    both with 20 extra library paths.  Each build goes into a fresh base directory."""
+    from sandboxd.config import parse
+    from sandboxd.daemon import jail_settings
+    from sandboxd.jail import rootfs
+
+    out: dict[str, Any] = {}
+    extra = extra_lib_paths(20)
+    can_link = rootfs._can_link
+    cases = [("default, hard links", {}, work, True), ("default, copies", {}, work, False),
+             ("default, copies into tmpfs", {}, "/dev/shm", False),
+             (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra}}, work, True)]
+    for name, raw, fs, links in cases:
+        spec = jail_settings(parse(raw), work).root_spec()
+        base = tempfile.mkdtemp(prefix="sandboxd-bench-root-", dir=fs)
+        rootfs._can_link = can_link if links else (lambda *_: False)  # type: ignore[assignment]
+        try:
+            cold, warm = [], []
+            for _ in range(3):
+                shutil.rmtree(base)
+                os.mkdir(base)
+                t0 = time.perf_counter()
+                info = rootfs.ensure_root(spec, base)
+                cold.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                again = rootfs.ensure_root(spec, base)
+                warm.append(time.perf_counter() - t0)
+                assert again.reused
+            out[name] = {"cold_s": min(cold), "warm_s": min(warm), "files": info.files,
+                         "libraries": info.libraries, "linked": info.linked, "copied": info.copied}
+        finally:
+            rootfs._can_link = can_link  # type: ignore[assignment]
+            shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench-out"))
@@ -270,6 +316,11 @@ def main() -> int:
         print(f"  {name:48s} {value}", flush=True)
 
     print("sandboxd benchmark (ratios compare numbers from this same run)")
+    print("root build (best of 3)")
+    results["root"] = root_builds(args.out)
+    for name, r in results["root"].items():
+        row(f"root, {name}: cold / warm", f"{r['cold_s']:.3f} / {r['warm_s']:.3f} s  ({r['files']} files, "
+            f"{r['libraries']} libraries, {r['linked']} linked, {r['copied']} copied)")
     d = DaemonProcess(daemon_dir(), BENCH_CONFIG).start()
     try:
         sock = d.socket

@@ -1,0 +1,269 @@
+"""Hostile clients, faults and the start-up self-test, against real daemons.
+
+During every attack another uid must still get a run promptly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import Any
+
+import msgpack
+import pytest
+from conftest import call_as
+from harness import DaemonProcess, merge
+from test_threats import run_uid_processes
+
+PROMPT = 3.0  # seconds within which another uid's run must finish during an attack
+
+
+def alice_runs_promptly(d: DaemonProcess) -> None:
+    t0 = time.monotonic()
+    out = call_as("sbx-alice", d.socket, [{"op": "run", "code": "print('alice')"}])
+    assert out["responses"][0]["result"]["status"] == "ok", out
+    assert time.monotonic() - t0 < PROMPT
+
+
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+HOSTILE = {"daemon": {"read_timeout": "1s", "idle_timeout": "3s", "write_timeout": "2s",
+                      "max_connections_per_uid": 50, "max_connections": 5000}}
+
+
+def test_slow_senders_holding_partial_frames(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon(HOSTILE)
+    socks = []
+    for i in range(40):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d.socket)
+        s.sendall(struct.pack(">I", 100)[: 1 + i % 3] if i % 2 else struct.pack(">I", 100) + b"\x82")
+        socks.append(s)
+    alice_runs_promptly(d)
+    time.sleep(1.5)  # read_timeout: every half-sent frame is dropped
+    for s in socks:
+        s.settimeout(2)
+        assert s.recv(64) == b""
+        s.close()
+    alice_runs_promptly(d)
+
+
+def test_thousands_of_idle_connections(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon(HOSTILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    assert d.proc is not None
+    fds_before = fds_of(d.proc.pid)
+    socks, refused = [], 0
+    try:
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            socks.append(s)
+        time.sleep(0.5)
+        for s in socks:  # past the per-uid limit the daemon answers quota_exceeded and closes
+            s.setblocking(False)
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                continue
+            if data:
+                body = msgpack.unpackb(data[4:], raw=False)
+                assert body["error"]["code"] == "quota_exceeded" and body["error"]["limit"] == "connections"
+                refused += 1
+        assert refused >= 2000 - 50
+        alice_runs_promptly(d)
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    time.sleep(3.5)  # the idle ones are closed after idle_timeout
+    with d.client() as c:
+        assert c.status()["connections"] == 1
+    assert fds_of(d.proc.pid) <= fds_before + 2
+
+
+def test_clients_that_never_read_their_responses(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon(HOSTILE)
+    socks = []
+    body = msgpack.packb({"op": "run", "code": "print('x' * 4_000_000)", "max_output": 8 << 20},
+                         use_bin_type=True)
+    for _ in range(6):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d.socket)
+        for _ in range(3):
+            s.sendall(struct.pack(">I", len(body)) + body)
+        socks.append(s)
+    alice_runs_promptly(d)
+    time.sleep(4)  # write_timeout: the daemon gives up on them
+    assert d.proc is not None
+    with d.client() as c:
+        assert c.status()["connections"] == 1
+    assert rss_kb(d.proc.pid) < 200_000
+    for s in socks:
+        s.close()
+    alice_runs_promptly(d)
+
+
+def test_connection_flood_from_one_uid(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon(HOSTILE)
+    stop = threading.Event()
+    opened = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(d.socket)
+                opened[0] += 1
+            except OSError:
+                pass
+            s.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            alice_runs_promptly(d)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert opened[0] > 1000
+
+
+def test_sigkill_with_runs_in_flight_leaves_nothing_and_keeps_usage(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon({"daemon": {"workers": 16}, "pool": {"min": 2, "max": 4}})
+    lo, n = d.uid_range
+    with d.client() as c:
+        for _ in range(5):
+            c.run("pass")
+    results: list[Any] = []
+
+    def long_run() -> None:
+        try:
+            with d.client() as c:
+                results.append(c.run("import os, time\nif os.fork() == 0: time.sleep(60)\ntime.sleep(60)",
+                                     timeout_ms=30000))
+        except (ConnectionError, OSError) as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=long_run) for _ in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with d.client() as c:
+            if len(c.call("jobs")["jobs"]) == 16:
+                break
+        time.sleep(0.05)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    for t in threads:
+        t.join(10)
+    assert all(isinstance(r, (ConnectionError, OSError)) for r in results)  # no half answers
+    deadline = time.monotonic() + 5
+    while [p for p in run_uid_processes() if lo <= p[1] < lo + n] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in run_uid_processes() if lo <= p[1] < lo + n] == []  # nothing of the old runs survives
+    d.start()
+    with d.client() as c:
+        usage = c.call("usage")["users"][0]["usage"]
+        assert usage["runs_total"] == 5 + 16  # the admitted runs still count against the quota
+        assert c.run("print('back')")["stdout"] == b"back\n"
+    assert "runs were in flight when the previous daemon died" in d.log()
+
+
+def test_damaged_root_is_rebuilt_at_start(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon()
+    with d.client() as c:
+        root = c.status()["root"]["path"]
+    assert d.stop() == 0
+    os.unlink(os.path.join(root, "usr/lib/python3.11/json/__init__.py"))
+    d.start()
+    assert "is damaged" in d.log() and "rebuilding" in d.log()
+    with d.client() as c:
+        assert c.run("import json; print(json.dumps(1))")["stdout"] == b"1\n"
+
+
+def test_read_only_state_dir_keeps_serving_and_says_so(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon()
+    assert d.stop() == 0
+    subprocess.run(["mount", "--bind", d.state_dir, d.state_dir], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", d.state_dir], check=True)
+    try:
+        d.start()
+        with d.client() as c:
+            assert c.run("print(1)")["stdout"] == b"1\n"
+            assert c.status()["usage_db"] != "ok"
+    finally:
+        d.close()
+        subprocess.run(["umount", d.state_dir], check=True)
+
+
+def test_full_state_dir_keeps_serving_and_says_so(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon(start=False)
+    os.makedirs(d.state_dir)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", d.state_dir], check=True)
+    try:
+        d.start()
+        filler = os.path.join(d.state_dir, "filler")
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        with d.client() as c:
+            for _ in range(20):
+                assert c.run("print(1)")["stdout"] == b"1\n"
+            assert c.status()["usage_db"] != "ok"
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        d.close()
+        subprocess.run(["umount", "-l", d.state_dir], check=True)
+
+
+def test_self_test_refuses_a_jail_that_leaks(make_daemon: Any) -> None:
+    # A profile that lets socket() through fails the "no network" probe: the daemon must not start.
+    d: DaemonProcess = make_daemon({"profiles": {"python3": {"allow": ["socket"]}}}, start=False)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        d.start(timeout=60)
+    assert d.proc is not None and d.proc.returncode == 70
+    assert "self-test failed: the jail allowed no_socket_without_network; refusing to start" in d.log()
+    assert not os.path.exists(d.socket)
+
+
+def test_self_test_can_be_switched_off(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon({"daemon": {"self_test": False}})
+    with d.client() as c:
+        assert c.status()["self_test"] == {"enabled": False}
+
+
+def test_a_second_daemon_on_the_same_state_dir_or_cgroup_is_refused(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon()
+    twin = DaemonProcess(d.dir, merge(d.config, {}))
+    twin.socket = os.path.join(d.dir, "twin.sock")
+    twin.notify_path = os.path.join(d.dir, "twin-notify.sock")
+    twin.log_path = os.path.join(d.dir, "twin.log")
+    with pytest.raises(RuntimeError):
+        twin.start(timeout=30)
+    assert "another sandboxd is using the state directory" in twin.log()
+    with d.client() as c:
+        assert c.run("print(1)")["stdout"] == b"1\n"
