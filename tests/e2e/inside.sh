@@ -1,0 +1,190 @@
+#!/bin/bash
+# Runs inside the booted container (make e2e): install sandboxd with apt, use it the way
+# users and admins do, purge it and look for anything left behind.  Then install it again
+# for the qemu stage.  Prints one line per check; exits non-zero if any failed.
+set -uo pipefail
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+deb=/root/sandboxd.deb
+unit_dir=/lib/systemd/system
+failed=0
+
+check() {  # check NAME COMMAND...: run a check, time it, show its output if it fails
+    local name=$1 start out
+    shift
+    start=$(date +%s%N)
+    if out=$("$@" 2>&1); then
+        printf 'ok    %-44s %6d ms\n' "$name" $((($(date +%s%N) - start) / 1000000))
+        [ -z "${E2E_VERBOSE:-}" ] || printf '%s\n' "$out" | sed 's/^/      /'
+    else
+        printf 'FAIL  %-44s %6d ms\n' "$name" $((($(date +%s%N) - start) / 1000000))
+        printf '%s\n' "$out" | sed 's/^/      /'
+        failed=$((failed + 1))
+    fi
+}
+
+expect() {  # expect WANT GOT WHAT
+    [ "$1" = "$2" ] || { echo "$3: expected '$1', got '$2'"; return 1; }
+}
+
+snapshot() {  # every path outside the package manager's and the system's own state
+    find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /tmp -o -path /var/tmp \
+        -o -path /var/log -o -path /var/cache -o -path /var/lib/apt -o -path /var/lib/dpkg \
+        -o -path /var/lib/systemd -o -path /root \) -prune -o -print | sort
+}
+
+run_uid_processes() {
+    local range lo hi
+    range=$(sed -n 's/^ *run_uids: *"\{0,1\}\([0-9]*\)-\([0-9]*\).*/\1 \2/p' /etc/sandboxd/sandboxd.yaml)
+    read -r lo hi <<<"$range"
+    ps -eo uid= | awk -v lo="$lo" -v hi="$hi" '$1 >= lo && $1 <= hi' | wc -l
+}
+
+install_package() {
+    apt-get install -y -q "$deb" >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; return 1; }
+    dpkg -s sandboxd | grep -q '^Status: install ok installed'
+    expect enabled "$(systemctl is-enabled sandboxd.socket)" "socket enabled"
+    expect active "$(systemctl is-active sandboxd.socket)" "socket active"
+    # the package does not start the daemon: the first connection does
+    expect inactive "$(systemctl is-active sandboxd.service)" "service before first use"
+}
+
+socket_mode() {
+    expect "660 root sandboxd" "$(stat -c '%a %U %G' /run/sandboxd/sandboxd.sock)" "socket mode"
+}
+
+verify_units() {
+    local out
+    out=$(systemd-analyze verify "$unit_dir/sandboxd.socket" "$unit_dir/sandboxd.service" 2>&1)
+    [ -z "$out" ] || { echo "$out"; return 1; }
+}
+
+security_score() {
+    systemd-analyze security --no-pager sandboxd.service | tail -1
+}
+
+socket_activation() {
+    sandboxctl status
+    expect active "$(systemctl is-active sandboxd.service)" "service after the first connection"
+}
+
+user_run() {
+    local out uid
+    out=$(runuser -u alice -- sandboxctl run -c 'import os; print(6 * 7, os.getuid())')
+    uid=$(id -u alice)
+    read -r answer run_uid <<<"$out"
+    expect 42 "$answer" "output"
+    [ "$run_uid" != 0 ] && [ "$run_uid" != "$uid" ] || { echo "ran as uid $run_uid"; return 1; }
+}
+
+blocked_syscall_report() {
+    # The unit must not add a systemd filter whose EPERM would hide the jail's report.
+    local out
+    out=$(runuser -u alice -- sandboxctl --json run -c 'import os; os.chroot("/")')
+    echo "$out" | grep -q '"status": "blocked_syscall"' || { echo "$out"; return 1; }
+    echo "$out" | grep -q '"blocked_syscall": "chroot"' || { echo "$out"; return 1; }
+}
+
+outsider_refused() {
+    local rc=0 err
+    err=$(runuser -u mallory -- sandboxctl run -c 'print(1)' 2>&1) || rc=$?
+    expect 3 "$rc" "exit status of a refused connection"
+    echo "$err" | grep -q 'Permission denied' || { echo "$err"; return 1; }
+}
+
+status_shows_ready() {
+    local out
+    out=$(systemctl status sandboxd.service --no-pager)
+    echo "$out" | grep -q 'Active: active (running)' || { echo "$out"; return 1; }
+    echo "$out" | grep -q 'Status: "ready on /run/sandboxd/sandboxd.sock"' || { echo "$out"; return 1; }
+}
+
+reload_keeps_pid() {
+    local before after
+    before=$(systemctl show -p MainPID --value sandboxd.service)
+    systemctl reload sandboxd.service
+    after=$(systemctl show -p MainPID --value sandboxd.service)
+    expect "$before" "$after" "main pid across reload"
+    for _ in $(seq 50); do
+        journalctl -u sandboxd.service --no-pager | grep -q 'configuration reloaded' && break
+        sleep 0.1
+    done
+    journalctl -u sandboxd.service --no-pager | grep 'configuration reloaded'
+    expect 42 "$(runuser -u alice -- sandboxctl run -c 'print(42)')" "run after reload"
+}
+
+restart_new_pid() {
+    local before after
+    before=$(systemctl show -p MainPID --value sandboxd.service)
+    systemctl restart sandboxd.service
+    after=$(systemctl show -p MainPID --value sandboxd.service)
+    [ "$after" != "$before" ] && [ "$after" != 0 ] || { echo "pid $before -> $after"; return 1; }
+    expect 42 "$(runuser -u alice -- sandboxctl run -c 'print(42)')" "run after restart"
+}
+
+journal_shows_run() {
+    journalctl -u sandboxd.service --no-pager | grep -E "run r[0-9a-z-]+ uid=$(id -u alice) status=ok"
+}
+
+stop_leaves_nothing() {
+    systemctl stop sandboxd.service
+    expect inactive "$(systemctl is-active sandboxd.service)" "service after stop"
+    expect active "$(systemctl is-active sandboxd.socket)" "socket after stopping the service"
+    expect 0 "$(run_uid_processes)" "processes of run uids"
+    ! grep -E ' /(var/lib|run)/sandboxd' /proc/self/mountinfo || return 1
+    # and the next connection starts it again
+    expect 42 "$(runuser -u alice -- sandboxctl run -c 'print(42)')" "run after stop"
+}
+
+purge_leaves_nothing() {
+    userdel -r alice 2>/dev/null
+    userdel -r mallory 2>/dev/null
+    apt-get purge -y -q sandboxd >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; return 1; }
+    systemctl daemon-reload
+    local left=0
+    for g in sandboxd sandboxd-admin; do
+        ! getent group "$g" || { echo "group $g is left"; left=1; }
+    done
+    for p in /etc/sandboxd /var/lib/sandboxd /run/sandboxd "$unit_dir/sandboxd.service" \
+        "$unit_dir/sandboxd.socket" /usr/sbin/sandboxd /usr/bin/sandboxctl; do
+        [ ! -e "$p" ] || { echo "$p is left"; left=1; }
+    done
+    if systemctl list-units --all --no-legend | grep sandboxd; then left=1; fi
+    if pgrep -f sandboxd; then left=1; fi
+    expect 0 "$(run_uid_processes)" "processes of run uids" || left=1
+    # Anything new since before the install that no installed package owns: the
+    # dependencies' files are theirs (and stay, as apt leaves them), the rest must be gone.
+    snapshot >/tmp/after.txt
+    sort -u /var/lib/dpkg/info/*.list >/tmp/owned.txt
+    comm -13 /tmp/before.txt /tmp/after.txt | comm -23 - /tmp/owned.txt \
+        | grep -vE '^/etc/(passwd|group|shadow|gshadow|subuid|subgid)-$' \
+        | grep -vE '^/usr/lib/python3/dist-packages/.*__pycache__' >/tmp/new.txt || true
+    grep -E '/usr/lib/python3/dist-packages/sandboxd' /tmp/after.txt >>/tmp/new.txt || true
+    if [ -s /tmp/new.txt ]; then echo "left behind:"; cat /tmp/new.txt; left=1; fi
+    return $left
+}
+
+reinstall_for_qemu() {
+    install_package
+    useradd --create-home --groups sandboxd alice
+}
+
+snapshot >/tmp/before.txt
+useradd --create-home mallory
+check "apt install ./sandboxd.deb (Depends from the archive)" install_package
+useradd --create-home --groups sandboxd alice
+check "socket /run/sandboxd/sandboxd.sock 0660 root:sandboxd" socket_mode
+check "systemd-analyze verify: clean" verify_units
+E2E_VERBOSE=1 check "systemd-analyze security" security_score
+check "first connection starts the service" socket_activation
+check "run as alice (group sandboxd)" user_run
+check "blocked syscall is reported by name" blocked_syscall_report
+check "mallory (not in the group) is refused" outsider_refused
+check "systemctl status: running, ready" status_shows_ready
+check "systemctl reload: same pid, reloaded" reload_keeps_pid
+check "systemctl restart: new pid, runs" restart_new_pid
+check "journalctl -u sandboxd shows the runs" journal_shows_run
+check "systemctl stop: nothing left; socket restarts" stop_leaves_nothing
+check "apt purge leaves nothing behind" purge_leaves_nothing
+check "install again for the qemu stage" reinstall_for_qemu
+echo "$failed failed"
+[ "$failed" = 0 ]
