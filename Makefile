@@ -68,7 +68,7 @@ bench: dev
 # about 130,000 inputs in all.
 fuzz: dev
 	SANDBOXD_FUZZ_EXAMPLES=$${SANDBOXD_FUZZ_EXAMPLES:-25000} $(VENV)/bin/pytest -q tests/test_fuzz.py \
-		-p no:cacheprovider --durations=0
+		-p no:cacheprovider --durations=0 -rP
 
 soak: dev
 	$(VPY) tests/soak/soak.py $(SOAK_ARGS)

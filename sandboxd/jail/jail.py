@@ -179,7 +179,9 @@ class Jail:
             task.cancel()
         for worker in list(self.workers.values()):
             await worker.idle.wait()
-            self._finish_cleanup(worker)
+            self._finish_cleanup(worker, closing=True)
+        for task in list(self._cleanups):
+            task.cancel()
         if self.driver is not None:
             self.driver.close()
 
@@ -253,24 +255,41 @@ class Jail:
         try:
             await asyncio.wait_for(asyncio.shield(worker.reaped), REAP_TIMEOUT)
         except TimeoutError:
-            log.error("worker %d: not reaped %.0fs after its status pipe closed; killing its cgroup",
+            log.warning("worker %d: not reaped %.0fs after its status pipe closed; killing its cgroup",
                       worker.pid, REAP_TIMEOUT)
             worker.kill("killed")
         await worker.idle.wait()  # the run's result has read the cgroup's counters
-        for _ in range(200):  # the last task is reaped; the kernel may take a moment to notice
-            if worker.cgroup.remove():
-                break
-            await asyncio.sleep(0.01)
         self._finish_cleanup(worker)
 
-    def _finish_cleanup(self, worker: Worker) -> None:
+    def _finish_cleanup(self, worker: Worker, closing: bool = False) -> None:
         if self.workers.pop(worker.pid, None) is None:
             return
         worker.close_fds()
-        if worker.cgroup.remove(timeout=2.0):
+        if worker.cgroup.remove(timeout=2.0 if closing else 0.0):
             self.slots.release(worker.slot)
-        else:
-            log.error("worker %d: cgroup not removed; uid slot %d stays out of use", worker.pid, worker.slot.uid)
+            return
+        if closing:
+            log.error("worker %d: cgroup not removed at shutdown", worker.pid)
+            return
+        # Something of the run is still dying.  The uid slot comes back only with an empty,
+        # removed cgroup; keep trying (without blocking the loop) rather than lose the slot.
+        task = asyncio.get_running_loop().create_task(self._release_when_removed(worker))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release_when_removed(self, worker: Worker) -> None:
+        started = time.monotonic()
+        delay = 0.01  # the last task is reaped; the kernel may take a moment to notice
+        warned = False
+        while not worker.cgroup.remove():
+            waited = time.monotonic() - started
+            if waited > 30 and not warned:
+                log.error("worker %d: its cgroup is not empty %.0fs after the run; uid slot %d waits for it",
+                          worker.pid, waited, worker.slot.uid)
+                warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self.slots.release(worker.slot)
 
     # -- runs -----------------------------------------------------------------------------
     def new_run_id(self) -> str:

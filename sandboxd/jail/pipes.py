@@ -47,6 +47,12 @@ class CappedReader:
             else:
                 self.buf += chunk
 
+    def finish(self) -> None:
+        """Take what the pipe holds now and stop reading, without waiting for EOF."""
+        if self.fd >= 0:
+            self._readable()
+        self.close()
+
     def close(self) -> None:
         if self.fd >= 0:
             self.loop.remove_reader(self.fd)

@@ -27,7 +27,7 @@ from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
 STACK_BYTES = 8 << 20
-DRAIN_TIMEOUT = 5.0
+DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
 
 
 class WorkerFailed(Exception):
@@ -113,6 +113,7 @@ class Worker:
             self.killed_for = reason
         if self.proc.pidfd < 0:
             return  # already reaped and cleaned up
+        self.cgroup.unthrottle()
         try:
             signal.pidfd_send_signal(self.proc.pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -165,10 +166,17 @@ class Worker:
             timers.append(self.loop.call_later(plan.cpu_ms / 1000 / self.cpus, self._cpu_check, plan, cpu0, timers))
         try:
             await self.reported
-            try:
-                await asyncio.wait_for(asyncio.gather(out.done, err.done), DRAIN_TIMEOUT)
-            except TimeoutError:
-                log.error("run %s: output still open %.0fs after the run ended", plan.run_id, DRAIN_TIMEOUT)
+            # The runner closed its stdout and stderr before it reported, so normally both
+            # are at EOF already.  Processes it left behind may still hold them while they
+            # die (under load that took seconds for a fork bomb); what they wrote before the
+            # run ended is in the pipes: take it and stop waiting.
+            drained = asyncio.gather(out.done, err.done)
+            done, _ = await asyncio.wait([drained], timeout=DRAIN_GRACE)
+            if not done:
+                self.cgroup.unthrottle()
+                out.finish()
+                err.finish()
+                await drained
         except asyncio.CancelledError:
             self.kill("cancelled")
             raise

@@ -58,7 +58,8 @@ def client_process(sock: str, runs: int, threads: int, seed: int) -> dict[str, A
     plan = rng.choices(range(len(MIX)), weights, k=runs)
     lock = threading.Lock()
     stats: dict[str, Any] = {"sent": 0, "answered": 0, "unexpected": collections.Counter(),
-                             "statuses": collections.Counter(), "refused": collections.Counter(), "errors": []}
+                             "statuses": collections.Counter(), "refused": collections.Counter(), "errors": [],
+                             "kinds": {}}
 
     def worker(mine: list[int]) -> None:
         with Client(sock, timeout=120) as c:
@@ -80,6 +81,7 @@ def client_process(sock: str, runs: int, threads: int, seed: int) -> dict[str, A
                         stats["errors"].append(f"answer for {resp.get('id')!r}, expected {rid!r}")
                     if resp.get("ok"):
                         status = resp["result"]["status"]
+                        stats["kinds"][resp["result"]["run_id"]] = name
                         stats["statuses"][f"{name}: {status}"] += 1
                         if status not in ok:
                             stats["unexpected"][f"{name}: {status}"] += 1
@@ -144,17 +146,18 @@ def main() -> int:
         time.sleep(2)
         rss0, fds0 = daemon_tree_rss_fds(pid)
         users = ["root", "sbx-alice", "sbx-bob"]
-        per_user = args.runs // len(users)
-        threads = max(1, args.concurrency // len(users))
-        print(f"soak: {per_user * len(users)} runs at concurrency {threads * len(users)} from {', '.join(users)}")
+        runs = [args.runs // len(users) + (i < args.runs % len(users)) for i in range(len(users))]
+        threads = [max(1, args.concurrency // len(users) + (i < args.concurrency % len(users)))
+                   for i in range(len(users))]
+        print(f"soak: {sum(runs)} runs at concurrency {sum(threads)} from {', '.join(users)}")
         t0 = time.monotonic()
         procs = []
         for i, user in enumerate(users):
             pw = pwd.getpwnam(user)
             kw = {} if user == "root" else {"user": pw.pw_uid, "group": pw.pw_gid,
                                             "extra_groups": os.getgrouplist(user, pw.pw_gid)}
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", d.socket, str(per_user), str(threads),
-                                           str(i)], stdout=subprocess.PIPE, cwd="/", **kw))  # type: ignore[call-overload]
+            argv = [sys.executable, __file__, "--worker", d.socket, str(runs[i]), str(threads[i]), str(i)]
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, cwd="/", **kw))  # type: ignore[call-overload]
         results = [json.loads(p.communicate()[0]) for p in procs]
         elapsed = time.monotonic() - t0
         sent = sum(r["sent"] for r in results)
@@ -179,11 +182,17 @@ def main() -> int:
         if unexpected:
             failures.append(f"unexpected verdicts: {dict(unexpected)}")
 
-        # Let clean-up finish, then compare with the baseline.
-        time.sleep(3)
-        with Client(d.socket) as c:
-            st = c.status()
-        pooled = sum(p["ready"] + p["starting"] for p in st["pool"]["profiles"].values())
+        # Let clean-up finish (a fork bomb's cgroup takes a moment to empty), then compare.
+        settle = time.monotonic()
+        while True:
+            with Client(d.socket) as c:
+                st = c.status()
+            pooled = sum(p["ready"] + p["starting"] for p in st["pool"]["profiles"].values())
+            if st["slots"]["in_use"] == pooled or time.monotonic() - settle > 30:
+                break
+            time.sleep(0.2)
+        print(f"  clean-up settled {time.monotonic() - settle:.1f} s after the last answer")
+        time.sleep(1)
         rss1, fds1 = daemon_tree_rss_fds(pid)
         print(f"  after: daemon RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, fds {fds0} -> {fds1}, "
               f"uid slots in use {st['slots']['in_use']} (pooled workers {pooled}), "
@@ -198,6 +207,13 @@ def main() -> int:
             failures.append(f"daemon RSS grew from {rss0} to {rss1} kB")
         if uid_processes(lo, n) > 2 * pooled:
             failures.append(f"{uid_processes(lo, n)} run-uid processes for {pooled} pooled workers")
+        kinds = {rid: kind for r in results for rid, kind in r["kinds"].items()}
+        problems = [line for line in d.log().splitlines() if " ERROR " in line or "Traceback" in line]
+        for line in problems:
+            rid = next((w.rstrip(":") for w in line.split() if w.rstrip(":") in kinds), None)
+            print(f"  daemon error{f' ({kinds[rid]})' if rid else ''}: {line}")
+        if problems:
+            failures.append(f"{len(problems)} errors in the daemon's log, first: {problems[:3]}")
     finally:
         d.close()
         remove_users()
