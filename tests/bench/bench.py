@@ -383,6 +383,9 @@ def main() -> int:
         idle = results["memory_idle"]
         row("idle: daemon / fork server / pool PSS", f"{idle['daemon_pss']:.1f} / {idle['forkserver_pss']:.1f} / "
             f"{idle['pool_pss']:.1f} MiB ({idle['pool_processes']} pool processes)")
+        closed_loop(sock, 1, 1.0)
+        before = memory(d.proc.pid)  # type: ignore[union-attr]
+        results["memory_before_soak"] = before
         done = 0
         t0 = time.perf_counter()
         while done < args.soak_runs:
@@ -396,8 +399,8 @@ def main() -> int:
         results["memory_after"] = after
         row(f"after {done} runs: daemon / fork server / pool PSS",
             f"{after['daemon_pss']:.1f} / {after['forkserver_pss']:.1f} / {after['pool_pss']:.1f} MiB")
-        row("daemon RSS growth", f"{after['daemon_rss'] - idle['daemon_rss']:+.1f} MiB "
-            f"({idle['daemon_rss']:.1f} -> {after['daemon_rss']:.1f})")
+        row(f"daemon RSS growth over those {done} runs", f"{after['daemon_rss'] - before['daemon_rss']:+.1f} MiB "
+            f"({before['daemon_rss']:.1f} -> {after['daemon_rss']:.1f}; idle at start {idle['daemon_rss']:.1f})")
     finally:
         d.close()
 
