@@ -425,6 +425,11 @@ try:
 except OSError:
     found["root_read_only"] = True
 found["no_host_proc"] = not os.path.exists("/proc/1/environ")
+try:
+    os.setuid(0)
+    found["cannot_become_root"] = False
+except OSError:
+    found["cannot_become_root"] = True
 print(json.dumps(found))
 '''
 
