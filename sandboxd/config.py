@@ -91,7 +91,8 @@ class RootSettings:
     python: str = setting("/usr/bin/python3", sizes.abs_path,
                           "Interpreter the jail runs (and the fork server runs on); must be in paths.")
     paths: tuple[str, ...] = setting(DEFAULT_ROOT_PATHS, sizes.path_list,
-                                     "Host paths that appear at the same place inside the root.")
+                                     "Host paths that appear at the same place inside the root. Nothing "
+                                     "under /proc, /sys, /dev, /run, /tmp, /home, /root or /etc/sandboxd.")
     extra_paths: tuple[str, ...] = setting((), sizes.path_list,
                                            "More paths, added to paths (site-packages dirs...). Libraries "
                                            "their ELF files need are found and added automatically.")
@@ -295,9 +296,15 @@ def _parse_profiles(raw: Any, errors: list[str]) -> dict[str, ProfileSettings]:
 
 
 def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
+    from .jail.rootfs import forbidden_prefix
     from .jail.seccomp import unknown_syscalls
 
     all_paths = (*cfg.root.paths, *cfg.root.extra_paths)
+    for key, paths in (("root.paths", cfg.root.paths), ("root.extra_paths", cfg.root.extra_paths)):
+        for p in paths:
+            if prefix := forbidden_prefix(os.path.normpath(p)):
+                errors.append(f"{key}: {p} is under {prefix}, which never goes into a root (users', the "
+                              f"system's or the daemon's private files); put the libraries elsewhere, e.g. /opt")
     if not any(cfg.root.python == p or cfg.root.python.startswith(p.rstrip("/") + "/") for p in all_paths):
         errors.append(f"root.python: {cfg.root.python} is not under any of root.paths / root.extra_paths")
     for p in cfg.root.python_path:

@@ -86,6 +86,15 @@ def test_root_python_must_be_inside_the_root() -> None:
     assert errs == ["root.python: /opt/py/bin/python3 is not under any of root.paths / root.extra_paths"]
 
 
+def test_private_places_are_refused_as_root_paths() -> None:
+    errs = errors_of({"root": {"extra_paths": ["/home/alice/venv/lib/python3.11/site-packages", "/opt/ok",
+                                               "/tmp/../root/x", "/etc/sandboxd"]}})
+    assert [e.split(",")[0] for e in errs] == [
+        "root.extra_paths: /home/alice/venv/lib/python3.11/site-packages is under /home",
+        "root.extra_paths: /tmp/../root/x is under /root",
+        "root.extra_paths: /etc/sandboxd is under /etc/sandboxd"]
+
+
 def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(str(tmp_path / "missing.yaml"))

@@ -135,8 +135,8 @@ class Inventory:
         real = self._add_parents(os.path.normpath(path))
         if real is None or self.excluded(real):
             return
-        if _forbidden(real):
-            self.warnings.append(f"{real}: refusing to bring a path under {_forbidden(real)} into the root")
+        if forbidden_prefix(real):
+            self.warnings.append(f"{real}: refusing to bring a path under {forbidden_prefix(real)} into the root")
             return
         try:
             st = os.lstat(real)
@@ -243,7 +243,7 @@ class Inventory:
         return {p: s.key() for p, s in self.entries.items()}
 
 
-def _forbidden(path: str) -> str | None:
+def forbidden_prefix(path: str) -> str | None:
     for prefix in FORBIDDEN_PREFIXES:
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
