@@ -163,6 +163,25 @@ def test_rebuild_root_shows_progress_then_the_summary(make_daemon: Any) -> None:
     assert ctl(d, "run", "-c", "print('new root')").stdout == b"new root\n"
 
 
+def test_rebuilds_back_to_back_and_at_once_all_succeed(make_daemon: Any) -> None:
+    # A rebuild used to delete, when its old root was retired, the root the next one was writing.
+    d: DaemonProcess = make_daemon()
+    for _ in range(4):
+        p = ctl(d, "rebuild-root", "--json")
+        assert p.returncode == 0, p.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "sandboxd.ctl", "--socket", d.socket, "rebuild-root", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO) for _ in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with d.client() as c:
+        root = c.status()["root"]["path"]
+        assert os.path.isdir(root) and os.path.realpath(os.path.join(os.path.dirname(root), "current")) == root
+        assert c.run("import json; print(json.dumps([1]))")["stdout"] == b"[1]\n"
+    time.sleep(1.5)  # old roots go once their workers are gone; the current one stays
+    assert os.path.isdir(root)
+
+
 def test_syscalls_discovery(daemon: DaemonProcess) -> None:
     code = ("import os, fcntl\nos.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
             "try:\n    fcntl.flock(open('/tmp/l', 'w'), fcntl.LOCK_EX)\nexcept OSError as e:\n    print(e.errno)\n")

@@ -166,6 +166,38 @@ os.symlink("/etc/passwd", "out/link")
     assert r["files"] == {"result.txt": b"answer", "sub/b.bin": bytes(range(10))}  # the symlink is not followed
 
 
+def test_out_files_that_cannot_be_returned_do_not_lose_the_rest(daemon: DaemonProcess) -> None:
+    code = """
+import os
+os.makedirs("out")
+open("out/ok.txt", "w").write("ok")
+open(b"out/\\xff", "w").write("not UTF-8")     # no text name for it
+open("out/secret", "w").write("s"); os.chmod("out/secret", 0)
+for i in range(300):                           # more directories than a process has fds
+    os.makedirs(f"out/many/d{i:03}")
+open("out/many/d299/last.txt", "w").write("last")
+"""
+    r = run(daemon, code)
+    assert r["status"] == "ok", r["stderr"]
+    assert r["files"]["ok.txt"] == b"ok" and r["files"]["many/d299/last.txt"] == b"last"
+    assert "secret" not in r["files"] and r["files_truncated"] is True
+
+
+def test_a_run_cannot_forge_a_setup_failure_or_its_wall_time(daemon: DaemonProcess) -> None:
+    find = "import gc, os, time\nh = [o for o in gc.get_objects() if type(o).__name__ == 'Handoff'][0]\n"
+    r = run(daemon, find + "h.write(0, 'seccomp', 1, message='seccomp filter could not be loaded')\nos._exit(0)")
+    assert r["status"] == "ok" and r["error"] is None
+    r = run(daemon, find + "h.write(2, started_ns=time.monotonic_ns() + 10**12)\nprint('x')")
+    assert r["status"] == "ok" and 0 < r["wall_ms"] < 10_000
+
+
+def test_thousands_of_distinct_refused_calls_keep_the_report_small(daemon: DaemonProcess) -> None:
+    code = "import ctypes\nlibc = ctypes.CDLL(None)\nfor nr in range(1000, 3000): libc.syscall(nr)\nprint('done')"
+    r = run(daemon, code, timeout_ms=20000)
+    assert r["status"] == "ok" and r["stdout"] == b"done\n"
+    assert len(r["denied_syscalls"]) == 65 and r["denied_syscalls"]["(other)"] == 2000 - 64
+
+
 def test_environment_is_fresh_and_request_env_applies(daemon: DaemonProcess) -> None:
     r = run(daemon, "import os, json; print(json.dumps(dict(os.environ), sort_keys=True))", env={"GREETING": "hi"})
     env = __import__("json").loads(r["stdout"])

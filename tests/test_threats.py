@@ -304,6 +304,8 @@ import os, signal
 print(os.getpid(), os.getppid(), flush=True)
 os.kill(1, signal.SIGSTOP)     # its supervisor (pid 1 of its own namespace) ignores it
 os.kill(1, signal.SIGKILL)
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE):
+    os.kill(1, sig)            # none of them ends the supervisor (SIGINT used to: KeyboardInterrupt)
 try:
     os.kill(-1, signal.SIGKILL)  # everything it may signal: in its own namespace that is nothing
 except ProcessLookupError:
@@ -552,6 +554,11 @@ def test_20_no_cross_run_channels(d: DaemonProcess) -> None:
 import mmap, time
 shmid = libc.shmget(0x5bd, 4096, 0o1666)           # IPC_CREAT | 0666
 open("/dev/shm/sandboxd-probe", "w").write("A was here")
+import fcntl
+shared = os.open("/usr/lib/python3.11/os.py", os.O_RDONLY)  # the root's files: shared inodes
+fcntl.lockf(shared, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 1000)  # a read lock is allowed, and harmless
+null = os.open("/dev/null", os.O_RDWR)
+fcntl.lockf(null, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1000)  # on this run's own device node
 print("shm", shmid >= 0, flush=True)
 time.sleep(1.5)
 """
@@ -571,11 +578,29 @@ try:
     print("flock allowed")
 except OSError as e:
     print("flock", errno.errorcode[e.errno])
+import struct
+shared = os.open("/usr/lib/python3.11/os.py", os.O_RDONLY)
+for cmd in (fcntl.F_GETLK, 36):  # F_GETLK, F_OFD_GETLK: would show A's lock
+    try:
+        fcntl.fcntl(shared, cmd, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 1000, 1, 0))
+        print("getlk allowed")
+    except OSError as e:
+        print("getlk", errno.errorcode[e.errno])
+try:  # dnotify would show A's reads of the root's files
+    fcntl.fcntl(os.open("/usr/lib/python3.11", os.O_RDONLY), fcntl.F_NOTIFY, fcntl.DN_ACCESS)
+    print("dnotify allowed")
+except OSError as e:
+    print("dnotify", errno.errorcode[e.errno])
+null = os.open("/dev/null", os.O_RDWR)
+fcntl.lockf(null, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1000)  # A holds the same range: not the same node
+print("own /dev/null")
 """
     r = d.run(code_b)
     t.join()
     assert holder["stdout"] == b"shm True\n"
-    assert r["stdout"] == b"-1 True\nFalse\nflock EPERM\n"
+    assert r["stdout"] == (b"-1 True\nFalse\nflock EPERM\ngetlk EPERM\ngetlk EPERM\ndnotify EPERM\n"
+                           b"own /dev/null\n")
+    assert r["denied_syscalls"]["fcntl"] == 3
 
 
 # 21 ------------------------------------------------------------------------------------

@@ -108,13 +108,13 @@ def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) ->
         try:
             timings = _supervisor_setup(spec, state, fds)
             t0 = time.monotonic_ns()
-            runner_pid, handoff, listener, runner_timings = _fork_runner(spec, state)
+            runner_pid, handoff, listener, runner_timings, started_fd = _fork_runner(spec, state)
             timings["runner"] = (time.monotonic_ns() - t0) // 1000
             timings.update({f"runner.{k}": v for k, v in runner_timings.items()})
         except StepFailure as f:
             write_frame(FD_STATUS, {"t": "setup_error", "step": f.step, "errno": f.errno, "message": f.message})
             os._exit(EXIT_SETUP)
-        supervisor.supervise(spec, state, runner_pid, handoff, listener, timings)
+        supervisor.supervise(spec, state, runner_pid, handoff, listener, timings, started_fd)
     except BaseException as e:  # noqa: BLE001 - last resort: report, never fall back
         try:
             write_frame(FD_STATUS, {"t": "setup_error", "step": "supervisor", "errno": 0,
@@ -172,8 +172,9 @@ def _default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, int, dict[str, int]]:
-    """Fork R; return its pid, the handoff page, R's seccomp listener (-1 if R failed) and R's step times."""
+def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, int, dict[str, int], int]:
+    """Fork R; return its pid, the handoff page, R's seccomp listener (-1 if R failed), R's step
+    times, and the socket on which R says, just before user code, that setup is over."""
     handoff = Handoff(mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS))
     psock, rsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -193,13 +194,13 @@ def _fork_runner(spec: WorkerSpec, state: ServerState) -> tuple[int, Handoff, in
         msg, listener, _flags, _addr = socket.recv_fds(psock, 4096, 1)
     except OSError:
         msg, listener = b"", []
-    psock.close()
+    started_fd = psock.detach()
     try:
         timings = msgpack.unpackb(msg) if msg else {}
     except ValueError:
         timings = {}
     # No listener means the runner died in setup; the supervisor reports it from the handoff.
-    return pid, handoff, listener[0] if listener else -1, timings
+    return pid, handoff, listener[0] if listener else -1, timings, started_fd
 
 
 # -- R: the runner ------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         sock = socket.socket(fileno=R_FD_LISTENER_SOCK)
         socket.send_fds(sock, [msgpack.packb(timings)], [listener])
         os.close(listener)
-        sock.close()
+        sock.detach()  # kept: runtime.serve_one says "started" on it, then closes it
     except (StepFailure, OSError) as f:
         step = f.step if isinstance(f, StepFailure) else "listener"
         handoff.write(Handoff.SETUP, step, getattr(f, "errno", 0) or 0, message=str(f))

@@ -114,6 +114,7 @@ class Jail:
         self.started_at = time.time()
         self._cleanups: set[asyncio.Task[None]] = set()
         self._run_seq = 0
+        self._rebuilding = asyncio.Lock()  # root rebuilds and reconfigurations, one at a time
         self.setup_samples: collections.deque[dict[str, int]] = collections.deque(maxlen=200)
 
     @property
@@ -361,6 +362,10 @@ class Jail:
                                warnings=r["warnings"])
 
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
+        async with self._rebuilding:  # one rebuild at a time; a second waits and then reuses or rebuilds
+            return await self._rebuild_root(force, progress)
+
+    async def _rebuild_root(self, force: bool, progress: rootfs.Progress | None) -> rootfs.RootInfo:
         assert self.forkserver is not None and self.pool is not None
         info = await self.build_root(self.settings, force=force, progress=progress)
         if self.root is None or info.path != self.root.path:
@@ -385,6 +390,10 @@ class Jail:
         keeps its running workers until they end).  Either way pooled workers are
         replaced.  The uid range and cgroup placement need a restart.
         """
+        async with self._rebuilding:
+            return await self._reconfigure(new)
+
+    async def _reconfigure(self, new: JailSettings) -> list[str]:
         old = self.settings
         assert self.pool is not None and self.forkserver is not None
         changes: list[str] = []
@@ -434,12 +443,13 @@ class Jail:
         await server.stop()
 
     async def _drop_root_later(self, path: str) -> None:
-        """Delete an old root once no worker made from it is left."""
+        """Delete an old root once no worker made from it is left (that root only: another
+        rebuild may be writing its own next to it)."""
         generation = self.generation
         while any(w.generation < generation for w in self.workers.values()):
             await asyncio.sleep(0.5)
-        assert self.root is not None
-        rootfs.remove_stale_roots(self.root_base, [self.root.path])
+        if self.root is None or os.path.realpath(path) != os.path.realpath(self.root.path):
+            rootfs.remove_root(self.root_base, path)
 
     def setup_costs(self) -> dict[str, float]:
         """Median microseconds of each setup step over the last workers made."""

@@ -7,6 +7,10 @@ detached.  The helper exits; the fork server keeps the namespace alive through a
 fd.  Each worker then ``setns``-es into the template and ``unshare``-s a private copy
 that holds nothing of the host: there is no old root left to reach.
 
+Each worker also gets its own ``/dev``: a small read-only tmpfs with fresh nodes for the
+five devices, so that no inode a run can open for writing is shared with another run or
+the host (a lock on a shared /dev/null would be a channel between runs).
+
 Scratch is one tmpfs (size and inode caps) mounted at ``/.scratch``; its
 subdirectories are bound to ``/work`` (the working directory), ``/tmp``, ``/var/tmp``
 and ``/dev/shm``, and the tmpfs itself is detached, so all writable places share
@@ -16,15 +20,17 @@ the caps and vanish with the namespace.
 from __future__ import annotations
 
 import os
+import stat
 
 from . import libc
-from .layout import DEVICE_NODES, MARKER
+from .layout import DEVICE_NODES, DEVICE_NUMBERS, MARKER
 
 SCRATCH = "/.scratch"
 SCRATCH_BINDS = (("work", "/work", 0o755), ("tmp", "/tmp", 0o1777), ("shm", "/dev/shm", 0o1777))
 EXTRA_BINDS = (("tmp", "/var/tmp"),)
 RO_FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
 SCRATCH_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
 
 
 def enter_template(root: str) -> None:
@@ -54,6 +60,7 @@ def join_template(template_fd: int, unshare_flags: int) -> None:
 
 
 def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
+    _private_dev()
     opts = f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0"
     libc.mount("sandboxd-scratch", SCRATCH, "tmpfs", SCRATCH_FLAGS, opts)
     for sub, target, mode in SCRATCH_BINDS:
@@ -65,6 +72,17 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
     for sub, target in EXTRA_BINDS:
         _bind(os.path.join(SCRATCH, sub), target)
     libc.umount2(SCRATCH, libc.MNT_DETACH)
+    libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
+
+
+def _private_dev() -> None:
+    """A fresh /dev: this worker's own device nodes, and the mount point for /dev/shm."""
+    libc.mount("sandboxd-dev", "/dev", "tmpfs", DEV_FLAGS, "size=16k,nr_inodes=16,mode=0755,uid=0,gid=0")
+    for node in DEVICE_NODES:
+        path = "/dev/" + node
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(*DEVICE_NUMBERS[node]))
+        os.chmod(path, 0o666)  # mknod honours the umask
+    os.mkdir("/dev/shm", 0o755)
 
 
 def _bind(source: str, target: str) -> None:

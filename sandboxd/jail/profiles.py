@@ -25,7 +25,7 @@ PYTHON_ALLOW = (
     "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "umask",
     "truncate", "ftruncate", "fallocate", "fadvise64", "readahead", "utime", "utimes", "utimensat", "futimesat",
     "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr",
-    "sendfile", "copy_file_range", "dup", "dup2", "dup3", "pipe", "pipe2", "fcntl",
+    "sendfile", "copy_file_range", "dup", "dup2", "dup3", "pipe", "pipe2",
     # events and waiting
     "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait",
     "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "signalfd", "signalfd4",
@@ -61,7 +61,7 @@ RUNTIME_REQUIRED = (
     "read", "write", "close", "sendmsg", "recvmsg", "exit_group", "exit", "prlimit64", "rt_sigreturn",
     "rt_sigaction", "rt_sigprocmask", "brk", "mmap", "munmap", "mprotect", "openat", "mkdirat", "mkdir",
     "chdir", "fstat", "newfstatat", "lseek", "getdents64", "futex", "getpid", "clock_gettime", "ioctl",
-    "madvise", "fcntl", "dup2", "dup3", "unlink", "unlinkat", "getcwd",
+    "madvise", "dup2", "dup3", "unlink", "unlinkat", "getcwd",
 )
 
 # Refused silently with a specific errno (not reported as blocked): the caller is
@@ -78,6 +78,22 @@ IOCTL_ALLOWED = (
     0x5450,  # FIONCLEX
     0x5451,  # FIOCLEX
     0x5452,  # FIOASYNC
+)
+
+# fcntl commands user code may use (fcntl itself is argument-checked).  Left out, because
+# the root's files are shared by every run (and by the host: they are hard links):
+# F_GETLK and F_OFD_GETLK, which would let one run see another's locks on them, and
+# F_NOTIFY, which would let it watch another's reads.  Setting locks stays allowed: on a
+# read-only file only read locks can be taken, and they never conflict; device nodes are
+# each run's own.
+FCNTL_ALLOWED = (
+    0, 1, 2, 3, 4,  # F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL
+    6, 7,  # F_SETLK, F_SETLKW
+    8, 9, 10, 11, 15, 16,  # F_SETOWN, F_GETOWN, F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX
+    37, 38,  # F_OFD_SETLK, F_OFD_SETLKW
+    1024, 1025,  # F_SETLEASE, F_GETLEASE (only on files the run owns)
+    1030, 1031, 1032, 1033, 1034,  # F_DUPFD_CLOEXEC, F_SETPIPE_SZ, F_GETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS
+    1035, 1036, 1037, 1038,  # F_GET_RW_HINT, F_SET_RW_HINT, F_GET_FILE_RW_HINT, F_SET_FILE_RW_HINT
 )
 
 # prctl options user code may use.

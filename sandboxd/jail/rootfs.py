@@ -473,6 +473,13 @@ def remove_stale_roots(base: str, keep: Iterable[str]) -> list[str]:
     return removed
 
 
+def remove_root(base: str, path: str) -> None:
+    """Delete one root directory under ``base`` (nothing outside it, never ``current``)."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("root-") and os.path.dirname(os.path.realpath(path)) == os.path.realpath(base):
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sandboxd.jail.rootfs SPEC.json BASE [--force]``: build in a separate
     process (the daemon's event loop keeps serving), one JSON line per progress step, the

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from .. import protocol
 from . import limits
-from .child import EXIT_SETUP, R_FD_CTRL, ServerState, StepFailure, run_steps
+from .child import EXIT_SETUP, R_FD_CTRL, R_FD_LISTENER_SOCK, ServerState, StepFailure, run_steps
 from .spec import Handoff, RunRequest
 
 FILENAME = "<code>"
@@ -53,6 +53,9 @@ def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
             ("limits", lambda: limits.apply(request.rlimits)),
             ("files", lambda: _write_files(request.files)),
             ("environment", lambda: _environment(request)),
+            # The supervisor's proof that setup is over: a setup failure the handoff page
+            # claims after this (user code can write that page) is not believed.
+            ("started", lambda: os.write(R_FD_LISTENER_SOCK, b"S")),
             ("close_fds", lambda: os.closerange(3, 2**31 - 1)),
         ])
     except StepFailure as f:

@@ -37,7 +37,7 @@ class ProfileError(ValueError):
     pass
 
 
-CONDITIONAL = ("clone", "ioctl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat")
+CONDITIONAL = ("clone", "ioctl", "fcntl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat")
 
 
 def unfiltered(profile: Profile) -> list[str]:
@@ -120,6 +120,8 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
         _add(sc, f, sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, req))
     for opt in profile.prctls:
         _add(sc, f, sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, opt))
+    for cmd in profiles.FCNTL_ALLOWED:
+        _add(sc, f, sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, cmd))
     _add(sc, f, sc.ALLOW, "personality", sc.Arg(0, sc.EQ, 0xFFFFFFFF))
     _add(sc, f, sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, 1))  # AF_UNIX pairs reach nothing
     fifo = sc.Arg(2, sc.MASKED_EQ, 0o170000, 0o010000)

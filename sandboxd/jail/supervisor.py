@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import stat
+import sys
 import time
 from typing import Any, NoReturn
 
@@ -28,10 +29,17 @@ from .spec import Handoff, WorkerSpec
 
 OUT_DIR = "out"
 MAX_DEPTH = 8
+MAX_DENIED_NAMES = 64
+RUN_WRITABLE = ("/work", "/tmp", "/var/tmp", "/dev/shm")
 
 
 def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int,
-              timings: dict[str, int]) -> NoReturn:
+              timings: dict[str, int], started_fd: int) -> NoReturn:
+    # As the namespace's pid 1, P gets only the signals it has handlers for: none that could
+    # end it (SIGINT's KeyboardInterrupt would turn the run's verdict into a sandbox error).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Nothing P might still import may come from places the run can write.
+    sys.path[:] = [p for p in sys.path if p and not p.startswith(RUN_WRITABLE)]
     pidfd = os.pidfd_open(runner)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -91,6 +99,7 @@ def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handof
         "maxrss_kb": rusage.ru_maxrss if rusage else None,
         "end_ns": end_ns,
         "handoff": handoff.read(),
+        "started": _started(started_fd),
         "denied": [[name, c, allowed] for name, (c, allowed) in denied.items()],
         "files": {},
         "files_truncated": False,
@@ -121,10 +130,21 @@ def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str,
     else:
         name, native = state.syscall_names.get(note.nr, f"syscall {note.nr}"), True
     allow = discover and native and name not in NEVER_ALLOW
+    if name not in denied and len(denied) >= MAX_DENIED_NAMES:
+        name = "(other)"  # a run calling thousands of distinct numbers must not bloat the report
     entry = denied.setdefault(name, [0, allow])
     entry[0] += 1
     sc.respond(listener, note.id, errno.EPERM, allow=allow)
     return True
+
+
+def _started(fd: int) -> bool:
+    """Did the runner get through its setup (and so on to user code)?"""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1) == b"S"
+    except OSError:
+        return False
 
 
 def _drain(fd: int) -> None:
@@ -162,47 +182,62 @@ def _kill_rest(wait: bool) -> None:
 
 
 def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool, str | None]:
-    """Regular files under /work/out, read without following links; capped."""
+    """Regular files under /work/out, read without following links; capped.
+
+    Called once every process of the run is dead, so nothing can swap a directory for a
+    link behind our back: plain paths are safe, and only one directory is open at a time.
+    Whatever cannot be returned (unreadable, a name that is not UTF-8, too deep, over the
+    caps) is skipped and marks the result truncated; the rest still comes back.
+    """
     files: dict[str, bytes] = {}
     total = 0
     truncated = False
+    error: str | None = None
     try:
-        top = os.open(OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+        if not stat.S_ISDIR(os.lstat(OUT_DIR).st_mode):
+            return files, False, None
+    except OSError:
         return files, False, None
-    except OSError as e:
-        return files, False, f"out: {e.strerror}"
-    stack: list[tuple[int, str, int]] = [(top, "", 0)]
-    try:
-        while stack:
-            dfd, prefix, depth = stack.pop()
-            entries = sorted(os.scandir(dfd), key=lambda e: e.name)
-            for entry in entries:
-                rel = prefix + entry.name
+    stack: list[tuple[str, int]] = [("", 0)]
+    while stack:
+        rel_dir, depth = stack.pop()
+        try:
+            with os.scandir(os.path.join(OUT_DIR, rel_dir) if rel_dir else OUT_DIR) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            truncated, error = True, error or f"out/{rel_dir}: {e.strerror}"
+            continue
+        for entry in entries:
+            rel = rel_dir + entry.name
+            try:
+                rel.encode("utf-8")
                 st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    if depth + 1 >= MAX_DEPTH:
-                        truncated = True
-                        continue
-                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-                    stack.append((sub, rel + "/", depth + 1))
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                if len(files) >= max_files or total + st.st_size > max_bytes:
+            except (OSError, UnicodeError) as e:
+                truncated, error = True, error or f"out/{rel!r}: {e}"
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if depth + 1 >= MAX_DEPTH:
                     truncated = True
-                    continue
-                fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+                else:
+                    stack.append((rel + "/", depth + 1))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if len(files) >= max_files or total + st.st_size > max_bytes:
+                truncated = True
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 try:
                     data = os.read(fd, max_bytes - total + 1)
                 finally:
                     os.close(fd)
-                if total + len(data) > max_bytes:
-                    truncated = True
-                    continue
-                files[rel] = data
-                total += len(data)
-            os.close(dfd)
-    except OSError as e:
-        return files, True, f"out: {e.strerror}"
-    return files, truncated, None
+            except OSError as e:
+                truncated, error = True, error or f"out/{rel}: {e.strerror}"
+                continue
+            if total + len(data) > max_bytes:
+                truncated = True
+                continue
+            files[rel] = data
+            total += len(data)
+    return files, truncated, error

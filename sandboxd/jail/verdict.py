@@ -79,7 +79,7 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
 
     if obs.setup_error:
         return "sandbox_error", {"error": obs.setup_error, "reason": f"setup step {obs.setup_error['step']} failed"}
-    if obs.exit_frame is not None and handoff.get("phase") == 0 and not obs.killed_for:
+    if obs.exit_frame is not None and handoff.get("phase") == 0 and not frame.get("started") and not obs.killed_for:
         # The runner ended before its code started: a setup or request step failed.
         err = {"step": handoff.get("step") or "runner", "errno": handoff.get("errno", 0),
                "message": handoff.get("message") or "the runner died before user code started"}

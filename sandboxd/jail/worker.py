@@ -215,10 +215,11 @@ class Worker:
         for key, value in extra.items():
             setattr(result, key, value)
         handoff = (frame or {}).get("handoff") or {}
+        result.wall_ms = round(wall * 1000, 3)
         if frame and handoff.get("started_ns") and frame.get("end_ns"):
-            result.wall_ms = round((frame["end_ns"] - handoff["started_ns"]) / 1e6, 3)
-        else:
-            result.wall_ms = round(wall * 1000, 3)
+            inside = (frame["end_ns"] - handoff["started_ns"]) / 1e6  # the start is the run's word:
+            if 0 <= inside <= result.wall_ms:  # believed only within what the daemon saw
+                result.wall_ms = round(inside, 3)
         if stats.cpu_usage_ns is not None and cpu0 is not None:
             result.cpu_ms = round((stats.cpu_usage_ns - cpu0) / 1e6, 3)
         elif frame and frame.get("utime") is not None:
