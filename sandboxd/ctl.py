@@ -168,6 +168,8 @@ class Ctl:
     def _code(self) -> tuple[str, bool]:
         """The code, and whether it came from standard input."""
         if self.args.code is not None:
+            if self.args.file:
+                raise UsageError(f"give the code with -c or as FILE, not both (-c and {self.args.file})")
             return self.args.code, False
         if self.args.file and self.args.file != "-":
             with open(self.args.file, encoding="utf-8") as f:
@@ -291,9 +293,9 @@ def run_exit(result: dict[str, Any]) -> int:
         return EXIT_SANDBOX
     if status == "exit_nonzero" and isinstance(result.get("exit_code"), int):
         return int(result["exit_code"])
-    if result.get("signal"):
+    if status == "signaled" and result.get("signal"):
         return 128 + int(result["signal"])
-    return EXIT_RUN_FAILED
+    return EXIT_RUN_FAILED  # a limit, a timeout or a blocked call: the daemon's SIGKILL is not the program's
 
 
 def save_files(directory: str, files: dict[str, bytes]) -> None:

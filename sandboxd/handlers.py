@@ -97,8 +97,12 @@ async def op_usage(app: Daemon, call: Call) -> dict[str, Any]:
     who, req = call.who, call.req
     target = req.get("uid", req.get("user"))
     now = time.time()
-    if target is None:
-        uids = [who.uid] if not (req.get("all") and app.is_admin(who)) else app.usage.known_uids()
+    if req.get("all"):
+        if not app.is_admin(who):
+            raise errors.forbidden("the usage of all users is for admins")
+        uids = app.usage.known_uids()
+    elif target is None:
+        uids = [who.uid]
     else:
         uid = app.resolve_uid(target)
         if uid != who.uid and not app.is_admin(who):
@@ -223,6 +227,32 @@ HANDLERS: dict[str, tuple[str, Handler]] = {
 }
 
 
+# The fields of every operation but run and syscalls (whose fields plan.py checks), with
+# the types they take.  Anything else is refused, naming the field.
+INT, STR, BOOL = (int,), (str,), (bool,)
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {}, "status": {}, "jobs": {}, "reload": {},
+    "usage": {"uid": INT, "user": (str, int), "all": BOOL},
+    "kill": {"run_id": STR},
+    "root_why": {"module": STR},
+    "rebuild_root": {"progress": BOOL, "force": BOOL},
+}
+TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, int): "a name or a uid"}
+
+
+def check_fields(op: str, req: dict[Any, Any]) -> None:
+    fields = FIELDS.get(op)
+    if fields is None:
+        return
+    plan.check_unknown(req, ("op", "id", *fields))
+    for name, types in fields.items():
+        value = req.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise errors.bad_request(name, f"expected {TYPE_NAMES[types]}, got {type(value).__name__}")
+
+
 async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
     op = call.req.get("op")
     if not isinstance(op, str):
@@ -230,6 +260,9 @@ async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
     entry = HANDLERS.get(op)
     if entry is None:
         raise RequestError(errors.UNKNOWN_OP, f"unknown operation {op!r}", known=sorted(HANDLERS))
+    check_fields(op, call.req)
+    if op != "status":  # status stays answerable while stopping; it says so
+        app.check_available()
     access, handler = entry
     if access == ADMIN and not app.is_admin(call.who):
         raise errors.forbidden(f"{op} is for root and members of the admin group")

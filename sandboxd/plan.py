@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .config import LANGUAGES, Config, QuotaLimits
@@ -36,16 +36,19 @@ def _int(req: Mapping[str, Any], name: str, default: int, lo: int) -> int:
     return int(value)
 
 
-def _check_unknown(req: Mapping[str, Any]) -> None:
+def check_unknown(req: Mapping[Any, Any], known: Sequence[str]) -> None:
+    """Refuse a field the operation does not have, naming it (and the closest known one)."""
     for key in req:
-        if key not in RUN_FIELDS:
-            hint = difflib.get_close_matches(str(key), RUN_FIELDS, n=1)
-            raise bad_request(str(key), "unknown field" + (f" (did you mean {hint[0]}?)" if hint else ""),
-                              known=list(RUN_FIELDS))
+        if not isinstance(key, str):
+            raise bad_request(repr(key), "field names are strings")
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise bad_request(key, "unknown field" + (f" (did you mean {hint[0]}?)" if hint else ""),
+                              known=list(known))
 
 
 def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str) -> RunPlan:
-    _check_unknown(req)
+    check_unknown(req, RUN_FIELDS)
     code = req.get("code")
     if not isinstance(code, str):
         raise bad_request("code", "required, a string" if code is None else

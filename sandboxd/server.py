@@ -175,9 +175,6 @@ class Connection:
                 return
             if not await self._send(response):
                 return
-            if not self.server.accepting and pending is not None and not pending.done():
-                pending.cancel()
-                return
 
     async def _handle(self, body: bytes) -> tuple[dict[str, Any] | None, asyncio.Task[bytes | None] | None]:
         """Decode and dispatch one frame while watching for the next header (or EOF)."""

@@ -207,7 +207,7 @@ class UsageStore:
         self._write(("DELETE FROM minutes WHERE minute < ?", (int((now - WINDOW) // 60),)))
 
     def snapshot(self, uid: int, now: float) -> dict[str, object]:
-        u = self.uids[uid]
+        u = self.uids.get(uid) or UidUsage()  # looking does not create an entry
         return {
             "runs_total": u.runs_total,
             "cpu_ms_total": round(u.cpu_ms_total, 3),

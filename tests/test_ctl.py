@@ -55,6 +55,11 @@ def test_run_mirrors_the_program(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert p.returncode == 1 and "sandboxd: timeout" in p.stderr.decode()
     p = ctl(daemon, "run", "-c", "import os; os.chroot('/')")
     assert p.returncode == 1 and "blocked syscall chroot" in p.stderr.decode()
+    p = ctl(daemon, "run", "--memory", "32", "-c", "a = []\nwhile True: a.append(bytearray(1 << 20))")
+    assert p.returncode == 1 and "sandboxd: memory_limit" in p.stderr.decode()  # not 128+9: a limit, not the program
+    code_file = tmp_path / "job.py"
+    code_file.write_text("print(1)")
+    assert ctl(daemon, "run", "-c", "print(2)", str(code_file)).returncode == 2  # which code? a usage error
 
 
 def test_run_inputs_outputs_and_json(daemon: DaemonProcess, tmp_path: Path) -> None:

@@ -150,6 +150,13 @@ def test_bad_frames_and_requests_are_answered(daemon: DaemonProcess) -> None:
     send(s, {"op": "run", "id": 4, "code": "1", "timeout_ms": 10**9})
     resp = recv_frame(s)
     assert error_code(resp) == "forbidden" and resp["error"]["field"] == "timeout_ms"
+    for req, field in (({"op": "hello", "bogus": 1}, "bogus"), ({"op": "status", "verbose": True}, "verbose"),
+                       ({"op": "usage", "uid": "0"}, "uid"), ({"op": "usage", "all": "yes"}, "all"),
+                       ({"op": "kill", "run_id": 7}, "run_id"), ({"op": "rebuild_root", "progress": 1}, "progress"),
+                       ({1: 2, "op": "hello"}, "1")):
+        send(s, req)  # every operation names a field it does not have, or a wrong type
+        resp = recv_frame(s)
+        assert error_code(resp) == "bad_request" and resp["error"]["field"] == field, (req, resp)
     send(s, {"op": "hello", "id": 5})  # the connection still works after all of that
     assert recv_frame(s)["ok"] is True
     s.close()
@@ -183,9 +190,13 @@ def test_unavailable_while_shutting_down(make_daemon: Any) -> None:
     time.sleep(0.4)
     d.signal(signal.SIGTERM)
     time.sleep(0.3)
-    with pytest.raises(SandboxdError) as e:
-        c.run("print(1)")
-    assert e.value.code == "unavailable"
+    requests: list[tuple[str, dict[str, Any]]] = [("run", {"code": "print(1)"}), ("hello", {}), ("usage", {}),
+                                                  ("jobs", {})]
+    for op, fields in requests:
+        with pytest.raises(SandboxdError) as e:  # new requests on a connection that is open
+            c.call(op, **fields)
+        assert e.value.code == "unavailable", op
+    assert c.status()["stopping"] is True  # status still answers, and says so
     c.close()
     t.join()
     assert d.proc is not None and d.proc.wait(10) == 0
@@ -216,9 +227,10 @@ def test_socket_group_controls_who_may_connect(daemon: DaemonProcess, test_users
 
 def test_admin_ops_are_forbidden_for_others(daemon: DaemonProcess) -> None:
     out = call_as("sbx-alice", daemon.socket, [{"op": op, "id": op} for op in ("jobs", "reload", "rebuild_root")]
-                  + [{"op": "usage", "user": "root"}, {"op": "usage"}, {"op": "status"}])
+                  + [{"op": "usage", "user": "root"}, {"op": "usage"}, {"op": "status"}, {"op": "usage", "all": True}])
     r = out["responses"]
     assert [error_code(x) for x in r[:4]] == ["forbidden"] * 4
+    assert error_code(r[6]) == "forbidden"  # everyone's usage is for admins
     assert r[4]["ok"] and r[4]["users"][0]["user"] == "sbx-alice"
     assert r[5]["ok"] and "callers" not in r[5]  # only admins see everyone
 
