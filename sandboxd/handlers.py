@@ -192,7 +192,7 @@ async def op_root_why(app: Daemon, call: Call) -> dict[str, Any]:
     run_path = list(app.jail.forkserver_info.get("run_path") or [])
     if root is None:
         raise RequestError(errors.UNAVAILABLE, "the root is not built yet")
-    report = rootwhy.explain(module, root.path, run_path)
+    report = rootwhy.explain(module, root.path, run_path, private_ok=app.is_admin(call.who))
     probe = {"code": f"import importlib\nm = importlib.import_module({module!r})\nprint(getattr(m, '__file__', m))",
              "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
     result = await execute(app, call.who, probe)
@@ -266,4 +266,6 @@ async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
     access, handler = entry
     if access == ADMIN and not app.is_admin(call.who):
         raise errors.forbidden(f"{op} is for root and members of the admin group")
+    if op in ("status", "usage", "kill") and not app.is_admin(call.who):
+        app.limits_for(call.who)  # with deny_unlisted, an unlisted caller may do nothing (the others check it)
     return await handler(app, call)

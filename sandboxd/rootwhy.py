@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import sys
 import sysconfig
 from typing import Any
@@ -60,8 +61,26 @@ def extensions(path: str, prefix: str) -> list[str]:
     return sorted(out)
 
 
-def explain(name: str, root: str, run_path: list[str]) -> dict[str, Any]:
-    """Everything ``sandboxctl root why`` prints, as data."""
+def _public(path: str) -> bool:
+    """Could anyone find this path (every directory searchable, the file readable by others)?"""
+    parts = os.path.abspath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        try:
+            mode = os.stat("/".join(parts[:i]) or "/").st_mode
+        except OSError:
+            return False
+        needed = stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
+        if not mode & needed:
+            return False
+    return True
+
+
+def explain(name: str, root: str, run_path: list[str], private_ok: bool = False) -> dict[str, Any]:
+    """Everything ``sandboxctl root why`` prints, as data.
+
+    The daemon looks on the host as root; unless ``private_ok`` (an admin asked), a place
+    on the host is named only if any user could have found it there.
+    """
     v = f"{sys.version_info.major}.{sys.version_info.minor}"
     report: dict[str, Any] = {"module": name, "root": root, "searched": run_path, "found": None,
                               "extensions": [], "missing_libraries": {}, "advice": []}
@@ -69,6 +88,8 @@ def explain(name: str, root: str, run_path: list[str]) -> dict[str, Any]:
     if found is None:
         host_dirs = [d.format(v=v) for d in HOST_SITE_DIRS] + [p for p in sys.path if p.startswith("/")]
         on_host = find_module(name, list(dict.fromkeys(host_dirs)))
+        if on_host and not (private_ok or _public(on_host)):
+            on_host = None
         report["on_host"] = on_host
         if on_host:
             top = os.path.dirname(on_host) if os.path.isfile(on_host) else on_host

@@ -54,7 +54,9 @@ class Window:
             self.prune(ts)
 
     def prune(self, now: float) -> None:
-        while self.buckets and self.buckets[0][0] + self.resolution <= now - self.span:
+        # A bucket leaves the window ``span`` after it began: usage counts for at most
+        # ``span`` (an hour's budget frees within the hour), at least span - resolution.
+        while self.buckets and self.buckets[0][0] <= now - self.span:
             self.buckets.popleft()
 
     def total(self, now: float) -> float:
@@ -69,7 +71,7 @@ class Window:
                 break
             total -= amount
             if total < limit:
-                return start + self.resolution + self.span
+                return start + self.span
         return now
 
 

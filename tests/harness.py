@@ -75,6 +75,7 @@ class DaemonProcess:
         self.config = merge(merge(BASE_CONFIG, own), overrides or {})
         self.write_config(self.config)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.wrapper: list[str] = []  # a command the daemon is started under (e.g. setpriv)
         self.notify: socket.socket | None = None
         self.messages: list[str] = []
 
@@ -91,7 +92,7 @@ class DaemonProcess:
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
+                [*self.wrapper, sys.executable, "-m", "sandboxd.daemon", "--foreground", "--config", self.config_path,
                  "--socket", self.socket, "--state-dir", self.state_dir],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, preexec_fn=_die_with_parent)
         if not self.wait_for("READY=1", timeout):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import threading
@@ -221,6 +222,23 @@ def test_root_why(make_daemon: Any) -> None:
     assert "add /usr/lib/python3/dist-packages/yaml to root.extra_paths" in out
     data = js(ctl(d, "root", "why", "numpy", "--json"))
     assert data["importable"] is True and data["missing_libraries"] == {} and len(data["extensions"]) > 5
+
+
+def test_root_why_names_private_host_places_only_to_admins(daemon: DaemonProcess) -> None:
+    name = f"sbxtest_private_{os.getpid()}"
+    private = Path("/opt") / name
+    private.mkdir(mode=0o700)
+    try:
+        (private / "__init__.py").write_text("SECRET = 1\n")
+        admin = js(ctl(daemon, "root", "why", name, "--json"))
+        assert admin["on_host"] == str(private)
+        other = js(ctl(daemon, "root", "why", name, "--json", user="sbx-alice"))
+        assert other["on_host"] is None and name not in " ".join(other["advice"]).replace(f"{name} is", "")
+        private.chmod(0o755)
+        (private / "__init__.py").chmod(0o644)
+        assert js(ctl(daemon, "root", "why", name, "--json", user="sbx-alice"))["on_host"] == str(private)
+    finally:
+        shutil.rmtree(private)
 
 
 @pytest.mark.parametrize("module", ["../etc", "os;rm", ""])

@@ -84,7 +84,7 @@ def test_rate_limit_gives_retry_after() -> None:
     with pytest.raises(RequestError) as e:
         adm.check_budget(9, limits)
     assert e.value.code == "quota_exceeded" and e.value.details["limit"] == "runs_per_minute"
-    assert 25_000 < e.value.details["retry_after_ms"] <= 31_000  # 1 s buckets
+    assert 24_000 < e.value.details["retry_after_ms"] <= 30_000  # 1 s buckets
 
 
 def test_cpu_budget_gives_retry_after() -> None:
@@ -97,7 +97,7 @@ def test_cpu_budget_gives_retry_after() -> None:
         Admission(4, 4, 1.0, usage).check_budget(9, limits)
     assert e.value.details["limit"] == "cpu_seconds_per_hour"
     # when the first 1.5 s leave the hour (1-minute buckets)
-    assert 2_995_000 < e.value.details["retry_after_ms"] < 3_061_000
+    assert 2_935_000 < e.value.details["retry_after_ms"] <= 3_000_000
 
 
 def test_usage_memory_is_bounded_under_load() -> None:

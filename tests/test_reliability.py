@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -17,7 +18,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import call_as
+from conftest import call_as, require
 from harness import DaemonProcess, merge
 from test_threats import run_uid_processes
 
@@ -248,6 +249,23 @@ def test_self_test_refuses_a_jail_that_leaks(make_daemon: Any) -> None:
     assert d.proc is not None and d.proc.returncode == 70
     assert "self-test failed: the jail allowed no_socket_without_network; refusing to start" in d.log()
     assert not os.path.exists(d.socket)
+
+
+def test_without_cap_mknod_runs_work_and_the_shared_dev_is_reported(make_daemon: Any) -> None:
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+    d: DaemonProcess = make_daemon(start=False)
+    d.wrapper = ["setpriv", "--bounding-set", "-mknod", "--"]
+    d.start()
+    with d.client() as c:
+        assert c.status()["self_test"]["notes"] == {"private_dev": False}
+        assert c.run("open('/dev/null', 'w').write('x'); print(len(open('/dev/urandom', 'rb').read(4)))")[
+            "stdout"] == b"4\n"
+    assert "device nodes cannot be made here" in d.log()
+
+
+def test_own_device_nodes_in_the_normal_case(daemon: DaemonProcess) -> None:
+    with daemon.client() as c:
+        assert c.status()["self_test"]["notes"] == {"private_dev": True}
 
 
 def test_self_test_can_be_switched_off(make_daemon: Any) -> None:

@@ -60,7 +60,7 @@ def join_template(template_fd: int, unshare_flags: int) -> None:
 
 
 def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
-    _private_dev()
+    private_dev = _private_dev()
     opts = f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0"
     libc.mount("sandboxd-scratch", SCRATCH, "tmpfs", SCRATCH_FLAGS, opts)
     for sub, target, mode in SCRATCH_BINDS:
@@ -72,17 +72,28 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
     for sub, target in EXTRA_BINDS:
         _bind(os.path.join(SCRATCH, sub), target)
     libc.umount2(SCRATCH, libc.MNT_DETACH)
-    libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
+    if private_dev:
+        libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
 
 
-def _private_dev() -> None:
-    """A fresh /dev: this worker's own device nodes, and the mount point for /dev/shm."""
+def _private_dev() -> bool:
+    """A fresh /dev: this worker's own device nodes, and the mount point for /dev/shm.
+
+    Where device nodes cannot be made (no CAP_MKNOD, e.g. a unit with PrivateDevices=yes)
+    the template's /dev stays, with the host's nodes bound in: runs work, but share those
+    inodes (the daemon's self-test reports it).
+    """
     libc.mount("sandboxd-dev", "/dev", "tmpfs", DEV_FLAGS, "size=16k,nr_inodes=16,mode=0755,uid=0,gid=0")
-    for node in DEVICE_NODES:
-        path = "/dev/" + node
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(*DEVICE_NUMBERS[node]))
-        os.chmod(path, 0o666)  # mknod honours the umask
+    try:
+        for node in DEVICE_NODES:
+            path = "/dev/" + node
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(*DEVICE_NUMBERS[node]))
+            os.chmod(path, 0o666)  # mknod honours the umask
+    except PermissionError:
+        libc.umount2("/dev", libc.MNT_DETACH)
+        return False
     os.mkdir("/dev/shm", 0o755)
+    return True
 
 
 def _bind(source: str, target: str) -> None:

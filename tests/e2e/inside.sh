@@ -84,6 +84,15 @@ blocked_syscall_report() {
     echo "$out" | grep -q '"blocked_syscall": "chroot"' || { echo "$out"; return 1; }
 }
 
+own_device_nodes() {
+    # Under the unit's device policy each run still gets its own /dev nodes (CAP_MKNOD kept).
+    local out
+    out=$(sandboxctl --json status)
+    echo "$out" | grep -q '"private_dev": true' || { echo "$out" | grep -A3 self_test; return 1; }
+    out=$(runuser -u alice -- sandboxctl run -c 'import os; open("/dev/null", "w").write("x"); print(os.stat("/dev/null").st_dev == os.stat("/dev").st_dev)')
+    [ "$out" = "True" ] || { echo "$out"; return 1; }
+}
+
 outsider_refused() {
     local rc=0 err
     err=$(runuser -u mallory -- sandboxctl run -c 'print(1)' 2>&1) || rc=$?
@@ -178,6 +187,7 @@ E2E_VERBOSE=1 check "systemd-analyze security" security_score
 check "first connection starts the service" socket_activation
 check "run as alice (group sandboxd)" user_run
 check "blocked syscall is reported by name" blocked_syscall_report
+check "each run has its own device nodes" own_device_nodes
 check "mallory (not in the group) is refused" outsider_refused
 check "systemctl status: running, ready" status_shows_ready
 check "systemctl reload: same pid, reloaded" reload_keeps_pid
