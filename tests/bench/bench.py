@@ -112,6 +112,8 @@ class SpawnBaseline:
                 f.add_rule(sc.ALLOW, name)
             except (RuntimeError, ValueError, OSError):
                 pass
+        for cmd in profiles.FCNTL_ALLOWED:  # fcntl is argument-checked, as in the jail's profile
+            f.add_rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, cmd))
         f.add_rule(sc.ERRNO(38), "clone3")
         f.add_rule(sc.ALLOW, "clone")
         r, w = os.pipe()
