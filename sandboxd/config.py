@@ -116,7 +116,7 @@ class JailConfig:
         True, sizes.boolean, "Remount cgroup2 with favordynmods (Linux 6.0+): a worker joins its cgroup in "
         "0.2 ms instead of 5 ms; fork/exit get slightly dearer host-wide. Global, so off leaves the mount alone.")
     cpus: float = setting(1.0, sizes.float_range(0.01, 1024.0), "CPU bandwidth of one run, in CPUs.")
-    address_space_slack: int = setting(1 << 30, sizes.byte_size,
+    address_space_slack: int = setting(4 << 30, sizes.byte_size,
                                        "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")
     preload: tuple[str, ...] = setting((), sizes.name_list,
                                        "Modules imported once in the fork server (administrator only).")

@@ -409,6 +409,25 @@ def test_sigterm_lets_runs_finish_then_exits_zero(make_daemon: Any) -> None:
     assert any("STOPPING=1" in m for m in d.messages)
 
 
+def test_sigterm_to_the_whole_process_group_still_drains(make_daemon: Any) -> None:
+    # Ctrl-C in a terminal, `timeout`, or `kill -- -PGID` reach the fork server too: it must
+    # leave ending to the daemon, and the daemon must not wait for reports that cannot come.
+    d: DaemonProcess = make_daemon({"daemon": {"shutdown_grace": "5s"}}, start=False)
+    d.wrapper = ["setsid"]  # its own process group, so the test can signal the whole group
+    d.start()
+    finished: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: finished.update(d.run("import time; time.sleep(0.5); print('done')")))
+    t.start()
+    time.sleep(0.2)
+    assert d.proc is not None
+    t0 = time.monotonic()
+    os.killpg(d.proc.pid, signal.SIGTERM)
+    t.join(10)
+    assert finished["status"] == "ok" and finished["stdout"] == b"done\n"
+    assert d.proc.wait(10) == 0 and time.monotonic() - t0 < 3
+    assert "fork server exited unexpectedly" not in d.log()
+
+
 def test_sigterm_kills_runs_past_the_grace_period(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon({"daemon": {"shutdown_grace": "1s"}})
     result: dict[str, Any] = {}

@@ -302,6 +302,11 @@ def _status_kb(field: str) -> int:
 
 def main(fd: int) -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The daemon alone decides when the fork server ends (it closes the socket, or dies and
+    # PDEATHSIG follows): a Ctrl-C or a SIGTERM sent to the whole process group must not
+    # take it away while the daemon is still draining runs.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     libc.set_name("sbx-forkserver")
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)

@@ -173,7 +173,9 @@ class Jail:
         for worker in list(self.running.values()):
             worker.kill("killed")
         if self._cleanups:
-            await asyncio.wait(list(self._cleanups), timeout=REAP_TIMEOUT)
+            # Reaps are reported by the fork server: without it, waiting would only take time.
+            alive = self.forkserver is not None and self.forkserver.alive
+            await asyncio.wait(list(self._cleanups), timeout=REAP_TIMEOUT if alive else 0.5)
         if self.forkserver:
             await self.forkserver.stop()  # it kills and reaps whatever is left
         for task in list(self._cleanups):
