@@ -8,6 +8,8 @@ something this host lacks is skipped with the reason, unless SANDBOXD_MUST_WORK=
 from __future__ import annotations
 
 import base64
+import contextlib
+import glob
 import json
 import os
 import pwd
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import HERE, USERS, DaemonProcess, daemon_dir, ensure_test_users
+from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, daemon_dir, ensure_test_users
 
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
 
@@ -72,6 +74,24 @@ def b64(data: bytes) -> dict[str, str]:
 
 def unb64(obj: Any) -> bytes:
     return base64.b64decode(obj["b64"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cgroups_left_behind() -> Iterator[None]:
+    """Daemons remove their cgroups; a jail run inside this process (test_22) may leave its
+    (empty) parents, with this process still in them.  Leave the host as we found it."""
+    yield
+    for hierarchy in [*glob.glob("/sys/fs/cgroup/*/"), "/sys/fs/cgroup/"]:
+        leftovers = sorted(glob.glob(os.path.join(hierarchy, CGROUP_PARENT + "*")), reverse=True)
+        for path in leftovers:
+            for top, dirs, _files in os.walk(path, topdown=False):
+                with contextlib.suppress(OSError), open(os.path.join(top, "cgroup.procs")) as f:
+                    if str(os.getpid()) in f.read().split():
+                        with open(os.path.join(hierarchy, "cgroup.procs"), "w") as out:
+                            out.write(str(os.getpid()))
+                for d in [*dirs, ""]:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(top, d))
 
 
 @pytest.fixture(scope="session")
