@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from . import sizes
+from .jail.layout import FORBIDDEN_PREFIXES, forbidden_prefix, under
 
 DEFAULT_CONFIG = "/etc/sandboxd/sandboxd.yaml"
 LANGUAGES = ("python3",)
@@ -92,7 +93,7 @@ class RootSettings:
                           "Interpreter the jail runs (and the fork server runs on); must be in paths.")
     paths: tuple[str, ...] = setting(DEFAULT_ROOT_PATHS, sizes.path_list,
                                      "Host paths that appear at the same place inside the root. Nothing "
-                                     "under /proc, /sys, /dev, /run, /tmp, /home, /root or /etc/sandboxd.")
+                                     f"under {', '.join(FORBIDDEN_PREFIXES)}.")
     extra_paths: tuple[str, ...] = setting((), sizes.path_list,
                                            "More paths, added to paths (site-packages dirs...). Libraries "
                                            "their ELF files need are found and added automatically.")
@@ -296,7 +297,6 @@ def _parse_profiles(raw: Any, errors: list[str]) -> dict[str, ProfileSettings]:
 
 
 def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
-    from .jail.rootfs import forbidden_prefix
     from .jail.seccomp import unknown_syscalls
 
     all_paths = (*cfg.root.paths, *cfg.root.extra_paths)
@@ -305,11 +305,10 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
             if prefix := forbidden_prefix(os.path.normpath(p)):
                 errors.append(f"{key}: {p} is under {prefix}, which never goes into a root (users', the "
                               f"system's or the daemon's private files); put the libraries elsewhere, e.g. /opt")
-    if not any(cfg.root.python == p or cfg.root.python.startswith(p.rstrip("/") + "/") for p in all_paths):
+    if not any(under(cfg.root.python, p) for p in all_paths):
         errors.append(f"root.python: {cfg.root.python} is not under any of root.paths / root.extra_paths")
     for p in cfg.root.python_path:
-        inside = any(p == q or p.startswith(q.rstrip("/") + "/") or q.startswith(p.rstrip("/") + "/")
-                     for q in all_paths)
+        inside = any(under(p, q) or under(q, p) for q in all_paths)
         if not inside:
             errors.append(f"root.python_path: {p} holds nothing of root.paths / root.extra_paths")
     if cfg.pool.min > cfg.pool.max:

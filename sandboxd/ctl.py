@@ -14,7 +14,7 @@ from typing import Any
 
 from . import render
 from .client import Client, SandboxdError, default_socket
-from .config import ConfigError, load
+from .config import DEFAULT_CONFIG, ConfigError, load
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # the run did not succeed (run mirrors exit codes and signals instead when it can)
@@ -120,7 +120,7 @@ class Ctl:
         return EXIT_OK
 
     def check_config(self) -> int:
-        path = self.args.file or "/etc/sandboxd/sandboxd.yaml"
+        path = self.args.file or DEFAULT_CONFIG
         try:
             cfg = load(path)
         except ConfigError as e:
@@ -179,20 +179,20 @@ class Ctl:
     def _run_fields(self, code_from_stdin: bool) -> dict[str, Any]:
         a = self.args
         stdin = b""
-        if getattr(a, "stdin_file", None):
+        if a.stdin_file:
             with open(a.stdin_file, "rb") as f:
                 stdin = f.read()
         elif not code_from_stdin and not sys.stdin.isatty():
             stdin = sys.stdin.buffer.read()  # the code came from elsewhere: our stdin is the run's
         files = {}
-        for spec in getattr(a, "file_input", None) or []:
+        for spec in a.file_input or []:
             name, sep, path = spec.partition("=")
             if not sep:
                 raise UsageError(f"--file expects NAME=PATH, got {spec!r}")
             with open(path, "rb") as f:
                 files[name] = f.read()
         env = {}
-        for spec in getattr(a, "env", None) or []:
+        for spec in a.env or []:
             name, sep, value = spec.partition("=")
             if not sep:
                 raise UsageError(f"--env expects NAME=VALUE, got {spec!r}")
@@ -206,13 +206,13 @@ class Ctl:
             fields["timeout_ms"] = int(a.timeout * 1000)
         if a.memory:
             fields["memory_mb"] = a.memory
-        if getattr(a, "network", False):
+        if a.network:
             fields["network"] = True
         return fields
 
     def run(self) -> int:
         code, from_stdin = self._code()
-        result = self.client.call("run", code=code, **self._run_fields(from_stdin))["result"]
+        result = self.client.run(code, **self._run_fields(from_stdin))
         if self.args.json:
             print(render.to_json(result))
         else:
@@ -235,7 +235,7 @@ class Ctl:
             if reply["missing"]:
                 lines.append(f"system calls the {reply['profile']} profile does not allow (let through this once):")
                 lines.append(render.table(["syscall", "count"], [(m["name"], m["count"]) for m in reply["missing"]]))
-                lines.append("\nadd to /etc/sandboxd/sandboxd.yaml, then `sandboxctl reload`:\n")
+                lines.append(f"\nadd to {DEFAULT_CONFIG}, then `sandboxctl reload`:\n")
                 lines.append(reply["yaml"].rstrip())
             else:
                 lines.append(f"the {reply['profile']} profile allows every system call this code made")
@@ -331,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--all", action="store_true", help="every user the daemon has seen (admin)")
     add("reload", "re-read the daemon's configuration (admin)", "reload")
     add("check-config", "validate a configuration file without touching the daemon", "check_config").add_argument(
-        "file", nargs="?", help="default /etc/sandboxd/sandboxd.yaml")
+        "file", nargs="?", help=f"default {DEFAULT_CONFIG}")
     add("rebuild-root", "rebuild the root from the configured paths (admin)", "rebuild_root").add_argument(
         "--if-changed", action="store_true", help="reuse the current root when its sources are unchanged")
     for name, method, helptext in (("run", "run", "run code from a file, -c CODE or standard input"),

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger("sandboxd.run")
-OPEN, ADMIN = "open", "admin"
 
 
 @dataclass
@@ -60,8 +59,8 @@ async def op_run(app: Daemon, call: Call) -> dict[str, Any]:
 
 
 async def execute(app: Daemon, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]:
-    """Admit and run one request; the result record plus run_id."""
-    app.check_available()
+    """Admit and run one request; the result record plus run_id (dispatch has checked that
+    the daemon is not stopping)."""
     limits = app.limits_for(who)
     run_id = app.jail.new_run_id()
     run_plan = plan.build(req, limits, app.config, run_id)
@@ -213,39 +212,44 @@ def _last_line(data: bytes) -> str:
     return lines[-1] if lines else ""
 
 
-HANDLERS: dict[str, tuple[str, Handler]] = {
-    "hello": (OPEN, op_hello),
-    "run": (OPEN, op_run),
-    "status": (OPEN, op_status),
-    "usage": (OPEN, op_usage),
-    "kill": (OPEN, op_kill),
-    "root_why": (OPEN, op_root_why),
-    "jobs": (ADMIN, op_jobs),
-    "reload": (ADMIN, op_reload),
-    "rebuild_root": (ADMIN, op_rebuild_root),
-    "syscalls": (ADMIN, op_syscalls),
-}
-
-
-# The fields of every operation but run and syscalls (whose fields plan.py checks), with
-# the types they take.  Anything else is refused, naming the field.
+# Who may call an operation:
+#   QUOTA   callers with a quota (the handler looks it up: a deny_unlisted refusal comes from there)
+#   LISTED  callers with a quota, and admins
+#   ADMIN   root and members of daemon.admin_group
+QUOTA, LISTED, ADMIN = "quota", "listed", "admin"
 INT, STR, BOOL = (int,), (str,), (bool,)
-FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
-    "hello": {}, "status": {}, "jobs": {}, "reload": {},
-    "usage": {"uid": INT, "user": (str, int), "all": BOOL},
-    "kill": {"run_id": STR},
-    "root_why": {"module": STR},
-    "rebuild_root": {"progress": BOOL, "force": BOOL},
-}
 TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, int): "a name or a uid"}
 
 
-def check_fields(op: str, req: dict[Any, Any]) -> None:
-    fields = FIELDS.get(op)
-    if fields is None:
+@dataclass(frozen=True)
+class Op:
+    access: str
+    handler: Handler
+    # The fields it takes, with their types; None where plan.py checks them (run, syscalls).
+    fields: dict[str, tuple[type, ...]] | None = None
+    while_stopping: bool = False  # answered during shutdown (status says it is stopping)
+
+
+HANDLERS: dict[str, Op] = {
+    "hello": Op(QUOTA, op_hello, {}),
+    "run": Op(QUOTA, op_run),
+    "status": Op(LISTED, op_status, {}, while_stopping=True),
+    "usage": Op(LISTED, op_usage, {"uid": INT, "user": (str, int), "all": BOOL}),
+    "kill": Op(LISTED, op_kill, {"run_id": STR}),
+    "root_why": Op(QUOTA, op_root_why, {"module": STR}),
+    "jobs": Op(ADMIN, op_jobs, {}),
+    "reload": Op(ADMIN, op_reload, {}),
+    "rebuild_root": Op(ADMIN, op_rebuild_root, {"progress": BOOL, "force": BOOL}),
+    "syscalls": Op(ADMIN, op_syscalls),
+}
+
+
+def check_fields(op: Op, req: dict[Any, Any]) -> None:
+    """Refuse fields the operation does not have, and values of the wrong type."""
+    if op.fields is None:
         return
-    plan.check_unknown(req, ("op", "id", *fields))
-    for name, types in fields.items():
+    plan.check_unknown(req, ("op", "id", *op.fields))
+    for name, types in op.fields.items():
         value = req.get(name)
         if value is None:
             continue
@@ -254,18 +258,17 @@ def check_fields(op: str, req: dict[Any, Any]) -> None:
 
 
 async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
-    op = call.req.get("op")
-    if not isinstance(op, str):
+    name = call.req.get("op")
+    if not isinstance(name, str):
         raise errors.bad_request("op", "required, a string naming the operation", known=sorted(HANDLERS))
-    entry = HANDLERS.get(op)
-    if entry is None:
-        raise RequestError(errors.UNKNOWN_OP, f"unknown operation {op!r}", known=sorted(HANDLERS))
+    op = HANDLERS.get(name)
+    if op is None:
+        raise RequestError(errors.UNKNOWN_OP, f"unknown operation {name!r}", known=sorted(HANDLERS))
     check_fields(op, call.req)
-    if op != "status":  # status stays answerable while stopping; it says so
+    if not op.while_stopping:
         app.check_available()
-    access, handler = entry
-    if access == ADMIN and not app.is_admin(call.who):
-        raise errors.forbidden(f"{op} is for root and members of the admin group")
-    if op in ("status", "usage", "kill") and not app.is_admin(call.who):
-        app.limits_for(call.who)  # with deny_unlisted, an unlisted caller may do nothing (the others check it)
-    return await handler(app, call)
+    if op.access == ADMIN and not app.is_admin(call.who):
+        raise errors.forbidden(f"{name} is for root and members of the admin group")
+    if op.access == LISTED and not app.is_admin(call.who):
+        app.limits_for(call.who)  # with deny_unlisted, an unlisted caller may do nothing
+    return await op.handler(app, call)

@@ -78,8 +78,9 @@ class Admission:
     def check_budget(self, uid: int, limits: QuotaLimits) -> None:
         now = time.time()
         if limits.runs_per_minute:
-            count, frees = self.usage.runs_last_minute(uid, now, limits.runs_per_minute)
+            count = self.usage.runs_last_minute(uid, now)
             if count >= limits.runs_per_minute:
+                frees = self.usage.runs_free_at(uid, limits.runs_per_minute, now)
                 raise RequestError(errors.QUOTA_EXCEEDED,
                                    f"{count} runs in the last minute; the limit is {limits.runs_per_minute}",
                                    limit="runs_per_minute", retry_after_ms=max(1, int((frees - now) * 1000)))

@@ -169,10 +169,12 @@ class UsageStore:
             self._failed(e)
 
     # -- windows ------------------------------------------------------------------------
-    def runs_last_minute(self, uid: int, now: float, limit: int) -> tuple[int, float]:
-        """(runs started in the last minute, when fewer than ``limit`` will remain)."""
-        starts = self.uids[uid].starts
-        return int(starts.total(now)), starts.below_at(limit, now)
+    def runs_last_minute(self, uid: int, now: float) -> int:
+        return int(self.uids[uid].starts.total(now))
+
+    def runs_free_at(self, uid: int, limit: int, now: float) -> float:
+        """When fewer than ``limit`` runs will have started in the last minute."""
+        return self.uids[uid].starts.below_at(limit, now)
 
     def cpu_last_hour(self, uid: int, now: float) -> float:
         return self.uids[uid].cpu.total(now)

@@ -17,10 +17,11 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, daemon_dir, ensure_test_users
+from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, as_user, daemon_dir, ensure_test_users
 
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
 
@@ -50,7 +51,6 @@ def test_users() -> Iterator[dict[str, pwd.struct_passwd]]:
 
 def call_as(user: str, socket_path: str, requests: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:
     """Send requests over a new connection as ``user`` (real setuid), return the helper's JSON."""
-    pw = pwd.getpwnam(user)
     helper_dir = tempfile.mkdtemp(prefix="sbx-helper-")
     os.chmod(helper_dir, 0o755)
     helper = os.path.join(helper_dir, "peer_call.py")
@@ -58,8 +58,7 @@ def call_as(user: str, socket_path: str, requests: list[dict[str, Any]], timeout
     os.chmod(helper, 0o644)
     try:
         proc = subprocess.run(["/usr/bin/python3", "-I", helper, socket_path], input=json.dumps(requests).encode(),
-                              capture_output=True, timeout=timeout, user=pw.pw_uid, group=pw.pw_gid,
-                              extra_groups=os.getgrouplist(user, pw.pw_gid), cwd="/")
+                              capture_output=True, timeout=timeout, cwd="/", **as_user(user))
     finally:
         shutil.rmtree(helper_dir, ignore_errors=True)
     if proc.returncode != 0:
@@ -81,17 +80,15 @@ def no_cgroups_left_behind() -> Iterator[None]:
     """Daemons remove their cgroups; a jail run inside this process (test_22) may leave its
     (empty) parents, with this process still in them.  Leave the host as we found it."""
     yield
+    me = str(os.getpid())
     for hierarchy in [*glob.glob("/sys/fs/cgroup/*/"), "/sys/fs/cgroup/"]:
-        leftovers = sorted(glob.glob(os.path.join(hierarchy, CGROUP_PARENT + "*")), reverse=True)
-        for path in leftovers:
-            for top, dirs, _files in os.walk(path, topdown=False):
-                with contextlib.suppress(OSError), open(os.path.join(top, "cgroup.procs")) as f:
-                    if str(os.getpid()) in f.read().split():
-                        with open(os.path.join(hierarchy, "cgroup.procs"), "w") as out:
-                            out.write(str(os.getpid()))
-                for d in [*dirs, ""]:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(os.path.join(top, d))
+        for path in glob.glob(os.path.join(hierarchy, CGROUP_PARENT + "*")):
+            for top, _dirs, _files in os.walk(path, topdown=False):  # children before parents
+                with contextlib.suppress(OSError):
+                    if me in Path(top, "cgroup.procs").read_text().split():
+                        Path(hierarchy, "cgroup.procs").write_text(me)
+                with contextlib.suppress(OSError):
+                    os.rmdir(top)
 
 
 @pytest.fixture(scope="session")

@@ -79,6 +79,10 @@ class DaemonProcess:
         self.notify: socket.socket | None = None
         self.messages: list[str] = []
 
+    def run_uid_processes(self) -> list[tuple[int, int]]:
+        """Host processes running as one of this daemon's run uids."""
+        return run_uid_processes(*self.uid_range)
+
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = config
         with open(self.config_path, "w", encoding="utf-8") as f:
@@ -168,6 +172,59 @@ def recv_frame(s: socket.socket) -> Any:
     header = _recv_exact(s, 4)
     body = None if header is None else _recv_exact(s, struct.unpack(">I", header)[0])
     return None if body is None else msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def raw_socket(path: str, timeout: float | None = 30.0) -> socket.socket:
+    """A plain connection to the daemon, for tests that write frames themselves."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+# -- what the host looks like, from /proc -----------------------------------------------------
+def run_uid_processes(lo: int = TEST_UID_RANGE[0], n: int = TEST_UID_RANGE[1]) -> list[tuple[int, int]]:
+    """(pid, uid) of every host process whose uid is in ``lo`` .. ``lo + n - 1``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", encoding="ascii") as f:
+                uid = int(f.read().split("Uid:")[1].split()[0])
+        except (OSError, IndexError):
+            continue
+        if lo <= uid < lo + n:
+            found.append((int(name), uid))
+    return found
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def host_mounts() -> int:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def as_user(user: str) -> dict[str, Any]:
+    """subprocess keyword arguments that run a child as ``user``, with its groups."""
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes | None:

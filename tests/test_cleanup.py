@@ -7,8 +7,7 @@ import os
 import time
 from typing import Any
 
-from harness import CGROUP_PARENT, DaemonProcess
-from test_threats import run_uid_processes
+from harness import CGROUP_PARENT, DaemonProcess, host_mounts
 
 BOMBS = [
     ("print('ok')", {}),
@@ -32,11 +31,6 @@ def cgroup_dirs() -> list[str]:
             found += [os.path.join(top, d) for d in dirs if CGROUP_PARENT + "-clean" in os.path.join(top, d)]
             dirs[:] = [d for d in dirs if not d.startswith("w")]
     return found
-
-
-def host_mounts() -> int:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return sum(1 for _ in f)
 
 
 def test_200_runs_leave_nothing_behind(make_daemon: Any) -> None:
@@ -66,18 +60,13 @@ def test_200_runs_leave_nothing_behind(make_daemon: Any) -> None:
     pooled = sum(p["ready"] + p["starting"] for p in st["pool"]["profiles"].values())
     assert live == pooled, st["slots"]
     assert st["capacity"]["running"] == 0 and st["capacity"]["queued"] == 0
-    lo, n = d.uid_range
-
-    def mine() -> list[tuple[int, int]]:
-        return [p for p in run_uid_processes() if lo <= p[1] < lo + n]
-
-    assert len(mine()) <= 2 * live  # a supervisor and a runner per pooled worker
+    assert len(d.run_uid_processes()) <= 2 * live  # a supervisor and a runner per pooled worker
     assert len([p for p in cgroup_dirs() if os.path.basename(p).startswith("w")]) <= 4 * live
     assert host_mounts() == mounts_before  # every scratch mount lived in a worker's own namespace
 
     assert d.stop() == 0
     # After shutdown: no run processes, no cgroups, no mounts, no temporary directories.
-    assert mine() == []
+    assert d.run_uid_processes() == []
     assert cgroup_dirs() == []
     assert host_mounts() == mounts_before
     state = set(os.listdir(d.state_dir)) - {"usage.sqlite-shm", "usage.sqlite-wal"}

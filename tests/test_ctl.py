@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import require
-from harness import REPO, DaemonProcess, merge
+from harness import REPO, DaemonProcess, as_user, merge
 
 NUMPY_DIR = "/usr/lib/python3/dist-packages/numpy"
 
@@ -23,10 +22,7 @@ NUMPY_DIR = "/usr/lib/python3/dist-packages/numpy"
 def ctl(daemon: DaemonProcess | None, *args: str, stdin: bytes = b"", user: str | None = None,
         socket: str | None = None) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, SANDBOXD_SOCKET=socket or (daemon.socket if daemon else "/nonexistent.sock"))
-    kw: dict[str, Any] = {}
-    if user:
-        pw = pwd.getpwnam(user)
-        kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+    kw = as_user(user) if user else {}
     return subprocess.run([sys.executable, "-m", "sandboxd.ctl", *args], input=stdin, capture_output=True,
                           env=env, cwd=REPO, timeout=120, **kw)
 

@@ -18,18 +18,10 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import b64, call_as
-from harness import REPO, DaemonProcess, merge, recv_frame
-from test_threats import run_uid_processes
+from harness import REPO, DaemonProcess, daemon_dir, merge, raw_socket, recv_frame, run_uid_processes, wait_until
 
 from sandboxd import __version__
 from sandboxd.client import AsyncClient, Client, SandboxdError
-
-
-def raw(sock_path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(sock_path)
-    return s
 
 
 def send(s: socket.socket, obj: Any = None, body: bytes | None = None) -> None:
@@ -53,7 +45,7 @@ def test_hello(daemon: DaemonProcess) -> None:
 
 
 def test_many_requests_on_one_connection_echo_their_ids(daemon: DaemonProcess) -> None:
-    s = raw(daemon.socket)
+    s = raw_socket(daemon.socket)
     ids: list[Any] = ["a", 2, None, 3.5, b"\x00id", True]
     for rid in ids:
         send(s, {"op": "hello", "id": rid})
@@ -122,7 +114,7 @@ def test_async_client(daemon: DaemonProcess) -> None:
 
 # -- error codes ------------------------------------------------------------------------------
 def test_frame_too_large_closes_the_connection(daemon: DaemonProcess) -> None:
-    s = raw(daemon.socket)
+    s = raw_socket(daemon.socket)
     s.sendall(struct.pack(">I", 64 << 20))
     resp = recv_frame(s)
     assert error_code(resp) == "frame_too_large" and resp["error"]["max_frame"] == 16 << 20
@@ -131,7 +123,7 @@ def test_frame_too_large_closes_the_connection(daemon: DaemonProcess) -> None:
 
 
 def test_bad_frames_and_requests_are_answered(daemon: DaemonProcess) -> None:
-    s = raw(daemon.socket)
+    s = raw_socket(daemon.socket)
     send(s, body=b"\xc1garbage")
     assert error_code(recv_frame(s)) == "bad_frame"
     send(s, [1, 2, 3])
@@ -163,7 +155,7 @@ def test_bad_frames_and_requests_are_answered(daemon: DaemonProcess) -> None:
 
 
 def test_truncated_frame_then_close_does_not_hurt(daemon: DaemonProcess) -> None:
-    s = raw(daemon.socket)
+    s = raw_socket(daemon.socket)
     s.sendall(struct.pack(">I", 1000) + b"\x81\xa2op")
     s.close()
     with daemon.client() as c:
@@ -447,12 +439,11 @@ def test_sigterm_kills_runs_past_the_grace_period(make_daemon: Any) -> None:
     assert time.monotonic() - t0 < 8
     t.join(5)
     assert result.get("status") == "signaled" or "error" in result
-    lo, n = d.uid_range
-    assert [p for p in run_uid_processes() if lo <= p[1] < lo + n] == []
+    assert d.run_uid_processes() == []
 
 
 def test_a_client_that_disconnects_mid_run_gets_its_run_killed(daemon: DaemonProcess) -> None:
-    s = raw(daemon.socket)
+    s = raw_socket(daemon.socket)
     send(s, {"op": "run", "id": 1, "code": "import time, os\nprint(os.getuid(), flush=True)\ntime.sleep(60)",
              "timeout_ms": 30000})
     with daemon.client() as c:
@@ -460,9 +451,6 @@ def test_a_client_that_disconnects_mid_run_gets_its_run_killed(daemon: DaemonPro
         jobs: list[Any] = []
         while not jobs and time.monotonic() < deadline:
             jobs = c.call("jobs")["jobs"]
-        if not jobs:
-            s.settimeout(1)
-            print("DEBUG", recv_frame(s), c.status())
         assert len(jobs) == 1
         uid = jobs[0]["run_uid"]
         s.close()
@@ -471,10 +459,7 @@ def test_a_client_that_disconnects_mid_run_gets_its_run_killed(daemon: DaemonPro
             time.sleep(0.02)
         assert c.call("jobs")["jobs"] == []
         assert time.monotonic() - t0 < 1.0
-    deadline = time.monotonic() + 3
-    while [p for p in run_uid_processes() if p[1] == uid] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in run_uid_processes() if p[1] == uid] == [] or _slot_reused(daemon, uid)
+    assert wait_until(lambda: not run_uid_processes(uid, 1), 3, 0.02) or _slot_reused(daemon, uid)
 
 
 def _slot_reused(daemon: DaemonProcess, uid: int) -> bool:
@@ -483,10 +468,7 @@ def _slot_reused(daemon: DaemonProcess, uid: int) -> bool:
 
 
 def test_socket_activation(test_users: Any) -> None:
-    from harness import DaemonProcess as DP
-    from harness import daemon_dir
-
-    d = DP(daemon_dir())
+    d = DaemonProcess(daemon_dir())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = os.path.join(d.dir, "activated.sock")
     listener.bind(path)

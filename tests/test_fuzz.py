@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import DaemonProcess, recv_frame
+from harness import DaemonProcess, recv_frame, rss_kb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,11 +93,6 @@ def conn(daemon: DaemonProcess) -> Iterator[Conn]:
     c = Conn(daemon.socket)
     yield c
     c.drop()
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0])
 
 
 @FUZZ

@@ -10,7 +10,6 @@ import resource
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -19,8 +18,9 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import call_as, require
-from harness import DaemonProcess, merge
-from test_threats import run_uid_processes
+from harness import DaemonProcess, fd_count, merge, raw_socket, rss_kb, wait_until
+
+from sandboxd import protocol
 
 PROMPT = 3.0  # seconds within which another uid's run must finish during an attack
 
@@ -32,15 +32,6 @@ def alice_runs_promptly(d: DaemonProcess) -> None:
     assert time.monotonic() - t0 < PROMPT
 
 
-def fds_of(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0])
-
-
 HOSTILE = {"daemon": {"read_timeout": "1s", "idle_timeout": "3s", "write_timeout": "2s",
                       "max_connections_per_uid": 50, "max_connections": 5000}}
 
@@ -49,9 +40,9 @@ def test_slow_senders_holding_partial_frames(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon(HOSTILE)
     socks = []
     for i in range(40):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(d.socket)
-        s.sendall(struct.pack(">I", 100)[: 1 + i % 3] if i % 2 else struct.pack(">I", 100) + b"\x82")
+        s = raw_socket(d.socket)
+        header = protocol.HEADER.pack(100)
+        s.sendall(header[: 1 + i % 3] if i % 2 else header + b"\x82")
         socks.append(s)
     alice_runs_promptly(d)
     time.sleep(1.5)  # read_timeout: every half-sent frame is dropped
@@ -67,13 +58,11 @@ def test_thousands_of_idle_connections(make_daemon: Any) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     assert d.proc is not None
-    fds_before = fds_of(d.proc.pid)
+    fds_before = fd_count(d.proc.pid)
     socks, refused = [], 0
     try:
         for _ in range(2000):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(d.socket)
-            socks.append(s)
+            socks.append(raw_socket(d.socket, timeout=None))  # blocking: a full backlog waits, not fails
         time.sleep(0.5)
         for s in socks:  # past the per-uid limit the daemon answers quota_exceeded and closes
             s.setblocking(False)
@@ -91,28 +80,24 @@ def test_thousands_of_idle_connections(make_daemon: Any) -> None:
         for s in socks:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    time.sleep(3.5)  # the idle ones are closed after idle_timeout
-    with d.client() as c:
-        assert c.status()["connections"] == 1
-    assert fds_of(d.proc.pid) <= fds_before + 2
+    with d.client() as c:  # the idle ones are closed after idle_timeout (3 s)
+        assert wait_until(lambda: c.status()["connections"] == 1, 10)
+    assert fd_count(d.proc.pid) <= fds_before + 2
 
 
 def test_clients_that_never_read_their_responses(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon(HOSTILE)
     socks = []
-    body = msgpack.packb({"op": "run", "code": "print('x' * 4_000_000)", "max_output": 8 << 20},
-                         use_bin_type=True)
+    frame = protocol.encode({"op": "run", "code": "print('x' * 4_000_000)", "max_output": 8 << 20})
     for _ in range(6):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(d.socket)
+        s = raw_socket(d.socket)
         for _ in range(3):
-            s.sendall(struct.pack(">I", len(body)) + body)
+            s.sendall(frame)
         socks.append(s)
     alice_runs_promptly(d)
-    time.sleep(4)  # write_timeout: the daemon gives up on them
     assert d.proc is not None
-    with d.client() as c:
-        assert c.status()["connections"] == 1
+    with d.client() as c:  # after write_timeout (2 s) the daemon gives up on them
+        assert wait_until(lambda: c.status()["connections"] == 1, 10)
     assert rss_kb(d.proc.pid) < 200_000
     for s in socks:
         s.close()
@@ -150,7 +135,6 @@ def test_connection_flood_from_one_uid(make_daemon: Any) -> None:
 
 def test_sigkill_with_runs_in_flight_leaves_nothing_and_keeps_usage(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon({"daemon": {"workers": 16}, "pool": {"min": 2, "max": 4}})
-    lo, n = d.uid_range
     with d.client() as c:
         for _ in range(5):
             c.run("pass")
@@ -179,10 +163,7 @@ def test_sigkill_with_runs_in_flight_leaves_nothing_and_keeps_usage(make_daemon:
     for t in threads:
         t.join(10)
     assert all(isinstance(r, (ConnectionError, OSError)) for r in results)  # no half answers
-    deadline = time.monotonic() + 5
-    while [p for p in run_uid_processes() if lo <= p[1] < lo + n] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [p for p in run_uid_processes() if lo <= p[1] < lo + n] == []  # nothing of the old runs survives
+    assert wait_until(lambda: not d.run_uid_processes(), 5)  # nothing of the old runs survives
     d.start()
     with d.client() as c:
         usage = c.call("usage")["users"][0]["usage"]

@@ -111,7 +111,7 @@ def tmp_path() -> Iterator[Path]:
     # Under the checkout, unless the checkout itself sits where no root may take files from
     # (a clone in /tmp or /home): then /var/tmp.
     repo = os.path.realpath(REPO)
-    base = Path("/var/tmp/sandboxd-tests") if rootfs.forbidden_prefix(repo) else Path(repo) / ".cache" / "tests"
+    base = Path("/var/tmp/sandboxd-tests") if layout.forbidden_prefix(repo) else Path(repo) / ".cache" / "tests"
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=base))
     yield path

@@ -16,29 +16,9 @@ from typing import Any
 
 import pytest
 from conftest import require
-from harness import TEST_UID_RANGE, DaemonProcess
+from harness import DaemonProcess, run_uid_processes, wait_until
 
 CTYPES = "import ctypes, ctypes.util, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-
-
-def run_uid_processes(only: int | None = None) -> list[tuple[int, int]]:
-    """(pid, uid) of every host process running as a run uid (or as ``only``)."""
-    lo, n = (only, 1) if only is not None else TEST_UID_RANGE
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        uid = int(line.split()[1])
-                        if lo <= uid < lo + n:
-                            found.append((int(name), uid))
-                        break
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture
@@ -185,10 +165,7 @@ def test_06_plain_fork_bomb_is_reported_as_pids_limit(d: DaemonProcess) -> None:
 
 def assert_run_gone(uid: int, within: float = 3.0) -> None:
     """Nothing of a finished run is left on the host."""
-    deadline = time.monotonic() + within
-    while run_uid_processes(uid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert run_uid_processes(uid) == []
+    assert wait_until(lambda: not run_uid_processes(uid, 1), within, 0.02)
 
 
 # 7 -------------------------------------------------------------------------------------

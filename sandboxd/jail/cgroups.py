@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import libc
+
 log = logging.getLogger(__name__)
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
@@ -418,10 +420,6 @@ def detect(parent: str, prefer: str = "auto") -> CgroupDriver:
     return CgroupDriver("none", {})
 
 
-_PER_MOUNT_FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x400,
-                    "nodiratime": 0x800, "relatime": 0x200000, "strictatime": 0x1000000}
-
-
 def favor_dynamic_modifications() -> str:
     """Remount the cgroup2 hierarchy with ``favordynmods`` (Linux 6.0+).
 
@@ -431,8 +429,6 @@ def favor_dynamic_modifications() -> str:
     It is global (one lock serves v1 and v2); v1 mounts cannot take it, so a v1-only host
     needs the ``cgroup_favordynmods=true`` boot parameter.  Returns what was done.
     """
-    from . import libc
-
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
@@ -444,7 +440,7 @@ def favor_dynamic_modifications() -> str:
                 return f"favordynmods already set on {point}"
             flags = libc.MS_REMOUNT
             for opt in mount_opts:
-                flags |= _PER_MOUNT_FLAGS.get(opt, 0)
+                flags |= libc.MOUNT_OPTION_FLAGS.get(opt, 0)
             # A cgroup2 remount resets every option it does not name: keep the current ones.
             data = ",".join([*(o for o in super_opts if o not in ("rw", "ro")), "favordynmods"])
             try:

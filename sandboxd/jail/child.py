@@ -228,7 +228,7 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         timings = run_steps([
             ("stdio", stdio),
             ("fds", lambda: remap_fds([FD_CTRL, sock_fd], R_FD_CTRL)),
-            ("session", lambda: _setsid()),
+            ("session", os.setsid),
             ("no_new_privs", no_new_privs),
             ("prepare", lambda: runtime.prepare(state)),  # trusted interpreter housekeeping, no user input
             ("seccomp", load_seccomp),  # last
@@ -243,10 +243,6 @@ def _runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, sock_fd
         handoff.write(Handoff.SETUP, step, getattr(f, "errno", 0) or 0, message=str(f))
         os._exit(EXIT_SETUP)
     runtime.serve_one(handoff, killed_when_done=bool(spec.cgroup_procs))
-
-
-def _setsid() -> None:
-    os.setsid()
 
 
 # At the end: these two import names from this module.  Workers reach them as module

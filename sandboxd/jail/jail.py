@@ -208,7 +208,6 @@ class Jail:
             self.slots.release(slot)
             raise
         vsz = int(self.forkserver_info.get("vsz_kb", 0)) * 1024 + (64 << 20)
-        cgroup_on = self.driver is not None and self.driver.kind != "none"
         spec = WorkerSpec(
             worker_id=f"{key}/{slot.index}",
             uid=slot.uid,
@@ -218,9 +217,9 @@ class Jail:
             network=key.endswith("+net"),
             scratch_bytes=s.scratch_bytes,
             scratch_inodes=s.scratch_inodes,
-            rlimits={"as": vsz + s.max_memory + s.as_slack, "cpu": s.max_cpu_ms // 1000 + 2,
-                     "fsize": s.max_file_size, "nofile": s.max_nofile, "nproc": limits.nproc_for(s.max_pids, cgroup_on),
-                     "stack": 8 << 20},
+            rlimits=limits.for_run(as_base=vsz, memory=s.max_memory, as_slack=s.as_slack, cpu_ms=s.max_cpu_ms,
+                                   file_size=s.max_file_size, nofile=s.max_nofile, pids=s.max_pids,
+                                   cgroup=self.driver.kind != "none"),
             out_max_bytes=s.max_out_bytes,
             out_max_files=s.max_out_files,
             discover=discover,
@@ -339,8 +338,7 @@ class Jail:
         os.makedirs(self.root_base, mode=0o755, exist_ok=True)
         spec_file = os.path.join(self.root_base, f".spec-{os.getpid()}.json")
         with open(spec_file, "w", encoding="utf-8") as f:
-            json.dump({"paths": list(spec.paths), "exclude": list(spec.exclude), "required": list(spec.required),
-                       "generated": {k: v.decode("latin-1") for k, v in spec.generated.items()}}, f)
+            f.write(spec.to_json())
         argv = [sys.executable, "-m", "sandboxd.jail.rootfs", spec_file, self.root_base]
         if force:
             argv.append("--force")
@@ -357,11 +355,7 @@ class Jail:
             os.unlink(spec_file)
         if last.get("stage") != "done":
             raise rootfs.RootError(str(last.get("message", "the root builder failed without a report")))
-        r = last["root"]
-        return rootfs.RootInfo(path=r["path"], build_id=r["build_id"], reused=r["reused"], seconds=r["seconds"],
-                               files=r["files"], bytes=r["bytes"], linked=r["linked"], copied=r["copied"],
-                               libraries=r["libraries"], missing_libraries=r["missing_libraries"],
-                               warnings=r["warnings"])
+        return rootfs.RootInfo(**last["root"])  # summary() has the fields' names
 
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
         async with self._rebuilding:  # one rebuild at a time; a second waits and then reuses or rebuilds

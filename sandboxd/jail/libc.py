@@ -32,6 +32,14 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_NODIRATIME = 0x800
+MS_NOATIME = 0x400
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+# Per-mount options as /proc/self/mountinfo spells them, and their mount(2) flags.
+MOUNT_OPTION_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+                      "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME,
+                      "strictatime": MS_STRICTATIME}
 MNT_DETACH = 0x2
 
 # prctl options

@@ -6,6 +6,7 @@ Soft and hard are set equal: a run can never raise a limit back.  ``CORE`` is al
 
 from __future__ import annotations
 
+import math
 import resource
 from collections.abc import Mapping
 
@@ -34,6 +35,26 @@ def nproc_for(pids: int, cgroup: bool) -> int:
     to report ``pids_limit`` from.  At four times plus 64 it never did.
     """
     return 4 * pids + 64 if cgroup else pids + 2
+
+
+STACK_BYTES = 8 << 20
+
+
+def for_run(*, as_base: int, memory: int, as_slack: int, cpu_ms: int, file_size: int, nofile: int, pids: int,
+            cgroup: bool) -> dict[str, int]:
+    """The rlimits of a run with these limits (the pool's ceilings are those of the largest run).
+
+    With a cgroup, memory is the cgroup's job and RLIMIT_AS gets ``as_slack`` on top (glibc
+    arenas and thread stacks are address space, not memory); without one it is the limit.
+    """
+    return {
+        "as": as_base + memory + (as_slack if cgroup else 0),
+        "cpu": math.ceil(cpu_ms / 1000) + 1,
+        "fsize": file_size,
+        "nofile": nofile,
+        "nproc": nproc_for(pids, cgroup),
+        "stack": STACK_BYTES,
+    }
 
 
 def apply(limits: Mapping[str, int]) -> None:

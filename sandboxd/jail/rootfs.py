@@ -28,15 +28,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .layout import DEVICE_NODES, MARKER, SKELETON_DIRS
+from .elf import is_elf
+from .layout import DEVICE_NODES, MARKER, SKELETON_DIRS, forbidden_prefix, under
 from .ldpath import LibraryResolver
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".sandboxd-manifest.json"
 MANIFEST_VERSION = 2
-# Never brought into a root, whatever the configuration says.
-FORBIDDEN_PREFIXES = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc/sandboxd", "/root", "/home", "/tmp")
 
 
 class RootError(Exception):
@@ -56,6 +55,17 @@ class RootSpec:
         for name in sorted(self.generated):
             h.update(name.encode() + b"\0" + hashlib.sha256(self.generated[name]).digest())
         return h.hexdigest()[:16]
+
+    def to_json(self) -> str:
+        """The spec for the builder process (``main``); generated files as latin-1 text."""
+        return json.dumps({"paths": list(self.paths), "exclude": list(self.exclude), "required": list(self.required),
+                           "generated": {k: v.decode("latin-1") for k, v in self.generated.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> RootSpec:
+        raw = json.loads(text)
+        return cls(tuple(raw["paths"]), tuple(raw["exclude"]),
+                   {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]))
 
 
 @dataclass
@@ -135,8 +145,8 @@ class Inventory:
         real = self._add_parents(os.path.normpath(path))
         if real is None or self.excluded(real):
             return
-        if forbidden_prefix(real):
-            self.warnings.append(f"{real}: refusing to bring a path under {forbidden_prefix(real)} into the root")
+        if prefix := forbidden_prefix(real):
+            self.warnings.append(f"{real}: refusing to bring a path under {prefix} into the root")
             return
         try:
             st = os.lstat(real)
@@ -182,7 +192,7 @@ class Inventory:
         except OSError:
             return  # dangling on the host too: keep the link as it is
         if stat.S_ISDIR(tst.st_mode):
-            configured = any(resolved == p or resolved.startswith(p.rstrip("/") + "/") for p in self.spec.paths)
+            configured = any(under(resolved, p) for p in self.spec.paths)
             # A directory others may not enter (/etc/ssl/private) is one no run could read:
             # leaving it out is the point, not something to warn about.
             private = tst.st_mode & 0o005 != 0o005
@@ -243,23 +253,12 @@ class Inventory:
         return {p: s.key() for p, s in self.entries.items()}
 
 
-def forbidden_prefix(path: str) -> str | None:
-    for prefix in FORBIDDEN_PREFIXES:
-        if path == prefix or path.startswith(prefix + "/"):
-            return prefix
-    return None
-
-
 def _maybe_elf(path: str, src: Source) -> bool:
     if src.size < 64:
         return False
     if not (src.mode & 0o111 or ".so" in os.path.basename(path)):
         return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
+    return is_elf(path)
 
 
 # -- building ---------------------------------------------------------------------------
@@ -307,7 +306,7 @@ def ensure_root(spec: RootSpec, base: str, force: bool = False, progress: Progre
 
 
 def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, list[object]], t0: float,
-           progress: Progress = _quiet) -> RootInfo:
+           progress: Progress) -> RootInfo:
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}"
     final = os.path.join(base, f"root-{build_id}")
     tmp = final + ".partial"
@@ -493,9 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     with open(args.spec, encoding="utf-8") as f:
-        raw = json.load(f)
-    spec = RootSpec(tuple(raw["paths"]), tuple(raw["exclude"]),
-                    {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]))
+        spec = RootSpec.from_json(f.read())
 
     def emit(stage: str, info: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps({"stage": stage, **info}) + "\n")

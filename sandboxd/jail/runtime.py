@@ -138,6 +138,7 @@ def _environment(request: RunRequest) -> None:
     os.environ.update(request.env)
     sys.argv = list(request.argv)
 
+
 def _execute(code: str, handoff: Handoff, killed_when_done: bool) -> NoReturn:
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins

@@ -103,12 +103,10 @@ def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handof
         "denied": [[name, c, allowed] for name, (c, allowed) in denied.items()],
         "files": {},
         "files_truncated": False,
-        "files_error": None,
     }
     if os.path.lexists(OUT_DIR):
         _kill_rest(wait=True)
-        report["files"], report["files_truncated"], report["files_error"] = _collect_out(
-            spec.out_max_files, spec.out_max_bytes)
+        report["files"], report["files_truncated"] = _collect_out(spec.out_max_files, spec.out_max_bytes)
         write_frame(FD_STATUS, report)
     else:
         write_frame(FD_STATUS, report)
@@ -181,7 +179,7 @@ def _kill_rest(wait: bool) -> None:
             return
 
 
-def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool, str | None]:
+def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
     """Regular files under /work/out, read without following links; capped.
 
     Called once every process of the run is dead, so nothing can swap a directory for a
@@ -192,28 +190,27 @@ def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool
     files: dict[str, bytes] = {}
     total = 0
     truncated = False
-    error: str | None = None
     try:
         if not stat.S_ISDIR(os.lstat(OUT_DIR).st_mode):
-            return files, False, None
+            return files, False
     except OSError:
-        return files, False, None
+        return files, False
     stack: list[tuple[str, int]] = [("", 0)]
     while stack:
         rel_dir, depth = stack.pop()
         try:
             with os.scandir(os.path.join(OUT_DIR, rel_dir) if rel_dir else OUT_DIR) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            truncated, error = True, error or f"out/{rel_dir}: {e.strerror}"
+        except OSError:
+            truncated = True
             continue
         for entry in entries:
             rel = rel_dir + entry.name
             try:
                 rel.encode("utf-8")
                 st = entry.stat(follow_symlinks=False)
-            except (OSError, UnicodeError) as e:
-                truncated, error = True, error or f"out/{rel!r}: {e}"
+            except (OSError, UnicodeError):
+                truncated = True
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if depth + 1 >= MAX_DEPTH:
@@ -232,12 +229,12 @@ def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool
                     data = os.read(fd, max_bytes - total + 1)
                 finally:
                     os.close(fd)
-            except OSError as e:
-                truncated, error = True, error or f"out/{rel}: {e.strerror}"
+            except OSError:
+                truncated = True
                 continue
             if total + len(data) > max_bytes:
                 truncated = True
                 continue
             files[rel] = data
             total += len(data)
-    return files, truncated, error
+    return files, truncated

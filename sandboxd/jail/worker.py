@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
 import time
 from typing import Any
@@ -26,7 +25,6 @@ from .spec import RunPlan, RunRequest, WorkerSpec
 from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
-STACK_BYTES = 8 << 20
 DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
 
 
@@ -127,16 +125,9 @@ class Worker:
         self.proc.close()
 
     def rlimits(self, plan: RunPlan) -> dict[str, int]:
-        cgroup = self.cgroup.driver.kind != "none"
-        address_space = self.as_base + plan.memory_bytes + (self.as_slack if cgroup else 0)
-        return {
-            "as": address_space,
-            "cpu": math.ceil(plan.cpu_ms / 1000) + 1,
-            "fsize": plan.file_size_bytes,
-            "nofile": plan.nofile,
-            "nproc": limits.nproc_for(plan.pids, cgroup),
-            "stack": STACK_BYTES,
-        }
+        return limits.for_run(as_base=self.as_base, memory=plan.memory_bytes, as_slack=self.as_slack,
+                              cpu_ms=plan.cpu_ms, file_size=plan.file_size_bytes, nofile=plan.nofile,
+                              pids=plan.pids, cgroup=self.cgroup.driver.kind != "none")
 
     async def execute(self, plan: RunPlan) -> Result:
         self.idle.clear()

@@ -251,7 +251,7 @@ def memory(daemon_pid: int) -> dict[str, float]:
     mib = 1024.0
     return {"daemon_rss": d_rss / mib, "daemon_pss": d_pss / mib, "forkserver_rss": fs_rss / mib,
             "forkserver_pss": fs_pss / mib, "pool_rss": w_rss / mib, "pool_pss": w_pss / mib,
-            "pool_processes": len(children) - 1, "total_pss": (d_pss + fs_pss + w_pss) / mib}
+            "pool_processes": len([p for p in children if p != fs]), "total_pss": (d_pss + fs_pss + w_pss) / mib}
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -311,10 +311,7 @@ def main() -> int:
         args.seconds, args.soak_runs = 2.0, 500
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
-    table: list[tuple[str, str]] = []
-
     def row(name: str, value: str) -> None:
-        table.append((name, value))
         print(f"  {name:48s} {value}", flush=True)
 
     print("sandboxd benchmark (ratios compare numbers from this same run)")
@@ -327,7 +324,8 @@ def main() -> int:
     try:
         sock = d.socket
         closed_loop(sock, 4, 2.0)  # warm up: pool targets, page cache
-        st = Client(sock).status()
+        with d.client() as client:
+            st = client.status()
         root = st["root"]["path"]
         results["setup_us"] = st["pool"]["setup_us"]
         results["memory_idle"] = memory(d.proc.pid)  # type: ignore[union-attr]
@@ -415,7 +413,8 @@ def main() -> int:
                    "root": {"extra_paths": [numpy_dir], "python_path": ["/usr/lib/python3/dist-packages"]}}
             nd = DaemonProcess(daemon_dir(), cfg).start()
             try:
-                r = Client(nd.socket).run(NUMPY_CODE)
+                with nd.client() as client:
+                    r = client.run(NUMPY_CODE)
                 assert r["status"] == "ok", r
                 s = paced(nd.socket, 20, 60 if not args.quick else 15, NUMPY_CODE)
             finally:

@@ -11,7 +11,7 @@
 #
 # Environment: SANDBOXD_E2E_CACHE (default /var/cache/sandboxd-e2e) holds the base root;
 # SANDBOXD_E2E_KEEP=1 keeps the work directory for a post-mortem.  Needs root, debootstrap,
-# systemd-container, qemu-system-x86 and e2fsprogs (the Makefile's e2e-deps installs them).
+# systemd-container, qemu-system-x86 and e2fsprogs (`make e2e` installs them first).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)

@@ -13,7 +13,6 @@ import argparse
 import collections
 import json
 import os
-import pwd
 import random
 import subprocess
 import sys
@@ -24,7 +23,16 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import DaemonProcess, daemon_dir, ensure_test_users  # noqa: E402
+from harness import (  # noqa: E402
+    DaemonProcess,
+    as_user,
+    daemon_dir,
+    ensure_test_users,
+    fd_count,
+    host_mounts,
+    rss_kb,
+    run_uid_processes,
+)
 
 from sandboxd.client import Client  # noqa: E402
 
@@ -97,30 +105,6 @@ def client_process(sock: str, runs: int, threads: int, seed: int) -> dict[str, A
     return {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in stats.items()}
 
 
-def daemon_tree_rss_fds(pid: int) -> tuple[int, int]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        rss = int(f.read().split("VmRSS:")[1].split()[0])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def uid_processes(lo: int, n: int) -> int:
-    count = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/status", encoding="ascii") as f:
-                    uid = int(f.read().split("Uid:")[1].split()[0])
-            except (OSError, IndexError):
-                continue
-            count += lo <= uid < lo + n
-    return count
-
-
-def mounts() -> int:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return sum(1 for _ in f)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10000)
@@ -133,7 +117,7 @@ def main() -> int:
         return 0
 
     remove_users = ensure_test_users()
-    mounts_before = mounts()
+    mounts_before = host_mounts()
     d = DaemonProcess(daemon_dir(), CONFIG).start()
     failures: list[str] = []
     try:
@@ -144,7 +128,7 @@ def main() -> int:
             for _ in range(50):
                 c.run("pass")
         time.sleep(2)
-        rss0, fds0 = daemon_tree_rss_fds(pid)
+        rss0, fds0 = rss_kb(pid), fd_count(pid)
         users = ["root", "sbx-alice", "sbx-bob"]
         runs = [args.runs // len(users) + (i < args.runs % len(users)) for i in range(len(users))]
         threads = [max(1, args.concurrency // len(users) + (i < args.concurrency % len(users)))
@@ -153,9 +137,7 @@ def main() -> int:
         t0 = time.monotonic()
         procs = []
         for i, user in enumerate(users):
-            pw = pwd.getpwnam(user)
-            kw = {} if user == "root" else {"user": pw.pw_uid, "group": pw.pw_gid,
-                                            "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+            kw = {} if user == "root" else as_user(user)
             argv = [sys.executable, __file__, "--worker", d.socket, str(runs[i]), str(threads[i]), str(i)]
             procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, cwd="/", **kw))  # type: ignore[call-overload]
         results = [json.loads(p.communicate()[0]) for p in procs]
@@ -193,10 +175,10 @@ def main() -> int:
             time.sleep(0.2)
         print(f"  clean-up settled {time.monotonic() - settle:.1f} s after the last answer")
         time.sleep(1)
-        rss1, fds1 = daemon_tree_rss_fds(pid)
+        rss1, fds1 = rss_kb(pid), fd_count(pid)
         print(f"  after: daemon RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, fds {fds0} -> {fds1}, "
               f"uid slots in use {st['slots']['in_use']} (pooled workers {pooled}), "
-              f"run-uid processes {uid_processes(lo, n)}, running {st['capacity']['running']}")
+              f"run-uid processes {len(run_uid_processes(lo, n))}, running {st['capacity']['running']}")
         if st["slots"]["in_use"] != pooled:
             failures.append(f"uid slots in use {st['slots']['in_use']} != pooled workers {pooled}")
         if st["capacity"]["running"] or st["capacity"]["queued"]:
@@ -205,8 +187,8 @@ def main() -> int:
             failures.append(f"daemon fds grew from {fds0} to {fds1}")
         if rss1 > rss0 + 8 * 1024:
             failures.append(f"daemon RSS grew from {rss0} to {rss1} kB")
-        if uid_processes(lo, n) > 2 * pooled:
-            failures.append(f"{uid_processes(lo, n)} run-uid processes for {pooled} pooled workers")
+        if len(run_uid_processes(lo, n)) > 2 * pooled:
+            failures.append(f"{len(run_uid_processes(lo, n))} run-uid processes for {pooled} pooled workers")
         kinds = {rid: kind for r in results for rid, kind in r["kinds"].items()}
         problems = [line for line in d.log().splitlines() if " ERROR " in line or "Traceback" in line]
         for line in problems:
@@ -217,12 +199,12 @@ def main() -> int:
     finally:
         d.close()
         remove_users()
-    left = uid_processes(lo, n)
+    left = len(run_uid_processes(lo, n))
     cgroups = subprocess.run(["find", "/sys/fs/cgroup", "-path", f"*{d.config['jail']['cgroup_parent']}*"],
                              capture_output=True, text=True).stdout.split()
     print(f"  after stop: run-uid processes {left}, cgroups {len(cgroups)}, host mounts {mounts_before} -> "
-          f"{mounts()}")
-    if left or cgroups or mounts() != mounts_before:
+          f"{host_mounts()}")
+    if left or cgroups or host_mounts() != mounts_before:
         failures.append("something of the runs survived the daemon")
     print("soak: " + ("PASS" if not failures else "FAIL\n  " + "\n  ".join(failures)))
     return 0 if not failures else 1
