@@ -410,7 +410,8 @@ def test_sigterm_to_the_whole_process_group_still_drains(make_daemon: Any) -> No
     finished: dict[str, Any] = {}
     t = threading.Thread(target=lambda: finished.update(d.run("import time; time.sleep(0.5); print('done')")))
     t.start()
-    time.sleep(0.2)
+    with d.client() as c:  # the run is in flight before the signal
+        assert wait_until(lambda: c.call("jobs")["jobs"], 10)
     assert d.proc is not None
     t0 = time.monotonic()
     os.killpg(d.proc.pid, signal.SIGTERM)

@@ -154,6 +154,7 @@ def test_truncated_headers_then_hangup(daemon: DaemonProcess, partial: bytes) ->
     s.connect(daemon.socket)
     s.sendall(partial)
     s.close()
+    assert daemon.proc is not None and daemon.proc.poll() is None
 
 
 LIMITS = QuotaLimits(max_timeout=10.0, max_memory=512 << 20, network=True)

@@ -51,12 +51,10 @@ def test_an_empty_pool_never_fails_a_request(make_daemon: Any) -> None:
 
 
 def test_workers_are_single_use(daemon: DaemonProcess) -> None:
-    seen = set()
-    for _ in range(6):
-        r = daemon.run("import os, time; print(os.getpid(), time.monotonic_ns())")
-        seen.add(r["stdout"])
-    assert len(seen) == 6
-    # Nothing a run leaves in its interpreter reaches the next run.
+    # Each run checks for the mark the one before left in its interpreter, then leaves one:
+    # a reused worker would see it.
+    code = "import json\nprint(hasattr(json, 'SANDBOXD_MARK'))\njson.SANDBOXD_MARK = 1"
+    assert [daemon.run(code)["stdout"] for _ in range(6)] == [b"False\n"] * 6
     daemon.run("import builtins, sys; builtins.LEFTOVER = 1; sys.modules['leak'] = 1")
     r = daemon.run("import builtins, sys; print(hasattr(builtins, 'LEFTOVER'), 'leak' in sys.modules)")
     assert r["stdout"] == b"False False\n"
