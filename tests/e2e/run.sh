@@ -57,6 +57,7 @@ base=$("$here/base.sh" "$cache" 2>"$work/base.log") || { tail -30 "$work/base.lo
 cp -a "$base" "$root"
 cp "$deb" "$root/root/sandboxd.deb"
 install -m 0755 "$here/inside.sh" "$root/root/inside.sh"
+install -m 0755 "$here/../../packaging/debian/tests/smoke" "$root/root/autopkgtest-smoke"
 install -m 0755 "$here/v2-check.sh" "$root/usr/local/sbin/sandboxd-v2-check"
 install -m 0644 "$here/e2e-v2.service" "$root/etc/systemd/system/e2e-v2.service"
 echo "   $base -> $root"

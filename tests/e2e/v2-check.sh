@@ -48,6 +48,15 @@ check "fork bomb" pids_limit --timeout 20 -c 'import os
 while True:
     os.fork()'
 check "a normal run afterwards" ok -c 'print(1)'
+# Under the installed unit (no container filter here), calls that systemd's ProtectKernelLogs,
+# ProtectKernelModules and ProtectClock would refuse are refused by the jail, by name
+# (syslog 103 and init_module 175 are x86_64 numbers, like this VM).
+check "syslog refused by name" blocked_syscall -c 'import ctypes
+assert ctypes.CDLL(None).syscall(103, 3, None, 0) != -1'
+check "init_module refused by name" blocked_syscall -c 'import ctypes
+assert ctypes.CDLL(None).syscall(175, None, 0, b"") != -1'
+check "clock_settime refused by name" blocked_syscall -c 'import time
+time.clock_settime(time.CLOCK_REALTIME, 0)'
 systemctl stop sandboxd.service
 fact "stop removes the daemon's cgroups" gone "$([ -d $service ] && find $service -type d || echo gone)"
 fact "no processes of run uids left" 0 "$(ps -eo uid= | awk '$1 >= 880000 && $1 < 881024' | wc -l)"
