@@ -377,15 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"sandboxctl: {e.code}: {e.message}", file=sys.stderr)
         return ERROR_EXITS.get(e.code, EXIT_ERROR)
-    except FileNotFoundError as e:
-        if e.filename and e.filename != path:
+    except OSError as e:
+        if e.filename:  # a file named on the command line (socket errors carry no file name)
             print(f"sandboxctl: {e.filename}: {e.strerror}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"sandboxctl: cannot connect to {path}: {e.strerror} (is sandboxd running?)", file=sys.stderr)
-        return EXIT_CONNECT
-    except (ConnectionError, PermissionError, OSError) as e:
-        hint = " (are you in the socket's group?)" if isinstance(e, PermissionError) else ""
-        print(f"sandboxctl: cannot talk to {path}: {e}{hint}", file=sys.stderr)
+        if isinstance(e, FileNotFoundError):
+            print(f"sandboxctl: cannot connect to {path}: {e.strerror} (is sandboxd running?)", file=sys.stderr)
+        else:
+            hint = " (are you in the socket's group?)" if isinstance(e, PermissionError) else ""
+            print(f"sandboxctl: cannot talk to {path}: {e}{hint}", file=sys.stderr)
         return EXIT_CONNECT
     finally:
         if ctl._client is not None:

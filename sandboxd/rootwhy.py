@@ -9,7 +9,6 @@ does not have).
 
 from __future__ import annotations
 
-import glob
 import os
 import stat
 import sys
@@ -17,7 +16,7 @@ import sysconfig
 from typing import Any
 
 from .jail.elf import is_elf
-from .jail.ldpath import LibraryResolver, default_dirs, ld_so_conf_dirs
+from .jail.ldpath import LibraryResolver
 
 EXT_SUFFIXES = tuple(dict.fromkeys([sysconfig.get_config_var("EXT_SUFFIX") or ".so", ".abi3.so", ".so"]))
 HOST_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/local/lib/python{v}/dist-packages",
@@ -26,7 +25,11 @@ HOST_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/local/lib/python{v}/di
 
 def find_module(name: str, search: list[str], prefix: str = "") -> str | None:
     """Where ``name`` (dotted) would be imported from, looking under ``prefix`` (a root)."""
-    parts = name.split(".")
+    found = _find(name.split("."), search, prefix)
+    return None if found is None else found[len(prefix):]
+
+
+def _find(parts: list[str], search: list[str], prefix: str) -> str | None:
     for base in search:
         path = prefix + base
         for i, part in enumerate(parts):
@@ -35,15 +38,14 @@ def find_module(name: str, search: list[str], prefix: str = "") -> str | None:
             if os.path.isdir(pkg) and (os.path.exists(os.path.join(pkg, "__init__.py")) or not last):
                 path = pkg
                 if last:
-                    return pkg[len(prefix):] if prefix else pkg
+                    return pkg
                 continue
             if last:
                 for suffix in (".py", *EXT_SUFFIXES):
                     if os.path.isfile(pkg + suffix):
-                        found = pkg + suffix
-                        return found[len(prefix):] if prefix else found
+                        return pkg + suffix
                 if os.path.isdir(pkg):  # namespace package
-                    return pkg[len(prefix):] if prefix else pkg
+                    return pkg
             break
     return None
 
@@ -102,18 +104,17 @@ def explain(name: str, root: str, run_path: list[str], private_ok: bool = False)
                                     "install it (e.g. into a virtualenv) and add its site-packages to the root")
         return report
     report["found"] = found
-    system = [root + d for d in [*ld_so_conf_dirs(), *default_dirs()]]
-    resolver = LibraryResolver(system_dirs=system)
+    resolver = LibraryResolver(sysroot=root)  # the host's search directories, looked up in the root
     for ext in extensions(found, root):
-        needed_found, missing = resolver.closure([root + ext])
-        report["extensions"].append({"file": ext, "libraries": sorted(p[len(root):] for p in needed_found)})
-        for obj, names in missing.items():
-            report["missing_libraries"][obj[len(root):]] = names
+        needed_found, missing = resolver.closure([ext])
+        report["extensions"].append({"file": ext, "libraries": sorted(needed_found)})
+        report["missing_libraries"].update(missing)
+    host = LibraryResolver()
     for obj, names in report["missing_libraries"].items():
         for lib in names:
-            hits = glob.glob(f"/usr/lib/*/{lib}") + glob.glob(f"/usr/lib/{lib}") + glob.glob(f"/lib/*/{lib}")
-            if hits:
-                report["advice"].append(f"{obj} needs {lib}, which the host has at {hits[0]}: rebuild the root "
+            hit = next((p for d in host.system_dirs if os.path.isfile(p := os.path.join(d, lib))), None)
+            if hit:
+                report["advice"].append(f"{obj} needs {lib}, which the host has at {hit}: rebuild the root "
                                         "(sandboxctl rebuild-root) so it is picked up, or add it to root.paths")
             else:
                 report["advice"].append(f"{obj} needs {lib}, which this host does not have either: install the "

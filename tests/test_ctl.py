@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -120,6 +121,14 @@ def test_permissions_and_exit_codes_for_other_users(daemon: DaemonProcess) -> No
     assert p.returncode == 0 and p.stdout == b"7\n"
     p = ctl(daemon, "status", user="sbx-carol")
     assert p.returncode == 3 and "socket's group" in p.stderr.decode()
+    secret = Path(tempfile.mkdtemp()) / "secret.txt"  # an input file the caller cannot read
+    secret.write_text("s")
+    secret.chmod(0)
+    try:
+        p = ctl(daemon, "run", "--stdin-file", str(secret), "-c", "pass", user="sbx-alice")
+        assert p.returncode == 2 and f"{secret}: Permission denied" in p.stderr.decode()  # not "cannot talk"
+    finally:
+        shutil.rmtree(secret.parent)
 
 
 def test_connection_and_usage_errors(daemon: DaemonProcess) -> None:
@@ -218,6 +227,10 @@ def test_root_why(make_daemon: Any) -> None:
     assert "add /usr/lib/python3/dist-packages/yaml to root.extra_paths" in out
     data = js(ctl(d, "root", "why", "numpy", "--json"))
     assert data["importable"] is True and data["missing_libraries"] == {} and len(data["extensions"]) > 5
+    # Libraries are named as inside the root, the loader (the interpreter of libc) included.
+    libs = {lib for e in data["extensions"] for lib in e["libraries"]}
+    assert all(lib.startswith("/") and os.path.isfile(data["root"] + lib) for lib in libs), libs
+    assert any(os.path.basename(lib).startswith("ld-linux") for lib in libs), libs
 
 
 def test_root_why_names_private_host_places_only_to_admins(daemon: DaemonProcess) -> None:

@@ -64,18 +64,27 @@ def ld_so_conf_dirs(conf: str = "/etc/ld.so.conf", _depth: int = 0) -> list[str]
 
 
 class LibraryResolver:
-    """Resolves DT_NEEDED names to host paths; caches parsed files."""
+    """Resolves DT_NEEDED names to paths; caches parsed files.
 
-    def __init__(self, system_dirs: Iterable[str] | None = None) -> None:
+    Paths in and out are as the loader would see them.  With a ``sysroot`` (a jail root)
+    every file is looked for under it -- search directories, absolute DT_RUNPATHs, names
+    with a slash, the ELF interpreter -- while paths keep their form inside the root.
+    """
+
+    def __init__(self, system_dirs: Iterable[str] | None = None, sysroot: str = "") -> None:
         if system_dirs is None:
             system_dirs = _dedup([*ld_so_conf_dirs(), *default_dirs()])
         self.system_dirs = list(system_dirs)
+        self.sysroot = sysroot.rstrip("/")
         self._info: dict[str, ElfInfo | None] = {}
+
+    def _isfile(self, path: str) -> bool:
+        return os.path.isfile(self.sysroot + path)
 
     def info(self, path: str) -> ElfInfo | None:
         if path not in self._info:
             try:
-                self._info[path] = read_elf(path)
+                self._info[path] = read_elf(self.sysroot + path)
             except (OSError, ElfError, ValueError):
                 self._info[path] = None
         return self._info[path]
@@ -93,10 +102,10 @@ class LibraryResolver:
         if info is None:
             return None
         if "/" in name:
-            return name if os.path.isfile(name) else None
+            return name if self._isfile(name) else None
         for d in self.search_dirs(path, info):
             candidate = os.path.join(d, name)
-            if not os.path.isfile(candidate):
+            if not self._isfile(candidate):
                 continue
             cand = self.info(candidate)
             if cand is not None and cand.elf_class == info.elf_class and cand.machine == info.machine:
@@ -120,7 +129,7 @@ class LibraryResolver:
             info = self.info(path)
             if info is None:
                 continue
-            if info.interpreter and os.path.isfile(info.interpreter):
+            if info.interpreter and self._isfile(info.interpreter):
                 found.add(info.interpreter)
                 todo.append(info.interpreter)
             for name in info.needed:
