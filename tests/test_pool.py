@@ -58,3 +58,11 @@ def test_workers_are_single_use(daemon: DaemonProcess) -> None:
     daemon.run("import builtins, sys; builtins.LEFTOVER = 1; sys.modules['leak'] = 1")
     r = daemon.run("import builtins, sys; print(hasattr(builtins, 'LEFTOVER'), 'leak' in sys.modules)")
     assert r["stdout"] == b"False False\n"
+
+
+def test_a_run_gets_more_memory_than_a_waiting_worker_has(daemon: DaemonProcess) -> None:
+    # Pooled workers wait with limits.memory (256 MiB); a run's own limit is applied on hand-over.
+    big = "a = bytearray(400 << 20)\nfor i in range(0, len(a), 4096): a[i] = 1\nprint(len(a) >> 20)"
+    r = daemon.run(big, memory_mb=512)
+    assert r["status"] == "ok" and r["stdout"] == b"400\n", r["stderr"]
+    assert daemon.run(big, memory_mb=300)["status"] == "memory_limit"

@@ -6,11 +6,13 @@ During every attack another uid must still get a run promptly.
 from __future__ import annotations
 
 import os
+import pwd
 import resource
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import call_as, require
-from harness import DaemonProcess, fd_count, raw_socket, rss_kb, wait_until
+from harness import REPO, DaemonProcess, fd_count, raw_socket, rss_kb, wait_until
 
 from sandboxd import protocol
 
@@ -243,6 +245,21 @@ def test_without_cap_mknod_runs_work_and_the_shared_dev_is_reported(make_daemon:
 def test_own_device_nodes_in_the_normal_case(daemon: DaemonProcess) -> None:
     with daemon.client() as c:
         assert c.status()["self_test"]["notes"] == {"private_dev": True}
+
+
+def test_run_uids_that_real_users_hold_are_reported(make_daemon: Any, tmp_path: Any) -> None:
+    alice = pwd.getpwnam("sbx-alice").pw_uid
+    overlapping = {"jail": {"run_uids": f"{alice}-{alice + 63}"}, "pool": {"min": 0, "max": 1},
+                   "daemon": {"workers": 2}}
+    d: DaemonProcess = make_daemon(overlapping)
+    assert f"overlaps: user sbx-alice has uid {alice}" in d.log()  # at start, in the daemon's log
+    # ... and the check the package's postinst runs, on the same file (exit 1), and on a free range.
+    check = [sys.executable, "-m", "sandboxd.uidcheck"]
+    p = subprocess.run([*check, d.config_path], capture_output=True, cwd=REPO)
+    assert p.returncode == 1 and f"user sbx-alice has uid {alice}" in p.stderr.decode()
+    free = tmp_path / "free.yaml"
+    free.write_text("jail: {run_uids: \"879000-879063\"}\n")
+    assert subprocess.run([*check, str(free)], capture_output=True, cwd=REPO).returncode == 0
 
 
 def test_self_test_can_be_switched_off(make_daemon: Any) -> None:
