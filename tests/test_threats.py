@@ -601,18 +601,18 @@ def test_22_failed_setup_step_fails_closed(tmp_path: Any) -> None:
     from harness import CGROUP_PARENT
 
     from sandboxd.config import parse
-    from sandboxd.daemon import jail_settings
     from sandboxd.jail.jail import Jail
+    from sandboxd.jail.settings import JailSettings
     from sandboxd.jail.spec import RunPlan
 
     require_root()
     cfg = parse({"jail": {"run_uids": "878500-878563", "cgroup_parent": CGROUP_PARENT + "-closed"},
                  "pool": {"min": 0, "max": 0}, "daemon": {"workers": 2}})
-    settings = jail_settings(cfg, str(tmp_path))
+    settings = JailSettings.from_config(cfg, str(tmp_path))
     # An impossible host name makes the "namespaces" step fail (sethostname: EINVAL).
     import dataclasses
 
-    settings = dataclasses.replace(settings, hostname="h" * 100)
+    settings = dataclasses.replace(settings, jail=dataclasses.replace(settings.jail, hostname="h" * 100))
     marker = tmp_path / "ran"
 
     async def go() -> Any:

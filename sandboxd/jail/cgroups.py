@@ -5,7 +5,8 @@ daemon moves itself into a leaf (``<own>/daemon``), enables ``+memory +pids +cpu
 its children and creates one cgroup per worker under ``<own>/<parent>``.  Otherwise
 the v1 ``memory``, ``pids``, ``cpu`` and ``cpuacct`` hierarchies are used with the same
 layout under the daemon's own cgroup in each.  Where neither is writable the driver
-is ``none`` and only rlimits confine a run; results say which one applied.
+is ``none`` and only rlimits confine a run; results say which one applied.  Which
+driver a host gets is ``cgroup_detect``'s choice.
 
 The worker joins its cgroups itself, first thing after fork, by writing ``0`` to each
 ``cgroup.procs`` listed in ``WorkerCgroup.procs_files``.
@@ -19,10 +20,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-
-from . import libc
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class Limits:
 WEIGHTS = {"cgroup1": (2, 1024), "cgroup2": (1, 100)}
 
 
-def _read(path: str) -> str:
+def read_control(path: str) -> str:
     """A control file's contents (raw fd calls: half the cost of open(), on the result's path)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -71,7 +69,7 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _write(path: str, value: str) -> None:
+def write_control(path: str, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
@@ -79,47 +77,13 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
-def _keyed(text: str) -> dict[str, int]:
+def keyed(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
-
-
-def _mounts() -> tuple[str | None, dict[str, str]]:
-    """(cgroup2 mount point, {v1 controller: mount point})."""
-    v2: str | None = None
-    v1: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(rfields) < 3 or len(fields) < 5:
-                continue
-            fstype, options = rfields[0], rfields[2].split(",")
-            point = fields[4]
-            if fstype == "cgroup2" and v2 is None:
-                v2 = point
-            elif fstype == "cgroup":
-                for c in V1_CONTROLLERS:
-                    if c in options:
-                        v1.setdefault(c, point)
-    return v2, v1
-
-
-def _own_paths() -> tuple[str | None, dict[str, str]]:
-    v2: str | None = None
-    v1: dict[str, str] = {}
-    with open("/proc/self/cgroup", encoding="utf-8") as f:
-        for line in f:
-            hier, controllers, path = line.rstrip("\n").split(":", 2)
-            if hier == "0" and controllers == "":
-                v2 = path
-            for c in controllers.split(","):
-                v1[c] = path
-    return v2, v1
 
 
 class WorkerCgroup:
@@ -143,7 +107,7 @@ class WorkerCgroup:
         the run's clock: each cgroupfs write costs tens of microseconds)."""
         path = self._file(controller, name)
         if self.written.get(path) != value:
-            _write(path, value)
+            write_control(path, value)
             self.written[path] = value
 
     def set_limits(self, limits: Limits) -> None:
@@ -174,7 +138,7 @@ class WorkerCgroup:
         has_memsw = self.driver.has_memsw
         # memory.limit_in_bytes may never exceed memsw: raise memsw first, lower memory first.
         if current is None:  # first write to this cgroup: ask the kernel (unlimited when fresh)
-            current = _read(mem).strip()
+            current = read_control(mem).strip()
         raising = limit > int(current)
         if has_memsw and raising:
             self._set("memory", "memory.memsw.limit_in_bytes", str(limit))
@@ -197,9 +161,9 @@ class WorkerCgroup:
     def cpu_usage_ns(self) -> int | None:
         try:
             if self.driver.kind == "cgroup2":
-                return _keyed(_read(self._file("cpu", "cpu.stat")))["usage_usec"] * 1000
+                return keyed(read_control(self._file("cpu", "cpu.stat")))["usage_usec"] * 1000
             if "cpuacct" in self.dirs:
-                return int(_read(self._file("cpuacct", "cpuacct.usage")))
+                return int(read_control(self._file("cpuacct", "cpuacct.usage")))
         except (OSError, KeyError, ValueError):
             return None
         return None
@@ -208,18 +172,18 @@ class WorkerCgroup:
         st = CgroupStats(cpu_usage_ns=self.cpu_usage_ns())
         try:
             if self.driver.kind == "cgroup2":
-                events = _keyed(_read(self._file("memory", "memory.events")))
+                events = keyed(read_control(self._file("memory", "memory.events")))
                 st.oom_kills = events.get("oom_kill", 0)
                 st.memory_max_hits = events.get("max", 0)
                 peak = self._file("memory", "memory.peak")
                 if os.path.exists(peak):
-                    st.memory_peak = int(_read(peak))
-                st.pids_max_hits = _keyed(_read(self._file("pids", "pids.events"))).get("max", 0)
+                    st.memory_peak = int(read_control(peak))
+                st.pids_max_hits = keyed(read_control(self._file("pids", "pids.events"))).get("max", 0)
             elif self.driver.kind == "cgroup1":
-                st.oom_kills = _keyed(_read(self._file("memory", "memory.oom_control"))).get("oom_kill", 0)
-                st.memory_max_hits = int(_read(self._file("memory", "memory.failcnt")))
-                st.memory_peak = int(_read(self._file("memory", "memory.max_usage_in_bytes")))
-                st.pids_max_hits = _keyed(_read(self._file("pids", "pids.events"))).get("max", 0)
+                st.oom_kills = keyed(read_control(self._file("memory", "memory.oom_control"))).get("oom_kill", 0)
+                st.memory_max_hits = int(read_control(self._file("memory", "memory.failcnt")))
+                st.memory_peak = int(read_control(self._file("memory", "memory.max_usage_in_bytes")))
+                st.pids_max_hits = keyed(read_control(self._file("pids", "pids.events"))).get("max", 0)
         except (OSError, ValueError) as e:
             log.warning("reading cgroup stats of %s: %s", self.dirs, e)
         return st
@@ -228,7 +192,7 @@ class WorkerCgroup:
         out: set[int] = set()
         for f in self.procs_files:
             try:
-                out.update(int(x) for x in _read(f).split())
+                out.update(int(x) for x in read_control(f).split())
             except OSError:
                 pass
         return sorted(out)
@@ -239,7 +203,7 @@ class WorkerCgroup:
             kill_file = os.path.join(self.dirs["v2"], "cgroup.kill")
             if os.path.exists(kill_file):
                 try:
-                    _write(kill_file, "1")
+                    write_control(kill_file, "1")
                     return
                 except OSError as e:
                     log.warning("cgroup.kill in %s: %s", self.dirs["v2"], e)
@@ -311,7 +275,7 @@ class CgroupDriver:
             log.warning("cgroup parent %s was missing; recreating it", base)
             os.makedirs(base, exist_ok=True)
             if self.kind == "cgroup2" and self.enable:
-                _write(os.path.join(base, "cgroup.subtree_control"), self.enable)
+                write_control(os.path.join(base, "cgroup.subtree_control"), self.enable)
             os.mkdir(d)
 
     def create(self, name: str, limits: Limits, slot: int) -> WorkerCgroup:
@@ -340,11 +304,11 @@ class CgroupDriver:
             if self.kind == "cgroup1":
                 swappiness = os.path.join(dirs["memory"], "memory.swappiness")
                 if os.path.exists(swappiness):
-                    _write(swappiness, "0")
+                    write_control(swappiness, "0")
             else:
                 swap = os.path.join(dirs["v2"], "memory.swap.max")
                 if os.path.exists(swap):
-                    _write(swap, "0")
+                    write_control(swap, "0")
             cg.set_limits(limits)
         except BaseException:
             cg.remove()
@@ -383,112 +347,3 @@ class CgroupDriver:
 
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "bases": dict(self.bases)}
-
-
-def detect(parent: str, prefer: str = "auto") -> CgroupDriver:
-    """Pick the driver for this host and prepare ``parent`` under the daemon's cgroup.
-
-    ``prefer`` is ``auto``, ``cgroup2``, ``cgroup1`` or ``none``.  An explicit choice
-    that does not work raises ``CgroupError`` with the reason; so does a parent that
-    another live daemon holds (``CgroupInUse``), whatever the choice.
-    """
-    if prefer == "none":
-        return CgroupDriver("none", {})
-    v2_mount, v1_mounts = _mounts()
-    v2_own, v1_own = _own_paths()
-    candidates: list[tuple[str, Callable[[], CgroupDriver]]] = []
-    if v2_mount and v2_own is not None:
-        candidates.append(("cgroup2", lambda: _setup_v2(v2_mount, v2_own, parent)))
-    candidates.append(("cgroup1", lambda: _setup_v1(v1_mounts, v1_own, parent)))
-    errors: list[str] = []
-    for kind, setup in candidates:
-        if prefer not in ("auto", kind):
-            continue
-        try:
-            driver = setup()
-            driver.lock()
-            return driver
-        except CgroupInUse:
-            raise
-        except (OSError, CgroupError) as e:
-            errors.append(f"{kind}: {e}")
-            if prefer == kind:
-                raise CgroupError("; ".join(errors)) from e
-    if prefer != "auto":
-        raise CgroupError(f"{prefer} is not available on this host")
-    log.warning("no writable cgroup hierarchy (%s); runs are confined by rlimits only", "; ".join(errors))
-    return CgroupDriver("none", {})
-
-
-def favor_dynamic_modifications() -> str:
-    """Remount the cgroup2 hierarchy with ``favordynmods`` (Linux 6.0+).
-
-    Joining a cgroup otherwise waits for an RCU grace period while holding the global
-    cgroup mutex: 5 ms per worker here, and every cgroup mkdir/rmdir of the daemon
-    queues behind it.  The option trades that for slightly dearer fork/exit host-wide.
-    It is global (one lock serves v1 and v2); v1 mounts cannot take it, so a v1-only host
-    needs the ``cgroup_favordynmods=true`` boot parameter.  Returns what was done.
-    """
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(rfields) < 3 or rfields[0] != "cgroup2":
-                continue
-            point, mount_opts, super_opts = fields[4], fields[5].split(","), rfields[2].split(",")
-            if "favordynmods" in super_opts:
-                return f"favordynmods already set on {point}"
-            flags = libc.MS_REMOUNT
-            for opt in mount_opts:
-                flags |= libc.MOUNT_OPTION_FLAGS.get(opt, 0)
-            # A cgroup2 remount resets every option it does not name: keep the current ones.
-            data = ",".join([*(o for o in super_opts if o not in ("rw", "ro")), "favordynmods"])
-            try:
-                libc.mount(None, point, None, flags, data)
-            except OSError as e:
-                return f"could not set favordynmods on {point} ({e.strerror}); cgroup joins will be slow"
-            return f"set favordynmods on {point} (cgroup joins no longer wait for RCU)"
-    return ("no cgroup2 mount: boot with cgroup_favordynmods=true to make cgroup joins fast "
-            "(Linux 6.7+), or accept about 5 ms per worker")
-
-
-def _setup_v2(mount: str, own: str, parent: str) -> CgroupDriver:
-    own_dir = os.path.join(mount, own.lstrip("/"))
-    available = set(_read(os.path.join(own_dir, "cgroup.controllers")).split())
-    missing = [c for c in ("memory", "pids") if c not in available]
-    if missing:
-        raise CgroupError(f"{own_dir} does not offer the {'/'.join(missing)} controller(s) (not delegated?)")
-    wanted = [c for c in V2_CONTROLLERS if c in available]
-    enable = " ".join("+" + c for c in wanted)
-    if own != "/":
-        # No internal processes: move this process into a leaf before enabling controllers.
-        leaf = os.path.join(own_dir, "daemon")
-        os.makedirs(leaf, exist_ok=True)
-        procs = _read(os.path.join(own_dir, "cgroup.procs")).split()
-        for pid in procs:
-            try:
-                _write(os.path.join(leaf, "cgroup.procs"), pid)
-            except OSError as e:
-                if e.errno != errno.ESRCH:
-                    raise CgroupError(f"cannot move pid {pid} into {leaf}: {e}") from e
-    _write(os.path.join(own_dir, "cgroup.subtree_control"), enable)
-    base = os.path.join(own_dir, parent)
-    os.makedirs(base, exist_ok=True)
-    _write(os.path.join(base, "cgroup.subtree_control"), enable)
-    return CgroupDriver("cgroup2", {"v2": base}, enable)
-
-
-def _setup_v1(mounts: dict[str, str], own: dict[str, str], parent: str) -> CgroupDriver:
-    missing = [c for c in ("memory", "pids") if c not in mounts]
-    if missing:
-        raise CgroupError(f"controller(s) {', '.join(missing)} not mounted")
-    bases: dict[str, str] = {}
-    for c in V1_CONTROLLERS:
-        if c not in mounts:
-            continue
-        base = os.path.join(mounts[c], own.get(c, "/").lstrip("/"), parent)
-        os.makedirs(base, exist_ok=True)
-        if not os.access(base, os.W_OK):
-            raise CgroupError(f"{base} is not writable")
-        bases[c] = base
-    return CgroupDriver("cgroup1", bases)

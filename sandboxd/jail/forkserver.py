@@ -8,7 +8,6 @@ administrator's preload modules -- then freezes the GC and serves commands:
     {"op": "spawn", "spec": {...}}  -> {"ok": true, "pid": P}  + fds
                                        [pidfd, status_r, request_w, stdin_w, stdout_r, stderr_r]
     {"op": "template", "root": DIR} -> {"ok": true}   (after a root rebuild)
-    {"op": "ping"}                  -> {"ok": true, "rss_kb": ..., "workers": n, "threads": n}
 
 and reports ``{"event": "reaped", "pid": P, "wstatus": S}`` when a worker's pid 1 has
 been reaped (then nothing of that run is left).  Each worker is forked straight into
@@ -19,6 +18,7 @@ exits; its own death is seen by workers through the lifeline pipe and PDEATHSIG.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import os
@@ -33,8 +33,8 @@ import msgpack
 
 from . import libc, mounts
 from . import seccomp as sc
-from .child import ServerState, supervisor_main
-from .spec import WorkerSpec
+from .child import supervisor_main
+from .contract import ServerState, WorkerSpec, drain
 
 MAX_MESSAGE = 1 << 20
 
@@ -60,6 +60,7 @@ class ForkServer:
         cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
+            root_id=mounts.root_id(init["root"]),
             lifeline_fd=self.lifeline_r,
             filters=filters,
             supervisor_filter=sc.compile_supervisor(),
@@ -92,11 +93,11 @@ class ForkServer:
         while True:
             ready, _, _ = select.select([self.sock, self.wake_r], [], [])
             if self.wake_r in ready:
-                _drain(self.wake_r)
+                drain(self.wake_r)
                 self.reap()
             if self.sock in ready:
                 try:
-                    data, fds = _recv(self.sock)
+                    data = _recv(self.sock)
                 except ConnectionError:
                     data = b""
                 if not data:
@@ -118,12 +119,10 @@ class ForkServer:
                 old = self.template_fd
                 self.template_fd = build_template(msg["root"])
                 assert self.state is not None
-                self.state = ServerState(**{**self.state.__dict__, "template_fd": self.template_fd})
+                self.state = dataclasses.replace(self.state, template_fd=self.template_fd,
+                                                 root_id=mounts.root_id(msg["root"]))
                 os.close(old)
                 self.reply({"ok": True})
-            elif op == "ping":
-                self.reply({"ok": True, "rss_kb": _status_kb("VmRSS"), "workers": len(self.workers),
-                            "threads": threading.active_count()})
             else:
                 self.reply({"ok": False, "error": f"unknown op {op!r}"})
         except Exception as e:  # noqa: BLE001 - the daemon gets the reason, the server lives on
@@ -277,19 +276,12 @@ def forget_foreign_modules(names: tuple[str, ...]) -> None:
         sys.modules.pop(name, None)
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+def _recv(sock: socket.socket) -> bytes:
+    """One message; any fds that came with it are closed (the daemon sends none)."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 16)
     for fd in fds:
         os.close(fd)
-    return data, []
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
+    return data
 
 
 def _status_kb(field: str) -> int:
@@ -311,7 +303,7 @@ def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     server = ForkServer(sock)
-    data, _ = _recv(sock)
+    data = _recv(sock)
     init = msgpack.unpackb(data, raw=False, strict_map_key=False)
     try:
         answer = server.prepare(init)

@@ -23,7 +23,7 @@ import msgpack
 
 import sandboxd
 
-from .spec import WorkerSpec
+from .contract import WorkerSpec
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 20

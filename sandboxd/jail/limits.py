@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import resource
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 RLIMITS = {
     "as": resource.RLIMIT_AS,
@@ -40,21 +41,30 @@ def nproc_for(pids: int, cgroup: bool) -> int:
 STACK_BYTES = 8 << 20
 
 
-def for_run(*, as_base: int, memory: int, as_slack: int, cpu_ms: int, file_size: int, nofile: int, pids: int,
-            cgroup: bool) -> dict[str, int]:
-    """The rlimits of a run with these limits (the pool's ceilings are those of the largest run).
+@dataclass(frozen=True)
+class RlimitPolicy:
+    """The one formula for a run's rlimits, from its memory, CPU, file and process limits.
 
-    With a cgroup, memory is the cgroup's job and RLIMIT_AS gets ``as_slack`` on top (glibc
-    arenas and thread stacks are address space, not memory); without one it is the limit.
+    ``as_base`` is the interpreter's own address space (the fork server's VmSize plus a
+    margin).  With a cgroup, memory is the cgroup's job and RLIMIT_AS gets ``as_slack`` on
+    top (glibc arenas and thread stacks are address space, not memory); without one the
+    memory limit is RLIMIT_AS itself.  A pooled worker starts with the ceilings of the
+    largest run; each run lowers them to its own before its code starts.
     """
-    return {
-        "as": as_base + memory + (as_slack if cgroup else 0),
-        "cpu": math.ceil(cpu_ms / 1000) + 1,
-        "fsize": file_size,
-        "nofile": nofile,
-        "nproc": nproc_for(pids, cgroup),
-        "stack": STACK_BYTES,
-    }
+
+    as_base: int
+    as_slack: int
+    cgroup: bool
+
+    def for_limits(self, *, memory: int, cpu_ms: int, file_size: int, nofile: int, pids: int) -> dict[str, int]:
+        return {
+            "as": self.as_base + memory + (self.as_slack if self.cgroup else 0),
+            "cpu": math.ceil(cpu_ms / 1000) + 1,
+            "fsize": file_size,
+            "nofile": nofile,
+            "nproc": nproc_for(pids, self.cgroup),
+            "stack": STACK_BYTES,
+        }
 
 
 def apply(limits: Mapping[str, int]) -> None:

@@ -2,19 +2,20 @@
 
 The template is built once per root by a short-lived helper: new mount namespace,
 everything private, the root bind-mounted onto itself read-only/nosuid/nodev, the
-five harmless device nodes bound in, ``pivot_root`` into it and the old root
-detached.  The helper exits; the fork server keeps the namespace alive through an
-fd.  Each worker then ``setns``-es into the template and ``unshare``-s a private copy
-that holds nothing of the host: there is no old root left to reach.
+five harmless device nodes bound in, ``pivot_root(".", ".")`` into it and the old root
+detached from on top.  The helper exits; the fork server keeps the namespace alive
+through an fd.  Each worker then ``setns``-es into the template and ``unshare``-s a
+private copy that holds nothing of the host: there is no old root left to reach, and
+no mount point of the jail's own in what a run can list.
 
 Each worker also gets its own ``/dev``: a small read-only tmpfs with fresh nodes for the
 five devices, so that no inode a run can open for writing is shared with another run or
 the host (a lock on a shared /dev/null would be a channel between runs).
 
-Scratch is one tmpfs (size and inode caps) mounted at ``/.scratch``; its
-subdirectories are bound to ``/work`` (the working directory), ``/tmp``, ``/var/tmp``
-and ``/dev/shm``, and the tmpfs itself is detached, so all writable places share
-the caps and vanish with the namespace.
+Scratch is one tmpfs (size and inode caps) made detached with the new mount API
+(``fsopen``/``fsmount``); its subdirectories are cloned onto ``/work`` (the working
+directory), ``/tmp``, ``/var/tmp`` and ``/dev/shm``, and the detached mount is dropped,
+so all writable places share the caps and vanish with the namespace.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import os
 import stat
 
 from . import libc
-from .layout import DEVICE_NODES, DEVICE_NUMBERS, MARKER
+from .layout import DEVICE_NODES, DEVICE_NUMBERS
 
-SCRATCH = "/.scratch"
-SCRATCH_BINDS = (("work", "/work", 0o755), ("tmp", "/tmp", 0o1777), ("shm", "/dev/shm", 0o1777))
-EXTRA_BINDS = (("tmp", "/var/tmp"),)
+SCRATCH_DIRS = (("work", 0o755, ("/work",)), ("tmp", 0o1777, ("/tmp", "/var/tmp")), ("shm", 0o1777, ("/dev/shm",)))
 RO_FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
-SCRATCH_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+SCRATCH_ATTRS = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR_NOEXEC
 DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
+
+
+def root_id(path: str) -> tuple[int, int]:
+    """What identifies the root directory from inside as from outside: (st_dev, st_ino)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def enter_template(root: str) -> None:
@@ -44,12 +49,13 @@ def enter_template(root: str) -> None:
         flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NOEXEC
         libc.mount(None, target, None, flags)
     libc.mount(None, root, None, libc.MS_REMOUNT | libc.MS_BIND | RO_FLAGS)
+    expected = root_id(root)
     os.chdir(root)
-    libc.pivot_root(".", ".old")
-    libc.umount2("/.old", libc.MNT_DETACH)
+    # The old root ends up stacked on top of the new one; detaching it leaves only the new.
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
     os.chdir("/")
-    if not os.path.exists("/" + MARKER):
-        raise OSError(2, f"{MARKER} not found after pivot_root into {root}")
+    check_root(expected)
 
 
 def join_template(template_fd: int, unshare_flags: int) -> None:
@@ -61,17 +67,29 @@ def join_template(template_fd: int, unshare_flags: int) -> None:
 
 def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
     private_dev = _private_dev()
-    opts = f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0"
-    libc.mount("sandboxd-scratch", SCRATCH, "tmpfs", SCRATCH_FLAGS, opts)
-    for sub, target, mode in SCRATCH_BINDS:
-        path = os.path.join(SCRATCH, sub)
-        os.mkdir(path, mode)
-        os.chmod(path, mode)  # mkdir honours the umask
-        os.chown(path, uid, gid)
-        _bind(path, target)
-    for sub, target in EXTRA_BINDS:
-        _bind(os.path.join(SCRATCH, sub), target)
-    libc.umount2(SCRATCH, libc.MNT_DETACH)
+    fs = libc.fsopen("tmpfs")
+    try:
+        for key, value in (("source", "sandboxd-scratch"), ("size", str(size)), ("nr_inodes", str(inodes)),
+                           ("mode", "0755"), ("uid", "0"), ("gid", "0")):
+            libc.fsconfig(fs, key, value)
+        libc.fsconfig(fs)
+        scratch = libc.fsmount(fs, SCRATCH_ATTRS)
+    finally:
+        os.close(fs)
+    try:
+        for sub, mode, targets in SCRATCH_DIRS:
+            os.mkdir(sub, mode, dir_fd=scratch)
+            os.chmod(sub, mode, dir_fd=scratch)  # mkdir honours the umask
+            os.chown(sub, uid, gid, dir_fd=scratch)
+            for target in targets:
+                # A clone keeps the tmpfs mount's nosuid/nodev/noexec; tests check them from inside.
+                tree = libc.open_tree(scratch, sub)
+                try:
+                    libc.move_mount(tree, target)
+                finally:
+                    os.close(tree)
+    finally:
+        os.close(scratch)  # nothing else holds the detached mount: only the clones stay
     if private_dev:
         libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
 
@@ -96,15 +114,8 @@ def _private_dev() -> bool:
     return True
 
 
-def _bind(source: str, target: str) -> None:
-    # A bind mount inherits nosuid/nodev/noexec from the tmpfs it comes from (clone_mnt copies
-    # the source mount's flags), so no remount is needed; tests check the flags from inside.
-    libc.mount(source, target, None, libc.MS_BIND)
-
-
-def check_root() -> None:
-    """The process sees the jail's root and nothing of the host's."""
-    if not os.path.exists("/" + MARKER):
-        raise OSError(2, f"/{MARKER} missing: not inside the jail root")
-    if os.listdir("/.old"):
-        raise OSError(17, "/.old is not empty: the old root is still reachable")
+def check_root(expected: tuple[int, int]) -> None:
+    """The process's root is the jail's root (the template's, identified by device and inode)."""
+    found = root_id("/")
+    if found != expected:
+        raise OSError(2, f"/ is {found}, expected the jail root {expected}: not inside the jail")

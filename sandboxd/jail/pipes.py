@@ -67,8 +67,7 @@ class FrameReader:
 
     def __init__(self, fd: int, max_frame: int) -> None:
         self.fd = fd
-        self.max_frame = max_frame
-        self.buf = bytearray()
+        self.decoder = protocol.FrameDecoder(max_frame)
         self.loop = asyncio.get_running_loop()
         self.frames: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
         self.error: str | None = None
@@ -86,25 +85,15 @@ class FrameReader:
             if not chunk:
                 self.close()
                 return
-            self.buf += chunk
+            self.decoder.feed(chunk)
             try:
-                self._parse()
+                while (obj := self.decoder.next_frame()) is not None:
+                    if isinstance(obj, dict):
+                        self.frames.put_nowait(obj)
             except protocol.ProtocolError as e:
                 self.error = e.message
                 self.close()
                 return
-
-    def _parse(self) -> None:
-        header = protocol.HEADER.size
-        while len(self.buf) >= header:
-            n = protocol.frame_length(bytes(self.buf[:header]), self.max_frame)
-            if len(self.buf) < header + n:
-                return
-            body = bytes(self.buf[header : header + n])
-            del self.buf[: header + n]
-            obj = protocol.decode_body(body, self.max_frame)
-            if isinstance(obj, dict):
-                self.frames.put_nowait(obj)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -115,12 +104,11 @@ class FrameReader:
 
 
 class Writer:
-    """Writes a buffer to a pipe without blocking the loop; ``abandon`` stops and closes."""
+    """Writes a buffer to a pipe without blocking the loop and closes it; ``abandon`` stops early."""
 
-    def __init__(self, fd: int, data: bytes, close_when_done: bool = True) -> None:
+    def __init__(self, fd: int, data: bytes) -> None:
         self.fd = fd
         self.view = memoryview(data)
-        self.close_when_done = close_when_done
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[bool] = self.loop.create_future()
         os.set_blocking(fd, False)
@@ -144,10 +132,9 @@ class Writer:
         self._write()
 
     def _finish(self, complete: bool) -> None:
-        if self.close_when_done or not complete:
-            self.abandon()
         if not self.done.done():
             self.done.set_result(complete)
+        self.abandon()
 
     def abandon(self) -> None:
         if self.fd >= 0:

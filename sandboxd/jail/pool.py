@@ -14,8 +14,10 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, Protocol, TypeVar
 
-from .worker import Worker, WorkerFailed
+from ..tasks import Tasks
+from .contract import SetupError
 
 log = logging.getLogger(__name__)
 DECAY_SECONDS = 30.0
@@ -23,18 +25,30 @@ REFILL_DELAY = 0.002  # seconds after a run ends before its pool is topped up
 FAILURES_BEFORE_GIVING_UP = 3  # consecutive worker setup failures before waiting requests get the error
 
 
-class Pool:
-    def __init__(self, make: Callable[[str, bool], Awaitable[Worker]], retire: Callable[[Worker], None],
-                 keys: Iterable[str], minimum: int, maximum: int) -> None:
+class Pooled(Protocol):
+    """What the pool needs of a worker."""
+
+    state: str  # "ready" while it waits for a run
+    generation: int
+    ready: asyncio.Future[None]  # set once its setup is done
+
+
+W = TypeVar("W", bound=Pooled)
+
+
+class Pool(Generic[W]):
+    def __init__(self, make: Callable[[str, bool], Awaitable[W]], retire: Callable[[W], None],
+                 keys: Iterable[str], minimum: int, maximum: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.make = make
         self.retire = retire
         self.minimum = minimum
         self.maximum = maximum
         self.generation = 0
+        self.clock = clock
         self.keys = list(keys)
-        self.ready: dict[str, collections.deque[Worker]] = {k: collections.deque() for k in self.keys}
+        self.ready: dict[str, collections.deque[W]] = {k: collections.deque() for k in self.keys}
         self.starting: dict[str, int] = {k: 0 for k in self.keys}
-        self.waiters: dict[str, collections.deque[asyncio.Future[Worker]]] = {
+        self.waiters: dict[str, collections.deque[asyncio.Future[W]]] = {
             k: collections.deque() for k in self.keys}
         self.target: dict[str, int] = {k: minimum for k in self.keys}
         self.last_miss: dict[str, float] = {k: 0.0 for k in self.keys}
@@ -42,15 +56,14 @@ class Pool:
         self.misses = 0
         self.failures = 0
         self.closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._decay: asyncio.Task[None] | None = None
+        self._tasks = Tasks("pool")
 
     def start(self) -> None:
         for key in self.keys:
             self._refill(key)
-        self._decay = asyncio.get_running_loop().create_task(self._decay_loop())
+        self._tasks.spawn(self._decay_loop())
 
-    async def acquire(self, key: str, timeout: float = 60.0) -> Worker:
+    async def acquire(self, key: str, timeout: float = 60.0) -> W:
         """A ready worker: a pooled one, else the next one to become ready (first come,
         first served).  While the pool has others left its refill waits for ``done``
         (after the run), so making workers stays off the run's critical path."""
@@ -64,9 +77,9 @@ class Pool:
                 return worker
             self.retire(worker)
         self.misses += 1
-        self.last_miss[key] = time.monotonic()
+        self.last_miss[key] = self.clock()
         self.target[key] = min(self.maximum, self.target[key] + 1)
-        waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[W] = asyncio.get_running_loop().create_future()
         self.waiters[key].append(waiter)
         self._refill(key)
         try:
@@ -90,11 +103,9 @@ class Pool:
         missing = self.target[key] + waiting - len(self.ready[key]) - self.starting[key]
         for _ in range(max(0, missing)):
             self.starting[key] += 1
-            task = asyncio.get_running_loop().create_task(self._grow(key, urgent=waiting > 0))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._grow(key, urgent=waiting > 0))
 
-    def _deliver(self, key: str, worker: Worker) -> None:
+    def _deliver(self, key: str, worker: W) -> None:
         """Hand a ready worker to the oldest waiting request, or keep it."""
         waiters = self.waiters[key]
         while waiters:
@@ -106,7 +117,7 @@ class Pool:
 
     async def _grow(self, key: str, urgent: bool) -> None:
         generation = self.generation
-        worker: Worker | None = None
+        worker: W | None = None
         try:
             worker = await self.make(key, urgent)  # urgent: requests wait, so full CPU weight
             await worker.ready
@@ -121,8 +132,7 @@ class Pool:
             if worker is not None:
                 self.retire(worker)
             log.error("could not start a %s worker: %s", key, e)
-            error = e if isinstance(e, WorkerFailed) else WorkerFailed(
-                {"step": "spawn", "errno": getattr(e, "errno", 0) or 0, "message": str(e)})
+            error = e if isinstance(e, SetupError) else SetupError.from_os_error("spawn", e)
             await asyncio.sleep(min(5.0, 0.05 * self.failures))
             self._fail_waiters(key, error)
             return
@@ -134,7 +144,7 @@ class Pool:
         self.failures = 0
         self._deliver(key, worker)
 
-    def _fail_waiters(self, key: str, error: WorkerFailed) -> None:
+    def _fail_waiters(self, key: str, error: SetupError) -> None:
         """Setup keeps failing: tell waiting requests why rather than let them wait."""
         if self.failures < FAILURES_BEFORE_GIVING_UP:
             self._refill(key)
@@ -147,12 +157,15 @@ class Pool:
     async def _decay_loop(self) -> None:
         while not self.closed:
             await asyncio.sleep(DECAY_SECONDS / 3)
-            now = time.monotonic()
-            for key in self.keys:
-                if self.target[key] > self.minimum and now - self.last_miss[key] > DECAY_SECONDS:
-                    self.target[key] -= 1
-                    if len(self.ready[key]) > self.target[key]:
-                        self.retire(self.ready[key].pop())
+            self.decay(self.clock())
+
+    def decay(self, now: float) -> None:
+        """Lower the target of every key without a miss for DECAY_SECONDS by one."""
+        for key in self.keys:
+            if self.target[key] > self.minimum and now - self.last_miss[key] > DECAY_SECONDS:
+                self.target[key] -= 1
+                if len(self.ready[key]) > self.target[key]:
+                    self.retire(self.ready[key].pop())
 
     def renew(self) -> None:
         """Retire every pooled worker (new root or config) and refill with fresh ones."""
@@ -169,10 +182,7 @@ class Pool:
 
     async def close(self) -> None:
         self.closed = True
-        if self._decay:
-            self._decay.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for key in self.keys:
             while self.ready[key]:
                 self.retire(self.ready[key].popleft())

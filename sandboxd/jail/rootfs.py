@@ -1,23 +1,19 @@
 """Build the read-only root the jail runs in, from a list of host paths.
 
-Each configured path appears at the same place inside.  Symlinks are kept as
-symlinks: a link to a file brings the file; a link to a directory brings the
-directory only if it is itself configured (so ``/usr/lib/ssl/private`` can never
-pull in ``/etc/ssl/private``).  Symlinked parents (``/lib -> usr/lib`` on merged-usr
-systems) are reproduced.  Every ELF file is followed through ``DT_NEEDED`` with the
-loader's search rules (``ldpath``) and the libraries it needs are brought in.
+Each configured path appears at the same place inside, with the libraries its ELF
+files need (what goes in is the ``inventory``'s job).
 
 Files are hard-linked when that is safe (same filesystem, owned by root, not
 writable by group or others, no set-id bits) and copied otherwise, with the copy
 owned by root, mode sanitised and set-id bits stripped.  The build goes into a fresh
 directory and an atomic symlink swap makes it current.  A manifest of every source
-(path, type, size, mtime, mode) lets an unchanged configuration reuse the root.
+(path, type, size, mtime, mode), kept next to the root rather than in it (runs must not
+read the host's paths), lets an unchanged configuration reuse the root.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -28,58 +24,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .elf import is_elf
-from .layout import DEVICE_NODES, MARKER, SKELETON_DIRS, forbidden_prefix, under
-from .ldpath import LibraryResolver
+from .inventory import MANIFEST_VERSION, Inventory, RootError, RootSpec, Source
+from .layout import DEVICE_NODES, SKELETON_DIRS
+
+__all__ = ["MANIFEST_VERSION", "Inventory", "RootError", "RootInfo", "RootSpec", "ensure_root"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".sandboxd-manifest.json"
-MANIFEST_VERSION = 2
-
-
-class RootError(Exception):
-    """The root cannot be built; the message says which path and why."""
-
-
-@dataclass(frozen=True)
-class RootSpec:
-    paths: tuple[str, ...]
-    exclude: tuple[str, ...] = ()
-    generated: Mapping[str, bytes] = field(default_factory=dict)
-    required: tuple[str, ...] = ()
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps([MANIFEST_VERSION, list(self.paths), list(self.exclude)]).encode())
-        for name in sorted(self.generated):
-            h.update(name.encode() + b"\0" + hashlib.sha256(self.generated[name]).digest())
-        return h.hexdigest()[:16]
-
-    def to_json(self) -> str:
-        """The spec for the builder process (``main``); generated files as latin-1 text."""
-        return json.dumps({"paths": list(self.paths), "exclude": list(self.exclude), "required": list(self.required),
-                           "generated": {k: v.decode("latin-1") for k, v in self.generated.items()}})
-
-    @classmethod
-    def from_json(cls, text: str) -> RootSpec:
-        raw = json.loads(text)
-        return cls(tuple(raw["paths"]), tuple(raw["exclude"]),
-                   {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]))
-
-
-@dataclass
-class Source:
-    kind: str  # "f" file, "d" directory, "l" symlink
-    mode: int
-    size: int = 0
-    mtime_ns: int = 0
-    uid: int = 0
-    dev: int = 0
-    link: str = ""
-
-    def key(self) -> list[object]:
-        return [self.kind, self.mode, self.size, self.mtime_ns, self.link]
+MANIFEST_SUFFIX = ".manifest.json"  # next to the root, not in it: runs must not read host paths
 
 
 @dataclass
@@ -112,155 +64,6 @@ class RootInfo:
         }
 
 
-class Inventory:
-    """Everything the root will contain, keyed by absolute path inside (= on the host)."""
-
-    def __init__(self, spec: RootSpec) -> None:
-        self.spec = spec
-        self.entries: dict[str, Source] = {}
-        self.warnings: list[str] = []
-        self.missing_libraries: dict[str, list[str]] = {}
-        self.libraries = 0
-
-    # -- collecting -------------------------------------------------------------------
-    def collect(self, resolver: LibraryResolver | None = None) -> Inventory:
-        for path in self.spec.paths:
-            if not os.path.lexists(path):
-                if path in self.spec.required:
-                    raise RootError(f"{path}: required path does not exist on this host")
-                self.warnings.append(f"{path}: configured path does not exist, skipped")
-                continue
-            self.add(path, recursive=True)
-        self._add_libraries(resolver or LibraryResolver())
-        return self
-
-    def excluded(self, path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, pat) for pat in self.spec.exclude)
-
-    def add(self, path: str, recursive: bool, _depth: int = 0) -> None:
-        """Add ``path`` with its symlinked parents, following links to files."""
-        if _depth > 40:
-            self.warnings.append(f"{path}: too many levels of symbolic links, skipped")
-            return
-        real = self._add_parents(os.path.normpath(path))
-        if real is None or self.excluded(real):
-            return
-        if prefix := forbidden_prefix(real):
-            self.warnings.append(f"{real}: refusing to bring a path under {prefix} into the root")
-            return
-        try:
-            st = os.lstat(real)
-        except FileNotFoundError:
-            self.warnings.append(f"{real}: vanished while building, skipped")
-            return
-        if stat.S_ISLNK(st.st_mode):
-            self._add_link(real, st, recursive, _depth)
-        elif stat.S_ISDIR(st.st_mode):
-            self._record(real, st)
-            if recursive:
-                self._walk(real, _depth)
-        elif stat.S_ISREG(st.st_mode):
-            self._record(real, st)
-        else:
-            self.warnings.append(f"{real}: not a regular file, directory or symlink, skipped")
-
-    def _add_parents(self, path: str) -> str | None:
-        """Record symlinked parent directories; return the path with parents resolved."""
-        parts = path.strip("/").split("/")
-        current = "/"
-        for i, part in enumerate(parts[:-1]):
-            candidate = os.path.join(current, part)
-            try:
-                st = os.lstat(candidate)
-            except FileNotFoundError:
-                return None
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(candidate)
-                self.entries.setdefault(candidate, Source("l", 0o777, link=target))
-                resolved = os.path.normpath(os.path.join(current, target))
-                rest = "/".join(parts[i + 1 :])
-                return self._add_parents(os.path.join(resolved, rest))
-            current = candidate
-        return path
-
-    def _add_link(self, path: str, st: os.stat_result, recursive: bool, depth: int) -> None:
-        target = os.readlink(path)
-        self.entries[path] = Source("l", 0o777, mtime_ns=st.st_mtime_ns, link=target)
-        resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
-        try:
-            tst = os.stat(path)
-        except OSError:
-            return  # dangling on the host too: keep the link as it is
-        if stat.S_ISDIR(tst.st_mode):
-            configured = any(under(resolved, p) for p in self.spec.paths)
-            # A directory others may not enter (/etc/ssl/private) is one no run could read:
-            # leaving it out is the point, not something to warn about.
-            private = tst.st_mode & 0o005 != 0o005
-            if not configured and not private and not self._under_collected(resolved):
-                self.warnings.append(
-                    f"{path} -> {target}: directory outside the configured paths, link kept dangling"
-                    f" (add {resolved} to root.paths if the jail needs it)"
-                )
-            return
-        self.add(resolved, recursive=False, _depth=depth + 1)
-
-    def _under_collected(self, path: str) -> bool:
-        return path in self.entries and self.entries[path].kind == "d"
-
-    def _walk(self, top: str, depth: int) -> None:
-        for dirpath, dirnames, filenames in os.walk(top):
-            keep = []
-            for d in dirnames:
-                full = os.path.join(dirpath, d)
-                if self.excluded(full):
-                    continue
-                st = os.lstat(full)
-                if stat.S_ISLNK(st.st_mode):
-                    self._add_link(full, st, True, depth)
-                else:
-                    self._record(full, st)
-                    keep.append(d)
-            dirnames[:] = keep
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                if self.excluded(full):
-                    continue
-                st = os.lstat(full)
-                if stat.S_ISLNK(st.st_mode):
-                    self._add_link(full, st, False, depth)
-                elif stat.S_ISREG(st.st_mode):
-                    self._record(full, st)
-
-    def _record(self, path: str, st: os.stat_result) -> None:
-        kind = "d" if stat.S_ISDIR(st.st_mode) else "f"
-        size = st.st_size if kind == "f" else 0
-        mtime = st.st_mtime_ns if kind == "f" else 0
-        self.entries[path] = Source(kind, stat.S_IMODE(st.st_mode), size, mtime, st.st_uid, st.st_dev)
-
-    def _add_libraries(self, resolver: LibraryResolver) -> None:
-        elves = [p for p, s in self.entries.items() if s.kind == "f" and _maybe_elf(p, s)]
-        found, missing = resolver.closure(elves)
-        before = len(self.entries)
-        for lib in sorted(found):
-            self.add(lib, recursive=False)
-        self.libraries = len(self.entries) - before
-        self.missing_libraries = {k: v for k, v in sorted(missing.items())}
-        for obj, names in self.missing_libraries.items():
-            self.warnings.append(f"{obj}: needs {', '.join(names)}, not found on this host")
-
-    # -- comparing --------------------------------------------------------------------
-    def fingerprint(self) -> dict[str, list[object]]:
-        return {p: s.key() for p, s in self.entries.items()}
-
-
-def _maybe_elf(path: str, src: Source) -> bool:
-    if src.size < 64:
-        return False
-    if not (src.mode & 0o111 or ".so" in os.path.basename(path)):
-        return False
-    return is_elf(path)
-
-
 # -- building ---------------------------------------------------------------------------
 
 
@@ -286,20 +89,8 @@ def ensure_root(spec: RootSpec, base: str, force: bool = False, progress: Progre
         if manifest and manifest.get("spec") == spec.digest() and manifest.get("sources") == fingerprint:
             problem = verify_root(os.path.realpath(current), manifest)
             if problem is None:
-                stats = manifest.get("stats", {})
-                return RootInfo(
-                    path=os.path.realpath(current),
-                    build_id=str(manifest["build_id"]),
-                    reused=True,
-                    seconds=time.monotonic() - t0,
-                    files=int(stats.get("files", 0)),
-                    bytes=int(stats.get("bytes", 0)),
-                    linked=int(stats.get("linked", 0)),
-                    copied=int(stats.get("copied", 0)),
-                    libraries=inventory.libraries,
-                    missing_libraries=inventory.missing_libraries,
-                    warnings=inventory.warnings,
-                )
+                return _info(os.path.realpath(current), str(manifest["build_id"]), True, t0,
+                             manifest.get("stats", {}), inventory)
             log.warning("root %s is damaged (%s); rebuilding", current, problem)
             progress("damaged", {"problem": problem})
     return _build(spec, base, inventory, fingerprint, t0, progress)
@@ -311,51 +102,18 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
     final = os.path.join(base, f"root-{build_id}")
     tmp = final + ".partial"
     os.mkdir(tmp, 0o755)
-    base_dev = os.stat(tmp).st_dev
-    linked = copied = nbytes = files = 0
     try:
         for d in SKELETON_DIRS:
             os.makedirs(os.path.join(tmp, d), mode=0o755, exist_ok=True)
-        os.chmod(os.path.join(tmp, ".scratch"), 0o000)
-        os.chmod(os.path.join(tmp, ".old"), 0o000)
         for node in DEVICE_NODES:
             _write_file(os.path.join(tmp, "dev", node), b"", 0o644)
-        total = len(inv.entries)
-        progress("building", {"done": 0, "total": total})
-        for n, path in enumerate(sorted(inv.entries), 1):
-            if n % 500 == 0:
-                progress("building", {"done": n, "total": total})
-            src = inv.entries[path]
-            dest = tmp + path
-            parent = os.path.dirname(dest)
-            if not os.path.isdir(parent):
-                os.makedirs(parent, mode=0o755, exist_ok=True)
-            if src.kind == "d":
-                os.makedirs(dest, mode=0o755, exist_ok=True)
-                os.chmod(dest, _safe_mode(src.mode | 0o755) & 0o755)
-            elif src.kind == "l":
-                if not os.path.lexists(dest):
-                    os.symlink(src.link, dest)
-            else:
-                files += 1
-                nbytes += src.size
-                if _can_link(src, base_dev):
-                    try:
-                        os.link(path, dest, follow_symlinks=False)
-                        linked += 1
-                        continue
-                    except OSError:
-                        pass
-                _copy(path, dest, src.mode)
-                copied += 1
+        stats = _place(inv, tmp, progress)
         for name, content in spec.generated.items():
             dest = tmp + "/" + name.lstrip("/")
             os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
             if os.path.lexists(dest):
                 os.unlink(dest)
             _write_file(dest, content, 0o644)
-        _write_file(os.path.join(tmp, MARKER), build_id.encode() + b"\n", 0o644)
-        stats = {"files": files, "bytes": nbytes, "linked": linked, "copied": copied}
         manifest = {
             "version": MANIFEST_VERSION,
             "build_id": build_id,
@@ -365,28 +123,64 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
             "sources": fingerprint,
             "generated": sorted(spec.generated),
         }
-        _write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest).encode(), 0o644)
-        progress("building", {"done": total, "total": total})
         os.rename(tmp, final)
+        _write_file(final + MANIFEST_SUFFIX + ".partial", json.dumps(manifest).encode(), 0o600)
+        os.rename(final + MANIFEST_SUFFIX + ".partial", final + MANIFEST_SUFFIX)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
         raise
     link_tmp = os.path.join(base, f".current-{build_id}")
     os.symlink(os.path.basename(final), link_tmp)
     os.rename(link_tmp, os.path.join(base, "current"))
-    return RootInfo(
-        path=final,
-        build_id=build_id,
-        reused=False,
-        seconds=time.monotonic() - t0,
-        files=files,
-        bytes=nbytes,
-        linked=linked,
-        copied=copied,
-        libraries=inv.libraries,
-        missing_libraries=inv.missing_libraries,
-        warnings=inv.warnings,
-    )
+    return _info(final, build_id, False, t0, stats, inv)
+
+
+def _place(inv: Inventory, tmp: str, progress: Progress) -> dict[str, int]:
+    """Every entry of the inventory into the root being built; what it took."""
+    base_dev = os.stat(tmp).st_dev
+    stats = {"files": 0, "bytes": 0, "linked": 0, "copied": 0}
+    total = len(inv.entries)
+    progress("building", {"done": 0, "total": total})
+    for n, path in enumerate(sorted(inv.entries), 1):
+        if n % 500 == 0:
+            progress("building", {"done": n, "total": total})
+        src = inv.entries[path]
+        dest = tmp + path
+        parent = os.path.dirname(dest)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        if src.kind == "d":
+            os.makedirs(dest, mode=0o755, exist_ok=True)
+            os.chmod(dest, _safe_mode(src.mode | 0o755) & 0o755)
+        elif src.kind == "l":
+            if not os.path.lexists(dest):
+                os.symlink(src.link, dest)
+        else:
+            stats["files"] += 1
+            stats["bytes"] += src.size
+            stats["linked" if _link_or_copy(path, dest, src, base_dev) else "copied"] += 1
+    progress("building", {"done": total, "total": total})
+    return stats
+
+
+def _link_or_copy(path: str, dest: str, src: Source, base_dev: int) -> bool:
+    """Hard-link when that is safe, else copy; True when linked."""
+    if _can_link(src, base_dev):
+        try:
+            os.link(path, dest, follow_symlinks=False)
+            return True
+        except OSError:
+            pass
+    _copy(path, dest, src.mode)
+    return False
+
+
+def _info(path: str, build_id: str, reused: bool, t0: float, stats: Mapping[str, Any], inv: Inventory) -> RootInfo:
+    return RootInfo(path=path, build_id=build_id, reused=reused, seconds=time.monotonic() - t0,
+                    files=int(stats.get("files", 0)), bytes=int(stats.get("bytes", 0)),
+                    linked=int(stats.get("linked", 0)), copied=int(stats.get("copied", 0)),
+                    libraries=inv.libraries, missing_libraries=inv.missing_libraries, warnings=inv.warnings)
 
 
 def _can_link(src: Source, base_dev: int) -> bool:
@@ -428,7 +222,7 @@ def _write_file(path: str, content: bytes, mode: int) -> None:
 
 def read_manifest(root: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+        with open(os.path.realpath(root) + MANIFEST_SUFFIX, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
@@ -464,10 +258,16 @@ def remove_stale_roots(base: str, keep: Iterable[str]) -> list[str]:
         return removed
     for name in names:
         full = os.path.join(base, name)
-        if name.startswith("root-") and name not in keep_names:
+        if name.startswith(".current-"):
+            os.unlink(full)
+            continue
+        owner = name.removesuffix(MANIFEST_SUFFIX).removesuffix(".partial").removesuffix(MANIFEST_SUFFIX)
+        if not name.startswith("root-") or owner in keep_names:
+            continue
+        if os.path.isdir(full) and not os.path.islink(full):
             shutil.rmtree(full, ignore_errors=True)
             removed.append(full)
-        elif name.startswith(".current-"):
+        else:
             os.unlink(full)
     return removed
 
@@ -477,6 +277,8 @@ def remove_root(base: str, path: str) -> None:
     name = os.path.basename(os.path.normpath(path))
     if name.startswith("root-") and os.path.dirname(os.path.realpath(path)) == os.path.realpath(base):
         shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(base, name + MANIFEST_SUFFIX))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,19 +2,17 @@
 
 By the time ``serve_one`` runs, every confinement step is in place (seccomp
 included), so nothing below -- not even parsing the request -- happens outside the
-jail.  The request's own rlimits are applied (lowering the pool's ceilings), input
-files are written into the working directory, the environment, ``sys.argv``,
-``sys.path`` and stdio are made fresh, modules that belong to the daemon rather than
-the root are forgotten, the request pipe is closed -- leaving only fds 0, 1 and 2 --
-and the code runs as ``__main__``, with ``python3 -c`` semantics for exit status,
-``SystemExit``, uncaught exceptions, non-daemon threads and ``atexit``.
+jail.  Releasing the run is a list of named steps too: the request's own rlimits
+(lowering the pool's ceilings), its input files in the working directory, its
+environment and ``sys.argv``, the word to P that setup is over, and closing every fd
+but 0, 1 and 2.  Then the code runs as ``__main__``, with ``python3 -c`` semantics for
+exit status, ``SystemExit``, uncaught exceptions, non-daemon threads and ``atexit``.
 """
 
 from __future__ import annotations
 
 import atexit
 import builtins
-import io
 import linecache
 import os
 import signal
@@ -27,64 +25,31 @@ from typing import NoReturn
 
 from .. import protocol
 from . import limits
-from .child import EXIT_SETUP, R_FD_CTRL, R_FD_LISTENER_SOCK, ServerState, StepFailure, run_steps
-from .spec import Handoff, RunRequest
+from .contract import (
+    EXIT_SETUP,
+    LINK_STARTED,
+    R_FD_LINK,
+    R_FD_REQUEST,
+    Handoff,
+    RunRequest,
+    SetupError,
+    Step,
+    run_steps,
+)
 
 FILENAME = "<code>"
 EXIT_FLUSH_FAILED = 120  # as CPython, when flushing stdout at exit fails
+MAX_REQUEST = 1 << 30  # the daemon bounds what it sends; this only guards the decoder
 
 
-def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
-    """Wait for the request, apply it, run the code. Everything here is already confined.
-
-    ``killed_when_done``: after its code the runner tells the supervisor and waits to be
-    killed, rather than exiting (the supervisor needs a real exit only for rusage).
-    """
-    handoff.write(Handoff.WAITING)
-    try:
-        request = _read_request(R_FD_CTRL)
-    except EOFError:
-        os._exit(0)  # the daemon retired this worker unused
-    except Exception as e:  # noqa: BLE001
-        handoff.write(Handoff.SETUP, "request", 0, message=f"{type(e).__name__}: {e}")
-        os._exit(EXIT_SETUP)
-    try:
-        run_steps([
-            ("limits", lambda: limits.apply(request.rlimits)),
-            ("files", lambda: _write_files(request.files)),
-            ("environment", lambda: _environment(request)),
-            # The supervisor's proof that setup is over: a setup failure the handoff page
-            # claims after this (user code can write that page) is not believed.
-            ("started", lambda: os.write(R_FD_LISTENER_SOCK, b"S")),
-            ("close_fds", lambda: os.closerange(3, 2**31 - 1)),
-        ])
-    except StepFailure as f:
-        handoff.write(Handoff.SETUP, f.step, f.errno, message=f.message)
-        os._exit(EXIT_SETUP)
-    _execute(request.code, handoff, killed_when_done)
+def apply_limits(request: RunRequest) -> None:
+    """The run's own rlimits, lowering the pool's ceilings."""
+    limits.apply(request.rlimits)
 
 
-def _read_request(fd: int) -> RunRequest:
-    header = _read_exact(fd, protocol.HEADER.size)
-    (n,) = protocol.HEADER.unpack(header)
-    body = _read_exact(fd, n)
-    return RunRequest.from_wire(protocol.decode_body(body, max_frame=n))
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            raise EOFError
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_files(files: dict[str, bytes] | object) -> None:
-    assert isinstance(files, dict)
-    for name, data in files.items():
+def write_files(request: RunRequest) -> None:
+    """The request's input files, into the working directory (names checked again here)."""
+    for name, data in request.files.items():
         parts = name.split("/")
         if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
             raise ValueError(f"bad file name {name!r}")
@@ -99,44 +64,58 @@ def _write_files(files: dict[str, bytes] | object) -> None:
             os.close(fd)
 
 
-def prepare(state: ServerState) -> None:
-    """A fresh interpreter state for user code, made before the worker waits in the pool."""
-    os.environ.clear()
-    os.environ.update(state.base_env)
-    sys.argv = ["-c"]
-    sys.path[:] = ["", *state.run_path]
-    keep = set(state.run_path)
-    for key in list(sys.path_importer_cache):
-        if key not in keep:
-            del sys.path_importer_cache[key]
-    stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
-    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
-    stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
-                              errors="backslashreplace", line_buffering=True)
-    sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = stdin, stdout, stderr  # type: ignore[misc]
-    _warm_up()
-
-
-def _warm_up() -> None:
-    """Walk the release path once on dummy data.
-
-    The worker shares its memory copy-on-write with the fork server; the first write to
-    each page costs a fault and a copy.  Decoding a request, compiling and printing here,
-    while the worker waits, takes those faults off the run's own clock.
-    """
-    sample = protocol.encode(RunRequest("import sys\nprint('warm', sys.argv)\n" * 8, {"nofile": 64},
-                                        {"a.txt": b"x" * 64}, {"A": "1"}).to_wire())
-    request = RunRequest.from_wire(protocol.decode_body(sample[protocol.HEADER.size:]))
-    code = compile(request.code, FILENAME, "exec")
-    scratch = io.StringIO()
-    exec(code, {"__builtins__": builtins, "print": lambda *a, **k: print(*a, **k, file=scratch)})
-    types.ModuleType("__main__")
-
-
-def _environment(request: RunRequest) -> None:
+def set_environment(request: RunRequest) -> None:
     os.environ.update(request.env)
     sys.argv = list(request.argv)
+
+
+def say_started(request: RunRequest) -> None:
+    """The supervisor's proof that setup is over: a setup failure the handoff page claims
+    after this (user code can write that page) is not believed."""
+    os.write(R_FD_LINK, LINK_STARTED)
+
+
+def close_fds(request: RunRequest) -> None:
+    """Only fds 0-2 remain for user code."""
+    os.closerange(3, 2**31 - 1)
+
+
+RELEASE_STEPS: tuple[Step[RunRequest], ...] = (
+    Step("limits", apply_limits),
+    Step("files", write_files),
+    Step("environment", set_environment),
+    Step("started", say_started),
+    Step("close_fds", close_fds),
+)
+
+
+def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
+    """Wait for the request, apply it, run the code. Everything here is already confined.
+
+    ``killed_when_done``: after its code the runner tells the supervisor and waits to be
+    killed, rather than exiting (the supervisor needs a real exit only for rusage).
+    """
+    handoff.write(Handoff.WAITING)
+    try:
+        request = read_request()
+    except EOFError:
+        os._exit(0)  # the daemon retired this worker unused
+    except Exception as e:  # noqa: BLE001
+        handoff.setup_failed(SetupError.from_os_error("request", e))
+        os._exit(EXIT_SETUP)
+    try:
+        run_steps(RELEASE_STEPS, request)
+    except SetupError as e:
+        handoff.setup_failed(e)
+        os._exit(EXIT_SETUP)
+    _execute(request.code, handoff, killed_when_done)
+
+
+def read_request() -> RunRequest:
+    frame = protocol.read_frame(lambda n: os.read(R_FD_REQUEST, n), protocol.FrameDecoder(MAX_REQUEST))
+    if not isinstance(frame, dict):
+        raise ValueError("the request is not a map")
+    return RunRequest.from_wire(frame)
 
 
 def _execute(code: str, handoff: Handoff, killed_when_done: bool) -> NoReturn:

@@ -22,7 +22,7 @@ class SlotPool:
         self.first_uid = first_uid
         self.count = count
         self._free = collections.deque(Slot(i, first_uid + i, first_uid + i) for i in range(count))
-        self._changed: asyncio.Condition | None = None
+        self._waiters: collections.deque[asyncio.Future[Slot]] = collections.deque()
 
     @property
     def free(self) -> int:
@@ -32,30 +32,25 @@ class SlotPool:
     def in_use(self) -> int:
         return self.count - len(self._free)
 
-    def try_acquire(self) -> Slot | None:
-        return self._free.popleft() if self._free else None
-
     async def acquire(self, timeout: float) -> Slot:
-        slot = self.try_acquire()
-        if slot is not None:
-            return slot
-        cond = self._condition()
-        async with cond:
-            await asyncio.wait_for(cond.wait_for(lambda: bool(self._free)), timeout)
+        if self._free and not self._waiters:
             return self._free.popleft()
+        waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed over as we gave up: pass it on
+            else:
+                waiter.cancel()
+            raise
 
     def release(self, slot: Slot) -> None:
+        """A slot is free: the longest waiter gets it, else it goes back to the pool."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
         self._free.append(slot)
-        if self._changed is not None:
-            cond = self._changed
-
-            async def notify() -> None:
-                async with cond:
-                    cond.notify_all()
-
-            asyncio.get_running_loop().create_task(notify())
-
-    def _condition(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed

@@ -23,9 +23,18 @@ from typing import Any, NoReturn
 
 from . import libc
 from . import seccomp as sc
-from .child import EXIT_SETUP, FD_LIFELINE, FD_STATUS, ServerState, write_frame
+from .contract import (
+    EXIT_SETUP,
+    FD_LIFELINE,
+    FD_STATUS,
+    LINK_STARTED,
+    Handoff,
+    ServerState,
+    WorkerSpec,
+    drain,
+    write_frame,
+)
 from .profiles import NEVER_ALLOW
-from .spec import Handoff, WorkerSpec
 
 OUT_DIR = "out"
 MAX_DEPTH = 8
@@ -34,84 +43,117 @@ RUN_WRITABLE = ("/work", "/tmp", "/var/tmp", "/dev/shm")
 
 
 def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int,
-              timings: dict[str, int], started_fd: int) -> NoReturn:
-    # As the namespace's pid 1, P gets only the signals it has handlers for: none that could
-    # end it (SIGINT's KeyboardInterrupt would turn the run's verdict into a sandbox error).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Nothing P might still import may come from places the run can write.
-    sys.path[:] = [p for p in sys.path if p and not p.startswith(RUN_WRITABLE)]
-    pidfd = os.pidfd_open(runner)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGUSR1, lambda *_: None)  # the runner: "my code is done" (see runtime)
-    if listener >= 0:
-        write_frame(FD_STATUS, {"t": "ready", "setup_us": timings})
-    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
-    libc.seccomp_load(state.supervisor_filter, new_listener=False)
-
-    poller = select.poll()
-    for fd in (pidfd, wake_r, FD_LIFELINE):
-        poller.register(fd, select.POLLIN)
-    if listener >= 0:
-        poller.register(listener, select.POLLIN)
-    denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
-    status: tuple[int, Any] | None = None
-    # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
-    early = bool(spec.cgroup_procs)
-    while status is None:
-        try:
-            events = poller.poll()
-        except InterruptedError:
-            continue
-        for fd, ev in events:
-            if fd == listener:
-                if ev & select.POLLIN:
-                    _answer(listener, state, spec.discover, denied)
-                elif ev & (select.POLLHUP | select.POLLERR):
-                    poller.unregister(listener)
-            elif fd == wake_r:
-                _drain(wake_r)
-                status = _reap(runner, block=False) or status
-                if status is None and early and handoff.phase() == Handoff.DONE:
-                    status = (handoff.exit_status() << 8, None)
-            elif fd == FD_LIFELINE:
-                os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
-            elif fd == pidfd:
-                status = _reap(runner, block=True) or status
+              timings: dict[str, int], link: int) -> NoReturn:
+    sup = Supervisor(spec, state, runner, handoff, listener, link)
+    sup.arm(timings)
+    status = sup.wait()
     end_ns = time.monotonic_ns()
-    # Answer what is still queued, then end everything else of the run.
-    if listener >= 0:
-        drain = select.poll()
-        drain.register(listener, select.POLLIN)
-        while any(ev & select.POLLIN for _fd, ev in drain.poll(0)):
-            if not _answer(listener, state, spec.discover, denied):
+    sup.answer_queued()
+    sup.report(status, end_ns)
+
+
+class Supervisor:
+    """P after its setup: one runner to watch, its seccomp listener, the status pipe."""
+
+    def __init__(self, spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int,
+                 link: int) -> None:
+        self.spec, self.state, self.runner, self.handoff = spec, state, runner, handoff
+        self.listener, self.link = listener, link
+        self.denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
+
+    def arm(self, timings: dict[str, int]) -> None:
+        """Signals, the ready frame (if R got through its setup), then P's own filter."""
+        # As the namespace's pid 1, P gets only the signals it has handlers for: none that could
+        # end it (SIGINT's KeyboardInterrupt would turn the run's verdict into a sandbox error).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Nothing P might still import may come from places the run can write.
+        sys.path[:] = [p for p in sys.path if p and not p.startswith(RUN_WRITABLE)]
+        self.pidfd = os.pidfd_open(self.runner)
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, _ignore)
+        signal.signal(signal.SIGUSR1, _ignore)  # the runner: "my code is done" (see runtime)
+        if self.listener >= 0:
+            write_frame(FD_STATUS, {"t": "ready", "setup_us": timings})
+        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+        libc.seccomp_load(self.state.supervisor_filter, new_listener=False)
+
+    def wait(self) -> tuple[int, Any]:
+        """Answer refused calls and reap until the runner is done: (wait status, rusage or None)."""
+        poller = select.poll()
+        for fd in (self.pidfd, self.wake_r, FD_LIFELINE):
+            poller.register(fd, select.POLLIN)
+        if self.listener >= 0:
+            poller.register(self.listener, select.POLLIN)
+        status: tuple[int, Any] | None = None
+        # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
+        early = bool(self.spec.cgroup_procs)
+        while status is None:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == self.listener:
+                    if ev & select.POLLIN:
+                        _answer(self.listener, self.state, self.spec.discover, self.denied)
+                    elif ev & (select.POLLHUP | select.POLLERR):
+                        poller.unregister(self.listener)
+                elif fd == self.wake_r:
+                    drain(self.wake_r)
+                    status = _reap(self.runner, block=False) or status
+                    if status is None and early and self.handoff.phase() == Handoff.DONE:
+                        status = (self.handoff.exit_status() << 8, None)
+                elif fd == FD_LIFELINE:
+                    os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
+                elif fd == self.pidfd:
+                    status = _reap(self.runner, block=True) or status
+        return status
+
+    def answer_queued(self) -> None:
+        """Answer the refused calls still queued, so none is left hanging in the report."""
+        if self.listener < 0:
+            return
+        queued = select.poll()
+        queued.register(self.listener, select.POLLIN)
+        while any(ev & select.POLLIN for _fd, ev in queued.poll(0)):
+            if not _answer(self.listener, self.state, self.spec.discover, self.denied):
                 break
-    # Everything else of the run dies now.  Files in out/ are read once it is really dead
-    # (no torn reads).  Without out/ the report goes first: killing wakes the runner, whose
-    # teardown would otherwise run before us; the kill follows within microseconds.
-    wstatus, rusage = status
-    report = {
-        "t": "exit",
-        "wstatus": wstatus,
-        "utime": rusage.ru_utime if rusage else None,
-        "stime": rusage.ru_stime if rusage else None,
-        "maxrss_kb": rusage.ru_maxrss if rusage else None,
-        "end_ns": end_ns,
-        "handoff": handoff.read(),
-        "started": _started(started_fd),
-        "denied": [[name, c, allowed] for name, (c, allowed) in denied.items()],
-        "files": {},
-        "files_truncated": False,
-    }
-    if os.path.lexists(OUT_DIR):
-        _kill_rest(wait=True)
-        report["files"], report["files_truncated"] = _collect_out(spec.out_max_files, spec.out_max_bytes)
-        write_frame(FD_STATUS, report)
-    else:
-        write_frame(FD_STATUS, report)
-        _kill_rest(wait=False)
-    os._exit(0)  # as pid 1: the kernel kills and reaps whatever is left of the namespace
+
+    def report(self, status: tuple[int, Any], end_ns: int) -> NoReturn:
+        """End everything else of the run and write the one exit frame.
+
+        Files in out/ are read once the run is really dead (no torn reads).  Without out/
+        the report goes first: killing wakes the runner, whose teardown would otherwise run
+        before us; the kill follows within microseconds.
+        """
+        wstatus, rusage = status
+        report = {
+            "t": "exit",
+            "wstatus": wstatus,
+            "utime": rusage.ru_utime if rusage else None,
+            "stime": rusage.ru_stime if rusage else None,
+            "maxrss_kb": rusage.ru_maxrss if rusage else None,
+            "end_ns": end_ns,
+            "handoff": self.handoff.read(),
+            "started": _started(self.link),
+            "denied": [[name, c, allowed] for name, (c, allowed) in self.denied.items()],
+            "files": {},
+            "files_truncated": False,
+        }
+        if os.path.lexists(OUT_DIR):
+            _kill_rest(wait=True)
+            report["files"], report["files_truncated"] = _collect_out(self.spec.out_max_files,
+                                                                      self.spec.out_max_bytes)
+            write_frame(FD_STATUS, report)
+        else:
+            write_frame(FD_STATUS, report)
+            _kill_rest(wait=False)
+        os._exit(0)  # as pid 1: the kernel kills and reaps whatever is left of the namespace
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A handler that does nothing: the signal only wakes the poll (set_wakeup_fd)."""
 
 
 def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str, list[Any]]) -> bool:
@@ -136,21 +178,13 @@ def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str,
     return True
 
 
-def _started(fd: int) -> bool:
+def _started(link: int) -> bool:
     """Did the runner get through its setup (and so on to user code)?"""
-    os.set_blocking(fd, False)
+    os.set_blocking(link, False)
     try:
-        return os.read(fd, 1) == b"S"
+        return os.read(link, 1) == LINK_STARTED
     except OSError:
         return False
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def _reap(runner: int, block: bool) -> tuple[int, Any] | None:

@@ -24,9 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .cgroups import CgroupStats
-
-STATUSES = ("ok", "exit_nonzero", "signaled", "timeout", "cpu_limit", "memory_limit", "output_limit",
-            "pids_limit", "blocked_syscall", "sandbox_error")
+from .contract import Handoff, SetupError
 
 
 @dataclass
@@ -62,11 +60,9 @@ class Observation:
     """What the daemon saw of one run."""
 
     exit_frame: dict[str, Any] | None
-    setup_error: dict[str, Any] | None
-    killed_for: str | None  # "timeout", "cpu", "output:stdout", "output:stderr", "cancelled", "killed"
-    cgroup: CgroupStats
-    cpu_limit_ms: int
-    driver: str
+    setup_error: SetupError | None  # reported by P, or the worker could not be made at all
+    killed_for: str | None = None  # "timeout", "cpu", "output:stdout", "output:stderr", "cancelled", "killed"
+    cgroup: CgroupStats = field(default_factory=CgroupStats)
 
 
 def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
@@ -78,12 +74,13 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     extra: dict[str, Any] = {}
 
     if obs.setup_error:
-        return "sandbox_error", {"error": obs.setup_error, "reason": f"setup step {obs.setup_error['step']} failed"}
-    if obs.exit_frame is not None and handoff.get("phase") == 0 and not frame.get("started") and not obs.killed_for:
+        return _sandbox_error(obs.setup_error)
+    if (obs.exit_frame is not None and handoff.get("phase") == Handoff.SETUP and not frame.get("started")
+            and not obs.killed_for):
         # The runner ended before its code started: a setup or request step failed.
-        err = {"step": handoff.get("step") or "runner", "errno": handoff.get("errno", 0),
-               "message": handoff.get("message") or "the runner died before user code started"}
-        return "sandbox_error", {"error": err, "reason": f"setup step {err['step']} failed"}
+        error = SetupError.from_dict(handoff, default_step="runner")
+        return _sandbox_error(error if error.message else
+                              SetupError(error.step, error.errno, "the runner died before user code started"))
 
     if obs.killed_for and obs.killed_for.startswith("output:"):
         stream = obs.killed_for.split(":", 1)[1]
@@ -118,9 +115,7 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     if obs.exit_frame is None:
         if obs.cgroup.oom_kills:
             return "memory_limit", {"reason": "the kernel killed the run at its memory limit (OOM)"}
-        return "sandbox_error", {"error": {"step": "supervisor", "errno": 0,
-                                           "message": "the run's supervisor died without a report"},
-                                 "reason": "the run's supervisor died"}
+        return _sandbox_error(SetupError("supervisor", 0, "the run's supervisor died without a report"))
     if sig == signal.SIGSYS:
         return "blocked_syscall", {**extra, "blocked_syscall": first_denied or "foreign-architecture syscall",
                                    "reason": "killed for a system call outside the allowed ABI"}
@@ -132,6 +127,16 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     if code:
         return "exit_nonzero", {**extra, "reason": f"exited with status {code}"}
     return "ok", extra
+
+
+def setup_failed(error: SetupError) -> Result:
+    """The result of a run whose worker could not be made or set up: user code never ran."""
+    status, extra = decide(Observation(None, error))
+    return Result(status=status, **extra)
+
+
+def _sandbox_error(e: SetupError) -> tuple[str, dict[str, Any]]:
+    return "sandbox_error", {"error": e.to_dict(), "reason": f"setup step {e.step} failed"}
 
 
 def _signame(sig: int) -> str:

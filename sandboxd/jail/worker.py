@@ -16,44 +16,34 @@ import time
 from typing import Any
 
 from .. import protocol
-from . import limits
 from .cgroups import Limits, WorkerCgroup
+from .contract import MAX_STATUS_EXTRA, RunRequest, SetupError, WorkerSpec
 from .fsclient import SpawnedWorker
+from .limits import RlimitPolicy
 from .pipes import CappedReader, FrameReader, Writer
 from .slots import Slot
-from .spec import RunPlan, RunRequest, WorkerSpec
+from .spec import RunPlan
 from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
 
 
-class WorkerFailed(Exception):
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(f"{error.get('step')}: {error.get('message')}")
-        self.error = error
-
-
 class Worker:
     def __init__(self, spawned: SpawnedWorker, spec: WorkerSpec, slot: Slot, cgroup: WorkerCgroup,
-                 key: str, generation: int, cpus: float, as_base: int, as_slack: int) -> None:
+                 generation: int, cpus: float, rlimits: RlimitPolicy) -> None:
         self.loop = asyncio.get_running_loop()
         self.proc = spawned
         self.spec = spec
         self.slot = slot
         self.cgroup = cgroup
-        self.key = key
         self.generation = generation
         self.cpus = cpus
-        self.as_base = as_base
-        self.as_slack = as_slack
-        self.created = time.monotonic()
+        self.rlimits = rlimits
         self.state = "starting"
-        self.run_id: str | None = None
-        self.caller_uid: int | None = None
         self.plan: RunPlan | None = None
         self.started: float | None = None
-        self.setup_error: dict[str, Any] | None = None
+        self.setup_error: SetupError | None = None
         self.setup_us: dict[str, int] = {}  # how long each setup step took
         self.exit_frame: dict[str, Any] | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -64,7 +54,7 @@ class Worker:
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
         self.idle = asyncio.Event()  # clear while a run is reading this worker's cgroup
         self.idle.set()
-        self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + (1 << 20))
+        self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + MAX_STATUS_EXTRA)
         spawned.status_r = -1
         self._pump = self.loop.create_task(self._read_status())
 
@@ -82,7 +72,7 @@ class Worker:
                 if not self.ready.done():
                     self.ready.set_result(None)
             elif kind == "setup_error":
-                self.setup_error = {k: frame.get(k) for k in ("step", "errno", "message")}
+                self.setup_error = SetupError.from_dict(frame)
             elif kind == "exit":
                 self.exit_frame = frame
                 if not self.reported.done():
@@ -92,10 +82,8 @@ class Worker:
         if not self.ready.done():
             handoff = (self.exit_frame or {}).get("handoff") or {}
             if self.setup_error is None and handoff.get("step"):
-                self.setup_error = {"step": handoff["step"], "errno": handoff.get("errno", 0),
-                                    "message": handoff.get("message", "")}
-            self.ready.set_exception(WorkerFailed(self.setup_error or {
-                "step": "worker", "errno": 0, "message": "worker exited during setup"}))
+                self.setup_error = SetupError.from_dict(handoff)
+            self.ready.set_exception(self.setup_error or SetupError("worker", 0, "worker exited during setup"))
             self.ready.exception()  # consumed here; waiters re-raise it
         self.state = "exited"
         self.exited.set_result(None)
@@ -124,11 +112,6 @@ class Worker:
     def close_fds(self) -> None:
         self.proc.close()
 
-    def rlimits(self, plan: RunPlan) -> dict[str, int]:
-        return limits.for_run(as_base=self.as_base, memory=plan.memory_bytes, as_slack=self.as_slack,
-                              cpu_ms=plan.cpu_ms, file_size=plan.file_size_bytes, nofile=plan.nofile,
-                              pids=plan.pids, cgroup=self.cgroup.driver.kind != "none")
-
     async def execute(self, plan: RunPlan) -> Result:
         self.idle.clear()
         try:
@@ -139,12 +122,13 @@ class Worker:
     async def _execute(self, plan: RunPlan) -> Result:
         self.state = "running"
         self.plan = plan
-        self.run_id = plan.run_id
         driver = self.cgroup.driver.kind
         if driver != "none":
             self.cgroup.set_limits(Limits(plan.memory_bytes, plan.pids + 1, self.cpus))
         cpu0 = self.cgroup.cpu_usage_ns()
-        request = RunRequest(plan.code, self.rlimits(plan), plan.files, plan.env)
+        rlimits = self.rlimits.for_limits(memory=plan.memory_bytes, cpu_ms=plan.cpu_ms,
+                                          file_size=plan.file_size_bytes, nofile=plan.nofile, pids=plan.pids)
+        request = RunRequest(plan.code, rlimits, plan.files, plan.env)
         out = CappedReader(self.proc.stdout_r, plan.output_bytes, lambda: self.kill("output:stdout"))
         err = CappedReader(self.proc.stderr_r, plan.output_bytes, lambda: self.kill("output:stderr"))
         self.proc.stdout_r = self.proc.stderr_r = -1
@@ -197,8 +181,7 @@ class Worker:
                 wall: float) -> Result:
         stats = self.cgroup.stats()
         frame = self.exit_frame
-        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats, plan.cpu_ms,
-                                           self.cgroup.driver.kind))
+        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats))
         result = Result(status=status, stdout=bytes(out.buf), stderr=bytes(err.buf),
                         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
                         limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit",

@@ -267,8 +267,8 @@ def root_builds(work: str) -> dict[str, Any]:
     """Cold build (hard links on the same filesystem, copies across), warm start, and
     both with 20 extra library paths.  Each build goes into a fresh base directory."""
     from sandboxd.config import parse
-    from sandboxd.daemon import jail_settings
     from sandboxd.jail import rootfs
+    from sandboxd.jail.settings import JailSettings
 
     out: dict[str, Any] = {}
     extra = extra_lib_paths(20)
@@ -277,7 +277,7 @@ def root_builds(work: str) -> dict[str, Any]:
              ("default, copies into tmpfs", {}, "/dev/shm", False),
              (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra}}, work, True)]
     for name, raw, fs, links in cases:
-        spec = jail_settings(parse(raw), work).root_spec()
+        spec = JailSettings.from_config(parse(raw), work).root_spec()
         base = tempfile.mkdtemp(prefix="sandboxd-bench-root-", dir=fs)
         rootfs._can_link = can_link if links else (lambda *_: False)  # type: ignore[assignment]
         try:

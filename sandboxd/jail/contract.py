@@ -1,0 +1,248 @@
+"""The worker contract: everything the daemon, the fork server, P and R agree on.
+
+A leaf module (it imports only the wire format): fd numbers, exit codes, the setup
+error, the step runner, the records that cross process boundaries and the handoff
+page.  Every other module of the worker imports its names from here.
+
+Descriptors.  The fork server hands P seven fds, which P's ``fds`` step places at
+``FD_STATUS`` .. ``FD_TEMPLATE``.  R gets fds 0-2 (the run's stdio), ``R_FD_REQUEST``
+(the daemon's request pipe, passed through P) and ``R_FD_LINK``, one end of the
+*link*, a SOCK_SEQPACKET pair between P and R.  On the link R first sends its step
+timings with the seccomp listener attached, then, just before user code, the byte
+``LINK_STARTED``: P's proof that setup is over (user code can write the handoff page,
+but it cannot un-send a byte, and it never holds the link: R closes it first).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .. import protocol
+
+# P's descriptors after its "fds" step.
+FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE = range(3, 10)
+# R's descriptors after its "fds" step (0-2 are the run's stdio).
+R_FD_REQUEST, R_FD_LINK = 3, 4
+LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
+
+EXIT_SETUP = 121  # a setup step failed (P: details in its setup_error frame; R: in the handoff page)
+MAX_STATUS_EXTRA = 1 << 20  # status frames: out/ files plus this much
+
+
+class SetupError(Exception):
+    """A confinement step could not be completed: which one, its errno, what it said.
+
+    Raised where setup fails (in the child, by the fork server's client, by the pool);
+    ``verdict.decide`` turns it into the ``sandbox_error`` result.
+    """
+
+    def __init__(self, step: str, errno: int, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, errno, message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "errno": self.errno, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], default_step: str = "worker") -> SetupError:
+        errno = d.get("errno")
+        return cls(str(d.get("step") or default_step), errno if isinstance(errno, int) else 0,
+                   str(d.get("message") or ""))
+
+    @classmethod
+    def from_os_error(cls, step: str, e: BaseException) -> SetupError:
+        if isinstance(e, OSError):
+            return cls(step, e.errno or 0, str(e))
+        return cls(step, 0, f"{type(e).__name__}: {e}")
+
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Step(Generic[C]):
+    """One named setup step: a function of the setup's context."""
+
+    name: str
+    run: Callable[[C], object]
+
+
+def run_steps(steps: Sequence[Step[C]], ctx: C, clock: Callable[[], int] = time.monotonic_ns) -> dict[str, int]:
+    """Run the steps in order; return how long each took in microseconds.
+
+    The first that raises ends the list: ``SetupError`` names it and carries its errno.
+    """
+    took: dict[str, int] = {}
+    for step in steps:
+        t0 = clock()
+        try:
+            step.run(ctx)
+        except SetupError:
+            raise
+        except Exception as e:
+            raise SetupError.from_os_error(step.name, e) from e
+        took[step.name] = (clock() - t0) // 1000
+    return took
+
+
+def _dup_above(fd: int, low: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD, low)
+
+
+class FdOps:
+    """The calls ``remap_fds`` makes, as a seam for tests."""
+
+    dup_above = staticmethod(_dup_above)
+    dup2 = staticmethod(os.dup2)
+    closerange = staticmethod(os.closerange)
+
+
+def remap_fds(fds: Sequence[int], start: int, ops: FdOps | Any = FdOps) -> None:
+    """Place ``fds`` at ``start``, ``start+1``, ... and close every other fd from ``start`` on."""
+    # Temporaries land above the target range, so no dup2 below clobbers a source.
+    high = [ops.dup_above(fd, start + len(fds)) for fd in fds]
+    for i, fd in enumerate(high):
+        ops.dup2(fd, start + i)
+    ops.closerange(start + len(fds), 2**31 - 1)
+
+
+def write_frame(fd: int, obj: object) -> None:
+    """One frame on a blocking fd (the child's status pipe)."""
+    data = memoryview(protocol.encode(obj))
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def drain(fd: int) -> None:
+    """Read a non-blocking fd (a wake-up pipe) until it is empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the fork server prepared once, inherited by every worker through fork."""
+
+    template_fd: int
+    root_id: tuple[int, int]  # (st_dev, st_ino) of the root as the template sees it
+    lifeline_fd: int
+    filters: dict[str, bytes]
+    supervisor_filter: bytes
+    syscall_names: dict[int, str]
+    audit_arch: int
+    cap_last: int
+    run_path: tuple[str, ...]
+    foreign_modules: tuple[str, ...]
+    base_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to build one worker: daemon -> fork server, when the worker is made."""
+
+    worker_id: str
+    uid: int
+    gid: int
+    cgroup_procs: tuple[str, ...]
+    filter_key: str
+    network: bool
+    scratch_bytes: int
+    scratch_inodes: int
+    rlimits: Mapping[str, int]  # ceilings for the whole worker
+    out_max_bytes: int
+    out_max_files: int
+    discover: bool = False
+    hostname: str = "sandbox"
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cgroup_procs"] = list(self.cgroup_procs)
+        d["rlimits"] = dict(self.rlimits)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> WorkerSpec:
+        d = dict(d)
+        d["cgroup_procs"] = tuple(d["cgroup_procs"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What one run asks of its worker: daemon -> R, through the request pipe."""
+
+    code: str
+    rlimits: Mapping[str, int]
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    argv: tuple[str, ...] = ("-c",)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "rlimits": dict(self.rlimits), "files": dict(self.files),
+                "env": dict(self.env), "argv": list(self.argv)}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> RunRequest:
+        return cls(d["code"], d["rlimits"], d.get("files", {}), d.get("env", {}), tuple(d.get("argv", ("-c",))))
+
+
+class Handoff:
+    """A shared anonymous page between the supervisor and the runner (no fd involved).
+
+    The runner writes its phase, the failing step with errno, the name of an uncaught
+    exception, when user code started and, when it is done, its exit status; the
+    supervisor reads it.  User code can scribble on it, which can only mislead its own
+    verdict (it could as well choose its own exit status); a setup failure it claims
+    after ``LINK_STARTED`` is not believed.
+    """
+
+    LAYOUT = struct.Struct("=IiQ32s64s256s")
+    STATUS = struct.Struct("=i")  # the runner's exit status, after LAYOUT
+    SETUP, WAITING, RUNNING, DONE = 0, 1, 2, 3
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf  # mmap.mmap(-1, 4096) shared across fork
+
+    def write(self, phase: int, step: str = "", err: int = 0, exc: str = "", message: str = "",
+              started_ns: int = 0) -> None:
+        self.LAYOUT.pack_into(self.buf, 0, phase, err, started_ns, step.encode()[:32], exc.encode()[:64],
+                              message.encode("utf-8", "replace")[:256])
+
+    def setup_failed(self, error: SetupError) -> None:
+        self.write(self.SETUP, error.step, error.errno, message=error.message)
+
+    def set_exception(self, exc: str) -> None:
+        phase, err, started, step, _old, message = self.LAYOUT.unpack_from(self.buf, 0)
+        self.LAYOUT.pack_into(self.buf, 0, phase, err, started, step, exc.encode()[:64], message)
+
+    def finish(self, exit_status: int) -> None:
+        """The user's code is over and its output flushed; this is its exit status."""
+        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status)
+        phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)
+        self.LAYOUT.pack_into(self.buf, 0, self.DONE, err, started, step, exc, message)
+
+    def phase(self) -> int:
+        return int(self.LAYOUT.unpack_from(self.buf, 0)[0])
+
+    def exit_status(self) -> int:
+        return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[0]) & 0xFF
+
+    def read(self) -> dict[str, Any]:
+        phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)
+        return {
+            "phase": phase,
+            "errno": err,
+            "started_ns": started,
+            "step": step.rstrip(b"\0").decode("utf-8", "replace"),
+            "exception": exc.rstrip(b"\0").decode("utf-8", "replace"),
+            "message": message.rstrip(b"\0").decode("utf-8", "replace"),
+        }

@@ -1,0 +1,167 @@
+"""Making workers and cleaning up after them.
+
+A worker takes a uid slot, gets a cgroup with the pool's ceilings, and is spawned by
+the fork server from a ``WorkerSpec``.  After its pid 1 has been reaped (the fork
+server reports it) and the run's result has read the cgroup's counters, its cgroup is
+removed and only then its uid slot freed: a slot never goes back while anything of
+its last run may still be alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import statistics
+import time
+from typing import Any
+
+from ..tasks import Tasks
+from .cgroups import CgroupDriver, Limits
+from .contract import WorkerSpec
+from .fsclient import ForkServerClient
+from .limits import RlimitPolicy
+from .settings import JailSettings
+from .slots import SlotPool
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+REAP_TIMEOUT = 10.0
+AS_MARGIN = 64 << 20  # RLIMIT_AS headroom over the fork server's own address space
+
+
+class Workers:
+    def __init__(self, settings: JailSettings, driver: CgroupDriver) -> None:
+        self.settings = settings
+        self.driver = driver
+        first, count = settings.jail.run_uids
+        self.slots = SlotPool(first, count)
+        self.server: ForkServerClient | None = None
+        self.server_info: dict[str, Any] = {}
+        self.generation = 0  # of the root and configuration; pooled workers of older ones are retired
+        self.live: dict[int, Worker] = {}  # host pid of pid 1 -> worker
+        self.tasks = Tasks("workers")
+        self.setup_samples: collections.deque[dict[str, int]] = collections.deque(maxlen=200)
+
+    def rlimit_policy(self) -> RlimitPolicy:
+        as_base = int(self.server_info.get("vsz_kb", 0)) * 1024 + AS_MARGIN
+        return RlimitPolicy(as_base, self.settings.jail.address_space_slack, self.driver.kind != "none")
+
+    async def make(self, key: str, urgent: bool = False, discover: bool = False) -> Worker:
+        """Start a worker; ``urgent`` ones (a request waits) get full CPU weight from the start."""
+        s = self.settings
+        assert self.server is not None
+        slot = await self.slots.acquire(timeout=30.0)
+        try:
+            cgroup = self.driver.create(f"w{slot.index}", Limits(s.limits.memory, s.limits.pids + 1, s.jail.cpus,
+                                                                 active=urgent), slot.index)
+        except BaseException:
+            self.slots.release(slot)
+            raise
+        policy = self.rlimit_policy()
+        spec = WorkerSpec(
+            worker_id=f"{key}/{slot.index}",
+            uid=slot.uid,
+            gid=slot.gid,
+            cgroup_procs=tuple(cgroup.procs_files),
+            filter_key=key,
+            network=key.endswith("+net"),
+            scratch_bytes=s.jail.scratch_size,
+            scratch_inodes=s.jail.scratch_inodes,
+            rlimits=policy.for_limits(memory=s.max_memory, cpu_ms=s.max_cpu_ms, file_size=s.limits.file_size,
+                                      nofile=s.limits.nofile, pids=s.limits.pids),
+            out_max_bytes=s.limits.out_files_size,
+            out_max_files=s.limits.out_files,
+            discover=discover,
+            hostname=s.jail.hostname,
+        )
+        server = self.server
+        try:
+            spawned = await server.spawn(spec)
+        except BaseException:
+            cgroup.remove()
+            self.slots.release(slot)
+            raise
+        worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy)
+        worker.forkserver = server
+        worker.ready.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() else self.setup_samples.append(worker.setup_us))
+        self.live[worker.pid] = worker
+        self.tasks.spawn(self._cleanup(worker))
+        return worker
+
+    def on_reaped(self, pid: int, wstatus: int) -> None:
+        worker = self.live.get(pid)
+        if worker is not None:
+            worker.on_reaped(wstatus)
+
+    def retire(self, worker: Worker) -> None:
+        worker.kill("retired")
+
+    def made_by(self, server: ForkServerClient) -> bool:
+        return any(w.forkserver is server for w in self.live.values())
+
+    def older_than(self, generation: int) -> bool:
+        return any(w.generation < generation for w in self.live.values())
+
+    async def _cleanup(self, worker: Worker) -> None:
+        await worker.exited
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.reaped), REAP_TIMEOUT)
+        except TimeoutError:
+            log.warning("worker %d: not reaped %.0fs after its status pipe closed; killing its cgroup",
+                        worker.pid, REAP_TIMEOUT)
+            worker.kill("killed")
+        await worker.idle.wait()  # the run's result has read the cgroup's counters
+        self.finish(worker)
+
+    def finish(self, worker: Worker, closing: bool = False) -> None:
+        if self.live.pop(worker.pid, None) is None:
+            return
+        worker.close_fds()
+        if worker.cgroup.remove(timeout=2.0 if closing else 0.0):
+            self.slots.release(worker.slot)
+            return
+        if closing:
+            log.error("worker %d: cgroup not removed at shutdown", worker.pid)
+            return
+        # Something of the run is still dying.  The uid slot comes back only with an empty,
+        # removed cgroup; keep trying (without blocking the loop) rather than lose the slot.
+        self.tasks.spawn(self._release_when_removed(worker))
+
+    async def _release_when_removed(self, worker: Worker) -> None:
+        started = time.monotonic()
+        delay = 0.01  # the last task is reaped; the kernel may take a moment to notice
+        warned = False
+        while not worker.cgroup.remove():
+            waited = time.monotonic() - started
+            if waited > 30 and not warned:
+                log.error("worker %d: its cgroup is not empty %.0fs after the run; uid slot %d waits for it",
+                          worker.pid, waited, worker.slot.uid)
+                warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self.slots.release(worker.slot)
+
+    async def close(self) -> None:
+        """Every worker is killed by now (or its fork server is gone): wait for the cleanups."""
+        if len(self.tasks):
+            # Reaps are reported by the fork server: without it, waiting would only take time.
+            alive = self.server is not None and self.server.alive
+            await self.tasks.wait(REAP_TIMEOUT if alive else 0.5)
+
+    async def finish_all(self) -> None:
+        """After the fork server has stopped (it kills and reaps whatever is left)."""
+        self.tasks.cancel()
+        for worker in list(self.live.values()):
+            await worker.idle.wait()
+            self.finish(worker, closing=True)
+        self.tasks.cancel()
+
+    def setup_costs(self) -> dict[str, float]:
+        """Median microseconds of each setup step over the last workers made."""
+        steps: dict[str, list[int]] = {}
+        for sample in self.setup_samples:
+            for name, us in sample.items():
+                steps.setdefault(name, []).append(us)
+        return {name: float(statistics.median(v)) for name, v in steps.items()}
