@@ -21,6 +21,7 @@ from typing import Any
 from . import protocol
 
 DEFAULT_SOCKET = "/run/sandboxd/sandboxd.sock"
+MAX_RESPONSE = protocol.DEFAULT_MAX_FRAME * 4  # a result holds up to twice max_output plus out/ files
 RUN_OPTIONS = ("language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files", "env", "max_output")
 
 
@@ -62,7 +63,7 @@ class Client:
         self.sock.settimeout(timeout)
         self.sock.connect(self.path)
         self._ids = itertools.count(1)
-        self.max_frame = protocol.DEFAULT_MAX_FRAME * 4
+        self.decoder = protocol.FrameDecoder(MAX_RESPONSE)
 
     def __enter__(self) -> Client:
         return self
@@ -77,18 +78,10 @@ class Client:
         self.sock.sendall(protocol.encode(request))
 
     def receive(self) -> Any:
-        header = self._read(protocol.HEADER.size)
-        n = protocol.frame_length(header, self.max_frame)
-        return protocol.decode_body(self._read(n), self.max_frame)
-
-    def _read(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise ConnectionError("the daemon closed the connection")
-            buf += chunk
-        return bytes(buf)
+        try:
+            return protocol.read_frame(self.sock.recv, self.decoder)
+        except EOFError:
+            raise ConnectionError("the daemon closed the connection") from None
 
     def call(self, op: str, progress: Callable[[dict[str, Any]], None] | None = None,
              **fields: Any) -> dict[str, Any]:
@@ -124,6 +117,7 @@ class AsyncClient:
         self.writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self.decoder = protocol.FrameDecoder(MAX_RESPONSE)
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -148,9 +142,12 @@ class AsyncClient:
         async with self._lock:  # one request at a time on this connection
             self.writer.write(protocol.encode({"op": op, "id": next(self._ids), **fields}))
             await self.writer.drain()
-            header = await self.reader.readexactly(protocol.HEADER.size)
-            n = protocol.frame_length(header, protocol.DEFAULT_MAX_FRAME * 4)
-            return _unwrap(protocol.decode_body(await self.reader.readexactly(n), n))
+            while (frame := self.decoder.next_frame()) is None:
+                chunk = await self.reader.read(min(max(self.decoder.wanted(), 1), 1 << 20))
+                if not chunk:
+                    raise ConnectionError("the daemon closed the connection")
+                self.decoder.feed(chunk)
+            return _unwrap(frame)
 
     async def run(self, code: str, **options: Any) -> dict[str, Any]:
         result: dict[str, Any] = (await self.call("run", **_run_request(code, options)))["result"]

@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import grp
-import json
 import logging
 import logging.handlers
 import os
@@ -24,21 +22,19 @@ import pwd
 import resource
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, errors, handlers, quota, uidcheck
-from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, all_quota_maxima, load
+from . import __version__, errors, handlers, listen, logs, quota, selftest, uidcheck
+from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, load
 from .errors import RequestError
 from .jail.cgroups import CgroupError
-from .jail.jail import Jail, JailSettings
-from .jail.seccomp import Profile
-from .jail.spec import RunPlan
+from .jail.jail import Jail
+from .jail.settings import JailSettings
 from .peer import Identity, PeerCred, identify
-from .quota import Admission
+from .runs import Runs
 from .server import Server
 from .systemd import Notifier, activated_unix_socket, listen_fds
 from .usage import UsageStore
@@ -46,49 +42,11 @@ from .usage import UsageStore
 log = logging.getLogger("sandboxd")
 EX_CONFIG = 78
 EX_SOFTWARE = 70
+MAX_UID = 2**32 - 1  # (uid_t)-1 means "no uid"
 
 
 class StartupError(Exception):
     pass
-
-
-def jail_settings(cfg: Config, state_dir: str) -> JailSettings:
-    maxima = all_quota_maxima(cfg.quotas)
-    first, count = cfg.jail.run_uids
-    profiles = {lang: Profile(lang).extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()}
-    return JailSettings(
-        state_dir=state_dir,
-        root_paths=(*cfg.root.paths, *cfg.root.extra_paths),
-        root_exclude=cfg.root.exclude,
-        python=cfg.root.python,
-        python_path=cfg.root.python_path,
-        uid_first=first,
-        uid_count=count,
-        hostname=cfg.jail.hostname,
-        scratch_bytes=cfg.jail.scratch_size,
-        scratch_inodes=cfg.jail.scratch_inodes,
-        cgroup=cfg.jail.cgroup,
-        cgroup_parent=cfg.jail.cgroup_parent,
-        cgroup_favordynmods=cfg.jail.cgroup_favordynmods,
-        cpus=cfg.jail.cpus,
-        as_slack=cfg.jail.address_space_slack,
-        pool_min=cfg.pool.min,
-        pool_max=cfg.pool.max,
-        preload=cfg.jail.preload,
-        preload_env=cfg.jail.preload_env,
-        profiles=profiles,
-        max_memory=max(maxima.max_memory, cfg.limits.memory),
-        pool_memory=cfg.limits.memory,
-        max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000),
-        max_pids=cfg.limits.pids,
-        max_nofile=cfg.limits.nofile,
-        max_file_size=cfg.limits.file_size,
-        max_out_bytes=cfg.limits.out_files_size,
-        max_out_files=cfg.limits.out_files,
-    )
-
-
-MAX_UID = 2**32 - 1  # (uid_t)-1 means "no uid"
 
 
 class Daemon:
@@ -96,20 +54,18 @@ class Daemon:
         self.config = config
         self.socket_path = socket_path or config.daemon.socket
         self.state_dir = state_dir or config.daemon.state_dir
-        self.usage = UsageStore(None)  # opened in start(), once the state dir is ours
-        d = config.daemon
-        self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage)
-        self.jail = Jail(jail_settings(config, self.state_dir))
-        self.server = Server(d, self._dispatch)
+        self.jail = Jail(JailSettings.from_config(config, self.state_dir))
+        self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
+        self.server = Server(config.daemon, self._dispatch)
         self.notifier = Notifier()
         self.started = time.time()
         self.stopping = False
         self.events: asyncio.Queue[str] = asyncio.Queue()
         self.owns_socket_file = False
-        self.self_test: dict[str, Any] = {"enabled": d.self_test}
+        self.self_test: dict[str, Any] = {"enabled": config.daemon.self_test}
         self.last_reload: dict[str, Any] | None = None
 
-    # -- identity and policy --------------------------------------------------------------
+    # -- what handlers may ask (handlers.App) ------------------------------------------------
     async def _dispatch(self, cred: PeerCred, req: dict[str, Any],
                         progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         return await handlers.dispatch(self, handlers.Call(identify(cred), req, progress))
@@ -151,8 +107,38 @@ class Daemon:
         if self.stopping:
             raise RequestError(errors.UNAVAILABLE, "the daemon is shutting down")
 
+    def known_uids(self) -> list[int]:
+        return self.runs.usage.known_uids()
+
+    def usage_of(self, uid: int) -> dict[str, Any]:
+        ident = self.identity_of(uid)
+        limits = quota.effective_limits(self.config.quotas, ident)
+        running, queued = self.runs.counts(uid)
+        return {"uid": uid, "user": ident.name, "usage": self.runs.usage.snapshot(uid, time.time()),
+                "running": running, "queued": queued, "quota": quota.limits_dict(limits) if limits else None}
+
+    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]:
+        return await self.runs.execute(who, self.limits_for(who), req, discover)
+
+    def jobs(self) -> tuple[list[dict[str, Any]], int]:
+        return self.runs.jobs(), len(self.runs.admission.queue)
+
+    def run_owner(self, run_id: str) -> int | None:
+        return self.runs.owner(run_id)
+
+    def kill_run(self, run_id: str) -> None:
+        self.runs.kill(run_id)
+
+    async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+        return (await self.jail.rebuild_root(force=force, progress=progress)).summary()
+
+    def root_layout(self) -> tuple[str, list[str]] | None:
+        root = self.jail.root
+        return None if root is None else (root.path, self.jail.run_path)
+
     def status(self, who: Identity) -> dict[str, Any]:
         now = time.time()
+        usage = self.runs.usage
         jail = self.jail.describe()
         out: dict[str, Any] = {
             "server": "sandboxd",
@@ -161,20 +147,20 @@ class Daemon:
             "uptime_s": round(now - self.started, 3),
             "stopping": self.stopping,
             "root": jail["root"],
-            "capacity": self.admission.describe(),
+            "capacity": self.runs.admission.describe(),
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "slots": jail["slots"],
             "fork_server": jail["fork_server"],
             "self_test": self.self_test,
-            "usage_db": self.usage.error or "ok",
+            "usage_db": usage.error or "ok",
             "connections": self.server.connections,
             "you": {"uid": who.uid, "user": who.name, "admin": self.is_admin(who),
-                    "usage": self.usage.snapshot(who.uid, now)},
+                    "usage": usage.snapshot(who.uid, now)},
             "last_reload": self.last_reload,
         }
         if self.is_admin(who):
-            out["callers"] = {str(uid): self.usage.snapshot(uid, now) for uid in self.usage.known_uids()}
+            out["callers"] = {str(uid): usage.snapshot(uid, now) for uid in usage.known_uids()}
         return out
 
     # -- start-up -------------------------------------------------------------------------
@@ -193,12 +179,11 @@ class Daemon:
         _raise_nofile()
         _return_large_buffers()
         self._lock_state_dir()
-        self.usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
-        self.admission.usage = self.usage
+        usage = UsageStore(os.path.join(self.state_dir, "usage.sqlite"))
+        self.runs.use_store(usage)
         self.notifier.notify(status="building root and starting the fork server")
-        if self.usage.lost_at_start:
-            log.warning("%d runs were in flight when the previous daemon died; marked lost",
-                        self.usage.lost_at_start)
+        if usage.lost_at_start:
+            log.warning("%d runs were in flight when the previous daemon died; marked lost", usage.lost_at_start)
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
         first, count = self.config.jail.run_uids
@@ -219,26 +204,13 @@ class Daemon:
 
     async def run_self_test(self) -> None:
         """Probe the jail with code that must fail; refuse to start if any escape works."""
-        first, count = self.config.jail.run_uids
-        probe = SELF_TEST_CODE.format(config=self.config.path, state=self.state_dir, socket=self.socket_path,
-                                      first=first, last=first + count - 1)
-        t0 = time.monotonic()
-        result = await self.jail.run(RunPlan(run_id="self-test", code=probe, timeout_ms=10_000, cpu_ms=10_000))
-        try:
-            findings = json.loads(result.stdout.decode())
-        except ValueError:
-            raise StartupError(f"self-test did not run: status {result.status}, error {result.error}, "
-                               f"stderr {result.stderr[-500:]!r}") from None
-        notes = {name.split(":", 1)[1]: findings.pop(name) for name in list(findings) if name.startswith("note:")}
-        failed = [name for name, ok in findings.items() if not ok]
-        self.self_test = {"enabled": True, "passed": not failed, "probes": findings, "notes": notes,
-                          "seconds": round(time.monotonic() - t0, 3)}
-        if notes.get("private_dev") is False:
+        self.self_test = await selftest.run(self.jail, self.config.path, self.state_dir, self.socket_path,
+                                            self.config.jail.run_uids)
+        if self.self_test["notes"].get("private_dev") is False:
             log.warning("device nodes cannot be made here (no CAP_MKNOD?): runs share the host's /dev/null "
                         "and friends, so locks on them are visible between runs")
-        if failed:
-            raise StartupError(f"self-test failed: the jail allowed {', '.join(failed)}; refusing to start")
-        log.info("self-test passed (%d probes, %.0f ms)", len(findings), (time.monotonic() - t0) * 1000)
+        log.info("self-test passed (%d probes, %.0f ms)", len(self.self_test["probes"]),
+                 self.self_test["seconds"] * 1000)
 
     def _socket(self) -> socket.socket:
         activated = activated_unix_socket(listen_fds())
@@ -247,39 +219,9 @@ class Daemon:
             self.socket_path = activated.getsockname() or self.socket_path
             activated.setblocking(False)
             return activated
-        path = self.socket_path
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                raise StartupError(f"another daemon is listening on {path}")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
+        d = self.config.daemon
+        sock = listen.bind(self.socket_path, d.socket_mode, d.socket_group)
         self.owns_socket_file = True
-        mode, group = self.config.daemon.socket_mode, self.config.daemon.socket_group
-        gid = 0
-        if group:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                log.warning("socket group %r does not exist: the socket is for root only (create the group and "
-                            "reload, or set daemon.socket_group)", group)
-                mode = 0o600
-        os.chown(path, 0, gid)
-        os.chmod(path, mode)
-        sock.listen(512)
-        sock.setblocking(False)
         return sock
 
     # -- signals, reload, shutdown ------------------------------------------------------------
@@ -290,7 +232,8 @@ class Daemon:
         try:
             await self.start()
         except Exception as e:  # noqa: BLE001 - any start-up failure: say why, exit non-zero
-            log.error("cannot start: %s", e, exc_info=not isinstance(e, (StartupError, OSError, CgroupError)))
+            log.error("cannot start: %s", e, exc_info=not isinstance(
+                e, (StartupError, listen.ListenError, selftest.SelfTestFailed, OSError, CgroupError)))
             self.notifier.notify(status=f"failed: {e}")
             await self.jail.close()
             return EX_SOFTWARE
@@ -326,7 +269,7 @@ class Daemon:
         except ConfigError as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": e.errors}
             self.notifier.notify(ready=1, status="reload rejected; running with the previous configuration")
-            raise RequestError("bad_config", f"the new configuration was rejected: {'; '.join(e.errors)}",
+            raise RequestError(errors.BAD_CONFIG, f"the new configuration was rejected: {'; '.join(e.errors)}",
                                errors=e.errors) from None
         changes = [f"{name} changed" for name in ("daemon", "root", "jail", "pool", "limits", "quotas", "profiles")
                    if getattr(new, name) != getattr(self.config, name)]
@@ -337,14 +280,14 @@ class Daemon:
             new = dataclasses.replace(new, daemon=dataclasses.replace(
                 new.daemon, **{k: getattr(self.config.daemon, k) for k in fixed}))
         try:
-            changes += await self.jail.reconfigure(jail_settings(new, self.state_dir))
+            changes += await self.jail.reconfigure(JailSettings.from_config(new, self.state_dir))
         except Exception as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": [str(e)]}
             self.notifier.notify(ready=1, status="reload failed; running with the previous configuration")
-            raise RequestError("bad_config", f"applying the new configuration failed: {e}") from e
+            raise RequestError(errors.BAD_CONFIG, f"applying the new configuration failed: {e}") from e
         self.config = new
         d = new.daemon
-        self.admission.configure(d.workers, d.queue, d.queue_timeout)
+        self.runs.configure(new)
         self.server.configure(d)
         logging.getLogger().setLevel(d.log_level.upper())
         for warning in new.warnings:
@@ -356,7 +299,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         grace = self.config.daemon.shutdown_grace
-        log.info("stopping: %d runs in flight get %.0fs to finish", len(self.jail.running), grace)
+        log.info("stopping: %d runs in flight get %.0fs to finish", len(self.runs.running), grace)
         self.notifier.notify(stopping=1, status="stopping")
         self.stopping = True
         await self.server.stop_accepting()
@@ -366,7 +309,7 @@ class Daemon:
         await self.jail.close(grace=grace)
         for task in list(self.server.tasks):
             task.cancel()
-        self.usage.close()
+        self.runs.usage.close()
         log.info("stopped")
 
     async def _watchdog(self) -> None:
@@ -374,7 +317,7 @@ class Daemon:
         if interval is None:
             return
         while True:
-            fs = self.jail.forkserver
+            fs = self.jail.workers.server if self.jail.workers else None
             if fs is not None and fs.alive:
                 self.notifier.notify(watchdog=1)
             else:
@@ -384,7 +327,7 @@ class Daemon:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(300)
-            self.usage.prune(time.time())
+            self.runs.usage.prune(time.time())
 
 
 def _return_large_buffers() -> None:
@@ -411,48 +354,6 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-SELF_TEST_CODE = r'''
-import json, os, socket
-found = {{}}
-found["cannot_see_config"] = not os.path.exists({config!r})
-found["cannot_see_state_dir"] = not os.path.exists({state!r})
-found["cannot_see_socket"] = not os.path.exists({socket!r})
-try:
-    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    found["no_socket_without_network"] = False
-except OSError:
-    found["no_socket_without_network"] = True
-found["unprivileged_uid"] = {first} <= os.getuid() <= {last} and os.geteuid() != 0
-try:
-    open("/usr/sandboxd-self-test", "w")
-    found["root_read_only"] = False
-except OSError:
-    found["root_read_only"] = True
-found["no_host_proc"] = not os.path.exists("/proc/1/environ")
-try:
-    os.setuid(0)
-    found["cannot_become_root"] = False
-except OSError:
-    found["cannot_become_root"] = True
-# Not a failure, a note: each run has its own device nodes (not the host's, shared by all runs).
-found["note:private_dev"] = os.stat("/dev/null").st_dev == os.stat("/dev").st_dev
-print(json.dumps(found))
-'''
-
-
-def _setup_logging(level: str, foreground: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    if foreground:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    else:
-        handler = logging.handlers.SysLogHandler(address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        fmt = "sandboxd[%(process)d]: %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -485,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         context = daemon.DaemonContext(pidfile=daemon.pidfile.TimeoutPIDLockFile(pid_file, acquire_timeout=1),
                                        umask=0o022, working_directory="/")
         with context:
-            _setup_logging(cfg.daemon.log_level, foreground=False)
+            logs.setup(cfg.daemon.log_level, foreground=False)
             return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
-    _setup_logging(cfg.daemon.log_level, foreground=True)
+    logs.setup(cfg.daemon.log_level, foreground=True)
     return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
 
 

@@ -16,10 +16,11 @@ QUOTA_EXCEEDED = "quota_exceeded"
 BUSY = "busy"
 UNAVAILABLE = "unavailable"
 NOT_FOUND = "not_found"
+BAD_CONFIG = "bad_config"
 INTERNAL = "internal"
 
 CODES = (BAD_FRAME, FRAME_TOO_LARGE, BAD_REQUEST, UNKNOWN_OP, FORBIDDEN, QUOTA_EXCEEDED, BUSY, UNAVAILABLE,
-         NOT_FOUND, INTERNAL)
+         NOT_FOUND, BAD_CONFIG, INTERNAL)
 
 
 class RequestError(Exception):

@@ -15,20 +15,37 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from . import __version__, errors, plan, protocol, quota, rootwhy
+from . import __version__, errors, hints, protocol, quota, rootwhy
+from .config import QuotaLimits
 from .errors import RequestError
 from .jail.profiles import NEVER_ALLOW
 from .peer import Identity
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
 log = logging.getLogger("sandboxd.run")
+Progress = Callable[[dict[str, Any]], None]
+
+
+class App(Protocol):
+    """Everything a handler may ask of the daemon (``daemon.Daemon`` is the one implementation)."""
+
+    def is_admin(self, who: Identity) -> bool: ...
+    def limits_for(self, who: Identity) -> QuotaLimits: ...  # forbidden when deny_unlisted refuses them
+    def check_available(self) -> None: ...  # unavailable while shutting down
+    def status(self, who: Identity) -> dict[str, Any]: ...
+    def resolve_uid(self, target: Any) -> int: ...
+    def known_uids(self) -> list[int]: ...
+    def usage_of(self, uid: int) -> dict[str, Any]: ...
+    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]: ...
+    def jobs(self) -> tuple[list[dict[str, Any]], int]: ...
+    def run_owner(self, run_id: str) -> int | None: ...
+    def kill_run(self, run_id: str) -> None: ...
+    async def reload(self) -> list[str]: ...
+    async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
+    def root_layout(self) -> tuple[str, list[str]] | None: ...  # (root path, the runs' sys.path) once built
 
 
 @dataclass
@@ -37,69 +54,38 @@ class Call:
 
     who: Identity
     req: dict[str, Any]
-    progress: Callable[[dict[str, Any]], None]
+    progress: Progress
 
     @property
     def id(self) -> Any:
         return self.req.get("id")
 
 
-Handler = Callable[["Daemon", Call], Awaitable[dict[str, Any]]]
+Handler = Callable[[App, Call], Awaitable[dict[str, Any]]]
 
 
-async def op_hello(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_hello(app: App, call: Call) -> dict[str, Any]:
     who = call.who
     limits = app.limits_for(who)
     return protocol.ok(call.id, server="sandboxd", version=__version__, protocol=protocol.PROTOCOL_VERSION,
                        uid=who.uid, user=who.name, admin=app.is_admin(who), quota=quota.limits_dict(limits))
 
 
-async def op_run(app: Daemon, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, result=await execute(app, call.who, call.req))
+async def op_run(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, result=await app.execute(call.who, call.req))
 
 
-async def execute(app: Daemon, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]:
-    """Admit and run one request; the result record plus run_id (dispatch has checked that
-    the daemon is not stopping)."""
-    limits = app.limits_for(who)
-    run_id = app.jail.new_run_id()
-    run_plan = plan.build(req, limits, app.config, run_id)
-    if discover:
-        run_plan = replace(run_plan, discover=True)
-    await app.admission.admit(who.uid, limits)
-    started = time.time()
-    app.usage.started(run_id, who.uid, started)
-    status, cpu_ms = "internal", 0.0
-    try:
-        result = await app.jail.run(run_plan, caller_uid=who.uid)
-        status, cpu_ms = result.status, result.cpu_ms
-    except BaseException:
-        status = "cancelled"
-        raise
-    finally:
-        app.admission.release(who.uid)
-        app.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
-        log.info("run %s uid=%d status=%s wall=%.1fms cpu=%.1fms", run_id, who.uid, status,
-                 (time.time() - started) * 1000, cpu_ms)
-    record = result.to_dict()
-    record["run_id"] = run_id
-    if result.status == "sandbox_error":
-        log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
-    return record
-
-
-async def op_status(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_status(app: App, call: Call) -> dict[str, Any]:
     return protocol.ok(call.id, **app.status(call.who))
 
 
-async def op_usage(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_usage(app: App, call: Call) -> dict[str, Any]:
     who, req = call.who, call.req
     target = req.get("uid", req.get("user"))
-    now = time.time()
     if req.get("all"):
         if not app.is_admin(who):
             raise errors.forbidden("the usage of all users is for admins")
-        uids = app.usage.known_uids()
+        uids = app.known_uids()
     elif target is None:
         uids = [who.uid]
     else:
@@ -107,52 +93,34 @@ async def op_usage(app: Daemon, call: Call) -> dict[str, Any]:
         if uid != who.uid and not app.is_admin(who):
             raise errors.forbidden("the usage of other users is for admins")
         uids = [uid]
-    entries = []
-    for uid in uids:
-        ident = app.identity_of(uid)
-        limits = quota.effective_limits(app.config.quotas, ident)
-        entries.append({
-            "uid": uid, "user": ident.name, "usage": app.usage.snapshot(uid, now),
-            "running": app.admission.running_by_uid.get(uid, 0), "queued": app.admission.queued_by_uid.get(uid, 0),
-            "quota": quota.limits_dict(limits) if limits else None,
-        })
-    return protocol.ok(call.id, users=entries)
+    return protocol.ok(call.id, users=[app.usage_of(uid) for uid in uids])
 
 
-async def op_jobs(app: Daemon, call: Call) -> dict[str, Any]:
-    now = time.monotonic()
-    jobs = []
-    for run_id, worker in list(app.jail.running.items()):
-        p = worker.plan
-        jobs.append({
-            "run_id": run_id, "caller_uid": worker.caller_uid, "worker_pid": worker.pid,
-            "run_uid": worker.slot.uid, "age_ms": round((now - (worker.started or now)) * 1000, 1),
-            "timeout_ms": p.timeout_ms if p else None, "memory_mb": (p.memory_bytes >> 20) if p else None,
-            "network": p.network if p else None, "language": p.language if p else None,
-        })
-    return protocol.ok(call.id, jobs=jobs, queued=len(app.admission.queue))
+async def op_jobs(app: App, call: Call) -> dict[str, Any]:
+    jobs, queued = app.jobs()
+    return protocol.ok(call.id, jobs=jobs, queued=queued)
 
 
-async def op_kill(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_kill(app: App, call: Call) -> dict[str, Any]:
     run_id = call.req.get("run_id")
     if not isinstance(run_id, str):
         raise errors.bad_request("run_id", "required, a string")
-    worker = app.jail.running.get(run_id)
-    if worker is None:
+    owner = app.run_owner(run_id)
+    if owner is None:
         raise RequestError(errors.NOT_FOUND, f"no run {run_id} is in flight", run_id=run_id)
-    if worker.caller_uid != call.who.uid and not app.is_admin(call.who):
+    if owner != call.who.uid and not app.is_admin(call.who):
         raise errors.forbidden("only the run's owner or an admin may kill it")
-    app.jail.kill_run(run_id)
+    app.kill_run(run_id)
     log.warning("run %s killed by uid %d", run_id, call.who.uid)
     return protocol.ok(call.id, killed=run_id)
 
 
-async def op_reload(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_reload(app: App, call: Call) -> dict[str, Any]:
     changes = await app.reload()
     return protocol.ok(call.id, reloaded=True, changes=changes)
 
 
-async def op_rebuild_root(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_rebuild_root(app: App, call: Call) -> dict[str, Any]:
     """Rebuild from the configured paths; with ``progress: true`` interim frames report the stages."""
     want = bool(call.req.get("progress"))
 
@@ -160,15 +128,15 @@ async def op_rebuild_root(app: Daemon, call: Call) -> dict[str, Any]:
         if want:
             call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
 
-    info = await app.jail.rebuild_root(force=bool(call.req.get("force", True)), progress=progress)
-    log.warning("root rebuilt by uid %d: %s", call.who.uid, info.build_id)
-    return protocol.ok(call.id, root=info.summary())
+    root = await app.rebuild_root(bool(call.req.get("force", True)), progress)
+    log.warning("root rebuilt by uid %d: %s", call.who.uid, root["build_id"])
+    return protocol.ok(call.id, root=root)
 
 
-async def op_syscalls(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
     """Run the code once with calls outside the profile recorded and let through (except the
     never-allowed ones, refused as always), inside the same confinement otherwise."""
-    result = await execute(app, call.who, call.req, discover=True)
+    result = await app.execute(call.who, call.req, discover=True)
     profile = str(call.req.get("language", "python3"))
     seen = result.get("discovery") or {}
     missing = sorted(seen.get("allowed", {}).items(), key=lambda kv: (-kv[1], kv[0]))
@@ -183,18 +151,18 @@ async def op_syscalls(app: Daemon, call: Call) -> dict[str, Any]:
                        yaml=yaml_snippet)
 
 
-async def op_root_why(app: Daemon, call: Call) -> dict[str, Any]:
+async def op_root_why(app: App, call: Call) -> dict[str, Any]:
     module = call.req.get("module")
     if not isinstance(module, str) or not module or not all(p.isidentifier() for p in module.split(".")):
         raise errors.bad_request("module", "required, a dotted module name like numpy.linalg")
-    root = app.jail.root
-    run_path = list(app.jail.forkserver_info.get("run_path") or [])
-    if root is None:
+    layout = app.root_layout()
+    if layout is None:
         raise RequestError(errors.UNAVAILABLE, "the root is not built yet")
-    report = rootwhy.explain(module, root.path, run_path, private_ok=app.is_admin(call.who))
+    root, run_path = layout
+    report = rootwhy.explain(module, root, run_path, private_ok=app.is_admin(call.who))
     probe = {"code": f"import importlib\nm = importlib.import_module({module!r})\nprint(getattr(m, '__file__', m))",
              "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
-    result = await execute(app, call.who, probe)
+    result = await app.execute(call.who, probe)
     report["import"] = {"status": result["status"], "stdout": result["stdout"].decode("utf-8", "replace"),
                         "error": _last_line(result["stderr"]), "run_id": result["run_id"]}
     if result["status"] == "ok":
@@ -248,7 +216,7 @@ def check_fields(op: Op, req: dict[Any, Any]) -> None:
     """Refuse fields the operation does not have, and values of the wrong type."""
     if op.fields is None:
         return
-    plan.check_unknown(req, ("op", "id", *op.fields))
+    hints.check_unknown(req, ("op", "id", *op.fields))
     for name, types in op.fields.items():
         value = req.get(name)
         if value is None:
@@ -257,7 +225,7 @@ def check_fields(op: Op, req: dict[Any, Any]) -> None:
             raise errors.bad_request(name, f"expected {TYPE_NAMES[types]}, got {type(value).__name__}")
 
 
-async def dispatch(app: Daemon, call: Call) -> dict[str, Any]:
+async def dispatch(app: App, call: Call) -> dict[str, Any]:
     name = call.req.get("op")
     if not isinstance(name, str):
         raise errors.bad_request("op", "required, a string naming the operation", known=sorted(HANDLERS))

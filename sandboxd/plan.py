@@ -8,13 +8,13 @@ by name, so a typo (``timeout`` for ``timeout_ms``) does not silently do nothing
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from .config import LANGUAGES, Config, QuotaLimits
-from .errors import RequestError, bad_request, forbidden
+from .errors import bad_request, forbidden
+from .hints import check_unknown
 from .jail.spec import RunPlan
 
 RUN_FIELDS = ("op", "id", "code", "language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files",
@@ -34,17 +34,6 @@ def _int(req: Mapping[str, Any], name: str, default: int, lo: int) -> int:
     if value < lo:
         raise bad_request(name, f"expected at least {lo}, got {value}")
     return int(value)
-
-
-def check_unknown(req: Mapping[Any, Any], known: Sequence[str]) -> None:
-    """Refuse a field the operation does not have, naming it (and the closest known one)."""
-    for key in req:
-        if not isinstance(key, str):
-            raise bad_request(repr(key), "field names are strings")
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            raise bad_request(key, "unknown field" + (f" (did you mean {hint[0]}?)" if hint else ""),
-                              known=list(known))
 
 
 def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str) -> RunPlan:
@@ -135,15 +124,15 @@ def _files(raw: Any, limits: QuotaLimits, cfg: Config) -> dict[str, bytes]:
             raise bad_request("files", f"{name!r}: expected bytes (msgpack bin)", file=name)
         total += len(data)
         out[name] = data
+    directories = {name[:i] for name in out for i in range(len(name)) if name[i] == "/"}
     for name in out:
-        prefix = name + "/"
-        if any(other.startswith(prefix) for other in out):
+        if name in directories:
             raise bad_request("files", f"{name!r} is both a file and a directory", file=name)
     if total > limits.max_files_size:
         raise forbidden(f"input files total {total} bytes, above your limit of {limits.max_files_size}",
                         field="files", limit=limits.max_files_size)
     if total > cfg.jail.scratch_size // 2:
-        raise RequestError("forbidden", f"input files total {total} bytes; the scratch space holds "
+        raise forbidden(f"input files total {total} bytes; the scratch space holds "
                            f"{cfg.jail.scratch_size} and keeps half for the run", field="files",
                            limit=cfg.jail.scratch_size // 2)
     return out

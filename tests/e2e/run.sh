@@ -73,6 +73,14 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [ -n "$leader" ] || { cat "$work/nspawn.log"; echo "the container did not start"; exit 1; }
+# Asked before the container's manager has its private socket, systemctl fails at once with
+# "Failed to connect to bus" (on a slower machine, every time): wait for the socket first.
+for _ in $(seq 1200); do
+    [ -S "/proc/$leader/root/run/systemd/private" ] && break
+    kill -0 "$leader" 2>/dev/null || break
+    sleep 0.1
+done
+[ -S "/proc/$leader/root/run/systemd/private" ] || { cat "$work/nspawn.log"; echo "no systemd manager socket"; exit 1; }
 state=$(timeout 120 nsenter -t "$leader" -a systemctl is-system-running --wait || true)
 echo "   system: $state"
 [ "$state" = running ] || { in_container systemctl --failed --no-pager || true; exit 1; }

@@ -1,0 +1,127 @@
+"""One run from request to record: plan, admission, the jail, usage; and the runs in flight.
+
+    plan.build (the request against the caller's quota) -> Admission.admit (concurrency,
+    queue, rate, CPU budget) -> Jail.run (a warm worker, one verdict) -> usage and log
+
+The table of runs in flight (run id -> caller, plan, worker) lives here, in the daemon:
+``jobs`` lists it and ``kill`` finds a run's worker in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import plan
+from .config import Config, QuotaLimits
+from .jail.jail import Jail
+from .jail.spec import RunPlan
+from .jail.worker import Worker
+from .peer import Identity
+from .quota import Admission
+from .usage import UsageStore
+
+log = logging.getLogger("sandboxd.run")
+
+
+@dataclass
+class RunEntry:
+    run_id: str
+    caller: Identity
+    plan: RunPlan
+    started: float  # time.monotonic() when admitted
+    worker: Worker | None = None  # once the jail has one for it
+    killed: bool = False
+
+    def bind(self, worker: Worker) -> None:
+        self.worker = worker
+        if self.killed:  # killed while it waited for a worker
+            worker.kill("killed")
+
+    def kill(self) -> None:
+        self.killed = True
+        if self.worker is not None:
+            self.worker.kill("killed")
+
+    def describe(self, now: float) -> dict[str, Any]:
+        w, p = self.worker, self.plan
+        return {"run_id": self.run_id, "caller_uid": self.caller.uid, "caller": self.caller.name,
+                "worker_pid": w.pid if w else None, "run_uid": w.slot.uid if w else None,
+                "age_ms": round((now - self.started) * 1000, 1), "timeout_ms": p.timeout_ms,
+                "memory_mb": p.memory_bytes >> 20, "network": p.network, "language": p.language}
+
+
+class Runs:
+    def __init__(self, config: Config, jail: Jail, usage: UsageStore) -> None:
+        self.config = config
+        self.jail = jail
+        self.usage = usage
+        d = config.daemon
+        self.admission = Admission(d.workers, d.queue, d.queue_timeout, usage)
+        self.running: dict[str, RunEntry] = {}
+        self.started_at = time.time()
+        self._seq = 0
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        d = config.daemon
+        self.admission.configure(d.workers, d.queue, d.queue_timeout)
+
+    def use_store(self, usage: UsageStore) -> None:
+        self.usage = self.admission.usage = usage
+
+    def new_run_id(self) -> str:
+        self._seq += 1
+        return f"r{int(self.started_at) % 100000:05d}-{self._seq}"
+
+    async def execute(self, who: Identity, limits: QuotaLimits, req: dict[str, Any],
+                      discover: bool = False) -> dict[str, Any]:
+        """Admit and run one request; the result record plus run_id."""
+        run_id = self.new_run_id()
+        run_plan = plan.build(req, limits, self.config, run_id)
+        if discover:
+            run_plan = replace(run_plan, discover=True)
+        await self.admission.admit(who.uid, limits)
+        started = time.time()
+        entry = RunEntry(run_id, who, run_plan, time.monotonic())
+        self.running[run_id] = entry
+        self.usage.started(run_id, who.uid, started)
+        status, cpu_ms = "internal", 0.0
+        try:
+            result = await self.jail.run(run_plan, bind=entry.bind)
+            status, cpu_ms = result.status, result.cpu_ms
+        except BaseException:
+            status = "cancelled"
+            raise
+        finally:
+            del self.running[run_id]
+            self.admission.release(who.uid)
+            self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
+            log.info("run %s uid=%d status=%s wall=%.1fms cpu=%.1fms", run_id, who.uid, status,
+                     (time.time() - started) * 1000, cpu_ms)
+        record = result.to_dict()
+        record["run_id"] = run_id
+        if result.status == "sandbox_error":
+            log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
+        return record
+
+    def jobs(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [entry.describe(now) for entry in list(self.running.values())]
+
+    def owner(self, run_id: str) -> int | None:
+        entry = self.running.get(run_id)
+        return entry.caller.uid if entry is not None else None
+
+    def kill(self, run_id: str) -> bool:
+        entry = self.running.get(run_id)
+        if entry is None:
+            return False
+        entry.kill()
+        return True
+
+    def counts(self, uid: int) -> tuple[int, int]:
+        """(running, queued) runs of ``uid``."""
+        return self.admission.running_by_uid.get(uid, 0), self.admission.queued_by_uid.get(uid, 0)
