@@ -12,7 +12,6 @@ and the expected form::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import grp
 import os
 import pwd
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from . import sizes
+from .hints import did_you_mean
 from .jail.layout import FORBIDDEN_PREFIXES, forbidden_prefix, under
 
 DEFAULT_CONFIG = "/etc/sandboxd/sandboxd.yaml"
@@ -78,7 +78,16 @@ class DaemonSettings:
     max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Open client connections, all users.")
     max_connections_per_uid: int = setting(64, sizes.int_range(1, 100000), "Open client connections per caller uid.")
     buffer_budget: int = setting(256 << 20, sizes.byte_size,
-                                 "Bytes of request frames the daemon holds at once, all connections.")
+                                 "Bytes of request frames the daemon holds at once, all connections (charged as "
+                                 "they arrive; frames up to 64K are never held back by it).")
+    buffer_budget_per_uid: int = setting(64 << 20, sizes.byte_size,
+                                         "Bytes of request frames one caller uid may have the daemon hold at once.")
+    response_budget: int = setting(512 << 20, sizes.byte_size,
+                                   "Bytes of answers written but not yet taken, all connections; past it, callers "
+                                   "with answers waiting get nothing more read until they take them.")
+    response_budget_per_uid: int = setting(128 << 20, sizes.byte_size,
+                                           "Bytes of answers not yet taken by one caller uid before the daemon stops "
+                                           "reading its requests.")
     idle_timeout: float = setting(300.0, sizes.duration, "A connection without a request is closed after this.")
     read_timeout: float = setting(10.0, sizes.duration, "A started frame must be complete within this.")
     write_timeout: float = setting(30.0, sizes.duration, "A client must take its response within this.")
@@ -223,8 +232,7 @@ def _convert_section(cls: type[Any], raw: Any, prefix: str, errors: list[str], p
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            errors.append(f"{prefix}.{key}: unknown setting" + (f" (did you mean {hint[0]}?)" if hint else ""))
+            errors.append(f"{prefix}.{key}: unknown setting" + did_you_mean(str(key), fields))
             continue
         try:
             out[key] = fields[key].metadata["convert"](value)
@@ -244,8 +252,7 @@ def parse(data: Any, path: str = "<config>") -> Config:
     known = {*SECTIONS, "quotas", "profiles"}
     for key in data:
         if key not in known:
-            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-            errors.append(f"{key}: unknown section" + (f" (did you mean {hint[0]}?)" if hint else ""))
+            errors.append(f"{key}: unknown section" + did_you_mean(str(key), sorted(known)))
     sections = {name: cls(**_convert_section(cls, data.get(name), name, errors)) for name, cls in SECTIONS.items()}
     quotas = _parse_quotas(data.get("quotas"), errors)
     profiles = _parse_profiles(data.get("profiles"), errors)

@@ -2,10 +2,12 @@
 
 A connection carries requests one after another.  While a request is handled the
 next frame header is already being awaited, so a client that disconnects mid-run is
-noticed at once and its run cancelled (which kills it).  Bounds: connections in
-total and per uid, an idle timeout between requests, a read timeout once a frame
-has started, a write timeout for clients that never read, and a global budget for
-request bytes held in memory.
+noticed at once and its run cancelled (which kills it).  Bounds, each so that one
+caller cannot take from the others: connections in total and per uid; an idle timeout
+between requests, a read timeout once a frame has started, a write timeout for clients
+that never read; request bytes held in memory, charged as they arrive, globally and
+per uid (``budget``); response bytes not yet taken, per uid -- a uid whose answers pile
+up gets no new request read until they are taken.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import errors, protocol
+from .budget import SMALL, Budget
 from .config import DaemonSettings
 from .errors import RequestError
 from .peer import PeerCred, peer_credentials
@@ -27,30 +30,19 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 Dispatch = Callable[[PeerCred, dict[str, Any], Progress], Awaitable[dict[str, Any]]]
-
-
-class ByteBudget:
-    """Bytes of request frames held at once, across all connections."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used -= n
+Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
+CHUNK = 1 << 16
+MAX_REQUEST_ITEMS = 4096  # entries of any one array or map in a request (files: 1,000)
+MAX_REQUEST_CONTAINERS = 64  # arrays and maps in one request (a run has 3)
 
 
 class Server:
-    def __init__(self, settings: DaemonSettings, dispatch: Dispatch) -> None:
+    def __init__(self, settings: DaemonSettings, dispatch: Dispatch, refused: Refused | None = None) -> None:
         self.settings = settings
         self.dispatch = dispatch
-        self.budget = ByteBudget(settings.buffer_budget)
+        self.refused = refused or (lambda uid: None)
+        self.requests = Budget(settings.buffer_budget, settings.buffer_budget_per_uid)
+        self.responses = Budget(settings.response_budget, settings.response_budget_per_uid)
         self.connections = 0
         self.by_uid: collections.Counter[int] = collections.Counter()
         self.accepting = True
@@ -58,12 +50,12 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, sock: socket.socket) -> None:
-        self.server = await asyncio.start_unix_server(self._accepted, sock=sock,
-                                                      limit=64 * 1024)
+        self.server = await asyncio.start_unix_server(self._accepted, sock=sock, limit=CHUNK)
 
     def configure(self, settings: DaemonSettings) -> None:
         self.settings = settings
-        self.budget.limit = settings.buffer_budget
+        self.requests.configure(settings.buffer_budget, settings.buffer_budget_per_uid)
+        self.responses.configure(settings.response_budget, settings.response_budget_per_uid)
 
     async def stop_accepting(self) -> None:
         self.accepting = False
@@ -101,6 +93,8 @@ class Server:
                 self.by_uid[cred.uid] -= 1
                 if self.by_uid[cred.uid] <= 0:
                     del self.by_uid[cred.uid]
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away or stopped reading: nothing to tell anyone
         except Exception:
             log.exception("connection from %s failed", cred)
         finally:
@@ -123,79 +117,123 @@ class Connection:
         self.cred = cred
         self.reader = reader
         self.writer = writer
-
-    async def _header(self, timeout: float | None) -> bytes | None:
-        """The next 4-byte header; None at a clean EOF between frames."""
-        # asyncio.timeout rather than wait_for: no task per read (tens of us per request).
-        try:
-            async with asyncio.timeout(timeout):
-                first = await self.reader.read(1)
-        except TimeoutError:
-            return None
-        if not first:
-            return None
-        async with asyncio.timeout(self.server.settings.read_timeout):
-            return first + await self.reader.readexactly(protocol.HEADER.size - 1)
+        self.decoder = protocol.FrameDecoder(server.settings.max_frame)
+        self.charged = 0  # request bytes of the current frame, charged to the uid
 
     async def run(self) -> None:
         s = self.server.settings
-        pending: asyncio.Task[bytes | None] | None = None
-        while True:
-            try:
-                if pending is not None:
-                    async with asyncio.timeout(s.idle_timeout):
-                        header = await pending
-                else:
-                    header = await self._header(s.idle_timeout)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                return
-            pending = None
-            if header is None:
-                return
-            try:
-                n = protocol.frame_length(header, s.max_frame)
-            except protocol.ProtocolError as e:
-                await self._send(protocol.error(None, e.code, e.message, **e.details))
-                return
-            if not self.server.budget.take(n):
-                await self._send(protocol.error(None, errors.BUSY, "the daemon holds too many request bytes; "
-                                                "retry later", retry_after_ms=500))
-                return
-            try:
+        watch: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                # A uid whose answers are not being taken gets nothing more read until they are.
+                async with asyncio.timeout(s.idle_timeout):
+                    await self.server.responses.wait_room(self.cred.uid)
                 try:
-                    async with asyncio.timeout(s.read_timeout):
-                        body = await self.reader.readexactly(n)
+                    body = await self._next_body(watch)
+                except protocol.ProtocolError as e:  # frame_too_large: the stream cannot be trusted
+                    self.server.refused(self.cred.uid)
+                    await self._send(protocol.error(None, e.code, e.message, **e.details))
+                    return
+                except RequestError as e:
+                    await self._send(protocol.error(None, e.code, e.message, **e.details))
+                    return
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
-                response, pending = await self._handle(body)
-                del body
-            finally:
-                self.server.budget.give(n)
-            if response is None:
-                return
-            if not await self._send(response):
-                return
+                watch = None
+                if body is None:
+                    return
+                try:
+                    response, watch = await self._handle(body)
+                    del body
+                finally:
+                    self.server.requests.give(self.cred.uid, self.charged)
+                    self.charged = 0
+                if response is None or not await self._send(response):
+                    return
+        finally:
+            self.server.requests.give(self.cred.uid, self.charged)
+            self.charged = 0
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(BaseException):
+                    await watch
 
-    async def _handle(self, body: bytes) -> tuple[dict[str, Any] | None, asyncio.Task[bytes | None] | None]:
+    async def _next_body(self, watch: asyncio.Task[bool] | None) -> bytes | None:
+        """Read until a whole frame body is in; None at EOF or an idle connection."""
+        s = self.server.settings
+        loop = asyncio.get_running_loop()
+        if watch is not None:  # what the watch read during the last request belongs here
+            async with asyncio.timeout(s.idle_timeout):
+                if not await watch:
+                    return None
+        deadline = loop.time() + s.read_timeout if self.decoder.buffered else None
+        while (body := self.decoder.next_body()) is None:  # raises frame_too_large once the header is in
+            wanted = min(self.decoder.wanted(), CHUNK)
+            if deadline is None and self.decoder.buffered == 0:
+                timeout: float | None = s.idle_timeout
+            else:
+                deadline = deadline or loop.time() + s.read_timeout
+                timeout = max(0.0, deadline - loop.time())
+            if self.decoder.length is not None:
+                await self._reserve(wanted, deadline)
+            async with asyncio.timeout(timeout):
+                chunk = await self.reader.read(wanted)
+            if not chunk:
+                return None
+            if deadline is None:
+                deadline = loop.time() + s.read_timeout  # the frame has started
+            self.decoder.feed(chunk)
+        return body
+
+    async def _reserve(self, n: int, deadline: float | None) -> None:
+        """Charge ``n`` body bytes to the uid before reading them (waiting while over budget)."""
+        assert self.decoder.length is not None
+        small = self.decoder.length <= SMALL
+        budget = self.server.requests
+        if not budget.fits(self.cred.uid, n, small):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await budget.reserve(self.cred.uid, n, small)
+            except TimeoutError:
+                raise RequestError(errors.BUSY, "the daemon holds too many request bytes; retry later",
+                                   retry_after_ms=500) from None
+        else:
+            budget.take(self.cred.uid, n)
+        self.charged += n
+
+    async def _fill(self) -> bool:
+        """Read what the next frame needs next (its header, at most) into the decoder; False at EOF."""
+        chunk = await self.reader.read(max(1, min(self.decoder.wanted(), protocol.HEADER.size)))
+        if not chunk:
+            return False
+        self.decoder.feed(chunk)
+        return True
+
+    async def _handle(self, body: bytes) -> tuple[dict[str, Any] | None, asyncio.Task[bool] | None]:
         """Decode and dispatch one frame while watching for the next header (or EOF)."""
         try:
-            request = protocol.decode_body(body, self.server.settings.max_frame)
+            request = protocol.decode_body(body, self.server.settings.max_frame, max_items=MAX_REQUEST_ITEMS,
+                                           max_containers=MAX_REQUEST_CONTAINERS)
         except protocol.ProtocolError as e:
+            self.server.refused(self.cred.uid)
             return protocol.error(None, e.code, e.message, **e.details), None
         if not isinstance(request, dict):
+            self.server.refused(self.cred.uid)
             return protocol.error(None, errors.BAD_FRAME, "a frame must hold one msgpack map"), None
         rid = request.get("id")
         if not _valid_id(rid):
+            self.server.refused(self.cred.uid)
             return protocol.error(None, errors.BAD_REQUEST, "id: expected a scalar (nil, boolean, number, or "
                                   "a string or bytes of at most 256)", field="id"), None
-        work = asyncio.get_running_loop().create_task(self._dispatch(request))
-        watch = asyncio.get_running_loop().create_task(self._header(None))
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(self._dispatch(request))
+        watch = loop.create_task(self._fill())
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if watch in done and not work.done():
             exc = watch.exception()
-            if exc is not None or watch.result() is None:
+            if exc is not None or not watch.result():
                 # The client hung up (or broke its framing) while its request was in flight.
-                log.info("uid %d went away during %s %s; cancelling it", self.cred.uid, request.get("op"), rid)
+                log.info("uid %d went away during %s %r; cancelling it", self.cred.uid, request.get("op"), rid)
                 work.cancel()
                 with contextlib.suppress(BaseException):
                     await work
@@ -218,18 +256,26 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("internal error handling %s from uid %d", request.get("op"), self.cred.uid)
+            log.exception("internal error handling %r from uid %d", request.get("op"), self.cred.uid)
             return protocol.error(rid, errors.INTERNAL, f"internal error: {type(e).__name__}")
 
     async def _send(self, response: dict[str, Any]) -> bool:
+        """Write one response and wait (at most write_timeout) until the client has taken it."""
+        data = protocol.encode(response)
+        n = len(data)
+        responses = self.server.responses
+        responses.take(self.cred.uid, n)
         try:
-            self.writer.write(protocol.encode(response))
+            self.writer.write(data)
+            del data
             if self.writer.transport.get_write_buffer_size():  # the usual case: all sent already
                 async with asyncio.timeout(self.server.settings.write_timeout):
                     await self.writer.drain()
             return True
         except (TimeoutError, ConnectionError, OSError):
             return False
+        finally:
+            responses.give(self.cred.uid, n)
 
 
 def _valid_id(rid: Any) -> bool:
