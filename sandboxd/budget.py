@@ -39,6 +39,7 @@ class Budget:
         self.by_uid[uid] += n
 
     def give(self, uid: int, n: int) -> None:
+        n = min(n, self.by_uid.get(uid, 0))  # never more than the uid holds
         if n <= 0:
             return
         self.used -= n

@@ -67,6 +67,8 @@ class Pool(Generic[W]):
         """A ready worker: a pooled one, else the next one to become ready (first come,
         first served).  While the pool has others left its refill waits for ``done``
         (after the run), so making workers stays off the run's critical path."""
+        if self.closed:
+            raise SetupError("pool", 0, "the jail is shutting down")
         queue = self.ready[key]
         while queue:
             worker = queue.popleft()

@@ -10,6 +10,7 @@ counters.  Precedence, first match wins:
     pids_limit      the pids controller refused a fork and the run did not succeed
     cpu_limit       SIGXCPU, or killed by the daemon with the CPU budget spent
     timeout         the daemon's wall clock ended the run
+    signaled        killed by the daemon (kill, or the client went away)
     blocked_syscall a refused syscall, and the run failed (or SIGSYS: foreign ABI)
     signaled        killed by a signal
     exit_nonzero    exited with a non-zero status

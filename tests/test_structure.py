@@ -1,0 +1,125 @@
+"""The sandboxd package's import graph has no cycles.
+
+Every module is parsed (never imported); an import anywhere in a module counts, even
+inside a function, except under ``if TYPE_CHECKING:``, which never runs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "sandboxd"
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package at ``root``."""
+    names: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = [root.name, *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+class _Imports(ast.NodeVisitor):
+    """The dotted names a module imports, ``from`` imports as (base, names)."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, int, list[str]]] = []  # (module, level, imported names)
+
+    def visit_If(self, node: ast.If) -> None:
+        if _is_type_checking(node.test):
+            for child in node.orelse:  # only the else branch runs
+                self.visit(child)
+            return
+        self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self.found.append((alias.name, 0, []))
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        self.found.append((node.module or "", node.level, [a.name for a in node.names]))
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports."""
+    modules = module_names(root)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        visitor = _Imports()
+        visitor.visit(ast.parse(path.read_text(), str(path)))
+        for target, level, names in visitor.found:
+            if level:
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                base_parts = package[:len(package) - (level - 1)]
+                base = ".".join([*base_parts, target] if target else base_parts)
+            else:
+                base = target
+            candidates = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
+            if len(candidates) < len(names) or not names:
+                # a name that is not a submodule comes from the module itself; `import a.b.c` runs a.b.c
+                candidates.append(base)
+            for candidate in candidates:
+                # `import sandboxd.x.y` where sandboxd.x.y is not a module: its longest module prefix
+                while candidate and candidate not in modules:
+                    candidate = candidate.rpartition(".")[0]
+                if candidate and candidate != name:  # (a package's __init__ importing its own names)
+                    graph[name].add(candidate)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path that starts and ends at the same module, or None."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    color = dict.fromkeys(graph, WHITE)
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        color[node] = GREY
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if color[nxt] == GREY:
+                return [*stack[stack.index(nxt):], nxt]
+            if color[nxt] == WHITE and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        color[node] = BLACK
+        return None
+
+    for start in sorted(graph):
+        if color[start] == WHITE and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_checker_sees_relative_imports_function_imports_and_skips_type_checking(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import thing\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
+                              "thing = 1\n")
+    graph = import_graph(pkg)
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.sub.b"}, "pkg.sub": set(), "pkg.sub.b": {"pkg.c"}, "pkg.c": set()}
+    assert find_cycle(graph) is None
+    (pkg / "c.py").write_text("import pkg.a\n")
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+
+
+def test_the_sandboxd_import_graph_has_no_cycles() -> None:
+    graph = import_graph(PACKAGE_DIR)
+    assert len(graph) > 20 and "sandboxd.jail.contract" in graph
+    assert "sandboxd.protocol" in graph["sandboxd.jail.contract"]  # relative imports resolve
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
