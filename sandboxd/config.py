@@ -110,6 +110,10 @@ class RootSettings:
                                        "Glob patterns of paths left out of the root.")
     python_path: tuple[str, ...] = setting((), sizes.path_list,
                                            "Extra sys.path entries for runs (each must be under a root path).")
+    hard_links: bool = setting(False, sizes.boolean,
+                               "Hard-link the host's files into the root instead of copying them: builds are "
+                               "faster and take no space, but runs then share the host's inodes (a run's read "
+                               "lock on such a file meets a host process's lock; its page cache is the host's).")
 
 
 @dataclass(frozen=True)

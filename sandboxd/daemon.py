@@ -43,6 +43,8 @@ log = logging.getLogger("sandboxd")
 EX_CONFIG = 78
 EX_SOFTWARE = 70
 MAX_UID = 2**32 - 1  # (uid_t)-1 means "no uid"
+# Answers that mean "that request should not have been sent": a flood of them is rate-limited.
+REFUSALS = frozenset({errors.BAD_REQUEST, errors.UNKNOWN_OP, errors.FORBIDDEN, errors.NOT_FOUND})
 
 
 class StartupError(Exception):
@@ -56,7 +58,7 @@ class Daemon:
         self.state_dir = state_dir or config.daemon.state_dir
         self.jail = Jail(JailSettings.from_config(config, self.state_dir))
         self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
-        self.server = Server(config.daemon, self._dispatch)
+        self.server = Server(config.daemon, self._dispatch, refused=self.refused)
         self.notifier = Notifier()
         self.started = time.time()
         self.stopping = False
@@ -68,7 +70,21 @@ class Daemon:
     # -- what handlers may ask (handlers.App) ------------------------------------------------
     async def _dispatch(self, cred: PeerCred, req: dict[str, Any],
                         progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        return await handlers.dispatch(self, handlers.Call(identify(cred), req, progress))
+        who = identify(cred)
+        self.runs.admission.check_refusals(who.uid, self._rate_limits(who))
+        try:
+            return await handlers.dispatch(self, handlers.Call(who, req, progress))
+        except RequestError as e:
+            if e.code in REFUSALS:
+                self.refused(who.uid)
+            raise
+
+    def refused(self, uid: int) -> None:
+        """A request of ``uid`` was refused before it did anything: it counts against the caller."""
+        self.runs.usage.refused(uid, time.time())
+
+    def _rate_limits(self, who: Identity) -> QuotaLimits:
+        return quota.effective_limits(self.config.quotas, who) or self.config.quotas.default
 
     def is_admin(self, who: Identity) -> bool:
         return who.uid == 0 or who.in_group(self.config.daemon.admin_group)

@@ -166,5 +166,31 @@ def ok(request_id: Any, **fields: Any) -> dict[str, Any]:
     return {"id": request_id, "ok": True, **fields}
 
 
+MAX_ECHO = 256  # longest string (or bytes) of a request an error repeats back
+MAX_MESSAGE = 1024
+
+
 def error(request_id: Any, code: str, message: str, **details: Any) -> dict[str, Any]:
-    return {"id": request_id, "ok": False, "error": {"code": code, "message": message, **details}}
+    """The failure envelope.  What it repeats of the request is cut short: an error must
+    never be larger than a few KiB, whatever the request held."""
+    return {"id": request_id, "ok": False,
+            "error": {"code": code, "message": _cut(message, MAX_MESSAGE),
+                      **{k: _bounded(v) for k, v in details.items()}}}
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _cut(value, MAX_ECHO)
+    if isinstance(value, bytes):
+        return value[:MAX_ECHO]
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v, depth + 1) for v in value[:64]] if depth < 3 else []
+    if isinstance(value, dict):
+        if depth >= 3:
+            return {}
+        return {_cut(str(k), MAX_ECHO): _bounded(v, depth + 1) for k, v in list(value.items())[:64]}
+    return value

@@ -75,6 +75,18 @@ class Admission:
         self.capacity, self.queue_max, self.queue_timeout = capacity, queue_max, queue_timeout
         self._wake()
 
+    def check_refusals(self, uid: int, limits: QuotaLimits) -> None:
+        """A flood of refused requests is rate-limited like runs: ``runs_per_minute`` of them."""
+        now = time.time()
+        if limits.runs_per_minute:
+            count = self.usage.refusals_last_minute(uid, now)
+            if count >= limits.runs_per_minute:
+                frees = self.usage.refusals_free_at(uid, limits.runs_per_minute, now)
+                raise RequestError(errors.QUOTA_EXCEEDED,
+                                   f"{count} refused requests in the last minute; the limit is "
+                                   f"{limits.runs_per_minute}", limit="runs_per_minute",
+                                   retry_after_ms=max(1, int((frees - now) * 1000)))
+
     def check_budget(self, uid: int, limits: QuotaLimits) -> None:
         now = time.time()
         if limits.runs_per_minute:
@@ -126,6 +138,11 @@ class Admission:
                 raise
             raise RequestError(errors.BUSY, f"waited {self.queue_timeout:g}s in the queue without a free worker",
                                capacity=self.capacity) from None
+        try:
+            self.check_budget(uid, limits)  # runs that ran meanwhile may have used it up
+        except RequestError:
+            self.release(uid)
+            raise
 
     def _dequeue(self, waiter: _Waiter) -> None:
         try:

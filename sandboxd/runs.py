@@ -94,6 +94,8 @@ class Runs:
             status, cpu_ms = result.status, result.cpu_ms
         except BaseException:
             status = "cancelled"
+            if entry.worker is not None:  # what a cancelled run used counts all the same
+                cpu_ms = entry.worker.cpu_spent_ms
             raise
         finally:
             del self.running[run_id]

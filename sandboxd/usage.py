@@ -78,6 +78,7 @@ class Window:
 @dataclass
 class UidUsage:
     starts: Window = field(default_factory=lambda: Window(60.0, 1.0))
+    refusals: Window = field(default_factory=lambda: Window(60.0, 1.0))  # in memory only
     cpu: Window = field(default_factory=lambda: Window(WINDOW, 60.0))
     runs_total: int = 0
     cpu_ms_total: float = 0.0
@@ -175,6 +176,17 @@ class UsageStore:
     def runs_free_at(self, uid: int, limit: int, now: float) -> float:
         """When fewer than ``limit`` runs will have started in the last minute."""
         return self.uids[uid].starts.below_at(limit, now)
+
+    def refusals_last_minute(self, uid: int, now: float) -> int:
+        u = self.uids.get(uid)
+        return int(u.refusals.total(now)) if u else 0
+
+    def refusals_free_at(self, uid: int, limit: int, now: float) -> float:
+        return self.uids[uid].refusals.below_at(limit, now)
+
+    def refused(self, uid: int, now: float) -> None:
+        """A request of ``uid`` was refused (bad, unknown, forbidden): it counts against the caller."""
+        self.uids[uid].refusals.add(now)
 
     def cpu_last_hour(self, uid: int, now: float) -> float:
         return self.uids[uid].cpu.total(now)

@@ -161,7 +161,8 @@ def test_build_links_files_keeps_symlinks_and_refuses_outside_dirs(tmp_path: Pat
     assert os.path.realpath(tmp_path / "roots" / "current") == info.path
 
 
-def test_files_are_root_owned_not_writable_and_without_setid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hard_links", [False, True])
+def test_files_are_root_owned_not_writable_and_without_setid(tmp_path: Path, hard_links: bool) -> None:
     require_root()
     src = tmp_path / "src"
     src.mkdir()
@@ -171,12 +172,17 @@ def test_files_are_root_owned_not_writable_and_without_setid(tmp_path: Path) -> 
     os.chown(src / "user_owned", 1234, 1234)
     os.chmod(src / "user_owned", 0o666)
     (src / "normal").write_bytes(b"z")
-    info = rootfs.ensure_root(rootfs.RootSpec((str(src),)), str(tmp_path / "roots"))
+    info = rootfs.ensure_root(rootfs.RootSpec((str(src),), hard_links=hard_links), str(tmp_path / "roots"))
     for name in ("setuid", "user_owned", "normal"):
         st_ = os.lstat(info.path + str(src / name))
         assert st_.st_uid == 0 and st_.st_gid == 0, name
         assert not st_.st_mode & (stat.S_ISUID | stat.S_ISGID | 0o022), (name, oct(st_.st_mode))
-    assert info.copied == 2 and info.linked == 1  # only the safe file is hard-linked
+        # by default no file of the root is the host's inode (no shared locks or page cache)
+        assert (st_.st_ino == os.lstat(src / name).st_ino) == (hard_links and name == "normal")
+    if hard_links:
+        assert info.copied == 2 and info.linked == 1  # only the safe file is hard-linked
+    else:
+        assert info.copied == 3 and info.linked == 0
 
 
 def test_unchanged_config_reuses_changed_source_rebuilds(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from conftest import require
 from harness import DaemonProcess, run_uid_processes, wait_until
 
 CTYPES = "import ctypes, ctypes.util, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+REPO_PARENT_MARK = "/tests/harness"  # a path of the test tree: nothing of it belongs in a run
 
 
 @pytest.fixture
@@ -475,6 +476,55 @@ def test_17_daemon_secrets_are_invisible(d: DaemonProcess) -> None:
     assert "NOTIFY_SOCKET" not in lines[1]
     r = d.run("print(open('/etc/passwd').read())")
     assert b"sbx-alice" not in r["stdout"]  # the host's user database is not in the root
+
+
+# The needles travel XOR-ed, so that the walker's own code holds none of them (it would find itself).
+WALK_OBJECTS = r"""
+import gc, sys
+MASKED = NEEDLES
+skip = {id(m) for m in MASKED} | {id(MASKED)}
+found = set()
+seen = set()
+todo = []
+frame = sys._getframe()
+while frame is not None:  # the run's own stack, down to the bottom
+    todo += [frame.f_locals, frame.f_globals, frame.f_code]
+    frame = frame.f_back
+todo += gc.get_objects() + [sys.modules, vars(sys), sys.orig_argv, sys.path]
+steps = 0
+while todo and steps < 3_000_000:
+    obj = todo.pop()
+    steps += 1
+    if id(obj) in seen or id(obj) in skip:
+        continue
+    seen.add(id(obj))
+    if isinstance(obj, (str, bytes)):
+        data = obj.encode("utf-8", "replace") if isinstance(obj, str) else obj
+        masked = bytes(b ^ 0x5A for b in data)
+        found.update(i for i, m in enumerate(MASKED) if m in masked)
+        continue
+    if isinstance(obj, (int, float, bool, type(None))):
+        continue
+    todo.extend(gc.get_referents(obj))
+print(sorted(found), steps)
+"""
+
+
+def test_17_nothing_of_the_daemon_is_reachable_from_user_code(d: DaemonProcess) -> None:
+    """The run is forked from the fork server: walking its frames (``f_back``), the objects
+    the collector knows and everything they refer to finds none of the daemon's knowledge --
+    its state directory, root, cgroup parent, socket, config, or the host pids of its
+    processes."""
+    with d.client() as c:
+        st = c.status()
+    needles = [d.state_dir, os.path.basename(st["root"]["path"]), st["root"]["build_id"], d.socket, d.config_path,
+               d.config["jail"]["cgroup_parent"], f"sandboxd-test-{os.getpid()}", REPO_PARENT_MARK]
+    masked = [bytes(b ^ 0x5A for b in n.encode()) for n in needles]
+    r = d.run(WALK_OBJECTS.replace("NEEDLES", repr(masked)), timeout_ms=30000, memory_mb=512)
+    assert r["status"] == "ok", r["stderr"][-2000:]
+    found, steps = r["stdout"].decode().rsplit(" ", 1)
+    assert found == "[]", [needles[int(i)] for i in found.strip("[]").split(",")]
+    assert int(steps) > 1000  # it did walk
 
 
 # 18 ------------------------------------------------------------------------------------

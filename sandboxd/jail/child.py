@@ -30,13 +30,16 @@ import msgpack
 from . import credentials, libc, limits, mounts, runner, supervisor
 from .contract import (
     EXIT_SETUP,
+    FD_CGROUPS,
     FD_REQUEST,
     FD_STATUS,
     FD_STDERR,
     FD_STDIN,
     FD_STDOUT,
     FD_TEMPLATE,
+    Become,
     Handoff,
+    RunnerArgs,
     ServerState,
     SetupError,
     Step,
@@ -57,7 +60,7 @@ class Setup:
 
 
 def place_fds(s: Setup) -> None:
-    """Only the worker's pipes remain, at FD_STATUS .. FD_TEMPLATE."""
+    """Only the worker's pipes remain, at FD_STATUS .. FD_TEMPLATE, then its cgroups."""
     remap_fds(s.fds, FD_STATUS)
 
 
@@ -70,8 +73,8 @@ def default_signals(s: Setup) -> None:
 
 
 def join_cgroup(s: Setup) -> None:
-    for procs in s.spec.cgroup_procs:
-        fd = os.open(procs, os.O_WRONLY)
+    """Write 0 ("this process") into each cgroup.procs the daemon opened for this worker."""
+    for fd in range(FD_CGROUPS, FD_CGROUPS + s.spec.cgroups):
         try:
             os.write(fd, b"0")
         finally:
@@ -130,25 +133,23 @@ SUPERVISOR_STEPS: tuple[Step[Setup], ...] = (
 
 
 def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
-    """Entry point of P, right after the fork server's fork. Never returns."""
+    """Entry point of P, from a clean stack after the fork server's fork. Never returns."""
     try:
         libc.set_name("sbx-super")
-        try:
-            timings = run_steps(SUPERVISOR_STEPS, Setup(spec, state, fds))
-            t0 = time.monotonic_ns()
-            forked = _fork_runner(spec, state)
-            timings["runner"] = (time.monotonic_ns() - t0) // 1000
-            timings.update({f"runner.{k}": v for k, v in forked.timings.items()})
-        except SetupError as e:
-            write_frame(FD_STATUS, {"t": "setup_error", **e.to_dict()})
-            os._exit(EXIT_SETUP)
+        timings = run_steps(SUPERVISOR_STEPS, Setup(spec, state, fds))
+        t0 = time.monotonic_ns()
+        forked = _fork_runner(spec, state)  # in R, this raises Become: R unwinds P's stack
+        timings["runner"] = (time.monotonic_ns() - t0) // 1000
+        timings.update({f"runner.{k}": v for k, v in forked.timings.items()})
         supervisor.supervise(spec, state, forked.pid, forked.handoff, forked.listener, timings, forked.link)
-    except BaseException as e:  # noqa: BLE001 - last resort: report, never fall back
+    except Become:
+        raise
+    except BaseException as e:  # noqa: BLE001 - report, never fall back
+        error = e if isinstance(e, SetupError) else SetupError.from_os_error("supervisor", e)
         try:
-            write_frame(FD_STATUS, {"t": "setup_error", **SetupError.from_os_error("supervisor", e).to_dict()})
+            write_frame(FD_STATUS, {"t": "setup_error", **error.to_dict()})
         except BaseException:  # noqa: BLE001
             pass
-    finally:
         os._exit(EXIT_SETUP)
 
 
@@ -169,11 +170,9 @@ def _fork_runner(spec: WorkerSpec, state: ServerState) -> ForkedRunner:
     except OSError as e:
         raise SetupError.from_os_error("fork", e) from e
     if pid == 0:
-        try:
-            ours.close()
-            runner.runner_main(spec, state, handoff, theirs.detach())
-        finally:
-            os._exit(EXIT_SETUP)
+        ours.close()
+        args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, bool(spec.cgroups))
+        raise Become(runner.runner_main, args, handoff, theirs.detach())
     theirs.close()
     for fd in (FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR):
         os.close(fd)

@@ -25,14 +25,48 @@ from typing import Any, Generic, TypeVar
 
 from .. import protocol
 
-# P's descriptors after its "fds" step.
-FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE = range(3, 10)
+# P's descriptors after its "fds" step; the worker's cgroup.procs files follow FD_TEMPLATE.
+FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_CGROUPS = range(3, 11)
 # R's descriptors after its "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
 LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
 
 EXIT_SETUP = 121  # a setup step failed (P: details in its setup_error frame; R: in the handoff page)
 MAX_STATUS_EXTRA = 1 << 20  # status frames: out/ files plus this much
+
+
+class Become(BaseException):
+    """Raised in a child right after ``fork``: unwinds every frame of its parent's stack up
+    to ``clean_stack``, which then calls ``fn(*args)``.
+
+    A child forked deep inside the fork server (or inside P) inherits all those frames and
+    what their locals hold: the server's table of other workers, messages, the specs.  User
+    code could walk to them (``sys._getframe().f_back``).  Unwinding frees them all; the
+    child starts again from the bottom holding only ``args``.  It is a BaseException so that
+    no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, fn: Callable[..., object], *args: object) -> None:
+        super().__init__()
+        self.fn, self.args = fn, args
+
+
+def clean_stack(fn: Callable[..., object], *args: object, in_child: Callable[[], bool]) -> None:
+    """Run ``fn(*args)``; a ``Become`` raised in a forked child runs its target instead, from
+    here.  A child never returns from this: whatever happens, it ends in ``os._exit``."""
+    while True:
+        try:
+            fn(*args)
+        except Become as b:
+            fn, args = b.fn, b.args  # the traceback, and every frame it held, goes with ``b``
+            continue
+        except BaseException:
+            if in_child():
+                os._exit(EXIT_SETUP)
+            raise
+        if in_child():
+            os._exit(EXIT_SETUP)
+        return
 
 
 class SetupError(Exception):
@@ -147,12 +181,15 @@ class ServerState:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """How to build one worker: daemon -> fork server, when the worker is made."""
+    """How to build one worker: daemon -> fork server, when the worker is made.
 
-    worker_id: str
+    No host path travels in it: the worker's cgroups come as ``cgroups`` open
+    ``cgroup.procs`` files attached to the spawn message (they end up at FD_CGROUPS...).
+    """
+
     uid: int
     gid: int
-    cgroup_procs: tuple[str, ...]
+    cgroups: int
     filter_key: str
     network: bool
     scratch_bytes: int
@@ -165,15 +202,22 @@ class WorkerSpec:
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
-        d["cgroup_procs"] = list(self.cgroup_procs)
         d["rlimits"] = dict(self.rlimits)
         return d
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> WorkerSpec:
-        d = dict(d)
-        d["cgroup_procs"] = tuple(d["cgroup_procs"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class RunnerArgs:
+    """All R takes along from P (everything else of P's and the fork server's is dropped)."""
+
+    filter: bytes  # R's own seccomp program
+    base_env: dict[str, str]
+    run_path: tuple[str, ...]
+    killed_when_done: bool  # with a cgroup, the supervisor ends R rather than waiting for its exit
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ been reaped (then nothing of that run is left).  Each worker is forked straight 
 a new pid namespace (``unshare(CLONE_NEWPID)``, fork, ``setns`` back), so it is its
 run's pid 1.  When the daemon goes away (EOF) every worker is killed and the server
 exits; its own death is seen by workers through the lifeline pipe and PDEATHSIG.
+
+What the server knows never reaches a run: no host path passes through it (the root
+and the cgroups come as fds), and a worker leaves the server's stack behind at fork
+(``contract.Become``): it starts again from the bottom with only its own spec.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 from typing import Any
@@ -34,7 +39,7 @@ import msgpack
 from . import libc, mounts
 from . import seccomp as sc
 from .child import supervisor_main
-from .contract import ServerState, WorkerSpec, drain
+from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
 
 MAX_MESSAGE = 1 << 20
 
@@ -42,7 +47,7 @@ MAX_MESSAGE = 1 << 20
 class ForkServer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.workers: dict[int, str] = {}
+        self.workers: dict[int, int] = {}  # pid of pid 1 -> run uid
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -50,17 +55,17 @@ class ForkServer:
         self.template_fd = -1
 
     # -- preparation ------------------------------------------------------------------
-    def prepare(self, init: dict[str, Any]) -> dict[str, Any]:
-        self.template_fd = build_template(init["root"])
+    def prepare(self, init: dict[str, Any], root_fd: int) -> dict[str, Any]:
+        self.template_fd = build_template(root_fd)
         filters = {key: sc.compile_profile(sc.Profile(key, tuple(p["allow"]), dict(p["errno"]),
                                                       tuple(p["ioctls"]), tuple(p["prctls"])), p["network"])
                    for key, p in init["profiles"].items()}
-        run_path = run_sys_path(init["root"], init["python_path"])
+        run_path = run_sys_path(root_fd, init["python_path"])
         preloaded, preload_errors = preload(init["preload"], run_path)
         cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
-            root_id=mounts.root_id(init["root"]),
+            root_id=mounts.root_id(root_fd),
             lifeline_fd=self.lifeline_r,
             filters=filters,
             supervisor_filter=sc.compile_supervisor(),
@@ -97,34 +102,39 @@ class ForkServer:
                 self.reap()
             if self.sock in ready:
                 try:
-                    data = _recv(self.sock)
+                    data, fds = _recv(self.sock)
                 except ConnectionError:
-                    data = b""
+                    data, fds = b"", []
                 if not data:
                     self.shutdown()
                     return
-                self.handle(msgpack.unpackb(data, raw=False, strict_map_key=False))
+                try:
+                    self.handle(msgpack.unpackb(data, raw=False, strict_map_key=False), fds)
+                finally:
+                    if pid_is_parent():
+                        for fd in fds:
+                            os.close(fd)
 
-    def handle(self, msg: dict[str, Any]) -> None:
+    def handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
         try:
             if op == "spawn":
-                pid, fds = self.spawn(WorkerSpec.from_wire(msg["spec"]))
+                pid, ours = self.spawn(WorkerSpec.from_wire(msg["spec"]), fds)
                 try:
-                    self.reply({"ok": True, "pid": pid}, fds)
+                    self.reply({"ok": True, "pid": pid}, ours)
                 finally:
-                    for fd in fds:
+                    for fd in ours:
                         os.close(fd)
-            elif op == "template":
+            elif op == "template" and len(fds) == 1:
                 old = self.template_fd
-                self.template_fd = build_template(msg["root"])
+                self.template_fd = build_template(fds[0])
                 assert self.state is not None
                 self.state = dataclasses.replace(self.state, template_fd=self.template_fd,
-                                                 root_id=mounts.root_id(msg["root"]))
+                                                 root_id=mounts.root_id(fds[0]))
                 os.close(old)
                 self.reply({"ok": True})
             else:
-                self.reply({"ok": False, "error": f"unknown op {op!r}"})
+                self.reply({"ok": False, "error": f"unknown op {op!r} (or its fds missing)"})
         except Exception as e:  # noqa: BLE001 - the daemon gets the reason, the server lives on
             self.reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
@@ -135,24 +145,29 @@ class ForkServer:
         else:
             self.sock.send(data)
 
-    def spawn(self, spec: WorkerSpec) -> tuple[int, list[int]]:
+    def spawn(self, spec: WorkerSpec, cgroup_fds: list[int]) -> tuple[int, list[int]]:
         assert self.state is not None
+        if len(cgroup_fds) != spec.cgroups:
+            raise ValueError(f"spawn came with {len(cgroup_fds)} cgroup fds, the spec says {spec.cgroups}")
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         ctrl_r, ctrl_w = os.pipe2(os.O_CLOEXEC)
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd]
+        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, *cgroup_fds]
         ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r]
         try:
             libc.unshare(libc.CLONE_NEWPID)
+            pid = -1
             try:
                 pid = os.fork()
             finally:
-                if pid_is_parent():
+                if pid == 0:
+                    _ROLE[0] = "worker"
+                else:
                     libc.setns(self.own_pidns, libc.CLONE_NEWPID)
             if pid == 0:
-                supervisor_main(spec, self.state, child_fds)  # never returns
+                raise Become(supervisor_main, spec, self.state, child_fds)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -161,7 +176,7 @@ class ForkServer:
             if pid_is_parent():
                 for fd in child_fds[:5]:
                     os.close(fd)
-        self.workers[pid] = spec.worker_id
+        self.workers[pid] = spec.uid
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -194,15 +209,15 @@ class ForkServer:
                 pass
 
 
-_PARENT_PID = os.getpid()
+_ROLE = ["server"]  # "worker" in a forked child (not a pid: nothing here may name the server)
 
 
 def pid_is_parent() -> bool:
-    return os.getpid() == _PARENT_PID
+    return _ROLE[0] == "server"
 
 
-def build_template(root: str) -> int:
-    """Make the template mount namespace for ``root``; return an fd that holds it."""
+def build_template(root_fd: int) -> int:
+    """Make the template mount namespace for the root open at ``root_fd``; return an fd that holds it."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -211,7 +226,7 @@ def build_template(root: str) -> int:
             os.close(ready_r)
             os.close(hold_w)
             try:
-                mounts.enter_template(root)
+                mounts.enter_template(root_fd)
                 os.write(ready_w, b"ok")
             except Exception as e:  # noqa: BLE001
                 os.write(ready_w, f"{type(e).__name__}: {e}".encode()[:4000])
@@ -224,7 +239,7 @@ def build_template(root: str) -> int:
     try:
         answer = os.read(ready_r, 4096)
         if answer != b"ok":
-            raise OSError(0, f"building the template mount namespace for {root}: {answer.decode(errors='replace')}")
+            raise OSError(0, f"building the template mount namespace: {answer.decode(errors='replace')}")
         return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)
@@ -232,10 +247,17 @@ def build_template(root: str) -> int:
         os.waitpid(pid, 0)
 
 
-def run_sys_path(root: str, extra: list[str]) -> tuple[str, ...]:
+def run_sys_path(root_fd: int, extra: list[str]) -> tuple[str, ...]:
     """This interpreter's own sys.path entries that the root holds, then the configured extras."""
-    own = [p for p in sys.path[1:] if p and os.path.isdir(root + p)]
+    own = [p for p in sys.path[1:] if p.startswith("/") and _is_dir_in(root_fd, p)]
     return tuple(dict.fromkeys([*own, *extra]))
+
+
+def _is_dir_in(root_fd: int, path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path.lstrip("/") or ".", dir_fd=root_fd).st_mode)
+    except OSError:
+        return False
 
 
 def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
@@ -276,12 +298,10 @@ def forget_foreign_modules(names: tuple[str, ...]) -> None:
         sys.modules.pop(name, None)
 
 
-def _recv(sock: socket.socket) -> bytes:
-    """One message; any fds that came with it are closed (the daemon sends none)."""
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds that came with it."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 16)
-    for fd in fds:
-        os.close(fd)
-    return data
+    return data, list(fds)
 
 
 def _status_kb(field: str) -> int:
@@ -293,6 +313,11 @@ def _status_kb(field: str) -> int:
 
 
 def main(fd: int) -> None:
+    """The bootstrap's entry: the server, and every worker forked from it, run from here."""
+    clean_stack(_serve, fd, in_child=lambda: not pid_is_parent())
+
+
+def _serve(fd: int) -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     # The daemon alone decides when the fork server ends (it closes the socket, or dies and
     # PDEATHSIG follows): a Ctrl-C or a SIGTERM sent to the whole process group must not
@@ -303,12 +328,17 @@ def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     server = ForkServer(sock)
-    data = _recv(sock)
+    data, fds = _recv(sock)
     init = msgpack.unpackb(data, raw=False, strict_map_key=False)
     try:
-        answer = server.prepare(init)
+        if len(fds) != 1:
+            raise ValueError(f"the init message came with {len(fds)} fds, expected the root's")
+        answer = server.prepare(init, fds[0])
     except Exception as e:  # noqa: BLE001
         answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    finally:
+        for extra in fds:
+            os.close(extra)
     server.reply(answer)
     if answer.get("ok"):
         server.serve()

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,8 @@ class ForkServerClient:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
-    async def start(self, init: Mapping[str, Any]) -> dict[str, Any]:
+    async def start(self, init: Mapping[str, Any], root_fd: int) -> dict[str, Any]:
+        """Start the server; ``root_fd`` is the root's directory (the server never gets its path)."""
         self.loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         bootstrap = (
@@ -85,21 +86,37 @@ class ForkServerClient:
         ours.setblocking(False)
         self.sock = ours
         self.loop.add_reader(ours.fileno(), self._readable)
-        reply, _ = await self.call(init, timeout=120.0)
+        reply, _ = await self.call(init, fds=[root_fd], timeout=120.0)
         if not reply.get("ok"):
             raise ForkServerError(f"fork server failed to start: {reply.get('error')}")
         return reply
 
-    async def call(self, msg: Mapping[str, Any], timeout: float = 30.0) -> tuple[dict[str, Any], list[int]]:
+    async def call(self, msg: Mapping[str, Any], fds: Sequence[int] = (),
+                   timeout: float = 30.0) -> tuple[dict[str, Any], list[int]]:
+        """Send one message (with ``fds`` attached, which stay ours to close) and await its reply."""
         if self.closed or self.sock is None or self.loop is None:
             raise ForkServerError("fork server is not running")
         fut: asyncio.Future[tuple[dict[str, Any], list[int]]] = self.loop.create_future()
         self.pending.append(fut)
-        await self.loop.sock_sendall(self.sock, msgpack.packb(msg, use_bin_type=True))
+        await self._send(msgpack.packb(msg, use_bin_type=True), fds)
         return await asyncio.wait_for(fut, timeout)
 
-    async def spawn(self, spec: WorkerSpec) -> SpawnedWorker:
-        reply, fds = await self.call({"op": "spawn", "spec": spec.to_wire()})
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        assert self.sock is not None and self.loop is not None
+        while True:
+            try:
+                socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
+                return
+            except BlockingIOError:
+                writable: asyncio.Future[None] = self.loop.create_future()
+                self.loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    self.loop.remove_writer(self.sock.fileno())
+
+    async def spawn(self, spec: WorkerSpec, cgroup_fds: Sequence[int]) -> SpawnedWorker:
+        reply, fds = await self.call({"op": "spawn", "spec": spec.to_wire()}, fds=cgroup_fds)
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)

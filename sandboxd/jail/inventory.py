@@ -36,10 +36,11 @@ class RootSpec:
     exclude: tuple[str, ...] = ()
     generated: Mapping[str, bytes] = field(default_factory=dict)
     required: tuple[str, ...] = ()
+    hard_links: bool = False  # link the host's files in rather than copy them (root.hard_links)
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([MANIFEST_VERSION, list(self.paths), list(self.exclude)]).encode())
+        h.update(json.dumps([MANIFEST_VERSION, list(self.paths), list(self.exclude), self.hard_links]).encode())
         for name in sorted(self.generated):
             h.update(name.encode() + b"\0" + hashlib.sha256(self.generated[name]).digest())
         return h.hexdigest()[:16]
@@ -47,13 +48,15 @@ class RootSpec:
     def to_json(self) -> str:
         """The spec for the builder process (``main``); generated files as latin-1 text."""
         return json.dumps({"paths": list(self.paths), "exclude": list(self.exclude), "required": list(self.required),
-                           "generated": {k: v.decode("latin-1") for k, v in self.generated.items()}})
+                           "generated": {k: v.decode("latin-1") for k, v in self.generated.items()},
+                           "hard_links": self.hard_links})
 
     @classmethod
     def from_json(cls, text: str) -> RootSpec:
         raw = json.loads(text)
         return cls(tuple(raw["paths"]), tuple(raw["exclude"]),
-                   {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]))
+                   {k: v.encode("latin-1") for k, v in raw["generated"].items()}, tuple(raw["required"]),
+                   bool(raw.get("hard_links")))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,11 +76,14 @@ class Jail:
     async def _start_server(self, s: JailSettings, root: rootfs.RootInfo) -> tuple[ForkServerClient, dict[str, Any]]:
         assert self.workers is not None
         server = ForkServerClient(s.root.python, s.forkserver_env(), self.workers.on_reaped)
+        root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            info = await server.start(_init_message(s, root))
+            info = await server.start(_init_message(s), root_fd)
         except BaseException:
             await server.stop()
             raise
+        finally:
+            os.close(root_fd)
         for name, error in info.get("preload_errors", {}).items():
             log.error("preload %s failed: %s", name, error)
         if info.get("tasks", 1) != 1:
@@ -191,7 +195,11 @@ class Jail:
     async def _template(self, info: rootfs.RootInfo) -> None:
         """The fork server's template mount namespace, made from ``info``'s root."""
         assert self.workers is not None and self.workers.server is not None
-        reply, _ = await self.workers.server.call({"op": "template", "root": info.path})
+        root_fd = os.open(info.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            reply, _ = await self.workers.server.call({"op": "template"}, fds=[root_fd])
+        finally:
+            os.close(root_fd)
         if not reply.get("ok"):
             raise ForkServerError(f"switching to the new root: {reply.get('error')}")
 
@@ -237,12 +245,12 @@ class Jail:
         }
 
 
-def _init_message(s: JailSettings, root: rootfs.RootInfo) -> dict[str, Any]:
+def _init_message(s: JailSettings) -> dict[str, Any]:
     profiles = {}
     for lang, prof in s.profiles.items():
         for net in (False, True):
             profiles[s.filter_key(lang, net)] = {
                 "allow": list(prof.allow), "errno": dict(prof.errno), "ioctls": list(prof.ioctls),
                 "prctls": list(prof.prctls), "network": net}
-    return {"root": root.path, "profiles": profiles, "preload": list(s.jail.preload),
+    return {"profiles": profiles, "preload": list(s.jail.preload),
             "python_path": list(s.root.python_path), "env": s.run_env()}

@@ -71,6 +71,8 @@ OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 
 _SYSCALL_NUMBERS = {
     # name: (x86_64, aarch64); numbers from 424 on are the same on every architecture
@@ -147,11 +149,12 @@ def fsmount(fs_fd: int, attrs: int) -> int:
     return _check(rc, f"fsmount({fs_fd}, attrs={attrs:#x})")
 
 
-def open_tree(dir_fd: int, path: str) -> int:
-    """A detached copy (bind) of ``path`` under ``dir_fd``; returns its fd."""
-    rc = _libc.syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(dir_fd), _b(path),
-                       ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
-    return _check(rc, f"open_tree({dir_fd}, {path!r}, CLONE)")
+def open_tree(dir_fd: int, path: str, recursive: bool = False) -> int:
+    """A detached copy (bind) of ``path`` under ``dir_fd`` (``""``: ``dir_fd`` itself); returns its fd."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    flags |= (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if not path else 0)
+    rc = _libc.syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(dir_fd), _b(path), ctypes.c_uint(flags))
+    return _check(rc, f"open_tree({dir_fd}, {path!r}, {flags:#x})")
 
 
 def move_mount(tree_fd: int, target: str) -> None:

@@ -32,25 +32,36 @@ SCRATCH_ATTRS = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR
 DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
 
 
-def root_id(path: str) -> tuple[int, int]:
+ATTACH = "/tmp"  # where the template helper attaches the root, in its own mount namespace only
+
+
+def root_id(where: str | int) -> tuple[int, int]:
     """What identifies the root directory from inside as from outside: (st_dev, st_ino)."""
-    st = os.stat(path)
+    st = os.stat(where)
     return st.st_dev, st.st_ino
 
 
-def enter_template(root: str) -> None:
-    """In a fresh child: make the current process's mount namespace the template."""
-    libc.unshare(libc.CLONE_NEWNS)
-    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    libc.mount(root, root, None, libc.MS_BIND | libc.MS_REC)
+def enter_template(root_fd: int) -> None:
+    """In a fresh child: make the current process's mount namespace the template.
+
+    The root comes as an open directory (the fork server is never told its path): a clone
+    of it is attached at ATTACH in this helper's private namespace and pivoted into.
+    """
+    expected = root_id(root_fd)
+    tree = libc.open_tree(root_fd, "", recursive=True)  # (a clone of a mount of the namespace it is in)
+    try:
+        libc.unshare(libc.CLONE_NEWNS)
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        libc.move_mount(tree, ATTACH)
+    finally:
+        os.close(tree)
     for node in DEVICE_NODES:
-        target = os.path.join(root, "dev", node)
+        target = os.path.join(ATTACH, "dev", node)
         libc.mount(f"/dev/{node}", target, None, libc.MS_BIND)
         flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NOEXEC
         libc.mount(None, target, None, flags)
-    libc.mount(None, root, None, libc.MS_REMOUNT | libc.MS_BIND | RO_FLAGS)
-    expected = root_id(root)
-    os.chdir(root)
+    libc.mount(None, ATTACH, None, libc.MS_REMOUNT | libc.MS_BIND | RO_FLAGS)
+    os.chdir(ATTACH)
     # The old root ends up stacked on top of the new one; detaching it leaves only the new.
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)

@@ -3,9 +3,12 @@
 Each configured path appears at the same place inside, with the libraries its ELF
 files need (what goes in is the ``inventory``'s job).
 
-Files are hard-linked when that is safe (same filesystem, owned by root, not
-writable by group or others, no set-id bits) and copied otherwise, with the copy
-owned by root, mode sanitised and set-id bits stripped.  The build goes into a fresh
+Files are copied, the copy owned by root, mode sanitised and set-id bits stripped: a
+root of copies shares no inode with the host, so a run's lock on a root file never
+meets a host process's lock and its page cache is not the host's (``root.hard_links``
+links them instead where that is safe -- same filesystem, owned by root, not writable
+by group or others, no set-id bits -- building faster, in no space, but sharing
+those).  The build goes into a fresh
 directory and an atomic symlink swap makes it current.  A manifest of every source
 (path, type, size, mtime, mode), kept next to the root rather than in it (runs must not
 read the host's paths), lets an unchanged configuration reuse the root.
@@ -98,7 +101,7 @@ def ensure_root(spec: RootSpec, base: str, force: bool = False, progress: Progre
 
 def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, list[object]], t0: float,
            progress: Progress) -> RootInfo:
-    build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}"
+    build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(4).hex()}"
     final = os.path.join(base, f"root-{build_id}")
     tmp = final + ".partial"
     os.mkdir(tmp, 0o755)
@@ -107,7 +110,7 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
             os.makedirs(os.path.join(tmp, d), mode=0o755, exist_ok=True)
         for node in DEVICE_NODES:
             _write_file(os.path.join(tmp, "dev", node), b"", 0o644)
-        stats = _place(inv, tmp, progress)
+        stats = _place(inv, tmp, progress, spec.hard_links)
         for name, content in spec.generated.items():
             dest = tmp + "/" + name.lstrip("/")
             os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
@@ -136,7 +139,7 @@ def _build(spec: RootSpec, base: str, inv: Inventory, fingerprint: dict[str, lis
     return _info(final, build_id, False, t0, stats, inv)
 
 
-def _place(inv: Inventory, tmp: str, progress: Progress) -> dict[str, int]:
+def _place(inv: Inventory, tmp: str, progress: Progress, hard_links: bool) -> dict[str, int]:
     """Every entry of the inventory into the root being built; what it took."""
     base_dev = os.stat(tmp).st_dev
     stats = {"files": 0, "bytes": 0, "linked": 0, "copied": 0}
@@ -159,7 +162,7 @@ def _place(inv: Inventory, tmp: str, progress: Progress) -> dict[str, int]:
         else:
             stats["files"] += 1
             stats["bytes"] += src.size
-            stats["linked" if _link_or_copy(path, dest, src, base_dev) else "copied"] += 1
+            stats["linked" if _link_or_copy(path, dest, src, base_dev if hard_links else -1) else "copied"] += 1
     progress("building", {"done": total, "total": total})
     return stats
 

@@ -36,11 +36,10 @@ from .contract import (
     R_FD_LINK,
     R_FD_REQUEST,
     Handoff,
+    RunnerArgs,
     RunRequest,
-    ServerState,
     SetupError,
     Step,
-    WorkerSpec,
     remap_fds,
     run_steps,
 )
@@ -48,8 +47,7 @@ from .contract import (
 
 @dataclass
 class Setup:
-    spec: WorkerSpec
-    state: ServerState
+    args: RunnerArgs
     link: int  # R's end of the link to P (placed at R_FD_LINK by the fds step)
     listener: int = -1  # the seccomp listener, once the filter is loaded
 
@@ -78,10 +76,11 @@ def no_new_privs(s: Setup) -> None:
 def prepare(s: Setup) -> None:
     """A fresh interpreter state for user code, made before the worker waits in the pool."""
     os.environ.clear()
-    os.environ.update(s.state.base_env)
+    os.environ.update(s.args.base_env)
     sys.argv = ["-c"]
-    sys.path[:] = ["", *s.state.run_path]
-    keep = set(s.state.run_path)
+    sys.orig_argv[:] = [sys.executable, "-c"]  # not the fork server's bootstrap line
+    sys.path[:] = ["", *s.args.run_path]
+    keep = set(s.args.run_path)
     for key in list(sys.path_importer_cache):
         if key not in keep:
             del sys.path_importer_cache[key]
@@ -113,7 +112,7 @@ def _warm_up() -> None:
 
 
 def load_seccomp(s: Setup) -> None:
-    s.listener = libc.seccomp_load(s.state.filters[s.spec.filter_key], new_listener=True)
+    s.listener = libc.seccomp_load(s.args.filter, new_listener=True)
 
 
 RUNNER_STEPS: tuple[Step[Setup], ...] = (
@@ -126,9 +125,10 @@ RUNNER_STEPS: tuple[Step[Setup], ...] = (
 )
 
 
-def runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, link: int) -> NoReturn:
+def runner_main(args: RunnerArgs, handoff: Handoff, link: int) -> NoReturn:
+    """Entry point of R, from a clean stack: it holds ``args`` and nothing of P's or the server's."""
     libc.set_name("sbx-runner")
-    setup = Setup(spec, state, link)
+    setup = Setup(args, link)
     try:
         timings = run_steps(RUNNER_STEPS, setup)
         # Hand the listener to the supervisor; it answers refused calls from here on.
@@ -143,4 +143,4 @@ def runner_main(spec: WorkerSpec, state: ServerState, handoff: Handoff, link: in
     except SetupError as e:
         handoff.setup_failed(e)
         os._exit(EXIT_SETUP)
-    runtime.serve_one(handoff, killed_when_done=bool(spec.cgroup_procs))
+    runtime.serve_one(handoff, killed_when_done=args.killed_when_done)

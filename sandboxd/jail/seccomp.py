@@ -37,7 +37,8 @@ class ProfileError(ValueError):
     pass
 
 
-CONDITIONAL = ("clone", "ioctl", "fcntl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat")
+CONDITIONAL = ("clone", "ioctl", "fcntl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat",
+               "madvise", "fadvise64", "preadv2", "pwritev2")
 
 
 def unfiltered(profile: Profile) -> list[str]:
@@ -122,6 +123,12 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
         _add(sc, f, sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, opt))
     for cmd in profiles.FCNTL_ALLOWED:
         _add(sc, f, sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, cmd))
+    for advice in profiles.MADVISE_ALLOWED:
+        _add(sc, f, sc.ALLOW, "madvise", sc.Arg(2, sc.EQ, advice))
+    for advice in profiles.FADVISE_ALLOWED:
+        _add(sc, f, sc.ALLOW, "fadvise64", sc.Arg(3, sc.EQ, advice))
+    for name in ("preadv2", "pwritev2"):
+        _add(sc, f, sc.ALLOW, name, sc.Arg(5, sc.MASKED_EQ, profiles.RWF_NOWAIT, 0))
     _add(sc, f, sc.ALLOW, "personality", sc.Arg(0, sc.EQ, 0xFFFFFFFF))
     _add(sc, f, sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, 1))  # AF_UNIX pairs reach nothing
     fifo = sc.Arg(2, sc.MASKED_EQ, 0o170000, 0o010000)

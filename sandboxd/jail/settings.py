@@ -56,7 +56,7 @@ class JailSettings:
 
     def root_spec(self) -> rootfs.RootSpec:
         return rootfs.RootSpec(self.root_paths, self.root.exclude, self.generated_files(),
-                               required=(self.root.python,))
+                               required=(self.root.python,), hard_links=self.root.hard_links)
 
     def generated_files(self) -> dict[str, bytes]:
         first, count = self.jail.run_uids

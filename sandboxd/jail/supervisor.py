@@ -87,7 +87,7 @@ class Supervisor:
             poller.register(self.listener, select.POLLIN)
         status: tuple[int, Any] | None = None
         # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
-        early = bool(self.spec.cgroup_procs)
+        early = bool(self.spec.cgroups)
         while status is None:
             try:
                 events = poller.poll()

@@ -10,6 +10,7 @@ takes the whole pid namespace with it.  The verdict comes from ``verdict.decide`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -27,6 +28,7 @@ from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
+CANCEL_GRACE = 1.0  # seconds a cancelled run is given to die before what it used is read
 
 
 class Worker:
@@ -44,6 +46,7 @@ class Worker:
         self.plan: RunPlan | None = None
         self.started: float | None = None
         self.setup_error: SetupError | None = None
+        self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.setup_us: dict[str, int] = {}  # how long each setup step took
         self.exit_frame: dict[str, Any] | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -153,7 +156,12 @@ class Worker:
                 err.finish()
                 await drained
         except asyncio.CancelledError:
+            # The client went away (or the daemon is stopping): kill the run, and let it die
+            # before charging it, so what it used counts against the caller all the same.
             self.kill("cancelled")
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self.reported), CANCEL_GRACE)
+            self.cpu_spent_ms = self._cpu_since(cpu0, frame=self.exit_frame)
             raise
         finally:
             for t in timers:
@@ -165,6 +173,16 @@ class Worker:
             self.state = "done"
         wall = time.monotonic() - self.started
         return self._result(plan, out, err, cpu0, wall)
+
+    def _cpu_since(self, cpu0: int | None, now_ns: int | None = None, frame: dict[str, Any] | None = None) -> float:
+        """CPU the run has used (ms): the cgroup's counter, else the runner's rusage."""
+        if now_ns is None:
+            now_ns = self.cgroup.cpu_usage_ns()
+        if now_ns is not None and cpu0 is not None:
+            return round((now_ns - cpu0) / 1e6, 3)
+        if frame and frame.get("utime") is not None:
+            return round(float(frame["utime"] + frame["stime"]) * 1000, 3)
+        return 0.0
 
     def _cpu_check(self, plan: RunPlan, cpu0: int, timers: list[asyncio.TimerHandle]) -> None:
         now = self.cgroup.cpu_usage_ns()
@@ -194,10 +212,7 @@ class Worker:
             inside = (frame["end_ns"] - handoff["started_ns"]) / 1e6  # the start is the run's word:
             if 0 <= inside <= result.wall_ms:  # believed only within what the daemon saw
                 result.wall_ms = round(inside, 3)
-        if stats.cpu_usage_ns is not None and cpu0 is not None:
-            result.cpu_ms = round((stats.cpu_usage_ns - cpu0) / 1e6, 3)
-        elif frame and frame.get("utime") is not None:
-            result.cpu_ms = round((frame["utime"] + frame["stime"]) * 1000, 3)
+        result.cpu_ms = self.cpu_spent_ms = self._cpu_since(cpu0, stats.cpu_usage_ns, frame)
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
         elif frame:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import statistics
 import time
 from typing import Any
@@ -59,11 +60,16 @@ class Workers:
             self.slots.release(slot)
             raise
         policy = self.rlimit_policy()
+        try:
+            cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files]
+        except BaseException:
+            cgroup.remove()
+            self.slots.release(slot)
+            raise
         spec = WorkerSpec(
-            worker_id=f"{key}/{slot.index}",
             uid=slot.uid,
             gid=slot.gid,
-            cgroup_procs=tuple(cgroup.procs_files),
+            cgroups=len(cgroup_fds),
             filter_key=key,
             network=key.endswith("+net"),
             scratch_bytes=s.jail.scratch_size,
@@ -77,11 +83,14 @@ class Workers:
         )
         server = self.server
         try:
-            spawned = await server.spawn(spec)
+            spawned = await server.spawn(spec, cgroup_fds)
         except BaseException:
             cgroup.remove()
             self.slots.release(slot)
             raise
+        finally:
+            for fd in cgroup_fds:
+                os.close(fd)
         worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy)
         worker.forkserver = server
         worker.ready.add_done_callback(
