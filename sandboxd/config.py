@@ -50,7 +50,6 @@ DEFAULT_ROOT_PATHS = (
     "/etc/localtime",
     "/etc/nsswitch.conf",
     "/etc/hosts",
-    "/etc/resolv.conf",
 )
 DEFAULT_ROOT_EXCLUDE = tuple(
     f"/usr/lib/python{PYVER}/{sub}"
@@ -140,6 +139,26 @@ class JailConfig:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    pool: str = setting("10.231.0.0/16", sizes.cidr,
+                        "IPv4 range the interfaces of runs with network take addresses from, four per run; it must "
+                        "not overlap a network of the host, and each daemon needs its own.")
+    allow: tuple[str, ...] = setting((), sizes.cidr_list,
+                                     "Destinations opened even where the default deny covers them, e.g. an internal "
+                                     "API: [10.1.2.3/32].")
+    deny: tuple[str, ...] = setting((), sizes.cidr_list,
+                                    "More destinations refused, on top of the default deny: loopback, the host's own "
+                                    "addresses, RFC 1918, CGNAT, link-local, multicast, reserved, and their IPv6 "
+                                    "equivalents.")
+    dns: tuple[str, ...] = setting(("host",), sizes.resolvers,
+                                   "Resolvers of runs with network (the root's /etc/resolv.conf): host for the host's "
+                                   "own that runs may reach, or a list of addresses, each an allowed destination.")
+    proxy: str = setting("", sizes.url, "HTTP_PROXY and HTTPS_PROXY of runs with network (an allowed destination), "
+                         "e.g. http://10.0.0.9:3128; empty for none.")
+    no_proxy: str = setting("", sizes.optional_text, "NO_PROXY of runs with network.")
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     min: int = setting(2, sizes.int_range(0, 1024), "Ready workers kept per profile (with and without network).")
     max: int = setting(8, sizes.int_range(0, 4096), "Most ready workers per profile under load.")
@@ -195,6 +214,7 @@ class Config:
     jail: JailConfig = field(default_factory=JailConfig)
     pool: PoolSettings = field(default_factory=PoolSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
     profiles: Mapping[str, ProfileSettings] = field(default_factory=lambda: {"python3": ProfileSettings()})
     warnings: tuple[str, ...] = ()
@@ -206,6 +226,7 @@ SECTIONS: dict[str, type[Any]] = {
     "jail": JailConfig,
     "pool": PoolSettings,
     "limits": LimitsSettings,
+    "network": NetworkSettings,
 }
 
 
@@ -338,8 +359,38 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
         for name in entries:
             if not name.isdigit() and not _exists(table, name):
                 warnings.append(f"quotas.{table}.{name}: no such {table[:-1]} on this host (entry unused)")
+    _network_checks(cfg, errors, warnings)
     if cfg.limits.timeout > cfg.quotas.default.max_timeout:
         warnings.append("limits.timeout is above quotas.default.max_timeout; runs get the quota's maximum")
+
+
+def _network_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
+    import ipaddress
+    import urllib.parse
+
+    from .jail.netpolicy import Policy
+
+    net = cfg.network
+    pool = ipaddress.ip_network(net.pool)
+    if pool.version != 4:
+        errors.append(f"network.pool: expected an IPv4 network, got {net.pool}")
+    elif pool.num_addresses // 4 < cfg.jail.run_uids[1]:
+        errors.append(f"network.pool: {net.pool} has room for {pool.num_addresses // 4} runs (4 addresses each), "
+                      f"fewer than jail.run_uids ({cfg.jail.run_uids[1]}); give it at least "
+                      f"/{32 - (4 * cfg.jail.run_uids[1] - 1).bit_length()}")
+    policy = Policy(net.allow, net.deny)
+    for server in net.dns:
+        if server != "host" and (why := policy.refusal(server)):
+            errors.append(f"network.dns: runs may not reach {server} ({why}); add it to network.allow or use a "
+                          "resolver they may reach")
+    if net.proxy:
+        host = urllib.parse.urlsplit(net.proxy).hostname or ""
+        try:
+            why = policy.refusal(host)
+        except ValueError:
+            why = None  # a name: resolved when runs use it
+        if why:
+            errors.append(f"network.proxy: runs may not reach {host} ({why}); add it to network.allow")
 
 
 def _exists(table: str, name: str) -> bool:

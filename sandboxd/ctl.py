@@ -41,7 +41,18 @@ class Ctl:
         return self._client
 
     def out(self, data: Any, human: Callable[[], str]) -> None:
-        print(render.to_json(data) if self.args.json else human())
+        print(render.to_json(data) if self.args.json else self.shown(human(), sys.stdout))
+
+    def shown(self, text: str, stream: Any) -> str:
+        """Text from the daemon (which can carry a run's bytes) made safe for a terminal."""
+        return text if getattr(self.args, "raw", False) or not stream.isatty() else render.safe_text(text)
+
+    def write(self, stream: Any, data: bytes) -> None:
+        """A run's own bytes: exact when piped or with --raw, escaped on a terminal."""
+        if not getattr(self.args, "raw", False) and stream.isatty():
+            data = render.for_terminal(data)
+        stream.buffer.write(data)
+        stream.flush()
 
     # -- health and jobs ----------------------------------------------------------------------
     def status(self) -> int:
@@ -216,10 +227,9 @@ class Ctl:
         if self.args.json:
             print(render.to_json(result))
         else:
-            sys.stdout.buffer.write(result.get("stdout") or b"")
-            sys.stdout.flush()
-            sys.stderr.buffer.write(result.get("stderr") or b"")
-            sys.stderr.write(render.verdict_line(result) + "\n")
+            self.write(sys.stdout, result.get("stdout") or b"")
+            self.write(sys.stderr, result.get("stderr") or b"")
+            sys.stderr.write(self.shown(render.verdict_line(result), sys.stderr) + "\n")
         if self.args.out and result.get("files"):
             save_files(self.args.out, result["files"])
         return run_exit(result)
@@ -347,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--timeout", type=float, help="wall-clock limit, seconds")
         r.add_argument("--memory", type=int, help="memory limit, MiB")
         r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
+        r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
+                       "(by default control characters are shown escaped there; piped output is always exact)")
         if name == "run":
             r.add_argument("--out", help="save the files the run left in out/ into this directory")
     root = sub.add_parser("root", help="questions about the root")
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(render.to_json({"ok": False, "error": {"code": e.code, "message": e.message, **e.details}}))
         else:
-            print(f"sandboxctl: {e.code}: {e.message}", file=sys.stderr)
+            print(ctl.shown(f"sandboxctl: {e.code}: {e.message}", sys.stderr), file=sys.stderr)
         return ERROR_EXITS.get(e.code, EXIT_ERROR)
     except OSError as e:
         if e.filename:  # a file named on the command line (socket errors carry no file name)

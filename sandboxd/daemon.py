@@ -166,6 +166,7 @@ class Daemon:
             "capacity": self.runs.admission.describe(),
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
+            "network": jail["network"],
             "slots": jail["slots"],
             "fork_server": jail["fork_server"],
             "self_test": self.self_test,

@@ -81,6 +81,8 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
 
     files = _files(req.get("files"), limits, cfg)
     env = _env(req.get("env"))
+    if network:
+        env = {**proxy_env(cfg), **env}
     return RunPlan(
         run_id=run_id,
         code=code,
@@ -136,6 +138,18 @@ def _files(raw: Any, limits: QuotaLimits, cfg: Config) -> dict[str, bytes]:
                            f"{cfg.jail.scratch_size} and keeps half for the run", field="files",
                            limit=cfg.jail.scratch_size // 2)
     return out
+
+
+def proxy_env(cfg: Config) -> dict[str, str]:
+    """The proxy variables of runs with network (both spellings: programs read either)."""
+    net = cfg.network
+    env: dict[str, str] = {}
+    if net.proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env[name] = net.proxy
+    if net.no_proxy:
+        env["NO_PROXY"] = env["no_proxy"] = net.no_proxy
+    return env
 
 
 def _env(raw: Any) -> dict[str, str]:

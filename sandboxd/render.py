@@ -21,6 +21,21 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, default=default, indent=2, sort_keys=True)
 
 
+def for_terminal(data: bytes) -> bytes:
+    """Bytes made safe to show on a terminal: control characters (escape sequences, bells,
+    carriage returns, ...) and undecodable bytes written as visible escapes; newlines and
+    tabs kept.  Run output, names and messages can come from hostile code: shown raw they
+    could set the window title, write the clipboard (OSC 52) or clear the screen."""
+    text = data.decode("utf-8", "backslashreplace")
+    return safe_text(text).encode("utf-8")
+
+
+def safe_text(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

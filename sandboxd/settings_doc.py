@@ -25,6 +25,8 @@ SECTION_DOCS = {
     "jail": "How each run is confined.",
     "pool": "Warm workers: already confined, waiting for code.",
     "limits": "What a run gets when it does not ask; quotas bound what it may ask for.",
+    "network": "Runs with network (quotas say who may ask): their own namespace and interface, a policed way "
+               "out through the host, never the host itself.",
     "quotas": "Per calling user: a default, overrides per user and per group (name or number).",
     "profiles": "System call profiles per language, on top of the built-in allowlist.",
 }
@@ -125,6 +127,8 @@ KINDS = {
     sizes.pattern_list: "list of glob patterns", sizes.name_list: "list of names",
     sizes.str_map: "mapping of strings to strings", sizes.octal_mode: "octal mode, quoted",
     sizes.uid_range: "uid range low\\-high", sizes.errno_map: "mapping of system call names to errno names",
+    sizes.cidr: "network (CIDR)", sizes.cidr_list: "list of networks (CIDR)",
+    sizes.resolvers: "host, or a list of addresses", sizes.url: "URL",
 }
 
 

@@ -4,6 +4,7 @@ value or raises ``ValueError`` whose message is the expected form."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -156,3 +157,46 @@ def errno_map(value: Any) -> dict[str, int]:
             raise ValueError("a mapping of syscall names to errno names, e.g. {clone3: ENOSYS}")
         out[name] = code
     return out
+
+
+def cidr(value: Any) -> str:
+    """``10.231.0.0/16`` (IPv4 or IPv6, host bits zero; a bare address is a /32 or /128)."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_network(value, strict=True))
+        except ValueError:
+            pass
+    raise ValueError("a network like 10.231.0.0/16 or fd00::/64 (host bits zero)")
+
+
+def cidr_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("a list of networks like [10.1.2.0/24, 203.0.113.7/32]")
+    out = []
+    for item in value:
+        try:
+            out.append(cidr(item))
+        except ValueError:
+            raise ValueError(f"a list of networks like [10.1.2.0/24, 203.0.113.7/32] ({item!r} is not one)") from None
+    return tuple(out)
+
+
+def resolvers(value: Any) -> tuple[str, ...]:
+    """``host`` (the host's own nameservers that runs may reach) or a list of IP addresses."""
+    if value == "host" or value == ["host"]:
+        return ("host",)
+    if isinstance(value, list):
+        try:
+            return tuple(str(ipaddress.ip_address(str(v))) for v in value)
+        except ValueError:
+            pass
+    raise ValueError('"host" or a list of resolver IP addresses like [203.0.113.53]')
+
+
+def url(value: Any) -> str:
+    """An http:// proxy URL, or empty."""
+    if value in (None, ""):
+        return ""
+    if isinstance(value, str) and re.fullmatch(r"https?://[^\s/@]+(:\d+)?/?", value):
+        return value
+    raise ValueError("an http://host:port URL, or empty")

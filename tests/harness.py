@@ -71,7 +71,9 @@ class DaemonProcess:
         first = TEST_UID_RANGE[0] + UID_BLOCK * block
         self.uid_range = (first, UID_BLOCK)
         own = {"jail": {"cgroup_parent": f"{CGROUP_PARENT}-{DaemonProcess.count}",
-                        "run_uids": f"{first}-{first + UID_BLOCK - 1}"}}
+                        "run_uids": f"{first}-{first + UID_BLOCK - 1}"},
+               # each daemon its own address pool too (a /24: four addresses for each of its 64 uids)
+               "network": {"pool": f"10.232.{block}.0/24"}}
         self.config = merge(merge(BASE_CONFIG, own), overrides or {})
         self.write_config(self.config)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -30,7 +30,6 @@ import msgpack
 from . import credentials, libc, limits, mounts, runner, supervisor
 from .contract import (
     EXIT_SETUP,
-    FD_CGROUPS,
     FD_REQUEST,
     FD_STATUS,
     FD_STDERR,
@@ -74,7 +73,7 @@ def default_signals(s: Setup) -> None:
 
 def join_cgroup(s: Setup) -> None:
     """Write 0 ("this process") into each cgroup.procs the daemon opened for this worker."""
-    for fd in range(FD_CGROUPS, FD_CGROUPS + s.spec.cgroups):
+    for fd in s.spec.cgroup_fds():
         try:
             os.write(fd, b"0")
         finally:
@@ -82,8 +81,13 @@ def join_cgroup(s: Setup) -> None:
 
 
 def enter_namespaces(s: Setup) -> None:
-    """mount (a copy of the template), ipc, uts, cgroup, and net unless the run has network."""
-    net = 0 if s.spec.network else libc.CLONE_NEWNET
+    """mount (a copy of the template), ipc, uts, cgroup, and net: an empty one, or for a run
+    with network the one the daemon made ready (its own interface, address and route)."""
+    netns = s.spec.netns_fd()
+    if netns is not None:
+        libc.setns(netns, libc.CLONE_NEWNET)
+        os.close(netns)
+    net = 0 if netns is not None else libc.CLONE_NEWNET
     mounts.join_template(FD_TEMPLATE, libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP | net)
     os.close(FD_TEMPLATE)
     socket.sethostname(s.spec.hostname)

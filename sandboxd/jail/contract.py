@@ -25,8 +25,9 @@ from typing import Any, Generic, TypeVar
 
 from .. import protocol
 
-# P's descriptors after its "fds" step; the worker's cgroup.procs files follow FD_TEMPLATE.
-FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_CGROUPS = range(3, 11)
+# P's descriptors after its "fds" step; then, from FD_EXTRA, the worker's network namespace
+# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).
+FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_EXTRA = range(3, 11)
 # R's descriptors after its "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
 LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
@@ -183,8 +184,9 @@ class ServerState:
 class WorkerSpec:
     """How to build one worker: daemon -> fork server, when the worker is made.
 
-    No host path travels in it: the worker's cgroups come as ``cgroups`` open
-    ``cgroup.procs`` files attached to the spawn message (they end up at FD_CGROUPS...).
+    No host path travels in it: attached to the spawn message come the worker's network
+    namespace (when ``network``, made ready by the daemon) and ``cgroups`` open
+    ``cgroup.procs`` files.
     """
 
     uid: int
@@ -199,6 +201,17 @@ class WorkerSpec:
     out_max_files: int
     discover: bool = False
     hostname: str = "sandbox"
+
+    def extra_fds(self) -> int:
+        """How many fds the spawn message carries: the netns (with network), the cgroups."""
+        return int(self.network) + self.cgroups
+
+    def netns_fd(self) -> int | None:
+        return FD_EXTRA if self.network else None
+
+    def cgroup_fds(self) -> range:
+        first = FD_EXTRA + int(self.network)
+        return range(first, first + self.cgroups)
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)

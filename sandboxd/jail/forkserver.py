@@ -145,16 +145,17 @@ class ForkServer:
         else:
             self.sock.send(data)
 
-    def spawn(self, spec: WorkerSpec, cgroup_fds: list[int]) -> tuple[int, list[int]]:
+    def spawn(self, spec: WorkerSpec, extra: list[int]) -> tuple[int, list[int]]:
+        """Fork P with the worker's pipes, then ``extra`` (its netns, its cgroup.procs files)."""
         assert self.state is not None
-        if len(cgroup_fds) != spec.cgroups:
-            raise ValueError(f"spawn came with {len(cgroup_fds)} cgroup fds, the spec says {spec.cgroups}")
+        if len(extra) != spec.extra_fds():
+            raise ValueError(f"spawn came with {len(extra)} fds, the spec needs {spec.extra_fds()}")
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         ctrl_r, ctrl_w = os.pipe2(os.O_CLOEXEC)
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, *cgroup_fds]
+        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, *extra]
         ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r]
         try:
             libc.unshare(libc.CLONE_NEWPID)

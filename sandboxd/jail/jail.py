@@ -26,6 +26,7 @@ from . import cgroup_detect, rootfs
 from .cgroups import CgroupDriver
 from .contract import SetupError
 from .fsclient import ForkServerClient, ForkServerError
+from .network import Network
 from .pool import Pool
 from .roots import Roots
 from .seccomp import unfiltered
@@ -48,6 +49,7 @@ class Jail:
         self.workers: Workers | None = None
         self.pool: Pool[Worker] | None = None
         self.roots = Roots(settings.root_dir or f"{settings.state_dir}/roots")
+        self.network: Network | None = None
         self.tasks = Tasks("jail")
         self._switching = asyncio.Lock()  # root rebuilds and reconfigurations, one at a time
 
@@ -69,6 +71,10 @@ class Jail:
             for name in unfiltered(prof):
                 log.warning("profiles.%s.allow lists %s: it is allowed without its usual argument checks", lang, name)
         self.workers = Workers(s, self.driver)
+        if s.network_enabled:
+            self.network = Network(s.network, s.root.python)
+            await self.network.start()
+            self.workers.network = self.network
         self.workers.server, self.workers.server_info = await self._start_server(s, self.root)
         self.pool = Pool(self.workers.make, self.workers.retire, s.filter_keys(), s.pool.min, s.pool.max)
         self.pool.start()
@@ -78,7 +84,7 @@ class Jail:
         server = ForkServerClient(s.root.python, s.forkserver_env(), self.workers.on_reaped)
         root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            info = await server.start(_init_message(s), root_fd)
+            info = await server.start(_init_message(s), [root_fd])
         except BaseException:
             await server.stop()
             raise
@@ -108,6 +114,8 @@ class Jail:
             if w.server:
                 await w.server.stop()  # it kills and reaps whatever is left
             await w.finish_all()
+        if self.network is not None:
+            await self.network.close()
         self.tasks.cancel()
         if self.driver is not None:
             self.driver.close()
@@ -123,6 +131,8 @@ class Jail:
         if plan.language not in s.profiles:
             raise ValueError(f"unknown language {plan.language!r}")
         key = s.filter_key(plan.language, plan.network)
+        if key not in self.pool.keys:
+            return setup_failed(SetupError("network", 0, "network for runs is not set up on this daemon"))
         try:
             if plan.discover:
                 worker = await self.workers.make(key, urgent=True, discover=True)
@@ -174,6 +184,13 @@ class Jail:
                                       jail=dataclasses.replace(new.jail, **{k: getattr(old.jail, k) for k in fixed}))
         if new == old:
             return changes
+        if self.network is not None:
+            changes += self.network.reconfigure(new.network)
+        elif new.network_enabled:
+            self.network = Network(new.network, new.root.python)
+            await self.network.start()
+            self.workers.network = self.network
+            changes.append("network for runs started")
         root_changed = old.root_spec().digest() != new.root_spec().digest()
         info = await self.roots.build(new.root_spec()) if root_changed else self.root
         if old.server_identity() != new.server_identity():
@@ -189,6 +206,7 @@ class Jail:
             changes.append(f"root rebuilt ({info.build_id})")
         self.settings = self.workers.settings = new
         self.pool.resize(new.pool.min, new.pool.max)
+        self.pool.add_keys(new.filter_keys())
         self._switch(info if root_changed else None)
         return changes
 
@@ -242,6 +260,7 @@ class Jail:
             "workers": len(w.live) if w else 0,
             "running": self.running(),
             "fork_server": {k: info.get(k) for k in ("preloaded", "preload_errors", "run_path", "vsz_kb", "filters")},
+            "network": self.network.describe() if self.network else None,
         }
 
 

@@ -177,6 +177,15 @@ class Pool(Generic[W]):
                 self.retire(self.ready[key].popleft())
             self._refill(key)
 
+    def add_keys(self, keys: Iterable[str]) -> None:
+        """Pools for keys that appear with a new configuration (network newly allowed)."""
+        for key in keys:
+            if key not in self.ready:
+                self.keys.append(key)
+                self.ready[key], self.starting[key], self.waiters[key] = collections.deque(), 0, collections.deque()
+                self.target[key], self.last_miss[key] = self.minimum, 0.0
+                self._refill(key)
+
     def resize(self, minimum: int, maximum: int) -> None:
         self.minimum, self.maximum = minimum, maximum
         for key in self.keys:

@@ -124,7 +124,11 @@ FADVISE_ALLOWED = (0, 1, 2, 3)  # NORMAL, RANDOM, SEQUENTIAL, WILLNEED; not DONT
 RWF_NOWAIT = 0x8  # preadv2/pwritev2: EAGAIN when the data is not cached, a residency probe
 
 NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
-NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6)  # with network only
+# Every run may make Unix sockets: each run has its own network namespace, so abstract names
+# are its own, and its filesystem holds no socket but what it makes itself (the daemon's
+# socket and /run are never in the root).
+LOCAL_FAMILIES = (socket.AF_UNIX,)
 
 # Never let through, not even in discovery mode: escapes and kernel attack surface.
 NEVER_ALLOW = frozenset(

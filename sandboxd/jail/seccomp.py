@@ -100,7 +100,7 @@ def _export(f: Any) -> bytes:
 
 
 def compile_profile(profile: Profile, network: bool) -> bytes:
-    """BPF bytes for ``profile``; ``network`` allows AF_INET/AF_INET6 sockets."""
+    """BPF bytes for ``profile``; AF_UNIX sockets always, AF_INET/AF_INET6 with ``network``."""
     sc = _backend()
     f = sc.SyscallFilter(sc.NOTIFY)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
@@ -134,9 +134,8 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
     fifo = sc.Arg(2, sc.MASKED_EQ, 0o170000, 0o010000)
     _add(sc, f, sc.ALLOW, "mknodat", fifo)
     _add(sc, f, sc.ALLOW, "mknod", sc.Arg(1, sc.MASKED_EQ, 0o170000, 0o010000))
-    if network:
-        for family in profiles.NETWORK_FAMILIES:
-            _add(sc, f, sc.ALLOW, "socket", sc.Arg(0, sc.EQ, int(family)))
+    for family in (*profiles.LOCAL_FAMILIES, *(profiles.NETWORK_FAMILIES if network else ())):
+        _add(sc, f, sc.ALLOW, "socket", sc.Arg(0, sc.EQ, int(family)))
     return _export(f)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import Config, JailConfig, LimitsSettings, PoolSettings, RootSettings, all_quota_maxima
-from . import rootfs
+from ..config import Config, JailConfig, LimitsSettings, NetworkSettings, PoolSettings, RootSettings, all_quota_maxima
+from . import netpolicy, rootfs
 from .seccomp import Profile
 
 RUN_ENV = {
@@ -34,6 +34,8 @@ class JailSettings:
     profiles: Mapping[str, Profile]
     max_memory: int  # ceilings of every pooled worker: runs may only lower them
     max_cpu_ms: int
+    network: NetworkSettings
+    network_enabled: bool  # some quota lets runs ask for network
     root_dir: str | None = None  # default: <state_dir>/roots
 
     @classmethod
@@ -42,7 +44,8 @@ class JailSettings:
         profiles = {lang: Profile(lang).extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()}
         return cls(state_dir=state_dir, root=cfg.root, jail=cfg.jail, pool=cfg.pool, limits=cfg.limits,
                    profiles=profiles, max_memory=max(maxima.max_memory, cfg.limits.memory),
-                   max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000))
+                   max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000),
+                   network=cfg.network, network_enabled=maxima.network)
 
     @property
     def root_paths(self) -> tuple[str, ...]:
@@ -52,7 +55,20 @@ class JailSettings:
         return f"{language}+net" if network else language
 
     def filter_keys(self) -> list[str]:
-        return [self.filter_key(lang, net) for lang in self.profiles for net in (False, True)]
+        nets = (False, True) if self.network_enabled else (False,)
+        return [self.filter_key(lang, net) for lang in self.profiles for net in nets]
+
+    def resolvers(self) -> list[str]:
+        """The resolvers runs with network get: the configured ones, or the host's that they may reach."""
+        if self.network.dns != ("host",):
+            return list(self.network.dns)
+        try:
+            with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+                found = netpolicy.resolvers_from(f.read())
+        except OSError:
+            found = []
+        policy = netpolicy.Policy(self.network.allow, self.network.deny)
+        return [server for server in found if policy.refusal(server) is None]
 
     def root_spec(self) -> rootfs.RootSpec:
         return rootfs.RootSpec(self.root_paths, self.root.exclude, self.generated_files(),
@@ -68,7 +84,8 @@ class JailSettings:
             passwd.append(f"run{i}:x:{uid}:{uid}:sandboxd run:/work:/usr/sbin/nologin")
             group.append(f"run{i}:x:{uid}:")
         return {"etc/passwd": ("\n".join(passwd) + "\n").encode(), "etc/group": ("\n".join(group) + "\n").encode(),
-                "etc/hostname": (self.jail.hostname + "\n").encode()}
+                "etc/hostname": (self.jail.hostname + "\n").encode(),
+                "etc/resolv.conf": netpolicy.resolv_conf(self.resolvers())}
 
     def forkserver_env(self) -> dict[str, str]:
         """The fork server's own environment: what preloading needs, nothing of the daemon's."""

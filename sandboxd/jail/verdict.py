@@ -49,6 +49,7 @@ class Result:
     discovery: dict[str, dict[str, int]] | None = None  # discovery runs: {"allowed": ..., "refused": ...}
     files: dict[str, bytes] = field(default_factory=dict)
     files_truncated: bool = False
+    network: dict[str, int] | None = None  # runs with network: bytes and packets out and in
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .cgroups import Limits, WorkerCgroup
 from .contract import MAX_STATUS_EXTRA, RunRequest, SetupError, WorkerSpec
 from .fsclient import SpawnedWorker
 from .limits import RlimitPolicy
+from .network import Lease, Network
 from .pipes import CappedReader, FrameReader, Writer
 from .slots import Slot
 from .spec import RunPlan
@@ -33,7 +34,8 @@ CANCEL_GRACE = 1.0  # seconds a cancelled run is given to die before what it use
 
 class Worker:
     def __init__(self, spawned: SpawnedWorker, spec: WorkerSpec, slot: Slot, cgroup: WorkerCgroup,
-                 generation: int, cpus: float, rlimits: RlimitPolicy) -> None:
+                 generation: int, cpus: float, rlimits: RlimitPolicy, network: Network | None = None,
+                 lease: Lease | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.proc = spawned
         self.spec = spec
@@ -42,6 +44,7 @@ class Worker:
         self.generation = generation
         self.cpus = cpus
         self.rlimits = rlimits
+        self.network, self.lease = network, lease
         self.state = "starting"
         self.plan: RunPlan | None = None
         self.started: float | None = None
@@ -114,6 +117,8 @@ class Worker:
 
     def close_fds(self) -> None:
         self.proc.close()
+        if self.lease is not None and self.network is not None:
+            self.network.release(self.lease)
 
     async def execute(self, plan: RunPlan) -> Result:
         self.idle.clear()
@@ -217,6 +222,8 @@ class Worker:
             result.memory_peak_kb = stats.memory_peak // 1024
         elif frame:
             result.memory_peak_kb = int(frame.get("maxrss_kb") or 0)
+        if self.lease is not None and self.network is not None:
+            result.network = self.network.counters(self.lease)
         if frame:
             result.denied_syscalls = {d[0]: d[1] for d in frame.get("denied", [])}
             if plan.discover:

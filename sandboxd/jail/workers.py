@@ -22,6 +22,7 @@ from .cgroups import CgroupDriver, Limits
 from .contract import WorkerSpec
 from .fsclient import ForkServerClient
 from .limits import RlimitPolicy
+from .network import Lease, Network
 from .settings import JailSettings
 from .slots import SlotPool
 from .worker import Worker
@@ -39,6 +40,7 @@ class Workers:
         self.slots = SlotPool(first, count)
         self.server: ForkServerClient | None = None
         self.server_info: dict[str, Any] = {}
+        self.network: Network | None = None  # when some quota allows runs network
         self.generation = 0  # of the root and configuration; pooled workers of older ones are retired
         self.live: dict[int, Worker] = {}  # host pid of pid 1 -> worker
         self.tasks = Tasks("workers")
@@ -60,8 +62,13 @@ class Workers:
             self.slots.release(slot)
             raise
         policy = self.rlimit_policy()
+        lease: Lease | None = None
         try:
             cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files]
+            if key.endswith("+net"):
+                if self.network is None:
+                    raise OSError(0, "network for runs is not set up (no quota allows it)")
+                lease = await self.network.lease()
         except BaseException:
             cgroup.remove()
             self.slots.release(slot)
@@ -83,15 +90,17 @@ class Workers:
         )
         server = self.server
         try:
-            spawned = await server.spawn(spec, cgroup_fds)
+            spawned = await server.spawn(spec, [lease.fd, *cgroup_fds] if lease else cgroup_fds)
         except BaseException:
+            if lease is not None and self.network is not None:
+                self.network.release(lease)
             cgroup.remove()
             self.slots.release(slot)
             raise
         finally:
             for fd in cgroup_fds:
                 os.close(fd)
-        worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy)
+        worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy, self.network, lease)
         worker.forkserver = server
         worker.ready.add_done_callback(
             lambda f: None if f.cancelled() or f.exception() else self.setup_samples.append(worker.setup_us))
@@ -127,7 +136,7 @@ class Workers:
     def finish(self, worker: Worker, closing: bool = False) -> None:
         if self.live.pop(worker.pid, None) is None:
             return
-        worker.close_fds()
+        worker.close_fds()  # with a lease, the run's network namespace and interfaces go now
         if worker.cgroup.remove(timeout=2.0 if closing else 0.0):
             self.slots.release(worker.slot)
             return
