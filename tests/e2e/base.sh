@@ -8,7 +8,7 @@ cache=$1
 mirror=${SANDBOXD_E2E_MIRROR:-http://deb.debian.org/debian}
 # Only what booting, installing and the checks need: sandboxd's own Depends come from the
 # archive when the package is installed, as they would on a user's machine.
-packages=systemd,systemd-sysv,dbus,apt,ca-certificates,python3,procps,man-db,linux-image-amd64,udev
+packages=systemd,systemd-sysv,dbus,apt,ca-certificates,python3,procps,man-db,linux-image-amd64,udev,iproute2,nftables
 base=$cache/base-$(echo "$packages" | md5sum | cut -c1-8)
 if [ -f "$base/.complete" ]; then
     echo "$base"

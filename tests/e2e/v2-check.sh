@@ -10,7 +10,7 @@ check() {  # check NAME WANT_STATUS SANDBOXCTL_RUN_ARGS...
     local name=$1 want=$2 out status start
     shift 2
     start=$(date +%s%N)
-    out=$(runuser -u alice -- sandboxctl --json run "$@" 2>&1)
+    out=$(runuser -u alice -- timeout 120 sandboxctl --json run "$@" 2>&1)
     status=$(printf '%s' "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"])' 2>/dev/null)
     if [ "$status" = "$want" ]; then
         printf 'E2E-V2 ok    %-36s %-14s %6d ms\n' "$name" "$status" $((($(date +%s%N) - start) / 1000000))
@@ -32,7 +32,13 @@ fact() {  # fact NAME WANT GOT
 echo "E2E-V2 begin: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s"
 fact "/sys/fs/cgroup is cgroup2 only" cgroup2fs "$(stat -fc %T /sys/fs/cgroup)"
 start=$(date +%s%N)
-sandboxctl status >/dev/null
+if ! timeout 120 sandboxctl status >/dev/null; then
+    echo "E2E-V2 FAIL  the daemon did not answer its first connection; its journal:"
+    journalctl -u sandboxd --no-pager -o cat | sed 's/^/E2E-V2 | /' | tail -40
+    echo "E2E-V2 end: 1 failed"
+    systemctl poweroff
+    exit 1
+fi
 echo "E2E-V2 first connection to ready: $((($(date +%s%N) - start) / 1000000)) ms"
 fact "daemon cgroup driver" cgroup2 \
     "$(sandboxctl --json status | python3 -c 'import json, sys; print(json.load(sys.stdin)["cgroup"]["kind"])')"
@@ -57,7 +63,46 @@ check "init_module refused by name" blocked_syscall -c 'import ctypes
 assert ctypes.CDLL(None).syscall(175, None, 0, b"") != -1'
 check "clock_settime refused by name" blocked_syscall -c 'import time
 time.clock_settime(time.CLOCK_REALTIME, 0)'
+# Runs with network under the packaged unit: their own namespace, the public test host
+# reached through the daemon's table, the host itself and private addresses refused.  The
+# "internet" is a namespace of this VM's own (-nic none: nothing can leave anyway).
+ip netns add inet
+ip link add labh type veth peer name labn
+ip link set labn netns inet
+ip addr add 203.0.113.1/24 dev labh && ip link set labh up
+ip netns exec inet sh -c 'ip link set lo up; ip link set labn up; ip addr add 203.0.113.2/24 dev labn;
+    ip addr add 10.99.0.2/32 dev lo; ip route add default via 203.0.113.1'
+ip route add 10.99.0.2/32 via 203.0.113.2
+mkdir -p /tmp/www && echo "hello from the lab" > /tmp/www/index.html
+ip netns exec inet python3 -m http.server --bind 203.0.113.2 80 --directory /tmp/www >/dev/null 2>&1 &
+ip netns exec inet python3 -m http.server --bind 10.99.0.2 80 --directory /tmp/www >/dev/null 2>&1 &
+sleep 1
+cat >>/etc/sandboxd/sandboxd.yaml <<'YAML'
+network: {dns: []}
+quotas: {users: {alice: {network: true}}}
+YAML
+systemctl restart sandboxd.service
+fetch='import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode().strip())
+except Exception as e:
+    print("refused", type(e).__name__)'
+fact "a network run reaches the public test host" "hello from the lab" \
+    "$(runuser -u alice -- timeout 60 sandboxctl run --network -c "import sys; sys.argv[1:] = ['http://203.0.113.2/']
+$fetch")"
+fact "a network run does not reach a private host" "refused URLError" \
+    "$(runuser -u alice -- timeout 60 sandboxctl run --network -c "import sys; sys.argv[1:] = ['http://10.99.0.2/']
+$fetch")"
+fact "a network run does not reach the host itself" "refused URLError" \
+    "$(runuser -u alice -- timeout 60 sandboxctl run --network -c "import sys; sys.argv[1:] = ['http://203.0.113.1:9/']
+$fetch")"
+fact "forwarding on while the daemon serves" 1 "$(cat /proc/sys/net/ipv4/ip_forward)"
 systemctl stop sandboxd.service
+fact "stop turns forwarding off again" 0 "$(cat /proc/sys/net/ipv4/ip_forward)"
+fact "stop removes the daemon's table" none "$(nft list tables | grep -q sandboxd && echo left || echo none)"
+fact "no run interface left" 0 "$(ip -o link | grep -c ': sbx')"
+kill %1 %2 2>/dev/null
+ip netns del inet; ip link del labh 2>/dev/null
 fact "stop removes the daemon's cgroups" gone "$([ -d $service ] && find $service -type d || echo gone)"
 fact "no processes of run uids left" 0 "$(ps -eo uid= | awk '$1 >= 880000 && $1 < 881024' | wc -l)"
 echo "E2E-V2 journal:"
