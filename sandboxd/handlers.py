@@ -186,6 +186,7 @@ def _last_line(data: bytes) -> str:
 #   ADMIN   root and members of daemon.admin_group
 QUOTA, LISTED, ADMIN = "quota", "listed", "admin"
 INT, STR, BOOL = (int,), (str,), (bool,)
+MAX_NAME = 256  # longest string any operation's field takes (run's code and stdin are plan.py's)
 TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, int): "a name or a uid"}
 
 
@@ -223,6 +224,9 @@ def check_fields(op: Op, req: dict[Any, Any]) -> None:
             continue
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise errors.bad_request(name, f"expected {TYPE_NAMES[types]}, got {type(value).__name__}")
+        if isinstance(value, str) and len(value) > MAX_NAME:
+            # names go to NSS, the file system and messages: nss-systemd aborts on a 4 MiB one
+            raise errors.bad_request(name, f"at most {MAX_NAME} characters, got {len(value)}")
 
 
 async def dispatch(app: App, call: Call) -> dict[str, Any]:
