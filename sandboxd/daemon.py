@@ -58,7 +58,7 @@ class Daemon:
         self.state_dir = state_dir or config.daemon.state_dir
         self.jail = Jail(JailSettings.from_config(config, self.state_dir))
         self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
-        self.server = Server(config.daemon, self._dispatch, refused=self.refused, response_bound=self.response_bound)
+        self.server = Server(config.daemon, self._dispatch, refused=self.refused)
         self.notifier = Notifier()
         self.started = time.time()
         self.stopping = False
@@ -78,16 +78,6 @@ class Daemon:
             if e.code in REFUSALS:
                 self.refused(who.uid)
             raise
-
-    def response_bound(self, req: dict[str, Any]) -> int:
-        """The largest answer ``req`` can get: a run's is its output caps and out/ files."""
-        if req.get("op") not in ("run", "syscalls"):
-            return 64 << 10
-        lim = self.config.limits
-        asked = req.get("max_output")
-        output = asked if isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < lim.output * 64 \
-            else lim.output
-        return 2 * output + lim.out_files_size + (64 << 10)
 
     def refused(self, uid: int) -> None:
         """A request of ``uid`` was refused before it did anything: it counts against the caller."""

@@ -31,19 +31,16 @@ log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 Dispatch = Callable[[PeerCred, dict[str, Any], Progress], Awaitable[dict[str, Any]]]
 Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
-Bound = Callable[[dict[str, Any]], int]  # the largest answer a request can have
 CHUNK = 1 << 16
 MAX_REQUEST_ITEMS = 4096  # entries of any one array or map in a request (files: 1,000)
 MAX_REQUEST_CONTAINERS = 64  # arrays and maps in one request (a run has 3)
 
 
 class Server:
-    def __init__(self, settings: DaemonSettings, dispatch: Dispatch, refused: Refused | None = None,
-                 response_bound: Bound | None = None) -> None:
+    def __init__(self, settings: DaemonSettings, dispatch: Dispatch, refused: Refused | None = None) -> None:
         self.settings = settings
         self.dispatch = dispatch
         self.refused = refused or (lambda uid: None)
-        self.response_bound = response_bound or (lambda req: SMALL)
         self.requests = Budget(settings.buffer_budget, settings.buffer_budget_per_uid)
         self.responses = Budget(settings.response_budget, settings.response_budget_per_uid)
         self.connections = 0
@@ -122,7 +119,6 @@ class Connection:
         self.writer = writer
         self.decoder = protocol.FrameDecoder(server.settings.max_frame)
         self.charged = 0  # request bytes of the current frame, charged to the uid
-        self.reserved = 0  # response bytes set aside for the request in flight
 
     async def run(self) -> None:
         s = self.server.settings
@@ -156,8 +152,7 @@ class Connection:
                     return
         finally:
             self.server.requests.give(self.cred.uid, self.charged)
-            self.server.responses.give(self.cred.uid, self.reserved)
-            self.charged = self.reserved = 0
+            self.charged = 0
             if watch is not None:
                 watch.cancel()
                 with contextlib.suppress(BaseException):
@@ -248,11 +243,10 @@ class Connection:
 
     async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         rid = request.get("id")
-        # The answer's room is set aside before any work starts: requests arriving at once on
-        # many connections of one uid cannot pile up more unread answers than its share.
-        bound = self.server.response_bound(request)
-        await self.server.responses.reserve(self.cred.uid, bound, small=bound <= SMALL)
-        self.reserved = bound
+        # No new work for a uid whose answers are not being taken (checked here, when the work
+        # would start, not only when its connection last read: connections opened in advance
+        # are past that point).  Requests starting together are bounded by its quota instead.
+        await self.server.responses.wait_room(self.cred.uid)
 
         def progress(info: dict[str, Any]) -> None:
             """An interim frame for this request: ``{"id": ..., "progress": {...}}`` (no "ok")."""
@@ -273,9 +267,8 @@ class Connection:
         """Write one response and wait (at most write_timeout) until the client has taken it."""
         data = protocol.encode(response)
         responses = self.server.responses
-        n = max(len(data), self.reserved)  # what the answer holds, at least what was set aside
-        responses.take(self.cred.uid, n - self.reserved)
-        self.reserved = 0
+        n = len(data)
+        responses.take(self.cred.uid, n)
         try:
             self.writer.write(data)
             del data

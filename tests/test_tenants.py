@@ -487,8 +487,12 @@ def test_03_errors_stay_small_and_unread_answers_stop_the_reading(daemon: Daemon
 
 
 def test_03_unread_answers_on_connections_opened_in_advance_stay_bounded(make_daemon: Any, connect: Connect) -> None:
+    """Requests arriving at once on connections opened in advance all start before any answer
+    is unread: what piles up is bounded by the uid's share plus what its quota lets run at
+    once (bob: 2 running, 2 queued; the other 20 are refused at once)."""
     budget = 16 << 20
-    d: DaemonProcess = make_daemon({"daemon": {"response_budget_per_uid": budget}})
+    d: DaemonProcess = make_daemon({"daemon": {"response_budget_per_uid": budget},
+                                    "quotas": {"users": {"sbx-bob": {"concurrent": 2, "queued": 2}}}})
     assert d.proc is not None
     idle = idle_latency(connect, d)
     request = frame({"op": "run", "code": "import sys; sys.stdout.write('x' * (4 << 20))", "max_output": 8 << 20})

@@ -1,8 +1,9 @@
 """The fork server: a clean, single-threaded process that makes workers.
 
 The daemon starts it with ``exec`` (never a fork of itself), an empty environment
-and one SOCK_SEQPACKET socket.  It prepares once -- the template mount namespace, one
-BPF program per profile, the supervisor's filter, the syscall-name table, the
+and one SOCK_SEQPACKET socket, and sends it the root (a directory fd) and the root's
+template mount namespace (an fd: ``template`` makes it).  It prepares once -- one BPF
+program per profile, the supervisor's filter, the syscall-name table, the
 administrator's preload modules -- then freezes the GC and serves commands:
 
     {"op": "spawn", "spec": {...}}  -> {"ok": true, "pid": P}  + fds
@@ -15,8 +16,8 @@ a new pid namespace (``unshare(CLONE_NEWPID)``, fork, ``setns`` back), so it is 
 run's pid 1.  When the daemon goes away (EOF) every worker is killed and the server
 exits; its own death is seen by workers through the lifeline pipe and PDEATHSIG.
 
-What the server knows never reaches a run: no host path passes through it (the root
-and the cgroups come as fds), and a worker leaves the server's stack behind at fork
+What the server knows never reaches a run: no host path passes through it (the root,
+its template and the cgroups come as fds), and a worker leaves the server's stack behind at fork
 (``contract.Become``): it starts again from the bottom with only its own spec.
 """
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-from . import libc, mounts
+from . import libc
 from . import seccomp as sc
 from .child import supervisor_main
 from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
@@ -55,8 +56,8 @@ class ForkServer:
         self.template_fd = -1
 
     # -- preparation ------------------------------------------------------------------
-    def prepare(self, init: dict[str, Any], root_fd: int) -> dict[str, Any]:
-        self.template_fd = build_template(root_fd)
+    def prepare(self, init: dict[str, Any], root_fd: int, template_fd: int) -> dict[str, Any]:
+        self.template_fd = os.dup(template_fd)
         filters = {key: sc.compile_profile(sc.Profile(key, tuple(p["allow"]), dict(p["errno"]),
                                                       tuple(p["ioctls"]), tuple(p["prctls"])), p["network"])
                    for key, p in init["profiles"].items()}
@@ -65,7 +66,7 @@ class ForkServer:
         cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
-            root_id=mounts.root_id(root_fd),
+            root_id=tuple(init["root_id"]),  # type: ignore[arg-type]
             lifeline_fd=self.lifeline_r,
             filters=filters,
             supervisor_filter=sc.compile_supervisor(),
@@ -127,10 +128,10 @@ class ForkServer:
                         os.close(fd)
             elif op == "template" and len(fds) == 1:
                 old = self.template_fd
-                self.template_fd = build_template(fds[0])
+                self.template_fd = os.dup(fds[0])
                 assert self.state is not None
                 self.state = dataclasses.replace(self.state, template_fd=self.template_fd,
-                                                 root_id=mounts.root_id(fds[0]))
+                                                 root_id=tuple(msg["root_id"]))
                 os.close(old)
                 self.reply({"ok": True})
             else:
@@ -217,37 +218,6 @@ def pid_is_parent() -> bool:
     return _ROLE[0] == "server"
 
 
-def build_template(root_fd: int) -> int:
-    """Make the template mount namespace for the root open at ``root_fd``; return an fd that holds it."""
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            os.close(hold_w)
-            try:
-                mounts.enter_template(root_fd)
-                os.write(ready_w, b"ok")
-            except Exception as e:  # noqa: BLE001
-                os.write(ready_w, f"{type(e).__name__}: {e}".encode()[:4000])
-            os.close(ready_w)
-            os.read(hold_r, 1)  # wait until the server holds the namespace
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(hold_r)
-    try:
-        answer = os.read(ready_r, 4096)
-        if answer != b"ok":
-            raise OSError(0, f"building the template mount namespace: {answer.decode(errors='replace')}")
-        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(ready_r)
-        os.close(hold_w)
-        os.waitpid(pid, 0)
-
-
 def run_sys_path(root_fd: int, extra: list[str]) -> tuple[str, ...]:
     """This interpreter's own sys.path entries that the root holds, then the configured extras."""
     own = [p for p in sys.path[1:] if p.startswith("/") and _is_dir_in(root_fd, p)]
@@ -332,9 +302,9 @@ def _serve(fd: int) -> None:
     data, fds = _recv(sock)
     init = msgpack.unpackb(data, raw=False, strict_map_key=False)
     try:
-        if len(fds) != 1:
-            raise ValueError(f"the init message came with {len(fds)} fds, expected the root's")
-        answer = server.prepare(init, fds[0])
+        if len(fds) != 2:
+            raise ValueError(f"the init message came with {len(fds)} fds, expected the root and its template")
+        answer = server.prepare(init, fds[0], fds[1])
     except Exception as e:  # noqa: BLE001
         answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     finally:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..tasks import Tasks
-from . import cgroup_detect, rootfs
+from . import cgroup_detect, mounts, rootfs, template
 from .cgroups import CgroupDriver
 from .contract import SetupError
 from .fsclient import ForkServerClient, ForkServerError
@@ -82,14 +82,17 @@ class Jail:
     async def _start_server(self, s: JailSettings, root: rootfs.RootInfo) -> tuple[ForkServerClient, dict[str, Any]]:
         assert self.workers is not None
         server = ForkServerClient(s.root.python, s.forkserver_env(), self.workers.on_reaped)
+        template_fd = await template.build(root.path, s.root.python)
         root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            info = await server.start(_init_message(s), [root_fd])
+            info = await server.start({**_init_message(s), "root_id": mounts.root_id(root.path)},
+                                      [root_fd, template_fd])
         except BaseException:
             await server.stop()
             raise
         finally:
             os.close(root_fd)
+            os.close(template_fd)
         for name, error in info.get("preload_errors", {}).items():
             log.error("preload %s failed: %s", name, error)
         if info.get("tasks", 1) != 1:
@@ -213,11 +216,12 @@ class Jail:
     async def _template(self, info: rootfs.RootInfo) -> None:
         """The fork server's template mount namespace, made from ``info``'s root."""
         assert self.workers is not None and self.workers.server is not None
-        root_fd = os.open(info.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        template_fd = await template.build(info.path, self.settings.root.python)
         try:
-            reply, _ = await self.workers.server.call({"op": "template"}, fds=[root_fd])
+            reply, _ = await self.workers.server.call({"op": "template", "root_id": mounts.root_id(info.path)},
+                                                      fds=[template_fd])
         finally:
-            os.close(root_fd)
+            os.close(template_fd)
         if not reply.get("ok"):
             raise ForkServerError(f"switching to the new root: {reply.get('error')}")
 

@@ -1,6 +1,6 @@
 """Mount namespaces: one template with the root, and a private scratch per worker.
 
-The template is built once per root by a short-lived helper: new mount namespace,
+The template is built once per root by a short-lived helper (``template``): new mount namespace,
 everything private, the root bind-mounted onto itself read-only/nosuid/nodev, the
 five harmless device nodes bound in, ``pivot_root(".", ".")`` into it and the old root
 detached from on top.  The helper exits; the fork server keeps the namespace alive
@@ -32,36 +32,25 @@ SCRATCH_ATTRS = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR
 DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
 
 
-ATTACH = "/tmp"  # where the template helper attaches the root, in its own mount namespace only
-
-
 def root_id(where: str | int) -> tuple[int, int]:
     """What identifies the root directory from inside as from outside: (st_dev, st_ino)."""
     st = os.stat(where)
     return st.st_dev, st.st_ino
 
 
-def enter_template(root_fd: int) -> None:
-    """In a fresh child: make the current process's mount namespace the template.
-
-    The root comes as an open directory (the fork server is never told its path): a clone
-    of it is attached at ATTACH in this helper's private namespace and pivoted into.
-    """
-    expected = root_id(root_fd)
-    tree = libc.open_tree(root_fd, "", recursive=True)  # (a clone of a mount of the namespace it is in)
-    try:
-        libc.unshare(libc.CLONE_NEWNS)
-        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-        libc.move_mount(tree, ATTACH)
-    finally:
-        os.close(tree)
+def enter_template(root: str) -> None:
+    """In a fresh process: make its mount namespace the template of ``root``."""
+    expected = root_id(root)
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    libc.mount(root, root, None, libc.MS_BIND | libc.MS_REC)
     for node in DEVICE_NODES:
-        target = os.path.join(ATTACH, "dev", node)
+        target = os.path.join(root, "dev", node)
         libc.mount(f"/dev/{node}", target, None, libc.MS_BIND)
         flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NOEXEC
         libc.mount(None, target, None, flags)
-    libc.mount(None, ATTACH, None, libc.MS_REMOUNT | libc.MS_BIND | RO_FLAGS)
-    os.chdir(ATTACH)
+    libc.mount(None, root, None, libc.MS_REMOUNT | libc.MS_BIND | RO_FLAGS)
+    os.chdir(root)
     # The old root ends up stacked on top of the new one; detaching it leaves only the new.
     libc.pivot_root(".", ".")
     libc.umount2(".", libc.MNT_DETACH)
