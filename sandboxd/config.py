@@ -27,7 +27,8 @@ from .hints import did_you_mean
 from .jail.layout import FORBIDDEN_PREFIXES, forbidden_prefix, under
 
 DEFAULT_CONFIG = "/etc/sandboxd/sandboxd.yaml"
-LANGUAGES = ("python3",)
+LANGUAGES = ("python3", "nodejs")
+ALIASES = {"javascript": "nodejs"}  # other names a request may give a language by
 
 
 def setting(default: Any, convert: Callable[[Any], Any], doc: str) -> Any:
@@ -199,6 +200,37 @@ class ProfileSettings:
 
 
 @dataclass(frozen=True)
+class RuntimeSettings:
+    enabled: str = setting("yes", sizes.choice("yes", "no", "auto"),
+                           "yes, no, or auto: when the interpreter is installed on this host.")
+    interpreter: str = setting("", sizes.optional_text,
+                               "The runtime's interpreter, an absolute path; empty for root.python (python3).")
+    paths: tuple[str, ...] = setting((), sizes.path_list,
+                                     "More host paths for the root: the runtime's own files (its libraries are "
+                                     "found and added automatically).")
+    start: str = setting("fork", sizes.choice("fork", "exec"),
+                         "How a warm worker starts: fork (a copy of the fork server's interpreter; python3) or "
+                         "exec (the interpreter is started in the confined worker, then waits; nodejs).")
+    flags: tuple[str, ...] = setting((), sizes.flag_list, "Extra command-line flags of the interpreter (exec).")
+    heap_fraction: float = setting(0.75, sizes.float_range(0.1, 0.95),
+                                   "nodejs: V8's heap limit as a fraction of the run's memory, so that a heap "
+                                   "blow-up fails inside V8 (memory_limit) before the kernel kills it.")
+    pool_min: int = setting(-1, sizes.int_range(-1, 1024), "Ready workers kept of this runtime; -1: pool.min.")
+    pool_max: int = setting(-1, sizes.int_range(-1, 4096), "Most ready workers of this runtime; -1: pool.max.")
+    available: bool = True  # resolved at load: enabled, and the interpreter is on this host
+    why_not: str = ""
+
+
+# Each runtime's defaults, over RuntimeSettings': Python forks from the fork server, Node is
+# exec'd inside a confined worker (V8 runs threads: it cannot be forked once started).
+RUNTIME_DEFAULTS: dict[str, dict[str, Any]] = {
+    "python3": {},
+    "nodejs": {"enabled": "auto", "interpreter": "/usr/bin/node", "start": "exec", "pool_min": 1, "pool_max": 4},
+}
+START = {"python3": "fork", "nodejs": "exec"}  # what each language's bootstrap supports
+
+
+@dataclass(frozen=True)
 class QuotaPolicy:
     default: QuotaLimits = field(default_factory=QuotaLimits)
     users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # user name or uid -> overrides
@@ -216,8 +248,15 @@ class Config:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     quotas: QuotaPolicy = field(default_factory=QuotaPolicy)
-    profiles: Mapping[str, ProfileSettings] = field(default_factory=lambda: {"python3": ProfileSettings()})
+    profiles: Mapping[str, ProfileSettings] = field(default_factory=lambda: {lang: ProfileSettings()
+                                                                             for lang in LANGUAGES})
+    runtimes: Mapping[str, RuntimeSettings] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+
+    def runtime(self, language: str) -> RuntimeSettings | None:
+        """The runtime a request's language names (aliases too), if this daemon runs it."""
+        rt = self.runtimes.get(ALIASES.get(language, language))
+        return rt if rt is not None and rt.available else None
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -274,14 +313,15 @@ def parse(data: Any, path: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, ["expected a mapping of sections at the top level"])
-    known = {*SECTIONS, "quotas", "profiles"}
+    known = {*SECTIONS, "quotas", "profiles", "runtimes"}
     for key in data:
         if key not in known:
             errors.append(f"{key}: unknown section" + did_you_mean(str(key), sorted(known)))
     sections = {name: cls(**_convert_section(cls, data.get(name), name, errors)) for name, cls in SECTIONS.items()}
     quotas = _parse_quotas(data.get("quotas"), errors)
     profiles = _parse_profiles(data.get("profiles"), errors)
-    cfg = Config(path=path, quotas=quotas, profiles=profiles, **sections)
+    runtimes = _parse_runtimes(data.get("runtimes"), sections["root"], errors, warnings)
+    cfg = Config(path=path, quotas=quotas, profiles=profiles, runtimes=runtimes, **sections)
     _cross_checks(cfg, errors, warnings)
     if errors:
         raise ConfigError(path, errors)
@@ -311,6 +351,36 @@ def _parse_quotas(raw: Any, errors: list[str]) -> QuotaPolicy:
         errors.append(f"quotas.deny_unlisted: expected true or false, got {deny!r}")
         deny = False
     return QuotaPolicy(default, tables["users"], tables["groups"], deny)
+
+
+def _parse_runtimes(raw: Any, root: RootSettings, errors: list[str],
+                    warnings: list[str]) -> dict[str, RuntimeSettings]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append("runtimes: expected a mapping of language names to runtimes")
+        raw = {}
+    for name in raw:
+        if name not in LANGUAGES:
+            errors.append(f"runtimes.{name}: unknown language (known: {', '.join(LANGUAGES)}; a language needs a "
+                          "bootstrap of sandboxd's own)")
+    out: dict[str, RuntimeSettings] = {}
+    for lang in LANGUAGES:
+        given = _convert_section(RuntimeSettings, raw.get(lang), f"runtimes.{lang}", errors)
+        rt = RuntimeSettings(**{**RUNTIME_DEFAULTS[lang], **given})
+        key = f"runtimes.{lang}"
+        if rt.start != START[lang]:
+            errors.append(f"{key}.start: {lang} workers start by {START[lang]}, got {rt.start}")
+        interpreter = rt.interpreter or (root.python if lang == "python3" else "")
+        if not interpreter.startswith("/"):
+            errors.append(f"{key}.interpreter: expected an absolute path, got {rt.interpreter!r}")
+            interpreter = "/"
+        available, why_not = rt.enabled != "no", "" if rt.enabled != "no" else f"{key}.enabled is no"
+        if available and rt.enabled == "auto" and not os.path.exists(interpreter):
+            available, why_not = False, f"{interpreter} is not installed on this host"
+            warnings.append(f"{key}: {why_not}: {lang} runs are refused (install it and reload to have them)")
+        out[lang] = dataclasses.replace(rt, interpreter=interpreter, available=available, why_not=why_not)
+    return out
 
 
 def _parse_profiles(raw: Any, errors: list[str]) -> dict[str, ProfileSettings]:
@@ -346,10 +416,11 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
     if cfg.pool.min > cfg.pool.max:
         errors.append(f"pool.min: expected at most pool.max ({cfg.pool.max}), got {cfg.pool.min}")
     first, count = cfg.jail.run_uids
-    needed = cfg.daemon.workers + 2 * len(LANGUAGES) * cfg.pool.max + 2
+    pooled = sum(rt.pool_max if rt.pool_max >= 0 else cfg.pool.max for rt in cfg.runtimes.values() if rt.available)
+    needed = cfg.daemon.workers + 2 * pooled + 2
     if count < needed:
-        errors.append(f"jail.run_uids: expected at least {needed} uids (workers + 2 x pool.max per language, "
-                      f"+2), got {count}")
+        errors.append(f"jail.run_uids: expected at least {needed} uids (workers + 2 x the pooled workers of each "
+                      f"runtime, +2), got {count}")
     for name, prof in cfg.profiles.items():
         for key, names in (("allow", prof.allow), ("deny", prof.deny), ("errno", tuple(prof.errno))):
             bad = unknown_syscalls(names)

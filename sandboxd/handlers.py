@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -151,8 +153,22 @@ async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
                        yaml=yaml_snippet)
 
 
+NODE_MODULE = re.compile(r"(node:)?(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(/[A-Za-z0-9._-]+)*")
+NODE_PROBE = """try {
+  const where = require.resolve(MODULE);
+  require(MODULE);
+  console.log(where);
+} catch (e) {
+  console.error(`${e.code || e.name}: ${e.message.split('\\n')[0]}`);
+  process.exitCode = 1;
+}
+"""
+
+
 async def op_root_why(app: App, call: Call) -> dict[str, Any]:
     module = call.req.get("module")
+    if (call.req.get("language") or "python3") in ("nodejs", "javascript"):
+        return await _root_why_node(app, call, module)
     if not isinstance(module, str) or not module or not all(p.isidentifier() for p in module.split(".")):
         raise errors.bad_request("module", "required, a dotted module name like numpy.linalg")
     layout = app.root_layout()
@@ -172,6 +188,30 @@ async def op_root_why(app: App, call: Call) -> dict[str, Any]:
         if result.get("blocked_syscall"):
             report["advice"].append(f"importing it needs the system call {result['blocked_syscall']}: "
                                     "sandboxctl syscalls shows what to add to the profile")
+    return protocol.ok(call.id, **report)
+
+
+async def _root_why_node(app: App, call: Call, module: Any) -> dict[str, Any]:
+    """Can ``require(module)`` succeed in the jail?  Node resolves inside the root: ask it."""
+    if not isinstance(module, str) or not NODE_MODULE.fullmatch(module):
+        raise errors.bad_request("module", "required, a Node module name like lodash, @scope/name or node:fs")
+    probe = {"code": NODE_PROBE.replace("MODULE", json.dumps(module)), "language": "nodejs",
+             "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
+    result = await app.execute(call.who, probe)
+    found = result["stdout"].decode("utf-8", "replace").strip() if result["status"] == "ok" else None
+    report: dict[str, Any] = {"module": module, "language": "nodejs", "importable": result["status"] == "ok",
+                              "found": found, "searched": [], "extensions": [], "missing_libraries": {},
+                              "advice": [], "import": {"status": result["status"], "stdout": found or "",
+                                                       "error": _last_line(result["stderr"]),
+                                                       "run_id": result["run_id"]}}
+    if not report["importable"]:
+        if "MODULE_NOT_FOUND" in report["import"]["error"]:
+            report["advice"].append(f"{module} is not in the root: install it into a node_modules directory on "
+                                    "the host and add that directory to runtimes.nodejs.paths (it is put on "
+                                    "NODE_PATH), then reload")
+        elif result.get("blocked_syscall"):
+            report["advice"].append(f"loading it needs the system call {result['blocked_syscall']}: sandboxctl "
+                                    "syscalls --language nodejs shows what to add to the profile")
     return protocol.ok(call.id, **report)
 
 
@@ -205,7 +245,7 @@ HANDLERS: dict[str, Op] = {
     "status": Op(LISTED, op_status, {}, while_stopping=True),
     "usage": Op(LISTED, op_usage, {"uid": INT, "user": (str, int), "all": BOOL}),
     "kill": Op(LISTED, op_kill, {"run_id": STR}),
-    "root_why": Op(QUOTA, op_root_why, {"module": STR}),
+    "root_why": Op(QUOTA, op_root_why, {"module": STR, "language": STR}),
     "jobs": Op(ADMIN, op_jobs, {}),
     "reload": Op(ADMIN, op_reload, {}),
     "rebuild_root": Op(ADMIN, op_rebuild_root, {"progress": BOOL, "force": BOOL}),

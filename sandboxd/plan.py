@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .config import LANGUAGES, Config, QuotaLimits
+from .config import ALIASES, LANGUAGES, Config, QuotaLimits
 from .errors import bad_request, forbidden
 from .hints import check_unknown
 from .jail.spec import RunPlan
@@ -43,8 +43,12 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
         raise bad_request("code", "required, a string" if code is None else
                           f"expected a string, got {type(code).__name__}")
     language = req.get("language", "python3")
-    if language not in LANGUAGES:
-        raise bad_request("language", f"unknown language {language!r}", known=list(LANGUAGES))
+    if not isinstance(language, str) or ALIASES.get(language, language) not in LANGUAGES:
+        raise bad_request("language", f"unknown language {language!r}", known=[*LANGUAGES, *ALIASES])
+    language = ALIASES.get(language, language)
+    if cfg.runtime(language) is None:
+        raise bad_request("language", f"{language} is not available here: {cfg.runtimes[language].why_not}",
+                          known=[lang for lang in LANGUAGES if cfg.runtime(lang)])
 
     stdin = req.get("stdin", b"")
     if isinstance(stdin, str):

@@ -107,6 +107,13 @@ def name_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def flag_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"--[A-Za-z0-9_=.,:/-]+", v)
+                                                for v in value):
+        raise ValueError("a list of --flags (letters, digits and _=.,:/- only)")
+    return tuple(value)
+
+
 def str_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError('a mapping of strings to strings, e.g. {OMP_NUM_THREADS: "1"}')

@@ -67,10 +67,11 @@ class Factory:
 
 def new_pool(factory: Factory, keys: tuple[str, ...] = ("a",), minimum: int = 1, maximum: int = 4,
              clock: Callable[[], float] | None = None) -> Pool[FakeWorker]:
+    sizes = {k: (minimum, maximum) for k in keys}
     if clock is None:
-        p: Pool[FakeWorker] = Pool(factory.make, factory.retire, keys, minimum, maximum)
+        p: Pool[FakeWorker] = Pool(factory.make, factory.retire, sizes)
     else:
-        p = Pool(factory.make, factory.retire, keys, minimum, maximum, clock=clock)
+        p = Pool(factory.make, factory.retire, sizes, clock=clock)
     factory.pool = p
     return p
 
@@ -106,8 +107,8 @@ def test_start_fills_every_key_up_to_the_minimum() -> None:
         assert sorted(f.calls) == [("a", False), ("a", False), ("b", False), ("b", False)]
         assert p.starting == {"a": 0, "b": 0}
         assert all(w.key == k for k in ("a", "b") for w in p.ready[k])
-        assert p.describe()["profiles"] == {k: {"ready": 2, "starting": 0, "target": 2, "waiting": 0}
-                                            for k in ("a", "b")}
+        assert p.describe()["profiles"] == {k: {"ready": 2, "starting": 0, "target": 2, "waiting": 0,
+                                                "minimum": 2, "maximum": 4} for k in ("a", "b")}
         await p.close()
 
     run(body)
@@ -622,8 +623,9 @@ def test_close_cancels_waiting_requests_and_retires_pooled_workers() -> None:
         assert hit in pooled and hit not in f.retired
         assert all(w in f.retired for w in pooled_b)
         assert all(w in f.retired for w in in_flight)  # made, never ready: retired when cancelled
-        assert p.describe()["profiles"] == {"a": {"ready": 0, "starting": 0, "target": 2, "waiting": 0},
-                                            "b": {"ready": 0, "starting": 0, "target": 1, "waiting": 0}}
+        sizes = {"minimum": 1, "maximum": 4}
+        assert p.describe()["profiles"] == {"a": {"ready": 0, "starting": 0, "target": 2, "waiting": 0, **sizes},
+                                            "b": {"ready": 0, "starting": 0, "target": 1, "waiting": 0, **sizes}}
         p.done("a")
         await asyncio.sleep(REFILL_DELAY * 3)
         assert len(f.calls) == 2 + len(in_flight)  # a closed pool makes nothing
@@ -638,9 +640,9 @@ def test_resize_clamps_the_target() -> None:
         p = new_pool(f, minimum=0, maximum=4)
         await asyncio.gather(*(p.acquire("a") for _ in range(3)))
         assert p.target["a"] == 3
-        p.resize(0, 2)
+        p.resize({k: (0, 2) for k in p.keys})
         assert p.target["a"] == 2
-        p.resize(5, 8)
+        p.resize({k: (5, 8) for k in p.keys})
         assert p.target["a"] == 5
         await p.close()
 

@@ -175,7 +175,8 @@ def _fork_runner(spec: WorkerSpec, state: ServerState) -> ForkedRunner:
         raise SetupError.from_os_error("fork", e) from e
     if pid == 0:
         ours.close()
-        args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, bool(spec.cgroups))
+        args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, bool(spec.cgroups),
+                          spec.exec_argv)
         raise Become(runner.runner_main, args, handoff, theirs.detach())
     theirs.close()
     for fd in (FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR):

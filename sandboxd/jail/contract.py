@@ -15,7 +15,9 @@ but it cannot un-send a byte, and it never holds the link: R closes it first).
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import json
 import os
 import struct
 import time
@@ -31,6 +33,8 @@ FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE,
 # R's descriptors after its "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
 LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
+LINK_WAITING = b"W"  # an exec runtime's bootstrap -> P: started, waiting for the request (ready)
+LINK_DONE = b"D"  # an exec runtime's bootstrap -> P, then the exit status: the code is done
 
 EXIT_SETUP = 121  # a setup step failed (P: details in its setup_error frame; R: in the handoff page)
 MAX_STATUS_EXTRA = 1 << 20  # status frames: out/ files plus this much
@@ -201,6 +205,7 @@ class WorkerSpec:
     out_max_files: int
     discover: bool = False
     hostname: str = "sandbox"
+    exec_argv: tuple[str, ...] = ()  # an exec runtime: R execs this once confined (empty: R is the fork)
 
     def extra_fds(self) -> int:
         """How many fds the spawn message carries: the netns (with network), the cgroups."""
@@ -220,7 +225,7 @@ class WorkerSpec:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> WorkerSpec:
-        return cls(**d)
+        return cls(**{**d, "exec_argv": tuple(d.get("exec_argv", ()))})
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,7 @@ class RunnerArgs:
     base_env: dict[str, str]
     run_path: tuple[str, ...]
     killed_when_done: bool  # with a cgroup, the supervisor ends R rather than waiting for its exit
+    exec_argv: tuple[str, ...] = ()  # an exec runtime: what R becomes once confined
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,12 @@ class RunRequest:
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "rlimits": dict(self.rlimits), "files": dict(self.files),
                 "env": dict(self.env), "argv": list(self.argv)}
+
+    def to_json_frame(self) -> bytes:
+        """The request as an exec runtime's bootstrap reads it: a length, then JSON (files base64)."""
+        body = json.dumps({"code": self.code, "env": dict(self.env), "argv": list(self.argv),
+                           "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()}}).encode()
+        return struct.pack(">I", len(body)) + body
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> RunRequest:

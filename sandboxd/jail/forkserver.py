@@ -58,8 +58,7 @@ class ForkServer:
     # -- preparation ------------------------------------------------------------------
     def prepare(self, init: dict[str, Any], root_fd: int, template_fd: int) -> dict[str, Any]:
         self.template_fd = os.dup(template_fd)
-        filters = {key: sc.compile_profile(sc.Profile(key, tuple(p["allow"]), dict(p["errno"]),
-                                                      tuple(p["ioctls"]), tuple(p["prctls"])), p["network"])
+        filters = {key: sc.compile_profile(sc.Profile.from_wire(key, p), p["network"])
                    for key, p in init["profiles"].items()}
         run_path = run_sys_path(root_fd, init["python_path"])
         preloaded, preload_errors = preload(init["preload"], run_path)

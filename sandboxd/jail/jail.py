@@ -76,7 +76,7 @@ class Jail:
             await self.network.start()
             self.workers.network = self.network
         self.workers.server, self.workers.server_info = await self._start_server(s, self.root)
-        self.pool = Pool(self.workers.make, self.workers.retire, s.filter_keys(), s.pool.min, s.pool.max)
+        self.pool = Pool(self.workers.make, self.workers.retire, s.pool_sizes())
         self.pool.start()
 
     async def _start_server(self, s: JailSettings, root: rootfs.RootInfo) -> tuple[ForkServerClient, dict[str, Any]]:
@@ -131,14 +131,15 @@ class Jail:
         """Carry out ``plan``; ``bind`` learns the worker first (so the run can be killed)."""
         s = self.settings
         assert self.pool is not None and self.workers is not None
-        if plan.language not in s.profiles:
+        if plan.language not in s.runtimes:
             raise ValueError(f"unknown language {plan.language!r}")
         key = s.filter_key(plan.language, plan.network)
         if key not in self.pool.keys:
             return setup_failed(SetupError("network", 0, "network for runs is not set up on this daemon"))
+        one_off = plan.discover or (s.runtimes[plan.language].start == "exec" and plan.memory_bytes != s.limits.memory)
         try:
-            if plan.discover:
-                worker = await self.workers.make(key, urgent=True, discover=True)
+            if one_off:  # discovery, or a runtime whose heap limit is set at its start
+                worker = await self.workers.make(key, urgent=True, discover=plan.discover, memory=plan.memory_bytes)
                 await worker.ready
             else:
                 worker = await self.pool.acquire(key)
@@ -151,7 +152,7 @@ class Jail:
         try:
             return await worker.execute(plan)
         finally:
-            if not plan.discover:
+            if not one_off:
                 self.pool.done(key)
 
     # -- roots and configuration ------------------------------------------------------------
@@ -208,8 +209,7 @@ class Jail:
         if root_changed:
             changes.append(f"root rebuilt ({info.build_id})")
         self.settings = self.workers.settings = new
-        self.pool.resize(new.pool.min, new.pool.max)
-        self.pool.add_keys(new.filter_keys())
+        self.pool.resize(new.pool_sizes())
         self._switch(info if root_changed else None)
         return changes
 
@@ -272,8 +272,6 @@ def _init_message(s: JailSettings) -> dict[str, Any]:
     profiles = {}
     for lang, prof in s.profiles.items():
         for net in (False, True):
-            profiles[s.filter_key(lang, net)] = {
-                "allow": list(prof.allow), "errno": dict(prof.errno), "ioctls": list(prof.ioctls),
-                "prctls": list(prof.prctls), "network": net}
+            profiles[s.filter_key(lang, net)] = {**prof.to_wire(), "network": net}
     return {"profiles": profiles, "preload": list(s.jail.preload),
             "python_path": list(s.root.python_path), "env": s.run_env()}

@@ -57,32 +57,10 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 
-# The new mount API (Linux 5.2+): a tmpfs made detached, its subdirectories cloned onto
-# their places, so no mount point of its own is left in the root.
-FSOPEN_CLOEXEC = 1
-FSCONFIG_SET_STRING = 1
-FSCONFIG_CMD_CREATE = 6
-FSMOUNT_CLOEXEC = 1
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
-
 _SYSCALL_NUMBERS = {
-    # name: (x86_64, aarch64); numbers from 424 on are the same on every architecture
+    # name: (x86_64, aarch64)
     "pivot_root": (155, 41),
     "seccomp": (317, 277),
-    "open_tree": (428, 428),
-    "move_mount": (429, 429),
-    "fsopen": (430, 430),
-    "fsconfig": (431, 431),
-    "fsmount": (432, 432),
 }
 _ARCH_INDEX = {"x86_64": 0, "aarch64": 1}
 
@@ -126,42 +104,6 @@ def umount2(target: str, flags: int) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     rc = _libc.syscall(ctypes.c_long(_nr("pivot_root")), _b(new_root), _b(put_old))
     _check(rc, f"pivot_root({new_root!r}, {put_old!r})")
-
-
-def fsopen(fstype: str) -> int:
-    """A filesystem context for ``fstype`` (configure it with ``fsconfig``, then ``fsmount``)."""
-    return _check(_libc.syscall(ctypes.c_long(_nr("fsopen")), _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)),
-                  f"fsopen({fstype!r})")
-
-
-def fsconfig(fs_fd: int, key: str | None = None, value: str | None = None) -> None:
-    """Set one string option of the context, or (no key) create the superblock."""
-    cmd = FSCONFIG_SET_STRING if key is not None else FSCONFIG_CMD_CREATE
-    rc = _libc.syscall(ctypes.c_long(_nr("fsconfig")), ctypes.c_int(fs_fd), ctypes.c_uint(cmd), _b(key), _b(value),
-                       ctypes.c_int(0))
-    _check(rc, f"fsconfig({fs_fd}, {key!r}, {value!r})" if key else f"fsconfig({fs_fd}, CREATE)")
-
-
-def fsmount(fs_fd: int, attrs: int) -> int:
-    """A detached mount of the created superblock; returns its fd."""
-    rc = _libc.syscall(ctypes.c_long(_nr("fsmount")), ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
-                       ctypes.c_uint(attrs))
-    return _check(rc, f"fsmount({fs_fd}, attrs={attrs:#x})")
-
-
-def open_tree(dir_fd: int, path: str, recursive: bool = False) -> int:
-    """A detached copy (bind) of ``path`` under ``dir_fd`` (``""``: ``dir_fd`` itself); returns its fd."""
-    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
-    flags |= (AT_RECURSIVE if recursive else 0) | (AT_EMPTY_PATH if not path else 0)
-    rc = _libc.syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(dir_fd), _b(path), ctypes.c_uint(flags))
-    return _check(rc, f"open_tree({dir_fd}, {path!r}, {flags:#x})")
-
-
-def move_mount(tree_fd: int, target: str) -> None:
-    """Attach the detached mount ``tree_fd`` at ``target``."""
-    rc = _libc.syscall(ctypes.c_long(_nr("move_mount")), ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
-                       _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
-    _check(rc, f"move_mount({tree_fd}, {target!r})")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

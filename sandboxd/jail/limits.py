@@ -55,10 +55,11 @@ class RlimitPolicy:
     as_base: int
     as_slack: int
     cgroup: bool
+    unlimited_as: bool = False
 
     def for_limits(self, *, memory: int, cpu_ms: int, file_size: int, nofile: int, pids: int) -> dict[str, int]:
         return {
-            "as": self.as_base + memory + (self.as_slack if self.cgroup else 0),
+            "as": -1 if self.unlimited_as else self.as_base + memory + (self.as_slack if self.cgroup else 0),
             "cpu": math.ceil(cpu_ms / 1000) + 1,
             "fsize": file_size,
             "nofile": nofile,
@@ -68,10 +69,12 @@ class RlimitPolicy:
 
 
 def apply(limits: Mapping[str, int]) -> None:
-    """Set each named limit (soft = hard); values above the current hard limit are lowered to it."""
+    """Set each named limit (soft = hard; -1: unlimited); values above the current hard limit are lowered to it."""
     for name, value in {**limits, **ALWAYS}.items():
         which = RLIMITS[name]
         _soft, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY and (value < 0 or value > hard):
+        if value < 0:
+            value = resource.RLIM_INFINITY
+        if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
             value = hard
         resource.setrlimit(which, (value, value))

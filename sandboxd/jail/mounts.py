@@ -12,10 +12,10 @@ Each worker also gets its own ``/dev``: a small read-only tmpfs with fresh nodes
 five devices, so that no inode a run can open for writing is shared with another run or
 the host (a lock on a shared /dev/null would be a channel between runs).
 
-Scratch is one tmpfs (size and inode caps) made detached with the new mount API
-(``fsopen``/``fsmount``); its subdirectories are cloned onto ``/work`` (the working
-directory), ``/tmp``, ``/var/tmp`` and ``/dev/shm``, and the detached mount is dropped,
-so all writable places share the caps and vanish with the namespace.
+Scratch is one tmpfs (size and inode caps) mounted at ``/work``; its subdirectories are
+bound onto ``/tmp``, ``/var/tmp``, ``/dev/shm`` and, last, ``/work`` itself, which hides
+the tmpfs's own top: all writable places share the caps, no mount point of the jail's
+own is left to list, and everything vanishes with the namespace.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import stat
 from . import libc
 from .layout import DEVICE_NODES, DEVICE_NUMBERS
 
-SCRATCH_DIRS = (("work", 0o755, ("/work",)), ("tmp", 0o1777, ("/tmp", "/var/tmp")), ("shm", 0o1777, ("/dev/shm",)))
+SCRATCH_DIRS = (("tmp", 0o1777, ("/tmp", "/var/tmp")), ("shm", 0o1777, ("/dev/shm",)), ("work", 0o755, ("/work",)))
 RO_FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
-SCRATCH_ATTRS = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV | libc.MOUNT_ATTR_NOEXEC
+SCRATCH_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
 
 
@@ -67,29 +67,19 @@ def join_template(template_fd: int, unshare_flags: int) -> None:
 
 def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
     private_dev = _private_dev()
-    fs = libc.fsopen("tmpfs")
-    try:
-        for key, value in (("source", "sandboxd-scratch"), ("size", str(size)), ("nr_inodes", str(inodes)),
-                           ("mode", "0755"), ("uid", "0"), ("gid", "0")):
-            libc.fsconfig(fs, key, value)
-        libc.fsconfig(fs)
-        scratch = libc.fsmount(fs, SCRATCH_ATTRS)
-    finally:
-        os.close(fs)
-    try:
-        for sub, mode, targets in SCRATCH_DIRS:
-            os.mkdir(sub, mode, dir_fd=scratch)
-            os.chmod(sub, mode, dir_fd=scratch)  # mkdir honours the umask
-            os.chown(sub, uid, gid, dir_fd=scratch)
-            for target in targets:
-                # A clone keeps the tmpfs mount's nosuid/nodev/noexec; tests check them from inside.
-                tree = libc.open_tree(scratch, sub)
-                try:
-                    libc.move_mount(tree, target)
-                finally:
-                    os.close(tree)
-    finally:
-        os.close(scratch)  # nothing else holds the detached mount: only the clones stay
+    opts = f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0"
+    libc.mount("sandboxd-scratch", "/work", "tmpfs", SCRATCH_FLAGS, opts)
+    for sub, mode, _targets in SCRATCH_DIRS:
+        path = os.path.join("/work", sub)
+        os.mkdir(path, mode)
+        os.chmod(path, mode)  # mkdir honours the umask
+        os.chown(path, uid, gid)
+    for sub, _mode, targets in SCRATCH_DIRS:
+        for target in targets:
+            # A bind keeps the tmpfs mount's nosuid/nodev/noexec; tests check them from inside.
+            # /work/work goes last, onto /work itself: the tmpfs's own top (holding the
+            # subdirectories) is then under it, out of every path's reach.
+            libc.mount(os.path.join("/work", sub), target, None, libc.MS_BIND)
     if private_dev:
         libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
 

@@ -2,7 +2,7 @@
 
 ``acquire`` hands out a ready worker if there is one; otherwise it makes one for
 this request (slower, never a failure) and raises the pool's target.  The target
-moves between ``minimum`` and ``maximum``: up by one on each miss, down by one after
+moves between each key's ``minimum`` and ``maximum``: up by one on each miss, down by one after
 ``DECAY_SECONDS`` without a miss.  Refills run in the background; a worker whose
 generation is stale (the root or config changed) is retired instead of handed out.
 """
@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, Protocol, TypeVar
 
 from ..tasks import Tasks
@@ -38,19 +38,18 @@ W = TypeVar("W", bound=Pooled)
 
 class Pool(Generic[W]):
     def __init__(self, make: Callable[[str, bool], Awaitable[W]], retire: Callable[[W], None],
-                 keys: Iterable[str], minimum: int, maximum: int, clock: Callable[[], float] = time.monotonic) -> None:
+                 sizes: Mapping[str, tuple[int, int]], clock: Callable[[], float] = time.monotonic) -> None:
         self.make = make
         self.retire = retire
-        self.minimum = minimum
-        self.maximum = maximum
+        self.sizes = dict(sizes)  # key -> (minimum, maximum)
         self.generation = 0
         self.clock = clock
-        self.keys = list(keys)
+        self.keys = list(sizes)
         self.ready: dict[str, collections.deque[W]] = {k: collections.deque() for k in self.keys}
         self.starting: dict[str, int] = {k: 0 for k in self.keys}
         self.waiters: dict[str, collections.deque[asyncio.Future[W]]] = {
             k: collections.deque() for k in self.keys}
-        self.target: dict[str, int] = {k: minimum for k in self.keys}
+        self.target: dict[str, int] = {k: self.sizes[k][0] for k in self.keys}
         self.last_miss: dict[str, float] = {k: 0.0 for k in self.keys}
         self.hits = 0
         self.misses = 0
@@ -80,7 +79,7 @@ class Pool(Generic[W]):
             self.retire(worker)
         self.misses += 1
         self.last_miss[key] = self.clock()
-        self.target[key] = min(self.maximum, self.target[key] + 1)
+        self.target[key] = min(self.sizes[key][1], self.target[key] + 1)
         waiter: asyncio.Future[W] = asyncio.get_running_loop().create_future()
         self.waiters[key].append(waiter)
         self._refill(key)
@@ -164,7 +163,7 @@ class Pool(Generic[W]):
     def decay(self, now: float) -> None:
         """Lower the target of every key without a miss for DECAY_SECONDS by one."""
         for key in self.keys:
-            if self.target[key] > self.minimum and now - self.last_miss[key] > DECAY_SECONDS:
+            if self.target[key] > self.sizes[key][0] and now - self.last_miss[key] > DECAY_SECONDS:
                 self.target[key] -= 1
                 if len(self.ready[key]) > self.target[key]:
                     self.retire(self.ready[key].pop())
@@ -177,19 +176,16 @@ class Pool(Generic[W]):
                 self.retire(self.ready[key].popleft())
             self._refill(key)
 
-    def add_keys(self, keys: Iterable[str]) -> None:
-        """Pools for keys that appear with a new configuration (network newly allowed)."""
-        for key in keys:
+    def resize(self, sizes: Mapping[str, tuple[int, int]]) -> None:
+        """New sizes; keys that appear with a new configuration (network newly allowed) get a pool."""
+        for key, (minimum, maximum) in sizes.items():
             if key not in self.ready:
                 self.keys.append(key)
                 self.ready[key], self.starting[key], self.waiters[key] = collections.deque(), 0, collections.deque()
-                self.target[key], self.last_miss[key] = self.minimum, 0.0
-                self._refill(key)
-
-    def resize(self, minimum: int, maximum: int) -> None:
-        self.minimum, self.maximum = minimum, maximum
-        for key in self.keys:
+                self.target[key], self.last_miss[key] = minimum, 0.0
+            self.sizes[key] = (minimum, maximum)
             self.target[key] = max(minimum, min(maximum, self.target[key]))
+            self._refill(key)
 
     async def close(self) -> None:
         self.closed = True
@@ -202,10 +198,11 @@ class Pool(Generic[W]):
 
     def describe(self) -> dict[str, object]:
         return {
-            "minimum": self.minimum,
-            "maximum": self.maximum,
+            "minimum": min((v[0] for v in self.sizes.values()), default=0),
+            "maximum": max((v[1] for v in self.sizes.values()), default=0),
             "hits": self.hits,
             "misses": self.misses,
             "profiles": {k: {"ready": len(self.ready[k]), "starting": self.starting[k], "target": self.target[k],
+                             "minimum": self.sizes[k][0], "maximum": self.sizes[k][1],
                              "waiting": sum(1 for w in self.waiters[k] if not w.done())} for k in self.keys},
         }

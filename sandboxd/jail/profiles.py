@@ -57,6 +57,14 @@ PYTHON_ALLOW = (
     "msgget", "msgsnd", "msgrcv", "msgctl",
 )
 
+# What Node.js (V8, libuv) needs on top: JIT and memory-protection keys, membarrier.  No
+# fork, vfork or execve for user code: a Node worker's clone is for threads only (see
+# seccomp.compile_profile), so child_process fails at its fork -- refused and named.
+NODE_EXTRA = ("membarrier", "pkey_alloc", "pkey_free", "pkey_mprotect", "sched_setaffinity")
+NODE_ALLOW = tuple(dict.fromkeys(s for s in (*PYTHON_ALLOW, *NODE_EXTRA) if s not in ("fork", "vfork")))
+# io_uring fails with ENOSYS (as on a kernel without it), so libuv falls back to its thread pool.
+NODE_ERRNO: dict[str, int] = {"clone3": errno.ENOSYS, "io_uring_setup": errno.ENOSYS}
+
 # Calls the worker itself makes between loading the filter and starting user code;
 # always allowed so a narrowed profile cannot break the jail's own hand-off.
 RUNTIME_REQUIRED = (
@@ -124,6 +132,7 @@ FADVISE_ALLOWED = (0, 1, 2, 3)  # NORMAL, RANDOM, SEQUENTIAL, WILLNEED; not DONT
 RWF_NOWAIT = 0x8  # preadv2/pwritev2: EAGAIN when the data is not cached, a residency probe
 
 NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+CLONE_THREAD = 0x00010000
 NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6)  # with network only
 # Every run may make Unix sockets: each run has its own network namespace, so abstract names
 # are its own, and its filesystem holds no socket but what it makes itself (the daemon's

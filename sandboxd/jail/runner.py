@@ -123,6 +123,8 @@ RUNNER_STEPS: tuple[Step[Setup], ...] = (
     Step("prepare", prepare),
     Step("seccomp", load_seccomp),  # last
 )
+# An exec runtime (nodejs) has no interpreter state of ours to prepare: R execs it, confined.
+EXEC_RUNNER_STEPS = tuple(step for step in RUNNER_STEPS if step.name != "prepare")
 
 
 def runner_main(args: RunnerArgs, handoff: Handoff, link: int) -> NoReturn:
@@ -130,7 +132,7 @@ def runner_main(args: RunnerArgs, handoff: Handoff, link: int) -> NoReturn:
     libc.set_name("sbx-runner")
     setup = Setup(args, link)
     try:
-        timings = run_steps(RUNNER_STEPS, setup)
+        timings = run_steps(EXEC_RUNNER_STEPS if args.exec_argv else RUNNER_STEPS, setup)
         # Hand the listener to the supervisor; it answers refused calls from here on.
         sock = socket.socket(fileno=R_FD_LINK)
         try:
@@ -143,4 +145,18 @@ def runner_main(args: RunnerArgs, handoff: Handoff, link: int) -> NoReturn:
     except SetupError as e:
         handoff.setup_failed(e)
         os._exit(EXIT_SETUP)
+    if args.exec_argv:
+        exec_runtime(args, handoff)
     runtime.serve_one(handoff, killed_when_done=args.killed_when_done)
+
+
+def exec_runtime(args: RunnerArgs, handoff: Handoff) -> NoReturn:
+    """Become the runtime, confined: its bootstrap waits for the request on R_FD_REQUEST and
+    says LINK_STARTED on R_FD_LINK (both stay open across exec).  Until it says so, the
+    handoff page claims a setup failure of the step "runtime", believed only then."""
+    handoff.setup_failed(SetupError("runtime", 0, f"{args.exec_argv[0]} did not get to the run's code"))
+    try:
+        os.execve(args.exec_argv[0], list(args.exec_argv), dict(args.base_env))
+    except OSError as e:
+        handoff.setup_failed(SetupError.from_os_error("exec", e))
+    os._exit(EXIT_SETUP)

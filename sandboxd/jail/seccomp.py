@@ -55,6 +55,7 @@ class Profile:
     errno: Mapping[str, int] = field(default_factory=lambda: dict(profiles.PYTHON_ERRNO))
     ioctls: tuple[int, ...] = profiles.IOCTL_ALLOWED
     prctls: tuple[int, ...] = profiles.PRCTL_ALLOWED
+    threads_only: bool = False  # clone only for threads: no new processes (nodejs)
 
     def extended(self, name: str, allow: Iterable[str] = (), deny: Iterable[str] = (),
                  errnos: Mapping[str, int] | None = None) -> Profile:
@@ -62,7 +63,22 @@ class Profile:
         merged = [s for s in dict.fromkeys([*self.allow, *allow]) if s not in denied]
         errs = dict(self.errno)
         errs.update(errnos or {})
-        return Profile(name, tuple(merged), errs, self.ioctls, self.prctls)
+        return Profile(name, tuple(merged), errs, self.ioctls, self.prctls, self.threads_only)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"allow": list(self.allow), "errno": dict(self.errno), "ioctls": list(self.ioctls),
+                "prctls": list(self.prctls), "threads_only": self.threads_only}
+
+    @classmethod
+    def from_wire(cls, name: str, d: Mapping[str, Any]) -> Profile:
+        return cls(name, tuple(d["allow"]), dict(d["errno"]), tuple(d["ioctls"]), tuple(d["prctls"]),
+                   bool(d.get("threads_only")))
+
+
+BUILTIN = {
+    "python3": Profile("python3"),
+    "nodejs": Profile("nodejs", profiles.NODE_ALLOW, dict(profiles.NODE_ERRNO), threads_only=True),
+}
 
 
 def unknown_syscalls(names: Iterable[str]) -> list[str]:
@@ -115,8 +131,12 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
         _add(sc, f, sc.ALLOW, name)
     for name, err in profile.errno.items():
         _add(sc, f, sc.ERRNO(err), name)
-    # clone: threads and fork yes, new namespaces no.
-    _add(sc, f, sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, profiles.NAMESPACE_FLAGS, 0))
+    # clone: threads (and, unless threads_only, fork) yes, new namespaces no.
+    if profile.threads_only:
+        mask = profiles.NAMESPACE_FLAGS | profiles.CLONE_THREAD
+        _add(sc, f, sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, mask, profiles.CLONE_THREAD))
+    else:
+        _add(sc, f, sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, profiles.NAMESPACE_FLAGS, 0))
     for req in profile.ioctls:
         _add(sc, f, sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, req))
     for opt in profile.prctls:

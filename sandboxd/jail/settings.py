@@ -8,13 +8,24 @@ the root and the fork server's environment.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import Config, JailConfig, LimitsSettings, NetworkSettings, PoolSettings, RootSettings, all_quota_maxima
+from ..config import (
+    Config,
+    JailConfig,
+    LimitsSettings,
+    NetworkSettings,
+    PoolSettings,
+    RootSettings,
+    RuntimeSettings,
+    all_quota_maxima,
+)
 from . import netpolicy, rootfs
-from .seccomp import Profile
+from .seccomp import BUILTIN, Profile
 
+NODE_BOOTSTRAP = "usr/lib/sandboxd/nodejs-bootstrap.js"  # in the root (a generated file)
 RUN_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": "/work",
@@ -36,27 +47,54 @@ class JailSettings:
     max_cpu_ms: int
     network: NetworkSettings
     network_enabled: bool  # some quota lets runs ask for network
+    runtimes: Mapping[str, RuntimeSettings]  # the available ones
     root_dir: str | None = None  # default: <state_dir>/roots
 
     @classmethod
     def from_config(cls, cfg: Config, state_dir: str) -> JailSettings:
         maxima = all_quota_maxima(cfg.quotas)
-        profiles = {lang: Profile(lang).extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()}
+        profiles = {lang: BUILTIN[lang].extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()
+                    if cfg.runtimes[lang].available}
         return cls(state_dir=state_dir, root=cfg.root, jail=cfg.jail, pool=cfg.pool, limits=cfg.limits,
                    profiles=profiles, max_memory=max(maxima.max_memory, cfg.limits.memory),
                    max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000),
-                   network=cfg.network, network_enabled=maxima.network)
+                   network=cfg.network, network_enabled=maxima.network,
+                   runtimes={lang: rt for lang, rt in cfg.runtimes.items() if rt.available})
 
     @property
     def root_paths(self) -> tuple[str, ...]:
-        return (*self.root.paths, *self.root.extra_paths)
+        extra = [p for lang, rt in self.runtimes.items() if lang != "python3" for p in (rt.interpreter, *rt.paths)]
+        return tuple(dict.fromkeys((*self.root.paths, *self.root.extra_paths, *extra)))
+
+    def language_of(self, key: str) -> str:
+        return key.split("+", 1)[0]
+
+    def pool_sizes(self) -> dict[str, tuple[int, int]]:
+        """(minimum, maximum) ready workers of each filter key."""
+        out = {}
+        for key in self.filter_keys():
+            rt = self.runtimes[self.language_of(key)]
+            out[key] = (self.pool.min if rt.pool_min < 0 else rt.pool_min,
+                        self.pool.max if rt.pool_max < 0 else rt.pool_max)
+        return out
+
+    def exec_argv(self, language: str, memory: int) -> tuple[str, ...]:
+        """How an exec runtime's worker starts, for a run of ``memory`` bytes (empty: fork)."""
+        rt = self.runtimes[language]
+        if rt.start != "exec":
+            return ()
+        heap_mb = max(16, int(memory * rt.heap_fraction) >> 20)
+        # --max-old-space-size: V8 fails an allocation past it ("heap out of memory", reported as
+        # memory_limit) before the cgroup would kill the run; --no-addons: no native code from
+        # the run's own files (its scratch is noexec anyway).
+        return (rt.interpreter, f"--max-old-space-size={heap_mb}", "--no-addons", *rt.flags, "/" + NODE_BOOTSTRAP)
 
     def filter_key(self, language: str, network: bool) -> str:
         return f"{language}+net" if network else language
 
     def filter_keys(self) -> list[str]:
         nets = (False, True) if self.network_enabled else (False,)
-        return [self.filter_key(lang, net) for lang in self.profiles for net in nets]
+        return [self.filter_key(lang, net) for lang in self.runtimes for net in nets]
 
     def resolvers(self) -> list[str]:
         """The resolvers runs with network get: the configured ones, or the host's that they may reach."""
@@ -83,9 +121,13 @@ class JailSettings:
             uid = first + i
             passwd.append(f"run{i}:x:{uid}:{uid}:sandboxd run:/work:/usr/sbin/nologin")
             group.append(f"run{i}:x:{uid}:")
-        return {"etc/passwd": ("\n".join(passwd) + "\n").encode(), "etc/group": ("\n".join(group) + "\n").encode(),
-                "etc/hostname": (self.jail.hostname + "\n").encode(),
-                "etc/resolv.conf": netpolicy.resolv_conf(self.resolvers())}
+        files = {"etc/passwd": ("\n".join(passwd) + "\n").encode(), "etc/group": ("\n".join(group) + "\n").encode(),
+                 "etc/hostname": (self.jail.hostname + "\n").encode(),
+                 "etc/resolv.conf": netpolicy.resolv_conf(self.resolvers())}
+        if "nodejs" in self.runtimes:
+            with open(os.path.join(os.path.dirname(__file__), "nodejs-bootstrap.js"), "rb") as f:
+                files[NODE_BOOTSTRAP] = f.read()
+        return files
 
     def forkserver_env(self) -> dict[str, str]:
         """The fork server's own environment: what preloading needs, nothing of the daemon's."""
@@ -93,7 +135,12 @@ class JailSettings:
 
     def run_env(self) -> dict[str, str]:
         """Every run's fresh environment before the request adds its own."""
-        return {**RUN_ENV, **self.jail.preload_env}
+        env = {**RUN_ENV, **self.jail.preload_env}
+        node = self.runtimes.get("nodejs")
+        modules = [p for p in (node.paths if node else ()) if os.path.basename(p.rstrip("/")) == "node_modules"]
+        if modules:
+            env["NODE_PATH"] = ":".join(modules)  # node_modules directories of runtimes.nodejs.paths
+        return env
 
     def server_identity(self) -> tuple[object, ...]:
         """What a fork server is started from: a change needs a new one."""

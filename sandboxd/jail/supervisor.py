@@ -27,7 +27,9 @@ from .contract import (
     EXIT_SETUP,
     FD_LIFELINE,
     FD_STATUS,
+    LINK_DONE,
     LINK_STARTED,
+    LINK_WAITING,
     Handoff,
     ServerState,
     WorkerSpec,
@@ -60,6 +62,7 @@ class Supervisor:
         self.spec, self.state, self.runner, self.handoff = spec, state, runner, handoff
         self.listener, self.link = listener, link
         self.denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
+        self.started = False  # an exec runtime said LINK_STARTED
 
     def arm(self, timings: dict[str, int]) -> None:
         """Signals, the ready frame (if R got through its setup), then P's own filter."""
@@ -73,7 +76,11 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, _ignore)
         signal.signal(signal.SIGUSR1, _ignore)  # the runner: "my code is done" (see runtime)
-        if self.listener >= 0:
+        self.timings = timings
+        # An exec runtime is ready once its bootstrap waits for the request (it says so on the
+        # link); a forked runner is ready as soon as its filter is loaded.
+        self.exec_started_ns = time.monotonic_ns() if self.spec.exec_argv else 0
+        if self.listener >= 0 and not self.spec.exec_argv:
             write_frame(FD_STATUS, {"t": "ready", "setup_us": timings})
         libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
         libc.seccomp_load(self.state.supervisor_filter, new_listener=False)
@@ -85,6 +92,8 @@ class Supervisor:
             poller.register(fd, select.POLLIN)
         if self.listener >= 0:
             poller.register(self.listener, select.POLLIN)
+            if self.spec.exec_argv:
+                poller.register(self.link, select.POLLIN)
         status: tuple[int, Any] | None = None
         # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
         early = bool(self.spec.cgroups)
@@ -104,11 +113,34 @@ class Supervisor:
                     status = _reap(self.runner, block=False) or status
                     if status is None and early and self.handoff.phase() == Handoff.DONE:
                         status = (self.handoff.exit_status() << 8, None)
+                elif fd == self.link:
+                    status = self._runtime_said(poller, ev, early) or status
                 elif fd == FD_LIFELINE:
                     os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
                 elif fd == self.pidfd:
                     status = _reap(self.runner, block=True) or status
         return status
+
+    def _runtime_said(self, poller: select.poll, ev: int, early: bool) -> tuple[int, Any] | None:
+        """A message of an exec runtime's bootstrap on the link: W (waiting: the worker is
+        ready), S (user code starts), D<status> (its code is done: end it now, as a forked
+        runner's DONE does).  The link stays open to user code, which can only mislead its
+        own verdict with it -- or not say D, and be waited for."""
+        try:
+            msg = os.read(self.link, 16) if ev & select.POLLIN else b""
+        except OSError:
+            msg = b""
+        if not msg:
+            poller.unregister(self.link)
+            return None
+        if msg == LINK_WAITING and "runtime" not in self.timings:
+            self.timings["runtime"] = (time.monotonic_ns() - self.exec_started_ns) // 1000
+            write_frame(FD_STATUS, {"t": "ready", "setup_us": self.timings})
+        elif msg == LINK_STARTED:
+            self.started = True
+        elif msg[:1] == LINK_DONE and self.started and early and msg[1:].isdigit():
+            return (int(msg[1:]) & 0xFF) << 8, None
+        return None
 
     def answer_queued(self) -> None:
         """Answer the refused calls still queued, so none is left hanging in the report."""
@@ -136,7 +168,7 @@ class Supervisor:
             "maxrss_kb": rusage.ru_maxrss if rusage else None,
             "end_ns": end_ns,
             "handoff": self.handoff.read(),
-            "started": _started(self.link),
+            "started": self.started or (not self.spec.exec_argv and _started(self.link)),
             "denied": [[name, c, allowed] for name, (c, allowed) in self.denied.items()],
             "files": {},
             "files_truncated": False,

@@ -6,7 +6,7 @@ counters.  Precedence, first match wins:
 
     sandbox_error   a setup step failed (which step, errno)
     output_limit    the daemon killed the run for writing too much (which stream)
-    memory_limit    an OOM kill in the cgroup, or an uncaught MemoryError (RLIMIT_AS)
+    memory_limit    an OOM kill in the cgroup, an uncaught MemoryError (RLIMIT_AS), or V8 out of heap
     pids_limit      the pids controller refused a fork and the run did not succeed
     cpu_limit       SIGXCPU, or killed by the daemon with the CPU budget spent
     timeout         the daemon's wall clock ended the run
@@ -65,6 +65,7 @@ class Observation:
     setup_error: SetupError | None  # reported by P, or the worker could not be made at all
     killed_for: str | None = None  # "timeout", "cpu", "output:stdout", "output:stderr", "cancelled", "killed"
     cgroup: CgroupStats = field(default_factory=CgroupStats)
+    runtime_oom: bool = False  # the runtime said it died at its own memory limit (V8's heap)
 
 
 def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
@@ -105,6 +106,8 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
         return "memory_limit", {**extra, "reason": "the kernel killed the run at its memory limit (OOM)"}
     if handoff.get("exception") == "MemoryError" and not succeeded:
         return "memory_limit", {**extra, "reason": "an allocation failed at the run's memory limit (MemoryError)"}
+    if obs.runtime_oom and not succeeded:
+        return "memory_limit", {**extra, "reason": "the JavaScript heap reached the run's memory limit"}
     if obs.cgroup.pids_max_hits and not succeeded:
         return "pids_limit", {**extra, "reason": "a fork failed at the run's process limit"}
     if sig == signal.SIGXCPU or obs.killed_for == "cpu":

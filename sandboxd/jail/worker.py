@@ -30,6 +30,7 @@ from .verdict import Observation, Result, decide
 log = logging.getLogger(__name__)
 DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
 CANCEL_GRACE = 1.0  # seconds a cancelled run is given to die before what it used is read
+V8_OOM = b"JavaScript heap out of memory"  # what V8 prints when it dies at its heap limit
 
 
 class Worker:
@@ -137,11 +138,12 @@ class Worker:
         rlimits = self.rlimits.for_limits(memory=plan.memory_bytes, cpu_ms=plan.cpu_ms,
                                           file_size=plan.file_size_bytes, nofile=plan.nofile, pids=plan.pids)
         request = RunRequest(plan.code, rlimits, plan.files, plan.env)
+        wire = request.to_json_frame() if self.spec.exec_argv else protocol.encode(request.to_wire())
         out = CappedReader(self.proc.stdout_r, plan.output_bytes, lambda: self.kill("output:stdout"))
         err = CappedReader(self.proc.stderr_r, plan.output_bytes, lambda: self.kill("output:stderr"))
         self.proc.stdout_r = self.proc.stderr_r = -1
         self.started = time.monotonic()
-        request_writer = Writer(self.proc.request_w, protocol.encode(request.to_wire()))
+        request_writer = Writer(self.proc.request_w, wire)
         stdin_writer = Writer(self.proc.stdin_w, plan.stdin)
         self.proc.request_w = self.proc.stdin_w = -1
         timers = [self.loop.call_later(plan.timeout_ms / 1000, self.kill, "timeout")]
@@ -204,7 +206,8 @@ class Worker:
                 wall: float) -> Result:
         stats = self.cgroup.stats()
         frame = self.exit_frame
-        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats))
+        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats,
+                                           runtime_oom=self.spec.exec_argv != () and V8_OOM in err.buf[-4096:]))
         result = Result(status=status, stdout=bytes(out.buf), stderr=bytes(err.buf),
                         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
                         limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit",

@@ -46,12 +46,20 @@ class Workers:
         self.tasks = Tasks("workers")
         self.setup_samples: collections.deque[dict[str, int]] = collections.deque(maxlen=200)
 
-    def rlimit_policy(self) -> RlimitPolicy:
+    def rlimit_policy(self, exec_runtime: bool = False) -> RlimitPolicy:
         as_base = int(self.server_info.get("vsz_kb", 0)) * 1024 + AS_MARGIN
-        return RlimitPolicy(as_base, self.settings.jail.address_space_slack, self.driver.kind != "none")
+        # V8 reserves address space far beyond what it uses (a WebAssembly memory reserves
+        # its whole range with guard regions): with a cgroup counting what is used, an exec
+        # runtime gets no RLIMIT_AS at all.
+        cgroup = self.driver.kind != "none"
+        return RlimitPolicy(as_base, self.settings.jail.address_space_slack, cgroup,
+                            unlimited_as=exec_runtime and cgroup)
 
-    async def make(self, key: str, urgent: bool = False, discover: bool = False) -> Worker:
-        """Start a worker; ``urgent`` ones (a request waits) get full CPU weight from the start."""
+    async def make(self, key: str, urgent: bool = False, discover: bool = False, memory: int | None = None) -> Worker:
+        """Start a worker; ``urgent`` ones (a request waits) get full CPU weight from the start.
+
+        ``memory``: a worker made for one run of an exec runtime, whose heap limit is set at its
+        start (pooled ones are made for limits.memory)."""
         s = self.settings
         assert self.server is not None
         slot = await self.slots.acquire(timeout=30.0)
@@ -61,7 +69,8 @@ class Workers:
         except BaseException:
             self.slots.release(slot)
             raise
-        policy = self.rlimit_policy()
+        exec_argv = s.exec_argv(s.language_of(key), memory or s.limits.memory)
+        policy = self.rlimit_policy(exec_runtime=bool(exec_argv))
         lease: Lease | None = None
         try:
             cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files]
@@ -87,6 +96,7 @@ class Workers:
             out_max_files=s.limits.out_files,
             discover=discover,
             hostname=s.jail.hostname,
+            exec_argv=exec_argv,
         )
         server = self.server
         try:
