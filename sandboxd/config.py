@@ -201,8 +201,7 @@ class ProfileSettings:
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    enabled: str = setting("yes", sizes.choice("yes", "no", "auto"),
-                           "yes, no, or auto: when the interpreter is installed on this host.")
+    enabled: str = setting("yes", sizes.tristate, "true, false, or auto: when the interpreter is installed here.")
     interpreter: str = setting("", sizes.optional_text,
                                "The runtime's interpreter, an absolute path; empty for root.python (python3).")
     paths: tuple[str, ...] = setting((), sizes.path_list,
@@ -375,7 +374,7 @@ def _parse_runtimes(raw: Any, root: RootSettings, errors: list[str],
         if not interpreter.startswith("/"):
             errors.append(f"{key}.interpreter: expected an absolute path, got {rt.interpreter!r}")
             interpreter = "/"
-        available, why_not = rt.enabled != "no", "" if rt.enabled != "no" else f"{key}.enabled is no"
+        available, why_not = rt.enabled != "no", "" if rt.enabled != "no" else f"{key}.enabled is false"
         if available and rt.enabled == "auto" and not os.path.exists(interpreter):
             available, why_not = False, f"{interpreter} is not installed on this host"
             warnings.append(f"{key}: {why_not}: {lang} runs are refused (install it and reload to have them)")

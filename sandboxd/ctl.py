@@ -219,6 +219,8 @@ class Ctl:
             fields["memory_mb"] = a.memory
         if a.network:
             fields["network"] = True
+        if a.language:
+            fields["language"] = a.language
         return fields
 
     def run(self) -> int:
@@ -262,12 +264,15 @@ class Ctl:
         return EXIT_OK
 
     def root_why(self) -> int:
-        reply = self.client.call("root_why", module=self.args.module)
+        fields = {"language": self.args.language} if self.args.language else {}
+        reply = self.client.call("root_why", module=self.args.module, **fields)
 
         def human() -> str:
             m = reply["module"]
             lines = []
-            if reply["found"]:
+            if reply.get("language") == "nodejs":
+                lines.append(f"{m}: resolves to {reply['found']}" if reply["found"] else f"{m}: not found in the root")
+            elif reply["found"]:
                 lines.append(f"{m}: in the root at {reply['found']}")
             else:
                 lines.append(f"{m}: not in the root (searched {', '.join(reply['searched'])})")
@@ -357,6 +362,7 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--timeout", type=float, help="wall-clock limit, seconds")
         r.add_argument("--memory", type=int, help="memory limit, MiB")
         r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
+        r.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
         r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
                        "(by default control characters are shown escaped there; piped output is always exact)")
         if name == "run":
@@ -365,6 +371,7 @@ def parser() -> argparse.ArgumentParser:
     rsub = root.add_subparsers(dest="root_command", required=True, metavar="QUESTION")
     why = rsub.add_parser("why", parents=[common], help="can MODULE be imported in the jail, and if not why")
     why.add_argument("module")
+    why.add_argument("--language", "-l", help="python3 (the default) or nodejs: require() it")
     why.set_defaults(method="root_why")
     return p
 

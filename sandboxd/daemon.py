@@ -167,6 +167,8 @@ class Daemon:
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "network": jail["network"],
+            "runtimes": {lang: {"available": rt.available, **({"why_not": rt.why_not} if not rt.available else {})}
+                         for lang, rt in self.config.runtimes.items()},
             "slots": jail["slots"],
             "fork_server": jail["fork_server"],
             "self_test": self.self_test,

@@ -17,7 +17,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import __date__, __version__, sizes
-from .config import LANGUAGES, SECTIONS, ProfileSettings, QuotaLimits, declared, default_of
+from .config import (
+    LANGUAGES,
+    RUNTIME_DEFAULTS,
+    SECTIONS,
+    ProfileSettings,
+    QuotaLimits,
+    RuntimeSettings,
+    declared,
+    default_of,
+)
 
 SECTION_DOCS = {
     "daemon": "The daemon process: socket, state, capacity and connection limits.",
@@ -29,6 +38,7 @@ SECTION_DOCS = {
                "out through the host, never the host itself.",
     "quotas": "Per calling user: a default, overrides per user and per group (name or number).",
     "profiles": "System call profiles per language, on top of the built-in allowlist.",
+    "runtimes": "The languages runs may be in: each one's interpreter, root paths, and how its workers start.",
 }
 
 
@@ -54,6 +64,8 @@ def show(f: dataclasses.Field[Any], value: Any) -> str:
         return _fmt_size(value)
     if conv is sizes.duration:
         return _fmt_duration(value)
+    if conv is sizes.tristate:
+        return {"yes": "true", "no": "false"}.get(value, value)
     if conv is sizes.octal_mode:
         return f'"{value:04o}"'
     if conv is sizes.uid_range:
@@ -72,12 +84,13 @@ def show(f: dataclasses.Field[Any], value: Any) -> str:
     return str(value)
 
 
-def _yaml_fields(fields: Iterable[dataclasses.Field[Any]], indent: str) -> list[str]:
+def _yaml_fields(fields: Iterable[dataclasses.Field[Any]], indent: str,
+                 defaults: dict[str, Any] | None = None) -> list[str]:
     lines = []
     for f in fields:
         for doc_line in textwrap.wrap(f.metadata["doc"], 100 - len(indent)):
             lines.append(f"{indent}# {doc_line}")
-        value = show(f, default_of(f))
+        value = show(f, (defaults or {}).get(f.name, default_of(f)))
         if value.startswith("\n"):
             lines.append(f"{indent}{f.name}:" + value.replace("\n    ", "\n" + indent + "  "))
         else:
@@ -113,6 +126,9 @@ def render_yaml() -> str:
             "profiles:"]
     for lang in LANGUAGES:
         out += [f"  {lang}:", *_yaml_fields(declared(ProfileSettings), "    ")]
+    out += ["", f"# {SECTION_DOCS['runtimes']}", "runtimes:"]
+    for lang in LANGUAGES:
+        out += [f"  {lang}:", *_yaml_fields(declared(RuntimeSettings), "    ", RUNTIME_DEFAULTS[lang])]
     return "\n".join(out) + "\n"
 
 
@@ -127,7 +143,7 @@ KINDS = {
     sizes.pattern_list: "list of glob patterns", sizes.name_list: "list of names",
     sizes.str_map: "mapping of strings to strings", sizes.octal_mode: "octal mode, quoted",
     sizes.uid_range: "uid range low\\-high", sizes.errno_map: "mapping of system call names to errno names",
-    sizes.cidr: "network (CIDR)", sizes.cidr_list: "list of networks (CIDR)",
+    sizes.tristate: "true, false or auto", sizes.cidr: "network (CIDR)", sizes.cidr_list: "list of networks (CIDR)",
     sizes.resolvers: "host, or a list of addresses", sizes.url: "URL",
 }
 
@@ -137,11 +153,13 @@ def kind_of(f: dataclasses.Field[Any]) -> str:
     return KINDS.get(conv) or (conv.__doc__ or "value").strip()
 
 
-def _man_fields(fields: Iterable[dataclasses.Field[Any]], prefix: str) -> list[str]:
+def _man_fields(fields: Iterable[dataclasses.Field[Any]], prefix: str,
+                defaults: dict[str, Any] | None = None) -> list[str]:
     lines = []
     for f in fields:
         kind = kind_of(f)
-        default = show(f, default_of(f)).strip().replace("\n    - ", ", ").replace("\n    ", ", ")
+        default = show(f, (defaults or {}).get(f.name, default_of(f))).strip()
+        default = default.replace("\n    - ", ", ").replace("\n    ", ", ")
         lines += [".TP", f"\\fB{_man_escape(prefix + f.name)}\\fR ({kind})",
                   _man_escape(f.metadata["doc"]), ".br", f"Default: {_man_escape(default)}"]
     return lines
@@ -179,6 +197,12 @@ def render_man() -> str:
         "Languages: " + ", ".join(LANGUAGES) + ".  System calls are named, so one profile serves every",
         "architecture.  \\fBsandboxctl syscalls\\fR \\fIFILE\\fR prints the lines to add for a program.",
         *_man_fields(declared(ProfileSettings), "profiles.python3."),
+        ".SH RUNTIMES", _man_escape(SECTION_DOCS["runtimes"]),
+        "A Python worker is a fork of the fork server's interpreter; a Node.js worker is \\fBnode\\fR exec'd",
+        "inside a fully confined worker (every step done, the filter loaded), where a bootstrap of sandboxd's",
+        "waits for the request.  \\fBenabled: auto\\fR means: when the interpreter is installed.",
+        *[line for lang in LANGUAGES
+          for line in _man_fields(declared(RuntimeSettings), f"runtimes.{lang}.", RUNTIME_DEFAULTS[lang])],
         ".SH EXAMPLE",
         ".nf",
         "root:",

@@ -107,6 +107,17 @@ def name_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def tristate(value: Any) -> str:
+    """true, false or auto -> "yes", "no" or "auto"."""
+    if value is True or value == "yes":
+        return "yes"
+    if value is False or value == "no":
+        return "no"
+    if value == "auto":
+        return "auto"
+    raise ValueError("true, false or auto")
+
+
 def flag_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"--[A-Za-z0-9_=.,:/-]+", v)
                                                 for v in value):

@@ -77,7 +77,7 @@ def test_quota_tables_and_profiles() -> None:
     errs = errors_of({"profiles": {"python3": {"allow": ["not_a_syscall"]}, "ruby": {}},
                       "quotas": {"users": {"alice": {"max_memory": -1}}}})
     assert "profiles.python3.allow: unknown system call(s) not_a_syscall" in errs
-    assert "profiles.ruby: unknown language (known: python3)" in errs
+    assert "profiles.ruby: unknown language (known: python3, nodejs)" in errs
     assert "quotas.users.alice.max_memory: expected a size like 256M, 1G or a number of bytes, got -1" in errs
 
 

@@ -200,7 +200,7 @@ def test_read_only_state_dir_keeps_serving_and_says_so(make_daemon: Any) -> None
 def test_full_state_dir_keeps_serving_and_says_so(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon(start=False)
     os.makedirs(d.state_dir)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", d.state_dir], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", d.state_dir], check=True)
     try:
         d.start()
         filler = os.path.join(d.state_dir, "filler")

@@ -49,8 +49,11 @@ function writeFiles(files) {
 
 function release() {
   // The streams and the compiler are made now, off the run's clock (no user input yet).
-  void process.stdout;
-  void process.stderr;
+  // Writes to the run's pipes block, as a C program's would: a flood then waits for the
+  // daemon (which stops it at its cap) instead of queueing up in memory.
+  for (const stream of [process.stdout, process.stderr]) {
+    if (stream._handle && typeof stream._handle.setBlocking === 'function') stream._handle.setBlocking(true);
+  }
   new Module('/work/warm-up.js', null)._compile('void 0', '/work/warm-up.js');
   fs.writeSync(LINK_FD, 'W'); // started and waiting: the worker is ready
   const header = readExact(4);
@@ -74,12 +77,15 @@ main.paths = Module._nodeModulePaths(path.dirname(MAIN));
 delete require.cache[__filename];
 Module._cache[MAIN] = main;
 process.mainModule = main;
+let crashed = false; // an uncaught exception (or rejection): node prints it after 'exit'
+process.on('uncaughtExceptionMonitor', () => { crashed = true; });
 main._compile(code, MAIN);
 main.loaded = true;
 // Registered after the code's own top level, so its exit listeners run (and print) first.
 // Then the supervisor ends the process at once: node's own teardown takes longer than a
-// short run.  (Code that removes this listener is simply waited for.)
+// short run.  (After a crash, or if the code removes this listener, it is waited for.)
 process.on('exit', (status) => {
+  if (crashed) return;
   try {
     fs.writeSync(LINK_FD, `D${status & 255}`);
   } catch (e) {

@@ -118,6 +118,23 @@ autopkgtest_smoke() {
     sh /root/autopkgtest-smoke
 }
 
+node_run() {
+    # Debian's nodejs (18, with libnode and its libraries) installed after sandboxd: runtimes.nodejs
+    # is "auto", so a reload finds it, rebuilds the root with node's libraries and pools Node workers.
+    apt-get install -y -q nodejs >/tmp/apt-node.log 2>&1 || { tail -5 /tmp/apt-node.log; return 1; }
+    systemctl reload sandboxd.service
+    local out
+    for _ in $(seq 150); do
+        sandboxctl --json status | python3 -c 'import json, sys
+sys.exit(0 if json.load(sys.stdin)["runtimes"]["nodejs"]["available"] else 1)' && break
+        sleep 0.2
+    done
+    out=$(runuser -u alice -- sandboxctl run --language nodejs -c 'console.log(6 * 7, process.version.split(".")[0])')
+    case "$out" in "42 v18"*|"42 v"*) ;; *) echo "$out"; return 1 ;; esac
+    out=$(runuser -u alice -- sandboxctl --json run --language nodejs -c "require('child_process').execSync('id')" || true)
+    echo "$out" | grep -q '"blocked_syscall": "clone"' || { echo "$out" | head -20; return 1; }
+}
+
 outsider_refused() {
     local rc=0 err
     err=$(runuser -u mallory -- sandboxctl run -c 'print(1)' 2>&1) || rc=$?
@@ -215,6 +232,7 @@ check "blocked syscall is reported by name" blocked_syscall_report
 check "blocked calls are named under the unit's own filters" blocked_calls_are_named_under_the_unit
 check "each run has its own device nodes" own_device_nodes
 check "the package's autopkgtest (debian/tests/smoke)" autopkgtest_smoke
+check "a Node.js run under the unit (Debian's nodejs)" node_run
 check "mallory (not in the group) is refused" outsider_refused
 check "systemctl status: running, ready" status_shows_ready
 check "systemctl reload: same pid, reloaded" reload_keeps_pid
