@@ -74,6 +74,9 @@ class DaemonSettings:
     workers: int = setting(8, sizes.int_range(1, 4096), "Global capacity: runs executing at once.")
     queue: int = setting(64, sizes.int_range(0, 100000), "Runs that may wait for capacity; beyond that: busy.")
     queue_timeout: float = setting(30.0, sizes.duration, "Longest a run waits in the queue before busy.")
+    sessions: int = setting(64, sizes.int_range(0, 100000),
+                            "Sessions open at once, all callers (each holds a worker, a run uid and its memory); "
+                            "beyond: busy.")
     max_frame: int = setting(16 << 20, sizes.byte_size, "Largest request frame accepted.")
     max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Open client connections, all users.")
     max_connections_per_uid: int = setting(64, sizes.int_range(1, 100000), "Open client connections per caller uid.")
@@ -189,6 +192,14 @@ class QuotaLimits:
     max_output: int = setting(8 << 20, sizes.byte_size, "Most output per stream a run may ask for.")
     max_files_size: int = setting(16 << 20, sizes.byte_size, "Most bytes of input files (and of out/ files).")
     network: bool = setting(False, sizes.boolean, "Whether runs may ask for network access.")
+    sessions: int = setting(4, sizes.int_range(0, 10000),
+                            "Sessions this caller may have open at once (0: none); beyond: quota_exceeded.")
+    max_session_memory: int = setting(512 << 20, sizes.byte_size, "Most memory_mb a session may ask for.")
+    max_session_idle: float = setting(600.0, sizes.duration,
+                                      "Longest idle_timeout_ms a session may ask for, and its default: a session "
+                                      "without an exec for that long is closed.")
+    max_session_lifetime: float = setting(3600.0, sizes.duration,
+                                          "Longest max_lifetime_ms a session may ask for, and its default.")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Every subcommand takes --json for scripts.  Exit statuses are stable (EXIT_*).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 from . import render
 from .client import Client, SandboxdError, default_socket
 from .config import DEFAULT_CONFIG, ConfigError, load
+from .repl import Repl
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # the run did not succeed (run mirrors exit codes and signals instead when it can)
@@ -25,6 +28,7 @@ EXIT_QUOTA = 5
 EXIT_BUSY = 6
 EXIT_ERROR = 7  # any other error answer from the daemon
 EXIT_SANDBOX = 8  # the jail could not be set up for the run
+SESSION_ID = re.compile(r"s[0-9a-f]{6}-[0-9]+-[0-9a-f]{12}")
 ERROR_EXITS = {"forbidden": EXIT_FORBIDDEN, "quota_exceeded": EXIT_QUOTA, "busy": EXIT_BUSY,
                "unavailable": EXIT_BUSY}
 
@@ -98,7 +102,9 @@ class Ctl:
         return EXIT_OK
 
     def kill(self) -> int:
-        reply = self.client.call("kill", run_id=self.args.run_id)
+        target = self.args.run_id
+        field = "session_id" if SESSION_ID.fullmatch(target) else "run_id"
+        reply = self.client.call("kill", **{field: target})
         self.out(reply, lambda: f"killed {reply['killed']}")
         return EXIT_OK
 
@@ -187,7 +193,8 @@ class Ctl:
                 return f.read(), False
         return sys.stdin.read(), True
 
-    def _run_fields(self, code_from_stdin: bool) -> dict[str, Any]:
+    def _run_fields(self, code_from_stdin: bool, session: bool = False) -> dict[str, Any]:
+        """The fields of a run (or, with ``session``, of an exec) from the command line."""
         a = self.args
         stdin = b""
         if a.stdin_file:
@@ -202,19 +209,21 @@ class Ctl:
                 raise UsageError(f"--file expects NAME=PATH, got {spec!r}")
             with open(path, "rb") as f:
                 files[name] = f.read()
+        fields: dict[str, Any] = {"stdin": stdin} if stdin or not session else {}
+        if files:
+            fields["files"] = files
+        if a.timeout:
+            fields["timeout_ms"] = int(a.timeout * 1000)
+        if session:
+            return fields
         env = {}
         for spec in a.env or []:
             name, sep, value = spec.partition("=")
             if not sep:
                 raise UsageError(f"--env expects NAME=VALUE, got {spec!r}")
             env[name] = value
-        fields: dict[str, Any] = {"stdin": stdin}
-        if files:
-            fields["files"] = files
         if env:
             fields["env"] = env
-        if a.timeout:
-            fields["timeout_ms"] = int(a.timeout * 1000)
         if a.memory:
             fields["memory_mb"] = a.memory
         if a.network:
@@ -223,18 +232,102 @@ class Ctl:
             fields["language"] = a.language
         return fields
 
+    def streaming(self) -> bool:
+        """Stream output as it comes: by default when writing to a terminal (not with --json)."""
+        choice = getattr(self.args, "stream", None)
+        if choice is not None:
+            return bool(choice) and not self.args.json
+        return not self.args.json and sys.stdout.isatty()
+
+    def on_output(self, stream: str, data: bytes) -> None:
+        self.write(sys.stdout if stream == "stdout" else sys.stderr, data)
+
     def run(self) -> int:
         code, from_stdin = self._code()
-        result = self.client.run(code, **self._run_fields(from_stdin))
+        streamed = self.streaming()
+        fields = self._run_fields(from_stdin)
+        if getattr(self.args, "display", False):
+            fields["display"] = True
+        result = self.client.run(code, on_output=self.on_output if streamed else None, **fields)
+        return self.show_result(result, streamed)
+
+    def show_result(self, result: dict[str, Any], streamed: bool) -> int:
+        """A run's or exec's output (unless it was streamed), its verdict, its out/ files."""
         if self.args.json:
             print(render.to_json(result))
         else:
-            self.write(sys.stdout, result.get("stdout") or b"")
-            self.write(sys.stderr, result.get("stderr") or b"")
+            if not streamed:
+                self.write(sys.stdout, result.get("stdout") or b"")
+                self.write(sys.stderr, result.get("stderr") or b"")
+            if result.get("value") is not None:
+                print(self.shown(str(result["value"]), sys.stdout))
             sys.stderr.write(self.shown(render.verdict_line(result), sys.stderr) + "\n")
-        if self.args.out and result.get("files"):
-            save_files(self.args.out, result["files"])
+        if self.args.out and (result.get("files") or result.get("display")):
+            save_files(self.args.out, {**result.get("files", {}),
+                                       **{f"display-{i + 1}.png": d["data"]
+                                          for i, d in enumerate(result.get("display") or [])}})
+        if result.get("exec"):
+            return cell_exit(result)
         return run_exit(result)
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def _session_fields(self) -> dict[str, Any]:
+        a = self.args
+        fields: dict[str, Any] = {}
+        if a.language:
+            fields["language"] = a.language
+        if a.memory:
+            fields["memory_mb"] = a.memory
+        if a.network:
+            fields["network"] = True
+        if a.idle_timeout:
+            fields["idle_timeout_ms"] = int(a.idle_timeout * 1000)
+        if a.lifetime:
+            fields["max_lifetime_ms"] = int(a.lifetime * 1000)
+        if a.display:
+            fields["display"] = True
+        return fields
+
+    def session_open(self) -> int:
+        reply = self.client.call("session_open", **self._session_fields())
+        info = reply["session"]
+        self.out(reply, lambda: info["session_id"])
+        return EXIT_OK
+
+    def session_exec(self) -> int:
+        code, from_stdin = self._code()
+        fields = self._run_fields(from_stdin, session=True)
+        streamed = self.streaming()
+        reply = self.client.call("session_exec", on_output=self.on_output if streamed else None,
+                                 session_id=self.args.session_id, code=code, **fields)
+        return self.show_result(reply["result"], streamed)
+
+    def session_close(self) -> int:
+        reply = self.client.call("session_close", session_id=self.args.session_id)
+        self.out(reply, lambda: f"closed {reply['session']['session_id']}")
+        return EXIT_OK
+
+    def session_interrupt(self) -> int:
+        reply = self.client.call("session_interrupt", session_id=self.args.session_id)
+        self.out(reply, lambda: "interrupted" if reply["interrupted"] else "nothing was running")
+        return EXIT_OK
+
+    def session_list(self) -> int:
+        reply = self.client.call("sessions")
+        rows = [(x["session_id"], x["owner"], x["language"], f"{x['memory_mb']} MiB",
+                 render.duration(x["age_ms"] / 1000), "busy" if x["busy"] else render.duration(x["idle_ms"] / 1000),
+                 x["execs"], f"{x['cpu_used_ms'] / 1000:.1f} s") for x in reply["sessions"]]
+        self.out(reply, lambda: render.table(["session", "owner", "language", "memory", "age", "idle", "execs",
+                                               "cpu"], rows))
+        return EXIT_OK
+
+    def repl(self) -> int:
+        session = self.client.session(**self._session_fields())
+        try:
+            return Repl(self.client, session, self).loop()
+        finally:
+            with contextlib.suppress(SandboxdError, OSError):
+                session.close()
 
     def syscalls(self) -> int:
         code, from_stdin = self._code()
@@ -313,6 +406,15 @@ def run_exit(result: dict[str, Any]) -> int:
     return EXIT_RUN_FAILED  # a limit, a timeout or a blocked call: the daemon's SIGKILL is not the program's
 
 
+def cell_exit(result: dict[str, Any]) -> int:
+    """The exit status of ``sandboxctl session exec``: 0 when the cell finished without an exception."""
+    if result.get("status") == "ok":
+        return EXIT_OK
+    if result.get("status") == "sandbox_error":
+        return EXIT_SANDBOX
+    return EXIT_RUN_FAILED
+
+
 def save_files(directory: str, files: dict[str, bytes]) -> None:
     base = os.path.realpath(directory)
     for name, data in files.items():
@@ -323,6 +425,12 @@ def save_files(directory: str, files: dict[str, bytes]) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:
             f.write(data)
+
+
+def streaming(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--stream", action="store_true", default=None,
+                    help="show output as it comes (the default on a terminal)")
+    sp.add_argument("--no-stream", dest="stream", action="store_false", help="show output when the code is done")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -340,7 +448,8 @@ def parser() -> argparse.ArgumentParser:
 
     add("status", "health, version, uptime, root, pool, queue and capacity", "status")
     add("jobs", "runs in flight (admin)", "jobs")
-    add("kill", "kill a run in flight (its owner or an admin)", "kill").add_argument("run_id")
+    add("kill", "kill a run in flight, or a session (its owner or an admin)", "kill").add_argument(
+        "run_id", metavar="RUN_OR_SESSION_ID")
     u = add("usage", "usage against quota (another user's: admin)", "usage")
     u.add_argument("user", nargs="?", help="user name or uid (default: you)")
     u.add_argument("--all", action="store_true", help="every user the daemon has seen (admin)")
@@ -366,7 +475,45 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
                        "(by default control characters are shown escaped there; piped output is always exact)")
         if name == "run":
-            r.add_argument("--out", help="save the files the run left in out/ into this directory")
+            r.add_argument("--out", help="save the files the run left in out/ (and its figures) into this directory")
+            streaming(r)
+            r.add_argument("--display", action="store_true", help="return matplotlib figures as PNGs (with --out)")
+
+    def session_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
+        sp.add_argument("--memory", type=int, help="memory limit of the whole session, MiB")
+        sp.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
+        sp.add_argument("--idle-timeout", type=float, help="close it after this many idle seconds")
+        sp.add_argument("--lifetime", type=float, help="close it after this many seconds in all")
+        sp.add_argument("--display", action="store_true", help="return matplotlib figures as PNGs")
+
+    session = sub.add_parser("session", help="sessions: workers that keep their state between execs")
+    ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+
+    def sadd(name: str, helptext: str, method: str) -> argparse.ArgumentParser:
+        sp = ssub.add_parser(name, parents=[common], help=helptext, description=helptext)
+        sp.set_defaults(method=method)
+        return sp
+
+    session_options(sadd("open", "open a session; prints its id", "session_open"))
+    e = sadd("exec", "run code in a session (from a file, -c CODE or standard input)", "session_exec")
+    e.add_argument("session_id")
+    e.add_argument("file", nargs="?", help="file with the code ('-' or nothing: standard input)")
+    e.add_argument("-c", dest="code", help="the code itself")
+    e.add_argument("--stdin-file", help="give this file to the cell as its standard input")
+    e.add_argument("--file", dest="file_input", action="append", metavar="NAME=PATH",
+                   help="place PATH in the session's working directory as NAME (repeatable)")
+    e.add_argument("--timeout", type=float, help="wall-clock limit of this exec, seconds")
+    e.add_argument("--out", help="save the files the exec left in out/ (and its figures) into this directory")
+    e.add_argument("--raw", action="store_true", help="write the output to a terminal as it is")
+    streaming(e)
+    sadd("close", "close a session (its owner or an admin)", "session_close").add_argument("session_id")
+    sadd("interrupt", "KeyboardInterrupt in a session's running exec", "session_interrupt").add_argument(
+        "session_id")
+    sadd("list", "your open sessions (admins: everyone's)", "session_list")
+    rp = add("repl", "an interactive interpreter in a new session (Ctrl-C interrupts, Ctrl-D leaves)", "repl")
+    session_options(rp)
+    rp.add_argument("--raw", action="store_true", help="write the output to a terminal as it is")
     root = sub.add_parser("root", help="questions about the root")
     rsub = root.add_subparsers(dest="root_command", required=True, metavar="QUESTION")
     why = rsub.add_parser("why", parents=[common], help="can MODULE be imported in the jail, and if not why")

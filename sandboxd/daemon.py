@@ -33,9 +33,11 @@ from .errors import RequestError
 from .jail.cgroups import CgroupError
 from .jail.jail import Jail
 from .jail.settings import JailSettings
+from .jail.stream import EventSink
 from .peer import Identity, PeerCred, identify
 from .runs import Runs
-from .server import Server
+from .server import Interim, Server
+from .sessions import Sessions
 from .systemd import Notifier, activated_unix_socket, listen_fds
 from .usage import UsageStore
 
@@ -58,6 +60,7 @@ class Daemon:
         self.state_dir = state_dir or config.daemon.state_dir
         self.jail = Jail(JailSettings.from_config(config, self.state_dir))
         self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
+        self.sessions = Sessions(config, self.jail, self.runs)
         self.server = Server(config.daemon, self._dispatch, refused=self.refused)
         self.notifier = Notifier()
         self.started = time.time()
@@ -68,12 +71,11 @@ class Daemon:
         self.last_reload: dict[str, Any] | None = None
 
     # -- what handlers may ask (handlers.App) ------------------------------------------------
-    async def _dispatch(self, cred: PeerCred, req: dict[str, Any],
-                        progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    async def _dispatch(self, cred: PeerCred, req: dict[str, Any], interim: Interim) -> dict[str, Any]:
         who = identify(cred)
         self.runs.admission.check_refusals(who.uid, self._rate_limits(who))
         try:
-            return await handlers.dispatch(self, handlers.Call(who, req, progress))
+            return await handlers.dispatch(self, handlers.Call(who, req, interim))
         except RequestError as e:
             if e.code in REFUSALS:
                 self.refused(who.uid)
@@ -133,8 +135,24 @@ class Daemon:
         return {"uid": uid, "user": ident.name, "usage": self.runs.usage.snapshot(uid, time.time()),
                 "running": running, "queued": queued, "quota": quota.limits_dict(limits) if limits else None}
 
-    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]:
-        return await self.runs.execute(who, self.limits_for(who), req, discover)
+    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False,
+                      events: EventSink | None = None) -> dict[str, Any]:
+        return await self.runs.execute(who, self.limits_for(who), req, discover, events)
+
+    async def open_session(self, who: Identity, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.sessions.open(who, self.limits_for(who), req)
+
+    async def exec_session(self, who: Identity, req: dict[str, Any], events: EventSink | None) -> dict[str, Any]:
+        return await self.sessions.exec(who, self.limits_for(who), req, events)
+
+    def interrupt_session(self, who: Identity, session_id: Any) -> bool:
+        return self.sessions.interrupt(who, session_id)
+
+    async def close_session(self, who: Identity, session_id: Any, reason: str) -> dict[str, Any]:
+        return await self.sessions.close(who, session_id, reason)
+
+    def list_sessions(self, who: Identity) -> list[dict[str, Any]]:
+        return self.sessions.list(who, self.is_admin(who))
 
     def jobs(self) -> tuple[list[dict[str, Any]], int]:
         return self.runs.jobs(), len(self.runs.admission.queue)
@@ -164,6 +182,7 @@ class Daemon:
             "stopping": self.stopping,
             "root": jail["root"],
             "capacity": self.runs.admission.describe(),
+            "sessions": self.sessions.describe_all(),
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "network": jail["network"],
@@ -175,7 +194,7 @@ class Daemon:
             "usage_db": usage.error or "ok",
             "connections": self.server.connections,
             "you": {"uid": who.uid, "user": who.name, "admin": self.is_admin(who),
-                    "usage": usage.snapshot(who.uid, now)},
+                    "usage": usage.snapshot(who.uid, now), "sessions": self.sessions.counts(who.uid)},
             "last_reload": self.last_reload,
         }
         if self.is_admin(who):
@@ -214,6 +233,7 @@ class Daemon:
             self.notifier.notify(status="self-test")
             await self.run_self_test()
         sock = self._socket()
+        self.sessions.start()
         await self.server.serve(sock)
         root = self.jail.root
         log.info("sandboxd %s ready on %s (root %s, cgroup %s, %d workers)", __version__, self.socket_path,
@@ -307,6 +327,7 @@ class Daemon:
         self.config = new
         d = new.daemon
         self.runs.configure(new)
+        self.sessions.configure(new)
         self.server.configure(d)
         logging.getLogger().setLevel(d.log_level.upper())
         for warning in new.warnings:
@@ -325,7 +346,13 @@ class Daemon:
         if self.owns_socket_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
-        await self.jail.close(grace=grace)
+        deadline = time.monotonic() + grace
+        while self.runs.running and time.monotonic() < deadline:  # runs and execs in sessions
+            await asyncio.sleep(0.02)
+        if self.sessions.live:
+            log.info("stopping: closing %d sessions", len(self.sessions.live))
+        await self.sessions.close_all("daemon_stopped")
+        await self.jail.close(grace=max(0.0, deadline - time.monotonic()))
         for task in list(self.server.tasks):
             task.cancel()
         self.runs.usage.close()

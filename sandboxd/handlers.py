@@ -1,10 +1,15 @@
 """The protocol's operations.  Each declares who may call it, checked before it runs.
 
     hello          anyone      server, version, protocol, your uid and quota
-    run            anyone      run code (quota applies)
+    run            anyone      run code (quota applies; ``stream: true`` sends output as it comes)
+    session_open   anyone      a session: a worker that keeps its state across execs
+    session_exec   owner       run a cell in it
+    session_interrupt owner/admin  KeyboardInterrupt in its running cell
+    session_close  owner/admin end it
+    sessions       anyone      your open sessions (admins: everyone's)
     status         anyone      health, root, capacity, your usage (admins: everyone's)
     usage          anyone      usage against quota; another user's needs admin
-    kill           owner/admin kill a run by id
+    kill           owner/admin kill a run by id, or a session
     root_why       anyone      can MODULE be imported in the root, and if not why
     jobs           admin       runs in flight and queued
     reload         admin       re-read the config file
@@ -21,14 +26,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import __version__, errors, hints, protocol, quota, rootwhy
+from . import __version__, errors, hints, plan, protocol, quota, rootwhy
 from .config import QuotaLimits
 from .errors import RequestError
 from .jail.profiles import NEVER_ALLOW
+from .jail.stream import EventSink
 from .peer import Identity
 
 log = logging.getLogger("sandboxd.run")
-Progress = Callable[[dict[str, Any]], None]
 
 
 class App(Protocol):
@@ -41,7 +46,13 @@ class App(Protocol):
     def resolve_uid(self, target: Any) -> int: ...
     def known_uids(self) -> list[int]: ...
     def usage_of(self, uid: int) -> dict[str, Any]: ...
-    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False) -> dict[str, Any]: ...
+    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False,
+                      events: EventSink | None = None) -> dict[str, Any]: ...
+    async def open_session(self, who: Identity, req: dict[str, Any]) -> dict[str, Any]: ...
+    async def exec_session(self, who: Identity, req: dict[str, Any], events: EventSink | None) -> dict[str, Any]: ...
+    def interrupt_session(self, who: Identity, session_id: Any) -> bool: ...
+    async def close_session(self, who: Identity, session_id: Any, reason: str) -> dict[str, Any]: ...
+    def list_sessions(self, who: Identity) -> list[dict[str, Any]]: ...
     def jobs(self) -> tuple[list[dict[str, Any]], int]: ...
     def run_owner(self, run_id: str) -> int | None: ...
     def kill_run(self, run_id: str) -> None: ...
@@ -50,17 +61,30 @@ class App(Protocol):
     def root_layout(self) -> tuple[str, list[str]] | None: ...  # (root path, the runs' sys.path) once built
 
 
+class Interim(EventSink, Protocol):
+    """Frames of a request before its answer: progress reports and streamed events."""
+
+    def progress(self, info: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Call:
-    """One request being handled: who asked, what, and a way to send interim progress frames."""
+    """One request being handled: who asked, what, and a way to send interim frames."""
 
     who: Identity
     req: dict[str, Any]
-    progress: Progress
+    interim: Interim
 
     @property
     def id(self) -> Any:
         return self.req.get("id")
+
+    def progress(self, info: dict[str, Any]) -> None:
+        self.interim.progress(info)
+
+    def events(self) -> EventSink | None:
+        """Where streamed output goes, when the request asks for it (``stream: true``)."""
+        return self.interim if plan.wants_stream(self.req) else None
 
 
 Handler = Callable[[App, Call], Awaitable[dict[str, Any]]]
@@ -74,7 +98,27 @@ async def op_hello(app: App, call: Call) -> dict[str, Any]:
 
 
 async def op_run(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, result=await app.execute(call.who, call.req))
+    return protocol.ok(call.id, result=await app.execute(call.who, call.req, events=call.events()))
+
+
+async def op_session_open(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, session=await app.open_session(call.who, call.req))
+
+
+async def op_session_exec(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, result=await app.exec_session(call.who, call.req, call.events()))
+
+
+async def op_session_interrupt(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, interrupted=app.interrupt_session(call.who, call.req.get("session_id")))
+
+
+async def op_session_close(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, session=await app.close_session(call.who, call.req.get("session_id"), "closed"))
+
+
+async def op_sessions(app: App, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, sessions=app.list_sessions(call.who))
 
 
 async def op_status(app: App, call: Call) -> dict[str, Any]:
@@ -104,9 +148,14 @@ async def op_jobs(app: App, call: Call) -> dict[str, Any]:
 
 
 async def op_kill(app: App, call: Call) -> dict[str, Any]:
+    """Kill a run, or a session (``session_id``: it ends; an exec's run_id ends its session too)."""
     run_id = call.req.get("run_id")
+    if call.req.get("session_id") is not None and run_id is None:
+        closed = await app.close_session(call.who, call.req["session_id"], "killed")
+        log.warning("session %s killed by uid %d", closed["session_id"], call.who.uid)
+        return protocol.ok(call.id, killed=closed["session_id"], session=closed)
     if not isinstance(run_id, str):
-        raise errors.bad_request("run_id", "required, a string")
+        raise errors.bad_request("run_id", "required, a string (or session_id)")
     owner = app.run_owner(run_id)
     # Another caller's run is as absent as one that does not exist: "forbidden" would tell
     # when others run (run ids are sequential).
@@ -234,7 +283,7 @@ TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, i
 class Op:
     access: str
     handler: Handler
-    # The fields it takes, with their types; None where plan.py checks them (run, syscalls).
+    # The fields it takes, with their types; None where plan.py checks them (run, syscalls, sessions).
     fields: dict[str, tuple[type, ...]] | None = None
     while_stopping: bool = False  # answered during shutdown (status says it is stopping)
 
@@ -244,7 +293,12 @@ HANDLERS: dict[str, Op] = {
     "run": Op(QUOTA, op_run),
     "status": Op(LISTED, op_status, {}, while_stopping=True),
     "usage": Op(LISTED, op_usage, {"uid": INT, "user": (str, int), "all": BOOL}),
-    "kill": Op(LISTED, op_kill, {"run_id": STR}),
+    "kill": Op(LISTED, op_kill, {"run_id": STR, "session_id": STR}),
+    "session_open": Op(QUOTA, op_session_open),
+    "session_exec": Op(QUOTA, op_session_exec),
+    "session_interrupt": Op(LISTED, op_session_interrupt, {"session_id": STR}),
+    "session_close": Op(LISTED, op_session_close, {"session_id": STR}),
+    "sessions": Op(LISTED, op_sessions, {}),
     "root_why": Op(QUOTA, op_root_why, {"module": STR, "language": STR}),
     "jobs": Op(ADMIN, op_jobs, {}),
     "reload": Op(ADMIN, op_reload, {}),

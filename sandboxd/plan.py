@@ -1,4 +1,5 @@
-"""A ``run`` request, validated against the caller's quota, becomes an immutable RunPlan.
+"""A request, validated against the caller's quota, becomes an immutable plan: ``run`` a
+RunPlan, ``session_open`` a SessionPlan, ``session_exec`` a CellPlan.
 
 Every field is checked for type and range; a problem names the field
 (``bad_request``).  Asking for more than the caller's quota allows is ``forbidden``
@@ -15,10 +16,13 @@ from typing import Any
 from .config import ALIASES, LANGUAGES, Config, QuotaLimits
 from .errors import bad_request, forbidden
 from .hints import check_unknown
-from .jail.spec import RunPlan
+from .jail.spec import CellPlan, RunPlan, SessionPlan
 
 RUN_FIELDS = ("op", "id", "code", "language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files",
-              "env", "max_output")
+              "env", "max_output", "stream", "display")
+SESSION_FIELDS = ("op", "id", "language", "memory_mb", "cpu_ms", "idle_timeout_ms", "max_lifetime_ms", "network",
+                  "files", "env", "display")
+EXEC_FIELDS = ("op", "id", "session_id", "code", "stdin", "timeout_ms", "files", "stream", "display", "max_output")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ENV = 256
 MAX_FILES = 1000
@@ -38,51 +42,18 @@ def _int(req: Mapping[str, Any], name: str, default: int, lo: int) -> int:
 
 def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str) -> RunPlan:
     check_unknown(req, RUN_FIELDS)
-    code = req.get("code")
-    if not isinstance(code, str):
-        raise bad_request("code", "required, a string" if code is None else
-                          f"expected a string, got {type(code).__name__}")
-    language = req.get("language", "python3")
-    if not isinstance(language, str) or ALIASES.get(language, language) not in LANGUAGES:
-        raise bad_request("language", f"unknown language {language!r}", known=[*LANGUAGES, *ALIASES])
-    language = ALIASES.get(language, language)
-    if cfg.runtime(language) is None:
-        raise bad_request("language", f"{language} is not available here: {cfg.runtimes[language].why_not}",
-                          known=[lang for lang in LANGUAGES if cfg.runtime(lang)])
-
-    stdin = req.get("stdin", b"")
-    if isinstance(stdin, str):
-        stdin = stdin.encode("utf-8")
-    if not isinstance(stdin, bytes):
-        raise bad_request("stdin", f"expected bytes (msgpack bin), got {type(stdin).__name__}")
-
+    code = _code(req)
+    language = _language(req, cfg)
+    stdin = _stdin(req)
+    timeout_ms = _timeout(req, limits, cfg)
     max_timeout_ms = int(limits.max_timeout * 1000)
-    timeout_ms = _int(req, "timeout_ms", min(int(cfg.limits.timeout * 1000), max_timeout_ms), 1)
-    if timeout_ms > max_timeout_ms:
-        raise forbidden(f"timeout_ms {timeout_ms} is above your limit of {max_timeout_ms}",
-                        field="timeout_ms", limit=max_timeout_ms)
     cpu_ms = _int(req, "cpu_ms", timeout_ms, 1)
     if cpu_ms > max_timeout_ms:
         raise forbidden(f"cpu_ms {cpu_ms} is above your limit of {max_timeout_ms}", field="cpu_ms",
                         limit=max_timeout_ms)
-
-    max_memory_mb = limits.max_memory >> 20
-    memory_mb = _int(req, "memory_mb", min(cfg.limits.memory >> 20, max_memory_mb), MIN_MEMORY_MB)
-    if memory_mb > max_memory_mb:
-        raise forbidden(f"memory_mb {memory_mb} is above your limit of {max_memory_mb}", field="memory_mb",
-                        limit=max_memory_mb)
-
-    max_output = _int(req, "max_output", min(cfg.limits.output, limits.max_output), 1)
-    if max_output > limits.max_output:
-        raise forbidden(f"max_output {max_output} is above your limit of {limits.max_output}",
-                        field="max_output", limit=limits.max_output)
-
-    network = req.get("network", False)
-    if not isinstance(network, bool):
-        raise bad_request("network", f"expected true or false, got {type(network).__name__}")
-    if network and not limits.network:
-        raise forbidden("network access is not allowed for you", field="network")
-
+    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_memory), limits.max_memory)
+    max_output = _max_output(req, limits, cfg)
+    network = _network(req, limits)
     files = _files(req.get("files"), limits, cfg)
     env = _env(req.get("env"))
     if network:
@@ -104,7 +75,131 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
         out_files_count=cfg.limits.out_files,
         nofile=cfg.limits.nofile,
         network=network,
+        display=_flag(req, "display"),
     )
+
+
+def build_session(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, session_id: str) -> SessionPlan:
+    """A ``session_open`` request: the session's limits for its whole life."""
+    check_unknown(req, SESSION_FIELDS)
+    language = _language(req, cfg)
+    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_session_memory), limits.max_session_memory)
+    cpu_ms = _int(req, "cpu_ms", 0, 1) if req.get("cpu_ms") is not None else 0
+    idle_ms = _within(req, "idle_timeout_ms", int(limits.max_session_idle * 1000))
+    lifetime_ms = _within(req, "max_lifetime_ms", int(limits.max_session_lifetime * 1000))
+    network = _network(req, limits)
+    files = _files(req.get("files"), limits, cfg)
+    env = _env(req.get("env"))
+    if network:
+        env = {**proxy_env(cfg), **env}
+    display = _flag(req, "display")
+    if display and language != "python3":
+        raise bad_request("display", f"figures come from matplotlib: python3 sessions only, not {language}")
+    return SessionPlan(session_id=session_id, language=language, files=files, env=env, memory_bytes=memory_mb << 20,
+                       cpu_ms=cpu_ms, idle_timeout_ms=idle_ms, max_lifetime_ms=lifetime_ms, pids=cfg.limits.pids,
+                       file_size_bytes=cfg.limits.file_size,
+                       out_files_bytes=min(cfg.limits.out_files_size, limits.max_files_size),
+                       out_files_count=cfg.limits.out_files, nofile=cfg.limits.nofile, network=network,
+                       display=display)
+
+
+def build_cell(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str, language: str) -> CellPlan:
+    """A ``session_exec`` request (``session_id`` is the caller's to check)."""
+    check_unknown(req, EXEC_FIELDS)
+    display = _flag(req, "display")
+    if display and language != "python3":
+        raise bad_request("display", f"figures come from matplotlib: python3 sessions only, not {language}")
+    stdin = _stdin(req)
+    if stdin and language != "python3":
+        raise bad_request("stdin", f"{language} sessions have no stdin of their own per exec: pass data in files")
+    return CellPlan(run_id=run_id, code=_code(req), stdin=stdin, files=_files(req.get("files"), limits, cfg),
+                    timeout_ms=_timeout(req, limits, cfg), output_bytes=_max_output(req, limits, cfg),
+                    display=display)
+
+
+def wants_stream(req: Mapping[str, Any]) -> bool:
+    """``stream: true``: output comes as events while the code runs (run, session_exec)."""
+    return _flag(req, "stream")
+
+
+def _code(req: Mapping[str, Any]) -> str:
+    code = req.get("code")
+    if not isinstance(code, str):
+        raise bad_request("code", "required, a string" if code is None else
+                          f"expected a string, got {type(code).__name__}")
+    return code
+
+
+def _language(req: Mapping[str, Any], cfg: Config) -> str:
+    language = req.get("language", "python3")
+    if not isinstance(language, str) or ALIASES.get(language, language) not in LANGUAGES:
+        raise bad_request("language", f"unknown language {language!r}", known=[*LANGUAGES, *ALIASES])
+    language = ALIASES.get(language, language)
+    if cfg.runtime(language) is None:
+        raise bad_request("language", f"{language} is not available here: {cfg.runtimes[language].why_not}",
+                          known=[lang for lang in LANGUAGES if cfg.runtime(lang)])
+    return language
+
+
+def _stdin(req: Mapping[str, Any]) -> bytes:
+    stdin = req.get("stdin", b"")
+    if stdin is None:
+        return b""
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    if not isinstance(stdin, bytes):
+        raise bad_request("stdin", f"expected bytes (msgpack bin), got {type(stdin).__name__}")
+    return stdin
+
+
+def _timeout(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config) -> int:
+    max_timeout_ms = int(limits.max_timeout * 1000)
+    timeout_ms = _int(req, "timeout_ms", min(int(cfg.limits.timeout * 1000), max_timeout_ms), 1)
+    if timeout_ms > max_timeout_ms:
+        raise forbidden(f"timeout_ms {timeout_ms} is above your limit of {max_timeout_ms}",
+                        field="timeout_ms", limit=max_timeout_ms)
+    return timeout_ms
+
+
+def _within(req: Mapping[str, Any], name: str, limit: int) -> int:
+    """An optional duration in ms, at most ``limit`` (its default)."""
+    value = _int(req, name, limit, 1)
+    if value > limit:
+        raise forbidden(f"{name} {value} is above your limit of {limit}", field=name, limit=limit)
+    return value
+
+
+def _memory(req: Mapping[str, Any], default: int, limit: int) -> int:
+    max_memory_mb = limit >> 20
+    memory_mb = _int(req, "memory_mb", default >> 20, MIN_MEMORY_MB)
+    if memory_mb > max_memory_mb:
+        raise forbidden(f"memory_mb {memory_mb} is above your limit of {max_memory_mb}", field="memory_mb",
+                        limit=max_memory_mb)
+    return memory_mb
+
+
+def _max_output(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config) -> int:
+    max_output = _int(req, "max_output", min(cfg.limits.output, limits.max_output), 1)
+    if max_output > limits.max_output:
+        raise forbidden(f"max_output {max_output} is above your limit of {limits.max_output}",
+                        field="max_output", limit=limits.max_output)
+    return max_output
+
+
+def _flag(req: Mapping[str, Any], name: str) -> bool:
+    value = req.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(name, f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _network(req: Mapping[str, Any], limits: QuotaLimits) -> bool:
+    network = _flag(req, "network")
+    if network and not limits.network:
+        raise forbidden("network access is not allowed for you", field="network")
+    return network
 
 
 def _files(raw: Any, limits: QuotaLimits, cfg: Config) -> dict[str, bytes]:

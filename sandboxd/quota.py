@@ -47,7 +47,8 @@ def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
 
 def limits_dict(limits: QuotaLimits) -> dict[str, Any]:
     d = dataclasses.asdict(limits)
-    d["max_timeout_ms"] = int(d.pop("max_timeout") * 1000)
+    for name in ("max_timeout", "max_session_idle", "max_session_lifetime"):  # durations in ms, as requests
+        d[f"{name}_ms"] = int(d.pop(name) * 1000)
     return d
 
 

@@ -90,6 +90,8 @@ def verdict_line(result: dict[str, Any]) -> str:
     for stream in ("stdout", "stderr"):
         if result.get(f"{stream}_truncated"):
             parts.append(f"{stream} truncated")
+    if result.get("session_ended"):
+        parts.append(f"session {result.get('session_id')} has ended")
     parts.append(f"{result.get('wall_ms', 0):.1f} ms wall, {result.get('cpu_ms', 0):.1f} ms cpu, "
                  f"{size((result.get('memory_peak_kb') or 0) * 1024)} peak")
     parts.append(f"run {result.get('run_id')}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +19,8 @@ from . import plan
 from .config import Config, QuotaLimits
 from .jail.jail import Jail
 from .jail.spec import RunPlan
+from .jail.stream import EventSink
+from .jail.verdict import Result
 from .jail.worker import Worker
 from .peer import Identity
 from .quota import Admission
@@ -30,10 +33,19 @@ log = logging.getLogger("sandboxd.run")
 class RunEntry:
     run_id: str
     caller: Identity
-    plan: RunPlan
     started: float  # time.monotonic() when admitted
+    timeout_ms: int
+    memory_mb: int
+    network: bool
+    language: str
+    session_id: str | None = None  # an exec in this session
     worker: Worker | None = None  # once the jail has one for it
     killed: bool = False
+    on_kill: Callable[[], None] | None = None  # a session's exec: killing it ends the session
+
+    @classmethod
+    def for_plan(cls, run_id: str, caller: Identity, p: RunPlan) -> RunEntry:
+        return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes >> 20, p.network, p.language)
 
     def bind(self, worker: Worker) -> None:
         self.worker = worker
@@ -42,15 +54,18 @@ class RunEntry:
 
     def kill(self) -> None:
         self.killed = True
-        if self.worker is not None:
+        if self.on_kill is not None:
+            self.on_kill()
+        elif self.worker is not None:
             self.worker.kill("killed")
 
     def describe(self, now: float) -> dict[str, Any]:
-        w, p = self.worker, self.plan
+        w = self.worker
         return {"run_id": self.run_id, "caller_uid": self.caller.uid, "caller": self.caller.name,
                 "worker_pid": w.pid if w else None, "run_uid": w.slot.uid if w else None,
-                "age_ms": round((now - self.started) * 1000, 1), "timeout_ms": p.timeout_ms,
-                "memory_mb": p.memory_bytes >> 20, "network": p.network, "language": p.language}
+                "age_ms": round((now - self.started) * 1000, 1), "timeout_ms": self.timeout_ms,
+                "memory_mb": self.memory_mb, "network": self.network, "language": self.language,
+                "session_id": self.session_id}
 
 
 class Runs:
@@ -77,32 +92,43 @@ class Runs:
         return f"r{int(self.started_at) % 100000:05d}-{self._seq}"
 
     async def execute(self, who: Identity, limits: QuotaLimits, req: dict[str, Any],
-                      discover: bool = False) -> dict[str, Any]:
+                      discover: bool = False, events: EventSink | None = None) -> dict[str, Any]:
         """Admit and run one request; the result record plus run_id."""
         run_id = self.new_run_id()
         run_plan = plan.build(req, limits, self.config, run_id)
         if discover:
             run_plan = replace(run_plan, discover=True)
+        entry = RunEntry.for_plan(run_id, who, run_plan)
+
+        async def work() -> Result:
+            return await self.jail.run(run_plan, bind=entry.bind, events=events)
+
+        return await self.admitted(entry, limits, work, lambda: entry.worker.cpu_spent_ms if entry.worker else 0.0)
+
+    async def admitted(self, entry: RunEntry, limits: QuotaLimits, work: Callable[[], Awaitable[Result]],
+                       spent: Callable[[], float]) -> dict[str, Any]:
+        """Admission, the run table, usage and the log around one piece of work (a run or an
+        exec in a session); ``spent`` says what it used if it is cancelled."""
+        who, run_id = entry.caller, entry.run_id
         await self.admission.admit(who.uid, limits)
         started = time.time()
-        entry = RunEntry(run_id, who, run_plan, time.monotonic())
+        entry.started = time.monotonic()
         self.running[run_id] = entry
         self.usage.started(run_id, who.uid, started)
         status, cpu_ms = "internal", 0.0
         try:
-            result = await self.jail.run(run_plan, bind=entry.bind)
+            result = await work()
             status, cpu_ms = result.status, result.cpu_ms
         except BaseException:
             status = "cancelled"
-            if entry.worker is not None:  # what a cancelled run used counts all the same
-                cpu_ms = entry.worker.cpu_spent_ms
+            cpu_ms = spent()  # what a cancelled run used counts all the same
             raise
         finally:
             del self.running[run_id]
             self.admission.release(who.uid)
             self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
-            log.info("run %s uid=%d status=%s wall=%.1fms cpu=%.1fms", run_id, who.uid, status,
-                     (time.time() - started) * 1000, cpu_ms)
+            log.info("%s %s uid=%d status=%s wall=%.1fms cpu=%.1fms", "exec" if entry.session_id else "run",
+                     run_id, who.uid, status, (time.time() - started) * 1000, cpu_ms)
         record = result.to_dict()
         record["run_id"] = run_id
         if result.status == "sandbox_error":

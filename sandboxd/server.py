@@ -28,8 +28,7 @@ from .peer import PeerCred, peer_credentials
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], None]
-Dispatch = Callable[[PeerCred, dict[str, Any], Progress], Awaitable[dict[str, Any]]]
+Dispatch = Callable[[PeerCred, dict[str, Any], "Interim"], Awaitable[dict[str, Any]]]
 Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
 CHUNK = 1 << 16
 MAX_REQUEST_ITEMS = 4096  # entries of any one array or map in a request (files: 1,000)
@@ -247,14 +246,8 @@ class Connection:
         # would start, not only when its connection last read: connections opened in advance
         # are past that point).  Requests starting together are bounded by its quota instead.
         await self.server.responses.wait_room(self.cred.uid)
-
-        def progress(info: dict[str, Any]) -> None:
-            """An interim frame for this request: ``{"id": ..., "progress": {...}}`` (no "ok")."""
-            if not self.writer.is_closing():
-                self.writer.write(protocol.encode({"id": rid, "progress": info}))
-
         try:
-            return await self.server.dispatch(self.cred, request, progress)
+            return await self.server.dispatch(self.cred, request, Interim(self, rid))
         except RequestError as e:
             return protocol.error(rid, e.code, e.message, **e.details)
         except asyncio.CancelledError:
@@ -280,6 +273,35 @@ class Connection:
             return False
         finally:
             responses.give(self.cred.uid, n)
+
+
+class Interim:
+    """Frames of one request before its answer: progress reports (``rebuild_root``) and
+    streamed events (``stream: true``); the jail's ``EventSink``."""
+
+    def __init__(self, conn: Connection, rid: Any) -> None:
+        self.writer = conn.writer
+        self.write_timeout = conn.server.settings.write_timeout
+        self.rid = rid
+
+    def progress(self, info: dict[str, Any]) -> None:
+        """``{"id": ..., "progress": {...}}`` (no "ok": not an answer)."""
+        if not self.writer.is_closing():
+            self.writer.write(protocol.encode({"id": self.rid, "progress": info}))
+
+    def send(self, event: dict[str, Any]) -> None:
+        """``{"id": ..., "ok": true, "event": ..., ...}``: the answer comes after the events."""
+        if not self.writer.is_closing():
+            self.writer.write(protocol.encode({"id": self.rid, "ok": True, **event}))
+
+    def backlog(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drained(self) -> None:
+        if self.writer.is_closing():
+            raise ConnectionError("the client went away")
+        async with asyncio.timeout(self.write_timeout):
+            await self.writer.drain()
 
 
 def _valid_id(rid: Any) -> bool:

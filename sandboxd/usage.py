@@ -219,6 +219,19 @@ class UsageStore:
                      (uid, int(now // 60), cpu_ms)),
                     ("UPDATE totals SET cpu_ms = cpu_ms + ? WHERE uid=?", (cpu_ms, uid)))
 
+    def charge(self, uid: int, cpu_ms: float, now: float) -> None:
+        """CPU used outside any run (a session's background work between its execs)."""
+        if cpu_ms <= 0:
+            return
+        u = self.uids[uid]
+        u.cpu.add(now, cpu_ms)
+        u.cpu_ms_total += cpu_ms
+        self._write(("INSERT INTO minutes(uid, minute, cpu_ms) VALUES (?, ?, ?) "
+                     "ON CONFLICT(uid, minute) DO UPDATE SET cpu_ms = cpu_ms + excluded.cpu_ms",
+                     (uid, int(now // 60), cpu_ms)),
+                    ("INSERT INTO totals(uid, runs, cpu_ms, last_run) VALUES (?, 0, ?, NULL) "
+                     "ON CONFLICT(uid) DO UPDATE SET cpu_ms = cpu_ms + excluded.cpu_ms", (uid, cpu_ms)))
+
     def prune(self, now: float) -> None:
         self._write(("DELETE FROM minutes WHERE minute < ?", (int((now - WINDOW) // 60),)))
 

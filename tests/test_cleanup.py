@@ -9,7 +9,7 @@ from typing import Any
 
 from harness import CGROUP_PARENT, DaemonProcess, host_mounts
 
-BOMBS = [
+BOMBS: list[tuple[str, dict[str, Any]]] = [
     ("print('ok')", {}),
     ("import os\nwhile True:\n    try: os.fork()\n    except OSError: pass", {"timeout_ms": 800}),
     ("a = []\nwhile True: a.append(bytearray(1 << 20))", {"memory_mb": 48}),

@@ -254,3 +254,70 @@ def test_root_why_names_private_host_places_only_to_admins(daemon: DaemonProcess
 def test_root_why_refuses_bad_names(daemon: DaemonProcess, module: str) -> None:
     p = ctl(daemon, "root", "why", module)
     assert p.returncode == 7 and "bad_request" in p.stderr.decode()
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+def test_session_commands(daemon: DaemonProcess, tmp_path: Path) -> None:
+    p = ctl(daemon, "session", "open", "--memory", "128")
+    assert p.returncode == 0, p.stderr
+    sid = p.stdout.decode().strip()
+    assert sid.startswith("s")
+    p = ctl(daemon, "session", "exec", sid, "-c", "x = 20")
+    assert p.returncode == 0 and "sandboxd: ok" in p.stderr.decode()
+    p = ctl(daemon, "session", "exec", sid, "-c", "x * 2 + 2")
+    assert (p.returncode, p.stdout) == (0, b"42\n")  # the value, as the interpreter shows it
+    assert ctl(daemon, "session", "exec", sid, stdin=b"print(x)").stdout == b"20\n"  # code from stdin
+    p = ctl(daemon, "session", "exec", sid, "-c", "1/0")
+    assert p.returncode == 1 and b"ZeroDivisionError" in p.stderr and "sandboxd: exception" in p.stderr.decode()
+    data = js(ctl(daemon, "session", "exec", sid, "-c", "x", "--json"))
+    assert data["value"] == "20" and data["exec"] == 5 and data["session_id"] == sid
+    listed = js(ctl(daemon, "--json", "session", "list"))["sessions"]
+    assert [x["session_id"] for x in listed] == [sid] and listed[0]["memory_mb"] == 128
+    assert sid in ctl(daemon, "session", "list").stdout.decode()
+    assert ctl(daemon, "session", "interrupt", sid).stdout == b"nothing was running\n"
+    assert ctl(daemon, "session", "close", sid).returncode == 0
+    p = ctl(daemon, "session", "exec", sid, "-c", "x")
+    assert p.returncode == 7 and "not_found" in p.stderr.decode() and "(closed)" in p.stderr.decode()
+    sid2 = ctl(daemon, "session", "open").stdout.decode().strip()
+    assert ctl(daemon, "kill", sid2).returncode == 0  # kill knows session ids
+    assert "(killed)" in ctl(daemon, "session", "exec", sid2, "-c", "1").stderr.decode()
+
+
+def test_repl(daemon: DaemonProcess) -> None:
+    script = b"y = 3\ndef f():\n    return y * 2\n\nf()\nprint('out')\nimport nosuchmodule\ny\nexit()\n"
+    p = ctl(daemon, "repl", stdin=script)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert "6\n" in out and "out\n" in out and out.rstrip().endswith(">>>") and "3\n" in out
+    assert "ModuleNotFoundError" in p.stderr.decode()
+    with daemon.client() as c:
+        assert c.sessions() == []  # closed on the way out
+
+
+def test_repl_ctrl_c_interrupts_the_cell_and_keeps_the_session(daemon: DaemonProcess) -> None:
+    env = dict(os.environ, SANDBOXD_SOCKET=daemon.socket)
+    proc = subprocess.Popen([sys.executable, "-m", "sandboxd.ctl", "repl"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert proc.stdin is not None
+    proc.stdin.write(b"z = 'kept'\nimport time\nfor i in range(600): time.sleep(0.1)\n\n")
+    proc.stdin.flush()
+    with daemon.client() as c:
+        def running() -> bool:
+            return any(s["busy"] for s in c.sessions())
+        assert _wait(running, 20)
+    proc.send_signal(2)  # Ctrl-C
+    proc.stdin.write(b"print(z)\n")
+    proc.stdin.close()
+    proc.stdin = None
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"KeyboardInterrupt" in err and b"kept\n" in out
+
+
+def _wait(condition: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

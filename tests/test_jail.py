@@ -204,7 +204,9 @@ def test_environment_is_fresh_and_request_env_applies(daemon: DaemonProcess) -> 
     assert env["GREETING"] == "hi"
     assert env["HOME"] == "/work" and env["LANG"] == "C.UTF-8"
     assert set(env) <= {"GREETING", "HOME", "LANG", "PATH", "TMPDIR", "PYTHONDONTWRITEBYTECODE",
-                        "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+                        "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                        "MPLBACKEND", "MPLCONFIGDIR", "XDG_CACHE_HOME"}
+    assert env["MPLBACKEND"] == "Agg" and env["MPLCONFIGDIR"].startswith("/tmp/")
     assert not any(k.startswith(("NOTIFY", "SANDBOXD", "LISTEN", "INVOCATION", "SUDO")) for k in env)
 
 

@@ -28,13 +28,19 @@ from typing import Any, Generic, TypeVar
 from .. import protocol
 
 # P's descriptors after its "fds" step; then, from FD_EXTRA, the worker's network namespace
-# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).
-FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_EXTRA = range(3, 11)
+# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).  FD_CONTROL:
+# the daemon's commands to P (CONTROL_INTERRUPT: SIGINT to R, the running cell of a session).
+FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_CONTROL, FD_EXTRA = range(3, 12)
+CONTROL_INTERRUPT = b"I"
 # R's descriptors after its "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
 LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
 LINK_WAITING = b"W"  # an exec runtime's bootstrap -> P: started, waiting for the request (ready)
 LINK_DONE = b"D"  # an exec runtime's bootstrap -> P, then the exit status: the code is done
+LINK_SESSION = b"O"  # a session's runner -> P: the session is open, cells may come (P reports it)
+LINK_CELL = b"C"  # a session's runner -> P, then a msgpack map: a cell is done (P reports it)
+MAX_LINK_MESSAGE = 1 << 16
+DISPLAY_DIR = "/tmp/.display"  # a run's or cell's figures, as PNG files; P returns them with out/
 
 EXIT_SETUP = 121  # a setup step failed (P: details in its setup_error frame; R: in the handoff page)
 MAX_STATUS_EXTRA = 1 << 20  # status frames: out/ files plus this much
@@ -241,27 +247,63 @@ class RunnerArgs:
 
 @dataclass(frozen=True)
 class RunRequest:
-    """What one run asks of its worker: daemon -> R, through the request pipe."""
+    """What one run asks of its worker: daemon -> R, through the request pipe.
+
+    ``session``: the worker becomes a session instead: no code now; ``Cell`` frames follow
+    on the same pipe, one at a time.  ``display``: figures shown or left open are returned
+    as PNGs.  ``stream``: the caller reads output as it comes (stdout is line-buffered).
+    """
 
     code: str
     rlimits: Mapping[str, int]
     files: Mapping[str, bytes] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     argv: tuple[str, ...] = ("-c",)
+    session: bool = False
+    display: bool = False
+    stream: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "rlimits": dict(self.rlimits), "files": dict(self.files),
-                "env": dict(self.env), "argv": list(self.argv)}
+                "env": dict(self.env), "argv": list(self.argv), "session": self.session, "display": self.display,
+                "stream": self.stream}
 
     def to_json_frame(self) -> bytes:
         """The request as an exec runtime's bootstrap reads it: a length, then JSON (files base64)."""
-        body = json.dumps({"code": self.code, "env": dict(self.env), "argv": list(self.argv),
-                           "files": {k: base64.b64encode(v).decode() for k, v in self.files.items()}}).encode()
-        return struct.pack(">I", len(body)) + body
+        return json_frame({"code": self.code, "env": dict(self.env), "argv": list(self.argv),
+                           "session": self.session, "files": encode_files(self.files)})
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> RunRequest:
-        return cls(d["code"], d["rlimits"], d.get("files", {}), d.get("env", {}), tuple(d.get("argv", ("-c",))))
+        return cls(d["code"], d["rlimits"], d.get("files", {}), d.get("env", {}), tuple(d.get("argv", ("-c",))),
+                   bool(d.get("session")), bool(d.get("display")), bool(d.get("stream")))
+
+
+def encode_files(files: Mapping[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in files.items()}
+
+
+def json_frame(obj: Any) -> bytes:
+    """A frame for an exec runtime's bootstrap: a 4-byte big-endian length, then JSON."""
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One exec of a session: daemon -> R, on the request pipe (after the session's RunRequest)."""
+
+    code: str
+    stdin: bytes = b""
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    display: bool = False
+
+    def frame(self, json_runtime: bool) -> bytes:
+        if json_runtime:
+            return json_frame({"code": self.code, "stdin": base64.b64encode(self.stdin).decode(),
+                               "files": encode_files(self.files), "display": self.display})
+        return protocol.encode({"code": self.code, "stdin": self.stdin, "files": dict(self.files),
+                                "display": self.display})
 
 
 class Handoff:

@@ -155,8 +155,11 @@ class ForkServer:
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, *extra]
-        ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r]
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, control_r,
+                     *extra]
+        ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r, control_w]
+        per_worker = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, control_r]  # (the lifeline and template stay)
         try:
             libc.unshare(libc.CLONE_NEWPID)
             pid = -1
@@ -175,7 +178,7 @@ class ForkServer:
             raise
         finally:
             if pid_is_parent():
-                for fd in child_fds[:5]:
+                for fd in per_worker:
                     os.close(fd)
         self.workers[pid] = spec.uid
         try:

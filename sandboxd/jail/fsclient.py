@@ -27,9 +27,10 @@ class SpawnedWorker:
     stdin_w: int
     stdout_r: int
     stderr_r: int
+    control_w: int
 
     def close(self) -> None:
-        for name in ("pidfd", "status_r", "request_w", "stdin_w", "stdout_r", "stderr_r"):
+        for name in ("pidfd", "status_r", "request_w", "stdin_w", "stdout_r", "stderr_r", "control_w"):
             fd = getattr(self, name)
             if fd >= 0:
                 setattr(self, name, -1)
@@ -58,8 +59,8 @@ class ForkServerClient(HelperClient):
             for fd in got:
                 os.close(fd)
             raise ForkServerError(str(reply.get("error")))
-        if len(got) != 6:
+        if len(got) != 7:
             for fd in got:
                 os.close(fd)
-            raise ForkServerError(f"spawn returned {len(got)} descriptors, expected 6")
+            raise ForkServerError(f"spawn returned {len(got)} descriptors, expected 7")
         return SpawnedWorker(reply["pid"], *got)

@@ -30,8 +30,10 @@ from .network import Network
 from .pool import Pool
 from .roots import Roots
 from .seccomp import unfiltered
+from .session import Session, SessionFailed
 from .settings import JailSettings
-from .spec import RunPlan
+from .spec import RunPlan, SessionPlan
+from .stream import EventSink
 from .verdict import Result, setup_failed
 from .worker import Worker
 from .workers import Workers
@@ -111,7 +113,7 @@ class Jail:
             while self.running() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             for worker in list(w.live.values()):
-                if worker.state == "running":
+                if worker.state in ("running", "session"):
                     worker.kill("killed")
             await w.close()
             if w.server:
@@ -127,33 +129,55 @@ class Jail:
         return sum(1 for w in self.workers.live.values() if w.state == "running") if self.workers else 0
 
     # -- runs -----------------------------------------------------------------------------
-    async def run(self, plan: RunPlan, bind: Callable[[Worker], None] | None = None) -> Result:
-        """Carry out ``plan``; ``bind`` learns the worker first (so the run can be killed)."""
-        s = self.settings
-        assert self.pool is not None and self.workers is not None
-        if plan.language not in s.runtimes:
-            raise ValueError(f"unknown language {plan.language!r}")
-        key = s.filter_key(plan.language, plan.network)
-        if key not in self.pool.keys:
-            return setup_failed(SetupError("network", 0, "network for runs is not set up on this daemon"))
-        one_off = plan.discover or (s.runtimes[plan.language].start == "exec" and plan.memory_bytes != s.limits.memory)
+    async def run(self, plan: RunPlan, bind: Callable[[Worker], None] | None = None,
+                  events: EventSink | None = None) -> Result:
+        """Carry out ``plan``; ``bind`` learns the worker first (so the run can be killed);
+        with ``events`` its output is streamed as it comes."""
         try:
-            if one_off:  # discovery, or a runtime whose heap limit is set at its start
-                worker = await self.workers.make(key, urgent=True, discover=plan.discover, memory=plan.memory_bytes)
-                await worker.ready
-            else:
-                worker = await self.pool.acquire(key)
+            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes, plan.discover)
         except SetupError as e:
             return setup_failed(e)
-        except (TimeoutError, ForkServerError, OSError) as e:
-            return setup_failed(SetupError.from_os_error("spawn", e))
         if bind is not None:
             bind(worker)
         try:
-            return await worker.execute(plan)
+            return await worker.execute(plan, events)
         finally:
-            if not one_off:
+            if not one_off and self.pool is not None:
                 self.pool.done(key)
+
+    async def open_session(self, plan: SessionPlan) -> Session:
+        """A worker made a session for ``plan``; SessionFailed (with the verdict) if it cannot be."""
+        try:
+            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes)
+        except SetupError as e:
+            raise SessionFailed(setup_failed(e)) from None
+        if not one_off and self.pool is not None:
+            self.pool.done(key)  # the pool tops itself up now: this worker is not coming back
+        rlimits = worker.rlimits.for_limits(memory=plan.memory_bytes, cpu_ms=plan.cpu_ms or plan.max_lifetime_ms,
+                                            file_size=plan.file_size_bytes, nofile=plan.nofile, pids=plan.pids)
+        log.debug("session %s on worker %d (%s)", plan.session_id, worker.pid, key)
+        return await Session.open(worker, plan, rlimits)
+
+    async def _worker(self, language: str, network: bool, memory: int, discover: bool = False,
+                      ) -> tuple[Worker, str, bool]:
+        """A ready worker for a run or session: (worker, its pool key, made for it alone)."""
+        s = self.settings
+        assert self.pool is not None and self.workers is not None
+        if language not in s.runtimes:
+            raise ValueError(f"unknown language {language!r}")
+        key = s.filter_key(language, network)
+        if key not in self.pool.keys:
+            raise SetupError("network", 0, "network for runs is not set up on this daemon")
+        one_off = discover or (s.runtimes[language].start == "exec" and memory != s.limits.memory)
+        try:
+            if one_off:  # discovery, or a runtime whose heap limit is set at its start
+                worker = await self.workers.make(key, urgent=True, discover=discover, memory=memory)
+                await worker.ready
+            else:
+                worker = await self.pool.acquire(key)
+        except (TimeoutError, ForkServerError, OSError) as e:
+            raise SetupError.from_os_error("spawn", e) from e
+        return worker, key, one_off
 
     # -- roots and configuration ------------------------------------------------------------
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:

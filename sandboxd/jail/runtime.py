@@ -5,26 +5,23 @@ included), so nothing below -- not even parsing the request -- happens outside t
 jail.  Releasing the run is a list of named steps too: the request's own rlimits
 (lowering the pool's ceilings), its input files in the working directory, its
 environment and ``sys.argv``, the word to P that setup is over, and closing every fd
-but 0, 1 and 2.  Then the code runs as ``__main__``, with ``python3 -c`` semantics for
-exit status, ``SystemExit``, uncaught exceptions, non-daemon threads and ``atexit``.
+but 0, 1 and 2 (a session keeps its request pipe and its link: ``cells``).  Then the
+code runs as ``__main__``, with ``python3 -c`` semantics for exit status,
+``SystemExit``, uncaught exceptions, non-daemon threads and ``atexit``; or, for a
+session, the worker serves cells until the daemon ends it.
 """
 
 from __future__ import annotations
 
-import atexit
-import builtins
 import linecache
 import os
 import signal
 import sys
-import threading
 import time
-import traceback
-import types
 from typing import NoReturn
 
 from .. import protocol
-from . import limits
+from . import cells, display, limits, usercode
 from .contract import (
     EXIT_SETUP,
     LINK_STARTED,
@@ -38,7 +35,6 @@ from .contract import (
 )
 
 FILENAME = "<code>"
-EXIT_FLUSH_FAILED = 120  # as CPython, when flushing stdout at exit fails
 MAX_REQUEST = 1 << 30  # the daemon bounds what it sends; this only guards the decoder
 
 
@@ -49,24 +45,16 @@ def apply_limits(request: RunRequest) -> None:
 
 def write_files(request: RunRequest) -> None:
     """The request's input files, into the working directory (names checked again here)."""
-    for name, data in request.files.items():
-        parts = name.split("/")
-        if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
-            raise ValueError(f"bad file name {name!r}")
-        if len(parts) > 1:
-            os.makedirs(os.path.dirname(name), mode=0o755, exist_ok=True)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+    usercode.write_files(request.files, replace=False)
 
 
 def set_environment(request: RunRequest) -> None:
     os.environ.update(request.env)
     sys.argv = list(request.argv)
+    if request.display:
+        display.install()
+    if request.stream or request.session:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # output as it is printed
 
 
 def say_started(request: RunRequest) -> None:
@@ -76,8 +64,14 @@ def say_started(request: RunRequest) -> None:
 
 
 def close_fds(request: RunRequest) -> None:
-    """Only fds 0-2 remain for user code."""
-    os.closerange(3, 2**31 - 1)
+    """Only fds 0-2 remain for user code (a session's cells come on the request pipe, and
+    are reported on the link: those two stay, not inherited by programs it starts)."""
+    if not request.session:
+        os.closerange(3, 2**31 - 1)
+        return
+    os.closerange(R_FD_LINK + 1, 2**31 - 1)
+    for fd in (R_FD_REQUEST, R_FD_LINK):
+        os.set_inheritable(fd, False)
 
 
 RELEASE_STEPS: tuple[Step[RunRequest], ...] = (
@@ -108,7 +102,9 @@ def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
     except SetupError as e:
         handoff.setup_failed(e)
         os._exit(EXIT_SETUP)
-    _execute(request.code, handoff, killed_when_done)
+    if request.session:
+        cells.serve(handoff)
+    _execute(request.code, handoff, killed_when_done, request.display)
 
 
 def read_request() -> RunRequest:
@@ -118,22 +114,22 @@ def read_request() -> RunRequest:
     return RunRequest.from_wire(frame)
 
 
-def _execute(code: str, handoff: Handoff, killed_when_done: bool) -> NoReturn:
-    main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = main
+def _execute(code: str, handoff: Handoff, killed_when_done: bool, figures: bool) -> NoReturn:
+    main = usercode.new_main().__dict__
     linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
     status = 0
     handoff.write(Handoff.RUNNING, started_ns=time.monotonic_ns())
     try:
-        exec(compile(code, FILENAME, "exec"), main.__dict__)
+        exec(compile(code, FILENAME, "exec"), main)
     except SystemExit as e:
-        status = _exit_status(e)
+        status = usercode.exit_status(e)
     except BaseException as e:  # noqa: BLE001 - report like the interpreter does
         handoff.set_exception(type(e).__name__)
-        _report(e)
+        usercode.print_exception(usercode.from_user_frame(e, main))
         status = 1
-    status = _finish(status)
+    if figures:
+        display.save_open_figures()
+    status = usercode.shutdown(status, main)
     # Tell the supervisor at once and get out of its way: it kills the run and reports,
     # and only then does the kernel tear this address space down (that teardown takes
     # longer than everything else after the user's last statement).
@@ -146,50 +142,3 @@ def _execute(code: str, handoff: Handoff, killed_when_done: bool) -> NoReturn:
     except OSError:
         pass
     os._exit(status)
-
-
-def _exit_status(e: SystemExit) -> int:
-    code = e.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    try:
-        print(code, file=sys.stderr)
-    except Exception:  # noqa: BLE001
-        pass
-    return 1
-
-
-def _report(e: BaseException) -> None:
-    tb = e.__traceback__
-    if tb is not None and tb.tb_frame.f_code is _execute.__code__:
-        e = e.with_traceback(tb.tb_next)  # start at the user's code, as the interpreter does
-    try:
-        if sys.excepthook is sys.__excepthook__:
-            traceback.print_exception(e)  # uses linecache, so the user's source lines are shown
-        else:
-            sys.excepthook(type(e), e, e.__traceback__)
-    except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
-        try:
-            os.write(2, f"{type(e).__name__}: {e}\n".encode("utf-8", "replace"))
-        except BaseException:  # noqa: BLE001
-            pass
-
-
-def _finish(status: int) -> int:
-    """Interpreter shutdown without finalisation: threads, atexit, flush."""
-    for step in (threading._shutdown, atexit._run_exitfuncs):  # type: ignore[attr-defined]
-        try:
-            step()
-        except SystemExit as e:
-            status = _exit_status(e)
-        except BaseException as e:  # noqa: BLE001
-            _report(e)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001
-            if stream is sys.stdout:
-                status = status or EXIT_FLUSH_FAILED
-    return status

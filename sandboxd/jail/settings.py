@@ -32,6 +32,11 @@ RUN_ENV = {
     "TMPDIR": "/tmp",
     "LANG": "C.UTF-8",
     "PYTHONDONTWRITEBYTECODE": "1",
+    # matplotlib draws off-screen, with its config and font caches in the scratch space
+    # (display: true switches the backend to the one returning figures: jail.display)
+    "MPLBACKEND": "Agg",
+    "MPLCONFIGDIR": "/tmp/.matplotlib",
+    "XDG_CACHE_HOME": "/tmp/.cache",
 }
 
 
@@ -56,8 +61,8 @@ class JailSettings:
         profiles = {lang: BUILTIN[lang].extended(lang, p.allow, p.deny, p.errno) for lang, p in cfg.profiles.items()
                     if cfg.runtimes[lang].available}
         return cls(state_dir=state_dir, root=cfg.root, jail=cfg.jail, pool=cfg.pool, limits=cfg.limits,
-                   profiles=profiles, max_memory=max(maxima.max_memory, cfg.limits.memory),
-                   max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout) * 1000),
+                   profiles=profiles, max_memory=max(maxima.max_memory, cfg.limits.memory, maxima.max_session_memory),
+                   max_cpu_ms=int(max(maxima.max_timeout, cfg.limits.timeout, maxima.max_session_lifetime) * 1000),
                    network=cfg.network, network_enabled=maxima.network,
                    runtimes={lang: rt for lang, rt in cfg.runtimes.items() if rt.available})
 

@@ -31,3 +31,38 @@ class RunPlan:
     nofile: int = 256
     network: bool = False
     discover: bool = False
+    display: bool = False  # figures shown or left open come back as PNGs
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """One session, decided by the daemon: the worker's limits for its whole life."""
+
+    session_id: str
+    language: str = "python3"
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    memory_bytes: int = 256 << 20
+    cpu_ms: int = 0  # CPU for the whole session; 0: only the caller's hourly budget bounds it
+    idle_timeout_ms: int = 600_000
+    max_lifetime_ms: int = 3_600_000
+    pids: int = 64
+    file_size_bytes: int = 16 << 20
+    out_files_bytes: int = 8 << 20
+    out_files_count: int = 64
+    nofile: int = 256
+    network: bool = False
+    display: bool = False
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """One exec in a session."""
+
+    run_id: str
+    code: str
+    stdin: bytes = b""
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    timeout_ms: int = 5000
+    output_bytes: int = 1 << 20  # per stream
+    display: bool = False

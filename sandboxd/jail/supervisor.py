@@ -1,35 +1,46 @@
 """P after setup: the run's pid 1.  Reap, answer seccomp notifications, collect, report.
 
 The supervisor runs as the run's uid, without capabilities, non-dumpable, under its
-own short seccomp filter, and never runs user code.  It waits on three things: the
-runner's pidfd (the run is over when it exits), the seccomp listener (a refused
-syscall: record its name, answer EPERM, or let it continue in discovery mode) and
-SIGCHLD (reap orphans).  When the runner exits it kills whatever else of the run is
-left (``kill(-1)`` from pid 1 reaches exactly the namespace), reaps it, reads the
-``out/`` folder as the run's uid without following links, and writes one ``exit``
-frame.  Exiting as pid 1 tears the namespace down.
+own short seccomp filter, and never runs user code.  It waits on: the runner's pidfd
+(the run is over when it exits), the seccomp listener (a refused syscall: record its
+name, answer EPERM, or let it continue in discovery mode), SIGCHLD (reap orphans), the
+link to the runner (it says when it is waiting, when user code starts, when an exec
+runtime's code is done, and when a session's cell is done -- untrusted: it can only
+mislead its own run's report), and the daemon's control pipe (interrupt the running
+cell).  After each cell of a session it reports the cell, with the out/ files new since
+the last one and the figures.  When the runner exits it kills whatever else of the run
+is left (``kill(-1)`` from pid 1 reaches exactly the namespace), reaps it, reads the
+``out/`` folder (``collect``) and writes one ``exit`` frame.  Exiting as pid 1 tears the
+namespace down.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
 import signal
-import stat
 import sys
 import time
 from typing import Any, NoReturn
 
-from . import libc
+from .. import protocol
+from . import collect, libc
 from . import seccomp as sc
 from .contract import (
+    CONTROL_INTERRUPT,
+    DISPLAY_DIR,
     EXIT_SETUP,
+    FD_CONTROL,
     FD_LIFELINE,
     FD_STATUS,
+    LINK_CELL,
     LINK_DONE,
+    LINK_SESSION,
     LINK_STARTED,
     LINK_WAITING,
+    MAX_LINK_MESSAGE,
     Handoff,
     ServerState,
     WorkerSpec,
@@ -38,10 +49,9 @@ from .contract import (
 )
 from .profiles import NEVER_ALLOW
 
-OUT_DIR = "out"
-MAX_DEPTH = 8
 MAX_DENIED_NAMES = 64
 RUN_WRITABLE = ("/work", "/tmp", "/var/tmp", "/dev/shm")
+Status = tuple[int, Any]  # (wait status, rusage or None)
 
 
 def supervise(spec: WorkerSpec, state: ServerState, runner: int, handoff: Handoff, listener: int,
@@ -62,7 +72,13 @@ class Supervisor:
         self.spec, self.state, self.runner, self.handoff = spec, state, runner, handoff
         self.listener, self.link = listener, link
         self.denied: dict[str, list[Any]] = {}  # name -> [count, allowed]
-        self.started = False  # an exec runtime said LINK_STARTED
+        self.denied_reported: dict[str, int] = {}  # counts already in a cell's report
+        self.started = False  # the runner said LINK_STARTED: user code runs from now on
+        self.cells = 0
+        self.out_seen: collect.Seen = {}
+        self.figures_seen: set[str] = set()
+        # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
+        self.early = bool(spec.cgroups)
 
     def arm(self, timings: dict[str, int]) -> None:
         """Signals, the ready frame (if R got through its setup), then P's own filter."""
@@ -82,65 +98,117 @@ class Supervisor:
         self.exec_started_ns = time.monotonic_ns() if self.spec.exec_argv else 0
         if self.listener >= 0 and not self.spec.exec_argv:
             write_frame(FD_STATUS, {"t": "ready", "setup_us": timings})
+        os.set_blocking(self.link, False)
         libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
         libc.seccomp_load(self.state.supervisor_filter, new_listener=False)
 
-    def wait(self) -> tuple[int, Any]:
-        """Answer refused calls and reap until the runner is done: (wait status, rusage or None)."""
-        poller = select.poll()
-        for fd in (self.pidfd, self.wake_r, FD_LIFELINE):
-            poller.register(fd, select.POLLIN)
+    def wait(self) -> Status:
+        """Answer refused calls, relay cells and reap until the runner is done."""
+        self.poller = select.poll()
+        for fd in (self.pidfd, self.wake_r, FD_LIFELINE, FD_CONTROL):
+            self.poller.register(fd, select.POLLIN)
         if self.listener >= 0:
-            poller.register(self.listener, select.POLLIN)
-            if self.spec.exec_argv:
-                poller.register(self.link, select.POLLIN)
-        status: tuple[int, Any] | None = None
-        # Without a cgroup the run's CPU time comes from the runner's rusage: wait for the real exit.
-        early = bool(self.spec.cgroups)
+            self.poller.register(self.listener, select.POLLIN)
+            self.poller.register(self.link, select.POLLIN)
+        status: Status | None = None
         while status is None:
             try:
-                events = poller.poll()
+                events = self.poller.poll()
             except InterruptedError:
                 continue
             for fd, ev in events:
-                if fd == self.listener:
-                    if ev & select.POLLIN:
-                        _answer(self.listener, self.state, self.spec.discover, self.denied)
-                    elif ev & (select.POLLHUP | select.POLLERR):
-                        poller.unregister(self.listener)
-                elif fd == self.wake_r:
-                    drain(self.wake_r)
-                    status = _reap(self.runner, block=False) or status
-                    if status is None and early and self.handoff.phase() == Handoff.DONE:
-                        status = (self.handoff.exit_status() << 8, None)
-                elif fd == self.link:
-                    status = self._runtime_said(poller, ev, early) or status
-                elif fd == FD_LIFELINE:
-                    os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
-                elif fd == self.pidfd:
-                    status = _reap(self.runner, block=True) or status
+                status = self._event(fd, ev) or status
         return status
 
-    def _runtime_said(self, poller: select.poll, ev: int, early: bool) -> tuple[int, Any] | None:
-        """A message of an exec runtime's bootstrap on the link: W (waiting: the worker is
-        ready), S (user code starts), D<status> (its code is done: end it now, as a forked
-        runner's DONE does).  The link stays open to user code, which can only mislead its
-        own verdict with it -- or not say D, and be waited for."""
+    def _event(self, fd: int, ev: int) -> Status | None:
+        if fd == self.listener:
+            if ev & select.POLLIN:
+                _answer(self.listener, self.state, self.spec.discover, self.denied)
+            elif ev & (select.POLLHUP | select.POLLERR):
+                self.poller.unregister(self.listener)
+        elif fd == self.wake_r:
+            drain(self.wake_r)
+            status = _reap(self.runner, block=False)
+            if status is None and self.early and self.handoff.phase() == Handoff.DONE:
+                status = (self.handoff.exit_status() << 8, None)
+            return status
+        elif fd == self.link:
+            return self._runner_said(ev)
+        elif fd == FD_CONTROL:
+            self._daemon_said(ev)
+        elif fd == FD_LIFELINE:
+            os._exit(EXIT_SETUP)  # the fork server is gone: so is this run
+        elif fd == self.pidfd:
+            return _reap(self.runner, block=True)
+        return None
+
+    def _runner_said(self, ev: int) -> Status | None:
+        """W (an exec runtime waits: the worker is ready), S (user code starts), D<status> (an
+        exec runtime's code is done: end it now, as a forked runner's DONE does), O (a session
+        is open), C<report> (a session's cell is done)."""
         try:
-            msg = os.read(self.link, 16) if ev & select.POLLIN else b""
+            msg = os.read(self.link, MAX_LINK_MESSAGE) if ev & select.POLLIN else b""
+        except BlockingIOError:
+            return None
         except OSError:
             msg = b""
         if not msg:
-            poller.unregister(self.link)
+            self.poller.unregister(self.link)
             return None
-        if msg == LINK_WAITING and "runtime" not in self.timings:
+        kind = msg[:1]
+        if kind == LINK_WAITING and self.spec.exec_argv and "runtime" not in self.timings:
             self.timings["runtime"] = (time.monotonic_ns() - self.exec_started_ns) // 1000
             write_frame(FD_STATUS, {"t": "ready", "setup_us": self.timings})
-        elif msg == LINK_STARTED:
+        elif kind == LINK_STARTED:
             self.started = True
-        elif msg[:1] == LINK_DONE and self.started and early and msg[1:].isdigit():
+        elif kind == LINK_DONE and self.started and self.early and msg[1:].isdigit():
             return (int(msg[1:]) & 0xFF) << 8, None
+        elif kind == LINK_CELL and self.started:
+            self._cell(msg[1:])
+        elif kind == LINK_SESSION and self.started:
+            write_frame(FD_STATUS, {"t": "session"})
         return None
+
+    def _daemon_said(self, ev: int) -> None:
+        try:
+            command = os.read(FD_CONTROL, 64) if ev & select.POLLIN else b""
+        except OSError:
+            command = b""
+        if not command:
+            self.poller.unregister(FD_CONTROL)
+        elif CONTROL_INTERRUPT in command:
+            try:
+                os.kill(self.runner, signal.SIGINT)  # a KeyboardInterrupt in the running cell
+            except OSError:
+                pass
+
+    def _cell(self, raw: bytes) -> None:
+        """A cell of a session is done: report it, its refusals and what it left."""
+        try:
+            if self.spec.exec_argv:  # an exec runtime's bootstrap speaks JSON
+                said = json.loads(raw)
+            else:
+                said = protocol.decode_body(raw, MAX_LINK_MESSAGE, max_items=16, max_containers=4)
+        except (protocol.ProtocolError, ValueError, RecursionError):
+            said = {}
+        said = said if isinstance(said, dict) else {}
+        self.cells += 1
+        files, truncated = collect.out_files(self.spec.out_max_files, self.spec.out_max_bytes, self.out_seen)
+        denied = []
+        for name, (count, allowed) in self.denied.items():
+            new = count - self.denied_reported.get(name, 0)
+            if new:
+                denied.append([name, new, allowed])
+            self.denied_reported[name] = count
+        exit_code = said.get("exit_code")
+        write_frame(FD_STATUS, {
+            "t": "cell", "seq": self.cells, "exception": _text(said.get("exception"), 128),
+            "message": _text(said.get("message"), 4096), "traceback": _text(said.get("traceback"), 1 << 15),
+            "value": _text(said.get("value"), 1 << 15), "exit_code": exit_code if isinstance(exit_code, int) else None,
+            "interrupted": said.get("interrupted") is True,
+            "denied": denied, "files": files, "files_truncated": truncated,
+            "display": collect.display(self.spec.out_max_bytes, self.figures_seen),
+        })
 
     def answer_queued(self) -> None:
         """Answer the refused calls still queued, so none is left hanging in the report."""
@@ -152,7 +220,7 @@ class Supervisor:
             if not _answer(self.listener, self.state, self.spec.discover, self.denied):
                 break
 
-    def report(self, status: tuple[int, Any], end_ns: int) -> NoReturn:
+    def report(self, status: Status, end_ns: int) -> NoReturn:
         """End everything else of the run and write the one exit frame.
 
         Files in out/ are read once the run is really dead (no torn reads).  Without out/
@@ -160,6 +228,8 @@ class Supervisor:
         before us; the kill follows within microseconds.
         """
         wstatus, rusage = status
+        if not self.started and not self.spec.exec_argv:
+            self.started = _started(self.link)  # R said it and closed the link before poll saw it
         report = {
             "t": "exit",
             "wstatus": wstatus,
@@ -168,20 +238,27 @@ class Supervisor:
             "maxrss_kb": rusage.ru_maxrss if rusage else None,
             "end_ns": end_ns,
             "handoff": self.handoff.read(),
-            "started": self.started or (not self.spec.exec_argv and _started(self.link)),
+            "started": self.started,
             "denied": [[name, c, allowed] for name, (c, allowed) in self.denied.items()],
             "files": {},
             "files_truncated": False,
+            "display": [],
         }
-        if os.path.lexists(OUT_DIR):
+        if self.cells or os.path.lexists(collect.OUT_DIR) or os.path.lexists(DISPLAY_DIR):
             _kill_rest(wait=True)
-            report["files"], report["files_truncated"] = _collect_out(self.spec.out_max_files,
-                                                                      self.spec.out_max_bytes)
+            files, truncated = collect.out_files(self.spec.out_max_files, self.spec.out_max_bytes,
+                                                 self.out_seen if self.cells else None)
+            report.update(files=files, files_truncated=truncated,
+                          display=collect.display(self.spec.out_max_bytes, self.figures_seen if self.cells else None))
             write_frame(FD_STATUS, report)
         else:
             write_frame(FD_STATUS, report)
             _kill_rest(wait=False)
         os._exit(0)  # as pid 1: the kernel kills and reaps whatever is left of the namespace
+
+
+def _text(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -212,14 +289,13 @@ def _answer(listener: int, state: ServerState, discover: bool, denied: dict[str,
 
 def _started(link: int) -> bool:
     """Did the runner get through its setup (and so on to user code)?"""
-    os.set_blocking(link, False)
     try:
         return os.read(link, 1) == LINK_STARTED
     except OSError:
         return False
 
 
-def _reap(runner: int, block: bool) -> tuple[int, Any] | None:
+def _reap(runner: int, block: bool) -> Status | None:
     """Reap zombies; return (wstatus, rusage) once the runner itself has been reaped."""
     result = None
     while True:
@@ -243,64 +319,3 @@ def _kill_rest(wait: bool) -> None:
             os.wait3(0)
         except ChildProcessError:
             return
-
-
-def _collect_out(max_files: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
-    """Regular files under /work/out, read without following links; capped.
-
-    Called once every process of the run is dead, so nothing can swap a directory for a
-    link behind our back: plain paths are safe, and only one directory is open at a time.
-    Whatever cannot be returned (unreadable, a name that is not UTF-8, too deep, over the
-    caps) is skipped and marks the result truncated; the rest still comes back.
-    """
-    files: dict[str, bytes] = {}
-    total = 0
-    truncated = False
-    try:
-        if not stat.S_ISDIR(os.lstat(OUT_DIR).st_mode):
-            return files, False
-    except OSError:
-        return files, False
-    stack: list[tuple[str, int]] = [("", 0)]
-    while stack:
-        rel_dir, depth = stack.pop()
-        try:
-            with os.scandir(os.path.join(OUT_DIR, rel_dir) if rel_dir else OUT_DIR) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            truncated = True
-            continue
-        for entry in entries:
-            rel = rel_dir + entry.name
-            try:
-                rel.encode("utf-8")
-                st = entry.stat(follow_symlinks=False)
-            except (OSError, UnicodeError):
-                truncated = True
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if depth + 1 >= MAX_DEPTH:
-                    truncated = True
-                else:
-                    stack.append((rel + "/", depth + 1))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if len(files) >= max_files or total + st.st_size > max_bytes:
-                truncated = True
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                try:
-                    data = os.read(fd, max_bytes - total + 1)
-                finally:
-                    os.close(fd)
-            except OSError:
-                truncated = True
-                continue
-            if total + len(data) > max_bytes:
-                truncated = True
-                continue
-            files[rel] = data
-            total += len(data)
-    return files, truncated

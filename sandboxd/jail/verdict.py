@@ -51,6 +51,8 @@ class Result:
     files_truncated: bool = False
     network: dict[str, int] | None = None  # runs with network: bytes and packets out and in
     reason: str = ""
+    display: list[dict[str, Any]] = field(default_factory=list)  # figures: [{"mime": "image/png", "data": bin}]
+    streamed: bool = False  # the output also came as "output" events while the run ran
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow: dataclasses.asdict deep-copies, which for megabytes of output costs real time.
@@ -149,3 +151,61 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"SIG{sig}"
+
+
+@dataclass
+class CellObservation:
+    """What the daemon saw of one exec in a session."""
+
+    cell: dict[str, Any] | None  # the supervisor's report of the cell; None: the session ended first
+    ended: Observation | None = None  # the session's end, when it ended during the cell
+    killed_for: str | None = None  # "timeout", "output:stdout", "output:stderr", "interrupted" (session_interrupt)
+
+
+def decide_cell(obs: CellObservation) -> tuple[str, dict[str, Any]]:
+    """Return (status, extra fields) for one exec.  With a report, the session lives on:
+
+        output_limit    a stream exceeded its byte limit (the cell was interrupted)
+        memory_limit    an allocation failed at the session's limit (MemoryError)
+        timeout         the cell reached its time limit and was interrupted
+        interrupted     session_interrupt raised KeyboardInterrupt in it
+        blocked_syscall a refused syscall, and the cell raised
+        exception       the cell raised (type, message and traceback in ``exception``)
+        ok
+
+    Without one the session is over and ``decide`` names why, as for a run.
+    """
+    if obs.cell is None:
+        status, extra = decide(obs.ended or Observation(None, None, obs.killed_for))
+        if status in ("ok", "exit_nonzero"):
+            extra["reason"] = f"the session's interpreter exited (status {extra.get('exit_code', 0)}) during the cell"
+        elif "reason" in extra:
+            extra["reason"] = extra["reason"].replace("the run", "the session")
+        return status, extra
+    cell = obs.cell
+    exc = cell.get("exception") or ""
+    found: dict[str, Any] = {}
+    if exc:
+        found["exception"] = {"type": exc, "message": cell.get("message") or "",
+                              "traceback": cell.get("traceback") or ""}
+        if cell.get("exit_code") is not None:
+            found["exit_code"] = cell["exit_code"]
+    if cell.get("value"):
+        found["value"] = cell["value"]
+    extra = found
+    denied = [d for d in cell.get("denied", []) if not d[2]]
+    if obs.killed_for and obs.killed_for.startswith("output:"):
+        stream = obs.killed_for.split(":", 1)[1]
+        return "output_limit", {**extra, "reason": f"{stream} exceeded its byte limit; the cell was interrupted"}
+    if exc == "MemoryError":
+        return "memory_limit", {**extra, "reason": "an allocation failed at the session's memory limit (MemoryError)"}
+    if obs.killed_for == "timeout":
+        return "timeout", {**extra, "reason": "the cell reached its time limit and was interrupted"}
+    if obs.killed_for == "interrupted" and cell.get("interrupted"):
+        return "interrupted", {**extra, "reason": "session_interrupt raised KeyboardInterrupt in the cell"}
+    if denied and exc:
+        return "blocked_syscall", {**extra, "blocked_syscall": denied[0][0],
+                                   "reason": f"the cell failed after the system call {denied[0][0]} was refused"}
+    if exc:
+        return "exception", {**extra, "reason": f"the cell raised {exc}"}
+    return "ok", extra

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import protocol
@@ -25,6 +26,7 @@ from .network import Lease, Network
 from .pipes import CappedReader, FrameReader, Writer
 from .slots import Slot
 from .spec import RunPlan
+from .stream import EventSink, Streamer
 from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class Worker:
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
         self.idle = asyncio.Event()  # clear while a run is reading this worker's cgroup
         self.idle.set()
+        self.opened: asyncio.Future[None] = self.loop.create_future()  # a session's runner serves cells
+        self.on_cell: Callable[[dict[str, Any]], None] | None = None  # a session's cell reports
         self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + MAX_STATUS_EXTRA)
         spawned.status_r = -1
         self._pump = self.loop.create_task(self._read_status())
@@ -80,6 +84,12 @@ class Worker:
                     self.ready.set_result(None)
             elif kind == "setup_error":
                 self.setup_error = SetupError.from_dict(frame)
+            elif kind == "session":
+                if not self.opened.done():
+                    self.opened.set_result(None)
+            elif kind == "cell":
+                if self.on_cell is not None:
+                    self.on_cell(frame)
             elif kind == "exit":
                 self.exit_frame = frame
                 if not self.reported.done():
@@ -121,27 +131,42 @@ class Worker:
         if self.lease is not None and self.network is not None:
             self.network.release(self.lease)
 
-    async def execute(self, plan: RunPlan) -> Result:
+    async def execute(self, plan: RunPlan, events: EventSink | None = None) -> Result:
         self.idle.clear()
         try:
-            return await self._execute(plan)
+            return await self._execute(plan, events)
         finally:
             self.idle.set()
 
-    async def _execute(self, plan: RunPlan) -> Result:
+    def release(self, request: RunRequest, memory: int, pids: int) -> bytes:
+        """Tighten the cgroup to the run (or session) and encode its request for the runtime."""
         self.state = "running"
+        if self.cgroup.driver.kind != "none":
+            self.cgroup.set_limits(Limits(memory, pids + 1, self.cpus))
+        return request.to_json_frame() if self.spec.exec_argv else protocol.encode(request.to_wire())
+
+    def output_readers(self, cap: int, streamer: Streamer | None, on_overflow: Callable[[str], None],
+                       ) -> tuple[CappedReader, CappedReader]:
+        """Readers of the run's stdout and stderr (the worker's fds pass to them)."""
+        out = CappedReader(self.proc.stdout_r, cap, lambda: on_overflow("output:stdout"),
+                           streamer.sink_for("stdout") if streamer else None)
+        err = CappedReader(self.proc.stderr_r, cap, lambda: on_overflow("output:stderr"),
+                           streamer.sink_for("stderr") if streamer else None)
+        self.proc.stdout_r = self.proc.stderr_r = -1
+        return out, err
+
+    async def _execute(self, plan: RunPlan, events: EventSink | None) -> Result:
         self.plan = plan
-        driver = self.cgroup.driver.kind
-        if driver != "none":
-            self.cgroup.set_limits(Limits(plan.memory_bytes, plan.pids + 1, self.cpus))
-        cpu0 = self.cgroup.cpu_usage_ns()
         rlimits = self.rlimits.for_limits(memory=plan.memory_bytes, cpu_ms=plan.cpu_ms,
                                           file_size=plan.file_size_bytes, nofile=plan.nofile, pids=plan.pids)
-        request = RunRequest(plan.code, rlimits, plan.files, plan.env)
-        wire = request.to_json_frame() if self.spec.exec_argv else protocol.encode(request.to_wire())
-        out = CappedReader(self.proc.stdout_r, plan.output_bytes, lambda: self.kill("output:stdout"))
-        err = CappedReader(self.proc.stderr_r, plan.output_bytes, lambda: self.kill("output:stderr"))
-        self.proc.stdout_r = self.proc.stderr_r = -1
+        request = RunRequest(plan.code, rlimits, plan.files, plan.env, display=plan.display,
+                             stream=events is not None)
+        wire = self.release(request, plan.memory_bytes, plan.pids)
+        cpu0 = self.cgroup.cpu_usage_ns()
+        streamer = Streamer(events, [], lambda: self.kill("cancelled")) if events is not None else None
+        out, err = self.output_readers(plan.output_bytes, streamer, self.kill)
+        if streamer is not None:
+            streamer.readers = [out, err]
         self.started = time.monotonic()
         request_writer = Writer(self.proc.request_w, wire)
         stdin_writer = Writer(self.proc.stdin_w, plan.stdin)
@@ -166,6 +191,8 @@ class Worker:
             # The client went away (or the daemon is stopping): kill the run, and let it die
             # before charging it, so what it used counts against the caller all the same.
             self.kill("cancelled")
+            if streamer is not None:
+                streamer.close()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(self.reported), CANCEL_GRACE)
             self.cpu_spent_ms = self._cpu_since(cpu0, frame=self.exit_frame)
@@ -179,7 +206,12 @@ class Worker:
             err.close()
             self.state = "done"
         wall = time.monotonic() - self.started
-        return self._result(plan, out, err, cpu0, wall)
+        if streamer is not None:
+            await streamer.finish()
+            streamer.close()
+        result = self._result(plan, out, err, cpu0, wall)
+        result.streamed = streamer is not None
+        return result
 
     def _cpu_since(self, cpu0: int | None, now_ns: int | None = None, frame: dict[str, Any] | None = None) -> float:
         """CPU the run has used (ms): the cgroup's counter, else the runner's rusage."""
@@ -235,6 +267,7 @@ class Worker:
             files, truncated = _cap_files(frame.get("files") or {}, plan.out_files_count, plan.out_files_bytes)
             result.files = files
             result.files_truncated = truncated or bool(frame.get("files_truncated"))
+            result.display = _figures(frame.get("display"))
         return result
 
 
@@ -250,3 +283,11 @@ def _cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple
         out[name] = data
         total += len(data)
     return out, truncated
+
+
+def _figures(raw: Any) -> list[dict[str, Any]]:
+    """The figures of a report, as the protocol shows them: [{"mime": "image/png", "data": bin}]."""
+    if not isinstance(raw, list):
+        return []
+    return [{"mime": "image/png", "data": f["data"]} for f in raw
+            if isinstance(f, dict) and isinstance(f.get("data"), bytes)]

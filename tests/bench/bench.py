@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +40,7 @@ BENCH_CONFIG: dict[str, Any] = {
     "daemon": {"socket_group": "", "workers": 16, "queue": 512, "log_level": "warning"},
     "pool": {"min": 4, "max": 16},
     "quotas": {"default": {"concurrent": 128, "queued": 512, "runs_per_minute": 0, "cpu_seconds_per_hour": 0,
-                           "max_output": "16M", "max_files_size": "16M"}},
+                           "max_output": "16M", "max_files_size": "16M", "sessions": 16}},
     "limits": {"output": "16M"},
 }
 
@@ -92,6 +93,65 @@ def paced(sock: str, rate: float, count: int, code: str = PRINT1, **kw: Any) -> 
             lat.append(d)
             time.sleep(max(0.0, 1 / rate - d))
     return summary(lat, 0)
+
+
+def sessions(sock: str, quick: bool) -> dict[str, Any]:
+    """session_exec of print(x) (paced, as print(1) is), PSS of idle sessions, first streamed byte."""
+    out: dict[str, Any] = {}
+    count = 60 if quick else 300
+    with Client(sock, timeout=120) as c:
+        with c.session() as s:
+            s.exec("x = 1")
+            lat = []
+            for _ in range(count):
+                t = time.perf_counter()
+                r = s.exec("print(x)")
+                lat.append(time.perf_counter() - t)
+                assert r["stdout"] == b"1\n", r
+                time.sleep(max(0.0, 1 / 50 - lat[-1]))
+            out["exec_paced"] = summary(lat, 0)
+        opened = [c.session() for _ in range(10)]
+        for x in opened:
+            x.exec("y = list(range(1000))")
+        time.sleep(0.5)
+        uids = {x["run_uid"] for x in c.sessions()}
+        pss = sum(_pss_kb(pid) for pid in _pids_of_uids(uids)) / 1024
+        out["idle_session_pss_mib"] = pss / len(opened)
+        for x in opened:
+            x.close()
+        firsts, walls = [], []
+        for _ in range(5 if quick else 15):
+            seen: list[float] = []
+            t = time.perf_counter()
+            c.run("print('started')\nimport time\ntime.sleep(0.3)\nprint('done')", on_output=partial(_arrived, seen))
+            walls.append(time.perf_counter() - t)
+            firsts.append(seen[0] - t)
+        out["first_byte"] = {"p50_ms": pct(firsts, 0.5) * 1e3, "run_p50_ms": pct(walls, 0.5) * 1e3}
+    return out
+
+
+def _arrived(seen: list[float], stream: str, data: bytes) -> None:
+    seen.append(time.perf_counter())
+
+
+def _pids_of_uids(uids: set[int]) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid in uids:
+                    pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
 
 
 # -- the spawn-per-request baseline ---------------------------------------------------------------
@@ -341,6 +401,17 @@ def main() -> int:
             row(f"sandboxd, closed loop, c={c}: p50/p95/p99, runs/s",
                 f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f} ms, {s['runs_per_s']:.0f}/s"
                 + (f"  ({s['errors']} errors)" if s["errors"] else ""))
+
+        print("sessions")
+        results["sessions"] = sessions(sock, args.quick)
+        se = results["sessions"]
+        exec_ratio = se["exec_paced"]["p50_ms"] / results["paced_c1"]["p50_ms"]
+        row("session_exec print(x), paced 50/s: p50 / p99", f"{se['exec_paced']['p50_ms']:.2f} / "
+            f"{se['exec_paced']['p99_ms']:.2f} ms  ({exec_ratio:.2f}x a run's p50; target <= 0.3x)")
+        row("idle session PSS (10 open)", f"{se['idle_session_pss_mib']:.1f} MiB each")
+        row("first streamed byte of a run that prints, then sleeps 0.3 s", f"{se['first_byte']['p50_ms']:.1f} ms "
+            f"(the whole run: {se['first_byte']['run_p50_ms']:.0f} ms)")
+        results["ratios_sessions"] = {"exec_p50_over_run_p50": exec_ratio}
 
         print("spawn-per-request baseline (same root, chroot + setuid + seccomp + fresh python3)")
         base = SpawnBaseline(root, uid=BASELINE_UID)
