@@ -8,10 +8,12 @@ SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # Runtime dependencies come from Debian (the .deb depends on the same packages);
 # numpy is only for the preload tests and benchmark, matplotlib for the figure tests (and
 # the benchmark's plot); nftables (nft), iproute2 (ip) and dnsmasq-base are for the network
-# tests' own test hosts.
+# tests' own test hosts; gcc, python3-dev, pip, setuptools, wheel and libyaml make the
+# environment tests' wheelhouse (a C extension linking libyaml).
 APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
 	python3-nftables python3-pyroute2 \
-	python3-venv python3-numpy python3-matplotlib mandoc nftables iproute2 dnsmasq-base
+	python3-venv python3-numpy python3-matplotlib mandoc nftables iproute2 dnsmasq-base \
+	gcc python3-dev python3-pip python3-setuptools python3-wheel libyaml-0-2
 BENCH_PACKAGES := bubblewrap
 E2E_PACKAGES := debootstrap systemd-container qemu-system-x86 e2fsprogs
 DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230

@@ -30,9 +30,9 @@ from . import protocol
 DEFAULT_SOCKET = "/run/sandboxd/sandboxd.sock"
 MAX_RESPONSE = protocol.DEFAULT_MAX_FRAME * 4  # a result holds up to twice max_output plus out/ files
 RUN_OPTIONS = ("language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files", "env", "max_output",
-               "display")
+               "display", "environment")
 SESSION_OPTIONS = ("language", "memory_mb", "cpu_ms", "idle_timeout_ms", "max_lifetime_ms", "network", "files", "env",
-                   "display")
+                   "display", "environment")
 EXEC_OPTIONS = ("stdin", "timeout_ms", "files", "max_output", "display")
 Output = Callable[[str, bytes], None]  # (stream, data) of streamed output
 

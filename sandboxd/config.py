@@ -52,6 +52,7 @@ DEFAULT_ROOT_PATHS = (
     "/etc/nsswitch.conf",
     "/etc/hosts",
 )
+SCRATCH_PATHS = ("/work", "/var/tmp", "/dev/shm")  # in every run, its own scratch space covers these
 DEFAULT_ROOT_EXCLUDE = tuple(
     f"/usr/lib/python{PYVER}/{sub}"
     for sub in ("test", "config-*", "dist-packages", "idlelib", "tkinter", "turtledemo", "ensurepip",
@@ -67,6 +68,9 @@ class DaemonSettings:
     socket_mode: int = setting(0o660, sizes.octal_mode, "Permissions of the socket, quoted octal.")
     state_dir: str = setting("/var/lib/sandboxd", sizes.abs_path,
                              "Where the root, the usage database and the pid file live.")
+    environments_dir: str = setting("", sizes.optional_text,
+                                    "Where built environments are kept (their site-packages go into roots at the "
+                                    "same path, so not under /tmp or /home); empty: <state_dir>/environments.")
     pid_file: str = setting("/run/sandboxd/sandboxd.pid", sizes.abs_path,
                             "Pid file written when the daemon detaches (without --foreground).")
     admin_group: str = setting("sandboxd-admin", sizes.optional_text,
@@ -140,6 +144,11 @@ class JailConfig:
     preload_env: dict[str, str] = setting(
         {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, sizes.str_map,
         "Environment for preloading and runs (keeps BLAS single-threaded so the fork server stays so).")
+    build_uid: int = setting(879999, sizes.int_range(1, 2**31 - 2),
+                             "uid and gid environment builds run as (pip runs package code): no user or group may "
+                             "use it, and it is not a run uid.")
+    build_timeout: float = setting(900.0, sizes.duration, "Longest an environment build may take.")
+    build_memory: int = setting(4 << 30, sizes.byte_size, "Address space of an environment build's processes.")
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,8 @@ class QuotaLimits:
                                       "without an exec for that long is closed.")
     max_session_lifetime: float = setting(3600.0, sizes.duration,
                                           "Longest max_lifetime_ms a session may ask for, and its default.")
+    environments: tuple[str, ...] = setting(("*",), sizes.environment_names,
+                                            "Environments this caller's runs and sessions may ask for; * for all.")
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,25 @@ class RuntimeSettings:
     pool_max: int = setting(-1, sizes.int_range(-1, 4096), "Most ready workers of this runtime; -1: pool.max.")
     available: bool = True  # resolved at load: enabled, and the interpreter is on this host
     why_not: str = ""
+
+
+@dataclass(frozen=True)
+class EnvironmentSettings:
+    requirements: tuple[str, ...] = setting((), sizes.requirement_list,
+                                            "What pip installs, one requirement an item in pip's syntax (pins "
+                                            "encouraged: numpy==1.26.4); options are the keys below, not items.")
+    index_url: str = setting("", sizes.index_url,
+                             "The package index (a PEP 503 simple index), e.g. https://pypi.org/simple; null: none.")
+    extra_index_urls: tuple[str, ...] = setting((), sizes.url_list, "More indexes pip may use.")
+    find_links: tuple[str, ...] = setting((), sizes.path_list,
+                                          "Local directories of wheels (a wheelhouse), for hosts without an index.")
+    only_binary: bool = setting(True, sizes.boolean,
+                                "Wheels only; false lets pip build source distributions, inside the build jail.")
+    system_site_packages: bool = setting(False, sizes.boolean,
+                                         "Whether the host's Debian dist-packages are visible to the environment's "
+                                         "runs (pip then installs only what they lack).")
+    preload: tuple[str, ...] = setting((), sizes.name_list,
+                                       "Modules imported once in the environment's fork server, as jail.preload.")
 
 
 # Each runtime's defaults, over RuntimeSettings': Python forks from the fork server, Node is
@@ -261,6 +291,7 @@ class Config:
     profiles: Mapping[str, ProfileSettings] = field(default_factory=lambda: {lang: ProfileSettings()
                                                                              for lang in LANGUAGES})
     runtimes: Mapping[str, RuntimeSettings] = field(default_factory=dict)
+    environments: Mapping[str, EnvironmentSettings] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     def runtime(self, language: str) -> RuntimeSettings | None:
@@ -323,7 +354,7 @@ def parse(data: Any, path: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, ["expected a mapping of sections at the top level"])
-    known = {*SECTIONS, "quotas", "profiles", "runtimes"}
+    known = {*SECTIONS, "quotas", "profiles", "runtimes", "environments"}
     for key in data:
         if key not in known:
             errors.append(f"{key}: unknown section" + did_you_mean(str(key), sorted(known)))
@@ -331,7 +362,9 @@ def parse(data: Any, path: str = "<config>") -> Config:
     quotas = _parse_quotas(data.get("quotas"), errors)
     profiles = _parse_profiles(data.get("profiles"), errors)
     runtimes = _parse_runtimes(data.get("runtimes"), sections["root"], errors, warnings)
-    cfg = Config(path=path, quotas=quotas, profiles=profiles, runtimes=runtimes, **sections)
+    environments = _parse_environments(data.get("environments"), errors)
+    cfg = Config(path=path, quotas=quotas, profiles=profiles, runtimes=runtimes, environments=environments,
+                 **sections)
     _cross_checks(cfg, errors, warnings)
     if errors:
         raise ConfigError(path, errors)
@@ -393,6 +426,34 @@ def _parse_runtimes(raw: Any, root: RootSettings, errors: list[str],
     return out
 
 
+def _parse_environments(raw: Any, errors: list[str]) -> dict[str, EnvironmentSettings]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        errors.append("environments: expected a mapping of environment names to environments")
+        return {}
+    out = {}
+    for name, body in raw.items():
+        if not isinstance(name, str) or not sizes.ENVIRONMENT_NAME.fullmatch(name):
+            errors.append(f"environments.{name}: a name is 1-32 of a-z, 0-9, '_' and '-', starting with a letter "
+                          "or digit")
+            continue
+        given = _convert_section(EnvironmentSettings, body, f"environments.{name}", errors)
+        env = EnvironmentSettings(**given)
+        if not env.requirements:
+            errors.append(f"environments.{name}.requirements: an environment installs at least one requirement")
+        if not env.index_url and not env.extra_index_urls and not env.find_links:
+            errors.append(f"environments.{name}: pip needs somewhere to get packages: index_url, extra_index_urls "
+                          "or find_links")
+        out[name] = env
+    return out
+
+
+def environments_dir(cfg: Config, state_dir: str | None = None) -> str:
+    """Where built environments live (daemon.environments_dir, else under the state directory)."""
+    return cfg.daemon.environments_dir or os.path.join(state_dir or cfg.daemon.state_dir, "environments")
+
+
 def _parse_profiles(raw: Any, errors: list[str]) -> dict[str, ProfileSettings]:
     profiles = {lang: ProfileSettings() for lang in LANGUAGES}
     if raw is None:
@@ -441,8 +502,31 @@ def _cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
             if not name.isdigit() and not _exists(table, name):
                 warnings.append(f"quotas.{table}.{name}: no such {table[:-1]} on this host (entry unused)")
     _network_checks(cfg, errors, warnings)
+    _environment_checks(cfg, errors, warnings)
     if cfg.limits.timeout > cfg.quotas.default.max_timeout:
         warnings.append("limits.timeout is above quotas.default.max_timeout; runs get the quota's maximum")
+
+
+def _environment_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
+    first, count = cfg.jail.run_uids
+    if first <= cfg.jail.build_uid < first + count:
+        errors.append(f"jail.build_uid: {cfg.jail.build_uid} is one of jail.run_uids: builds and runs must never "
+                      "share a uid")
+    where = environments_dir(cfg)
+    if cfg.daemon.environments_dir and not cfg.daemon.environments_dir.startswith("/"):
+        errors.append(f"daemon.environments_dir: expected an absolute path, got {cfg.daemon.environments_dir!r}")
+    elif cfg.environments and (prefix := forbidden_prefix(os.path.normpath(where)) or next(
+            (p for p in SCRATCH_PATHS if under(os.path.normpath(where), p)), None)):
+        errors.append(f"daemon.environments_dir: {where} is under {prefix}; environments go into roots at the same "
+                      "path, and nothing there ever does (or a run's scratch space covers it there): set it elsewhere, "
+                      "e.g. /var/lib/sandboxd/environments")
+    for table, entries in (("users", cfg.quotas.users), ("groups", cfg.quotas.groups), ("", {"default": {
+            "environments": cfg.quotas.default.environments}})):
+        for name, limits in entries.items():
+            for env in limits.get("environments", ()):
+                if env != "*" and env not in cfg.environments:
+                    key = f"quotas.{table}.{name}" if table else "quotas.default"
+                    warnings.append(f"{key}.environments: {env} is not one of environments (entry unused)")
 
 
 def _network_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
@@ -505,5 +589,8 @@ def all_quota_maxima(policy: QuotaPolicy) -> QuotaLimits:
         candidates = [getattr(policy.default, f.name)]
         for table in (policy.users, policy.groups):
             candidates += [o[f.name] for o in table.values() if f.name in o]
-        values[f.name] = max(candidates)
+        if isinstance(candidates[0], tuple):  # lists (environments): all their entries
+            values[f.name] = tuple(dict.fromkeys(v for c in candidates for v in c))
+        else:
+            values[f.name] = max(candidates)
     return QuotaLimits(**values)

@@ -230,6 +230,8 @@ class Ctl:
             fields["network"] = True
         if a.language:
             fields["language"] = a.language
+        if getattr(a, "environment", None):
+            fields["environment"] = a.environment
         return fields
 
     def streaming(self) -> bool:
@@ -270,6 +272,50 @@ class Ctl:
             return cell_exit(result)
         return run_exit(result)
 
+    # -- environments ---------------------------------------------------------------------------------
+    def env_list(self) -> int:
+        reply = self.client.call("environments")
+
+        def human() -> str:
+            rows = []
+            for e in reply["environments"]:
+                packages = ", ".join(f"{p['name']}=={p['version']}" for p in e["packages"]
+                                     if p["name"] not in ("pip", "setuptools"))
+                rows.append((e["name"], e["state"], packages or "-", render.size(e["size_bytes"] or 0),
+                             render.ago(e["built_at"]) if e["built_at"] else "-",
+                             render.duration(e["build_seconds"]) if e["build_seconds"] is not None else "-",
+                             e["in_use"]))
+            text = render.table(["environment", "state", "packages", "size", "built", "took", "in use"], rows)
+            for e in reply["environments"]:
+                if e.get("error"):
+                    text += f"\n{e['name']}: last build failed: {e['error']['message']}"
+            return text if reply["environments"] else "no environments are configured"
+
+        self.out(reply, human)
+        return EXIT_OK
+
+    def env_build(self) -> int:
+        last = [""]
+
+        def progress(p: dict[str, Any]) -> None:
+            if self.args.json:
+                print(render.to_json({"event": "progress", **p}, compact=True), flush=True)
+                return
+            stage = str(p.get("stage"))
+            said = p.get("detail") or p.get("message")
+            detail = f": {said}" if said else ""
+            if stage != last[0] or detail:
+                sys.stderr.write(self.shown(f"{stage}{detail}", sys.stderr)[:200] + "\n")
+                sys.stderr.flush()
+            last[0] = stage
+
+        reply = self.client.call("build_environment", progress=progress, name=self.args.name,
+                                 force=not self.args.if_changed)
+        e = reply["environment"]
+        self.out(reply, lambda: f"environment {e['name']}: {e['state']}, build {e['build']}, "
+                                f"{len(e['packages'])} packages, {render.size(e['size_bytes'] or 0)}")
+        return EXIT_OK if e["state"] == "ready" else EXIT_RUN_FAILED
+
     # -- sessions -----------------------------------------------------------------------------------
     def _session_fields(self) -> dict[str, Any]:
         a = self.args
@@ -286,6 +332,8 @@ class Ctl:
             fields["max_lifetime_ms"] = int(a.lifetime * 1000)
         if a.display:
             fields["display"] = True
+        if a.environment:
+            fields["environment"] = a.environment
         return fields
 
     def session_open(self) -> int:
@@ -358,6 +406,8 @@ class Ctl:
 
     def root_why(self) -> int:
         fields = {"language": self.args.language} if self.args.language else {}
+        if self.args.environment:
+            fields["environment"] = self.args.environment
         reply = self.client.call("root_why", module=self.args.module, **fields)
 
         def human() -> str:
@@ -472,6 +522,7 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--memory", type=int, help="memory limit, MiB")
         r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
         r.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
+        r.add_argument("--environment", "-E", help="the Python environment to run in (default: default, if any)")
         r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
                        "(by default control characters are shown escaped there; piped output is always exact)")
         if name == "run":
@@ -486,6 +537,16 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--idle-timeout", type=float, help="close it after this many idle seconds")
         sp.add_argument("--lifetime", type=float, help="close it after this many seconds in all")
         sp.add_argument("--display", action="store_true", help="return matplotlib figures as PNGs")
+        sp.add_argument("--environment", "-E", help="the Python environment (default: default, if any)")
+
+    env = sub.add_parser("env", help="Python environments: what runs may import")
+    esub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    el = esub.add_parser("list", parents=[common], help="each environment, its packages, size, state and use")
+    el.set_defaults(method="env_list")
+    eb = esub.add_parser("build", parents=[common], help="(re)build an environment now, with progress (admin)")
+    eb.add_argument("name")
+    eb.add_argument("--if-changed", action="store_true", help="keep the current build when it is up to date")
+    eb.set_defaults(method="env_build")
 
     session = sub.add_parser("session", help="sessions: workers that keep their state between execs")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
@@ -519,6 +580,7 @@ def parser() -> argparse.ArgumentParser:
     why = rsub.add_parser("why", parents=[common], help="can MODULE be imported in the jail, and if not why")
     why.add_argument("module")
     why.add_argument("--language", "-l", help="python3 (the default) or nodejs: require() it")
+    why.add_argument("--environment", "-E", help="in this Python environment's root (default: default, if any)")
     why.set_defaults(method="root_why")
     return p
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import __version__, errors, handlers, listen, logs, quota, selftest, uidcheck
 from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, load
+from .environments import Environments
 from .errors import RequestError
 from .jail.cgroups import CgroupError
 from .jail.jail import Jail
@@ -61,6 +62,8 @@ class Daemon:
         self.jail = Jail(JailSettings.from_config(config, self.state_dir))
         self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
         self.sessions = Sessions(config, self.jail, self.runs)
+        self.environments = Environments(config, self.jail, self.state_dir)
+        self.runs.environment_ready = self.environments.check_ready
         self.server = Server(config.daemon, self._dispatch, refused=self.refused)
         self.notifier = Notifier()
         self.started = time.time()
@@ -157,6 +160,18 @@ class Daemon:
     def jobs(self) -> tuple[list[dict[str, Any]], int]:
         return self.runs.jobs(), len(self.runs.admission.queue)
 
+    def list_environments(self) -> list[dict[str, Any]]:
+        used: dict[str, int] = {}
+        names = [entry.environment for entry in self.runs.running.values() if not entry.session_id]
+        names += [live.session.plan.environment for live in self.sessions.live.values()]
+        for name in names:
+            used[name] = used.get(name, 0) + 1
+        return [{**env, "in_use": used.get(env["name"], 0)} for env in self.environments.list()]
+
+    async def build_environment(self, name: str, force: bool,
+                                progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+        return await self.environments.build(name, force, progress)
+
     def run_owner(self, run_id: str) -> int | None:
         return self.runs.owner(run_id)
 
@@ -166,9 +181,9 @@ class Daemon:
     async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
         return (await self.jail.rebuild_root(force=force, progress=progress)).summary()
 
-    def root_layout(self) -> tuple[str, list[str]] | None:
-        root = self.jail.root
-        return None if root is None else (root.path, self.jail.run_path)
+    def root_layout(self, environment: str = "") -> tuple[str, list[str]] | None:
+        stack = self.jail.stacks.get(environment)
+        return None if stack is None else (stack.root.path, self.jail.run_path(environment))
 
     def status(self, who: Identity) -> dict[str, Any]:
         now = time.time()
@@ -183,6 +198,7 @@ class Daemon:
             "root": jail["root"],
             "capacity": self.runs.admission.describe(),
             "sessions": self.sessions.describe_all(),
+            "environments": {e["name"]: e["state"] for e in self.environments.list()},
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "network": jail["network"],
@@ -228,12 +244,13 @@ class Daemon:
         for problem in uidcheck.overlaps(first, count):
             log.warning("jail.run_uids %d-%d overlaps: %s; runs and that user could reach each other",
                         first, first + count - 1, problem)
-        await self.jail.start()
+        await self.jail.start(self.environments.layers())
         if self.config.daemon.self_test:
             self.notifier.notify(status="self-test")
             await self.run_self_test()
         sock = self._socket()
         self.sessions.start()
+        self.environments.start_builds()
         await self.server.serve(sock)
         root = self.jail.root
         log.info("sandboxd %s ready on %s (root %s, cgroup %s, %d workers)", __version__, self.socket_path,
@@ -320,6 +337,7 @@ class Daemon:
                 new.daemon, **{k: getattr(self.config.daemon, k) for k in fixed}))
         try:
             changes += await self.jail.reconfigure(JailSettings.from_config(new, self.state_dir))
+            changes += await self.environments.reconfigure(new)
         except Exception as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": [str(e)]}
             self.notifier.notify(ready=1, status="reload failed; running with the previous configuration")
@@ -352,6 +370,7 @@ class Daemon:
         if self.sessions.live:
             log.info("stopping: closing %d sessions", len(self.sessions.live))
         await self.sessions.close_all("daemon_stopped")
+        await self.environments.close()
         await self.jail.close(grace=max(0.0, deadline - time.monotonic()))
         for task in list(self.server.tasks):
             task.cancel()
@@ -363,11 +382,11 @@ class Daemon:
         if interval is None:
             return
         while True:
-            fs = self.jail.workers.server if self.jail.workers else None
-            if fs is not None and fs.alive:
+            stacks = list(self.jail.stacks.values())
+            if stacks and all(stack.server.alive for stack in stacks):
                 self.notifier.notify(watchdog=1)
             else:
-                log.error("fork server is gone; not petting the watchdog")
+                log.error("a fork server is gone; not petting the watchdog")
             await asyncio.sleep(interval)
 
     async def _housekeeping(self) -> None:

@@ -17,10 +17,11 @@ BUSY = "busy"
 UNAVAILABLE = "unavailable"
 NOT_FOUND = "not_found"
 BAD_CONFIG = "bad_config"
+BUILD_FAILED = "build_failed"
 INTERNAL = "internal"
 
 CODES = (BAD_FRAME, FRAME_TOO_LARGE, BAD_REQUEST, UNKNOWN_OP, FORBIDDEN, QUOTA_EXCEEDED, BUSY, UNAVAILABLE,
-         NOT_FOUND, BAD_CONFIG, INTERNAL)
+         NOT_FOUND, BAD_CONFIG, BUILD_FAILED, INTERNAL)
 
 
 class RequestError(Exception):

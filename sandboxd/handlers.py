@@ -15,6 +15,8 @@
     reload         admin       re-read the config file
     rebuild_root   admin       rebuild the root from the config's paths (progress frames)
     syscalls       admin       run code in discovery mode: which syscalls the profile lacks
+    environments   anyone      the Python environments: packages, state, size, use
+    build_environment admin    (re)build an environment (progress frames)
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class App(Protocol):
     def kill_run(self, run_id: str) -> None: ...
     async def reload(self) -> list[str]: ...
     async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
-    def root_layout(self) -> tuple[str, list[str]] | None: ...  # (root path, the runs' sys.path) once built
+    def root_layout(self, environment: str = "") -> tuple[str, list[str]] | None: ...  # (root, sys.path) once built
+    def list_environments(self) -> list[dict[str, Any]]: ...
+    async def build_environment(self, name: str, force: bool,
+                                progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
 
 
 class Interim(EventSink, Protocol):
@@ -184,6 +189,32 @@ async def op_rebuild_root(app: App, call: Call) -> dict[str, Any]:
     return protocol.ok(call.id, root=root)
 
 
+async def op_environments(app: App, call: Call) -> dict[str, Any]:
+    """Every environment; a failed build's log (host paths, index URLs) only for admins."""
+    envs = app.list_environments()
+    if not app.is_admin(call.who):
+        envs = [{**e, "error": {k: v for k, v in e["error"].items() if k != "log"}} if e.get("error") else e
+                for e in envs]
+    return protocol.ok(call.id, environments=envs)
+
+
+async def op_build_environment(app: App, call: Call) -> dict[str, Any]:
+    """Build (or rebuild with ``force``) an environment; with ``progress: true`` interim frames
+    report the stages (venv, resolving, downloading, installing, checking, root, ready)."""
+    name = call.req.get("name")
+    if not isinstance(name, str) or not name:
+        raise errors.bad_request("name", "required, the name of an environment")
+    want = bool(call.req.get("progress"))
+
+    def progress(stage: str, info: dict[str, Any]) -> None:
+        if want:
+            call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
+
+    env = await app.build_environment(name, bool(call.req.get("force", True)), progress)
+    log.warning("environment %s built by uid %d: %s", name, call.who.uid, env.get("build"))
+    return protocol.ok(call.id, environment=env)
+
+
 async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
     """Run the code once with calls outside the profile recorded and let through (except the
     never-allowed ones, refused as always), inside the same confinement otherwise."""
@@ -220,13 +251,24 @@ async def op_root_why(app: App, call: Call) -> dict[str, Any]:
         return await _root_why_node(app, call, module)
     if not isinstance(module, str) or not module or not all(p.isidentifier() for p in module.split(".")):
         raise errors.bad_request("module", "required, a dotted module name like numpy.linalg")
-    layout = app.root_layout()
+    environments = app.list_environments()
+    names = [e["name"] for e in environments]
+    environment = call.req.get("environment")
+    if environment is None:
+        environment = "default" if "default" in names else ""
+    elif environment not in names:
+        raise errors.bad_request("environment", f"no environment {environment!r} here", known=names)
+    layout = app.root_layout(environment)
     if layout is None:
-        raise RequestError(errors.UNAVAILABLE, "the root is not built yet")
+        raise RequestError(errors.UNAVAILABLE, f"the root{' of environment ' + environment if environment else ''} "
+                           "is not built yet")
     root, run_path = layout
     report = rootwhy.explain(module, root, run_path, private_ok=app.is_admin(call.who))
+    report["environment"] = environment or None
     probe = {"code": f"import importlib\nm = importlib.import_module({module!r})\nprint(getattr(m, '__file__', m))",
              "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
+    if environment:
+        probe["environment"] = environment
     result = await app.execute(call.who, probe)
     report["import"] = {"status": result["status"], "stdout": result["stdout"].decode("utf-8", "replace"),
                         "error": _last_line(result["stderr"]), "run_id": result["run_id"]}
@@ -237,6 +279,8 @@ async def op_root_why(app: App, call: Call) -> dict[str, Any]:
         if result.get("blocked_syscall"):
             report["advice"].append(f"importing it needs the system call {result['blocked_syscall']}: "
                                     "sandboxctl syscalls shows what to add to the profile")
+        if report["found"] is None:
+            report["advice"][:0] = rootwhy.environment_advice(module, environment, environments)
     return protocol.ok(call.id, **report)
 
 
@@ -299,11 +343,13 @@ HANDLERS: dict[str, Op] = {
     "session_interrupt": Op(LISTED, op_session_interrupt, {"session_id": STR}),
     "session_close": Op(LISTED, op_session_close, {"session_id": STR}),
     "sessions": Op(LISTED, op_sessions, {}),
-    "root_why": Op(QUOTA, op_root_why, {"module": STR, "language": STR}),
+    "root_why": Op(QUOTA, op_root_why, {"module": STR, "language": STR, "environment": STR}),
     "jobs": Op(ADMIN, op_jobs, {}),
     "reload": Op(ADMIN, op_reload, {}),
     "rebuild_root": Op(ADMIN, op_rebuild_root, {"progress": BOOL, "force": BOOL}),
     "syscalls": Op(ADMIN, op_syscalls),
+    "environments": Op(LISTED, op_environments, {}),
+    "build_environment": Op(ADMIN, op_build_environment, {"name": STR, "progress": BOOL, "force": BOOL}),
 }
 
 

@@ -16,12 +16,14 @@ from typing import Any
 from .config import ALIASES, LANGUAGES, Config, QuotaLimits
 from .errors import bad_request, forbidden
 from .hints import check_unknown
+from .jail.settings import DEFAULT_ENVIRONMENT
 from .jail.spec import CellPlan, RunPlan, SessionPlan
+from .quota import allows_environment
 
 RUN_FIELDS = ("op", "id", "code", "language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files",
-              "env", "max_output", "stream", "display")
+              "env", "max_output", "stream", "display", "environment")
 SESSION_FIELDS = ("op", "id", "language", "memory_mb", "cpu_ms", "idle_timeout_ms", "max_lifetime_ms", "network",
-                  "files", "env", "display")
+                  "files", "env", "display", "environment")
 EXEC_FIELDS = ("op", "id", "session_id", "code", "stdin", "timeout_ms", "files", "stream", "display", "max_output")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ENV = 256
@@ -76,6 +78,7 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
         nofile=cfg.limits.nofile,
         network=network,
         display=_flag(req, "display"),
+        environment=environment(req, limits, cfg, language),
     )
 
 
@@ -100,7 +103,7 @@ def build_session(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, sess
                        file_size_bytes=cfg.limits.file_size,
                        out_files_bytes=min(cfg.limits.out_files_size, limits.max_files_size),
                        out_files_count=cfg.limits.out_files, nofile=cfg.limits.nofile, network=network,
-                       display=display)
+                       display=display, environment=environment(req, limits, cfg, language))
 
 
 def build_cell(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str, language: str) -> CellPlan:
@@ -115,6 +118,25 @@ def build_cell(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id:
     return CellPlan(run_id=run_id, code=_code(req), stdin=stdin, files=_files(req.get("files"), limits, cfg),
                     timeout_ms=_timeout(req, limits, cfg), output_bytes=_max_output(req, limits, cfg),
                     display=display)
+
+
+def environment(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, language: str) -> str:
+    """The environment a python3 run or session gets: the one it names, else ``default`` when
+    there is one (and the caller may use it), else none ("": the base root)."""
+    name = req.get("environment")
+    if name is None:
+        implicit = language == "python3" and DEFAULT_ENVIRONMENT in cfg.environments
+        return DEFAULT_ENVIRONMENT if implicit and allows_environment(limits, DEFAULT_ENVIRONMENT) else ""
+    if not isinstance(name, str):
+        raise bad_request("environment", f"expected a name, got {type(name).__name__}")
+    if language != "python3":
+        raise bad_request("environment", f"environments are Python's; {language} runs have none")
+    if name not in cfg.environments:
+        raise bad_request("environment", f"no environment {name[:64]!r} here", known=sorted(cfg.environments))
+    if not allows_environment(limits, name):
+        raise forbidden(f"the environment {name} is not allowed for you", field="environment",
+                        allowed=list(limits.environments))
+    return name
 
 
 def wants_stream(req: Mapping[str, Any]) -> bool:

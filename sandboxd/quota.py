@@ -39,10 +39,21 @@ def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
     for f in declared(QuotaLimits):
         offered = [o[f.name] for o in groups if f.name in o]
         if offered:
-            values[f.name] = max(offered)
+            values[f.name] = most_generous(offered)
     if user is not None:
         values.update(user)
     return QuotaLimits(**values)
+
+
+def most_generous(values: list[Any]) -> Any:
+    """The largest of numbers and flags; of lists (environments), all their entries."""
+    if isinstance(values[0], tuple):
+        return tuple(dict.fromkeys(v for value in values for v in value))
+    return max(values)
+
+
+def allows_environment(limits: QuotaLimits, name: str) -> bool:
+    return "*" in limits.environments or name in limits.environments
 
 
 def limits_dict(limits: QuotaLimits) -> dict[str, Any]:

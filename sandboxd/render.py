@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def to_json(obj: Any) -> str:
+def to_json(obj: Any, compact: bool = False) -> str:
+    """JSON for --json output (``compact``: one line, for a stream of events)."""
+
     def default(o: Any) -> Any:
         if isinstance(o, bytes):
             try:
@@ -18,6 +20,8 @@ def to_json(obj: Any) -> str:
                 return {"base64": base64.b64encode(o).decode()}
         raise TypeError(type(o).__name__)
 
+    if compact:
+        return json.dumps(obj, default=default, sort_keys=True, separators=(",", ":"))
     return json.dumps(obj, default=default, indent=2, sort_keys=True)
 
 

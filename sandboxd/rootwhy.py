@@ -10,6 +10,7 @@ does not have).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import sysconfig
@@ -120,3 +121,21 @@ def explain(name: str, root: str, run_path: list[str], private_ok: bool = False)
                 report["advice"].append(f"{obj} needs {lib}, which this host does not have either: install the "
                                         "package that provides it, then rebuild the root")
     return report
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def environment_advice(module: str, environment: str, environments: list[dict[str, Any]]) -> list[str]:
+    """Where ``module`` could come from: another environment that has a distribution of its
+    name, or the requirement to add to this one (the distribution's name may differ)."""
+    top = _normal(module.split(".")[0])
+    holders = [e["name"] for e in environments
+               if e["name"] != environment and any(_normal(p["name"]) == top for p in e.get("packages", []))]
+    advice = [f"environment {name} has {module.split('.')[0]}: run with \"environment\": \"{name}\""
+              for name in holders]
+    target = environment or ("default" if not environments else environments[0]["name"])
+    advice.append(f"to have it, add {module.split('.')[0]} (its name on the index may differ) to "
+                  f"environments.{target}.requirements and reload, or run sandboxctl env build {target}")
+    return advice

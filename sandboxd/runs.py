@@ -38,6 +38,7 @@ class RunEntry:
     memory_mb: int
     network: bool
     language: str
+    environment: str = ""
     session_id: str | None = None  # an exec in this session
     worker: Worker | None = None  # once the jail has one for it
     killed: bool = False
@@ -45,7 +46,8 @@ class RunEntry:
 
     @classmethod
     def for_plan(cls, run_id: str, caller: Identity, p: RunPlan) -> RunEntry:
-        return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes >> 20, p.network, p.language)
+        return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes >> 20, p.network, p.language,
+                   p.environment)
 
     def bind(self, worker: Worker) -> None:
         self.worker = worker
@@ -65,7 +67,7 @@ class RunEntry:
                 "worker_pid": w.pid if w else None, "run_uid": w.slot.uid if w else None,
                 "age_ms": round((now - self.started) * 1000, 1), "timeout_ms": self.timeout_ms,
                 "memory_mb": self.memory_mb, "network": self.network, "language": self.language,
-                "session_id": self.session_id}
+                "environment": self.environment or None, "session_id": self.session_id}
 
 
 class Runs:
@@ -78,6 +80,8 @@ class Runs:
         self.running: dict[str, RunEntry] = {}
         self.started_at = time.time()
         self._seq = 0
+        # Raises (unavailable) unless the named environment serves ("": the base root always does).
+        self.environment_ready: Callable[[str], None] = lambda name: None
 
     def configure(self, config: Config) -> None:
         self.config = config
@@ -98,6 +102,8 @@ class Runs:
         run_plan = plan.build(req, limits, self.config, run_id)
         if discover:
             run_plan = replace(run_plan, discover=True)
+        if run_plan.environment:
+            self.environment_ready(run_plan.environment)
         entry = RunEntry.for_plan(run_id, who, run_plan)
 
         async def work() -> Result:

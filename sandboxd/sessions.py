@@ -75,6 +75,8 @@ class Sessions:
         self._seq += 1
         session_id = f"s{self.instance}-{self._seq}-{secrets.token_hex(6)}"
         session_plan = plan.build_session(req, limits, self.config, session_id)
+        if session_plan.environment:
+            self.runs.environment_ready(session_plan.environment)
         mine = sum(1 for e in self.live.values() if e.owner.uid == who.uid) + self.opening[who.uid]
         if mine >= limits.sessions:
             raise RequestError(errors.QUOTA_EXCEEDED, f"you have {mine} sessions open; the limit is {limits.sessions}",
@@ -113,7 +115,8 @@ class Sessions:
         cell = plan.build_cell(req, limits, self.config, run_id, session.plan.language)
         p = session.plan
         run = RunEntry(run_id, who, time.monotonic(), cell.timeout_ms, p.memory_bytes >> 20, p.network, p.language,
-                       session_id=session_id, worker=session.worker, on_kill=lambda: session.end("killed"))
+                       p.environment, session_id=session_id, worker=session.worker,
+                       on_kill=lambda: session.end("killed"))
         entry.run_id = run_id
         charged = [0.0]  # the cell's CPU, charged with the exec as a run's is
 

@@ -21,6 +21,7 @@ from .config import (
     LANGUAGES,
     RUNTIME_DEFAULTS,
     SECTIONS,
+    EnvironmentSettings,
     ProfileSettings,
     QuotaLimits,
     RuntimeSettings,
@@ -39,6 +40,8 @@ SECTION_DOCS = {
     "quotas": "Per calling user: a default, overrides per user and per group (name or number).",
     "profiles": "System call profiles per language, on top of the built-in allowlist.",
     "runtimes": "The languages runs may be in: each one's interpreter, root paths, and how its workers start.",
+    "environments": "Named Python environments the daemon builds with pip, as an unprivileged build uid in a jail "
+                    "of its own; runs ask for one with \"environment\", and get \"default\" when it is declared.",
 }
 
 
@@ -55,6 +58,12 @@ def _fmt_duration(s: float) -> str:
     if s % 60 == 0 and s >= 60:
         return f"{int(s // 60)}m"
     return f"{s:g}s"
+
+
+def _scalar(v: Any) -> str:
+    """A list item as YAML reads it back: quoted when it would be an alias, a tag or a mapping."""
+    text = str(v)
+    return f'"{text}"' if not text or text[0] in "*&!%@`'\"{[|>#" or ": " in text else text
 
 
 def show(f: dataclasses.Field[Any], value: Any) -> str:
@@ -74,7 +83,7 @@ def show(f: dataclasses.Field[Any], value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return "[]" if not value else "\n" + "\n".join(f"    - {v}" for v in value)
+        return "[]" if not value else "\n" + "\n".join(f"    - {_scalar(v)}" for v in value)
     if isinstance(value, dict):
         if not value:
             return "{}"
@@ -129,6 +138,11 @@ def render_yaml() -> str:
     out += ["", f"# {SECTION_DOCS['runtimes']}", "runtimes:"]
     for lang in LANGUAGES:
         out += [f"  {lang}:", *_yaml_fields(declared(RuntimeSettings), "    ", RUNTIME_DEFAULTS[lang])]
+    out += ["", *[f"# {line}" for line in textwrap.wrap(SECTION_DOCS["environments"], 98)],
+            "# None is declared by default.  An entry, with the keys it may have:",
+            "#   default:",
+            *[f"#   {line}" for line in _yaml_fields(declared(EnvironmentSettings), "  ")],
+            "environments: {}"]
     return "\n".join(out) + "\n"
 
 
@@ -145,6 +159,8 @@ KINDS = {
     sizes.uid_range: "uid range low\\-high", sizes.errno_map: "mapping of system call names to errno names",
     sizes.tristate: "true, false or auto", sizes.cidr: "network (CIDR)", sizes.cidr_list: "list of networks (CIDR)",
     sizes.resolvers: "host, or a list of addresses", sizes.url: "URL",
+    sizes.requirement_list: "list of requirements", sizes.index_url: "URL or null", sizes.url_list: "list of URLs",
+    sizes.environment_names: "list of environment names or *",
 }
 
 
@@ -158,8 +174,8 @@ def _man_fields(fields: Iterable[dataclasses.Field[Any]], prefix: str,
     lines = []
     for f in fields:
         kind = kind_of(f)
-        default = show(f, (defaults or {}).get(f.name, default_of(f))).strip()
-        default = default.replace("\n    - ", ", ").replace("\n    ", ", ")
+        default = show(f, (defaults or {}).get(f.name, default_of(f)))
+        default = default.replace("\n    - ", ", ").replace("\n    ", ", ").removeprefix(", ").strip()
         lines += [".TP", f"\\fB{_man_escape(prefix + f.name)}\\fR ({kind})",
                   _man_escape(f.metadata["doc"]), ".br", f"Default: {_man_escape(default)}"]
     return lines
@@ -203,6 +219,14 @@ def render_man() -> str:
         "waits for the request.  \\fBenabled: auto\\fR means: when the interpreter is installed.",
         *[line for lang in LANGUAGES
           for line in _man_fields(declared(RuntimeSettings), f"runtimes.{lang}.", RUNTIME_DEFAULTS[lang])],
+        ".SH ENVIRONMENTS", _man_escape(SECTION_DOCS["environments"]),
+        "Each entry is a name (1\\-32 of a\\-z, 0\\-9, _ and \\-) mapped to the keys below.  A build runs at start",
+        "and after a reload that changes an entry (\\fBsandboxctl env build\\fR \\fINAME\\fR builds on demand);",
+        "until the first build of an environment is ready its runs are refused with \\fBunavailable\\fR,",
+        "and a failed build keeps the previous one serving (\\fBsandboxctl env list\\fR says why).",
+        "Builds live under \\fBdaemon.environments_dir\\fR; the libraries their ELF files need join the",
+        "environment's root.  \\fBquotas.*.environments\\fR lists the names a caller may ask for.",
+        *_man_fields(declared(EnvironmentSettings), "environments.NAME."),
         ".SH EXAMPLE",
         ".nf",
         "root:",
@@ -210,6 +234,11 @@ def render_man() -> str:
         "  python_path: [/opt/venv/lib/python3.11/site\\-packages]",
         "jail:",
         "  preload: [numpy]",
+        "environments:",
+        "  default:",
+        "    requirements: [numpy==1.26.4, pandas==2.1.4]",
+        "    index_url: https://pypi.org/simple",
+        "    preload: [numpy]",
         "quotas:",
         "  default: {concurrent: 2, runs_per_minute: 120}",
         "  groups:",

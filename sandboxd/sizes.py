@@ -218,3 +218,46 @@ def url(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"https?://[^\s/@]+(:\d+)?/?", value):
         return value
     raise ValueError("an http://host:port URL, or empty")
+
+
+def requirement_list(value: Any) -> tuple[str, ...]:
+    """pip requirements, one an item, without options (those are settings of their own)."""
+    if not isinstance(value, list) or len(value) > 1000:
+        raise ValueError("a list of pip requirements like [numpy==1.26.4, pandas]")
+    for item in value:
+        if not isinstance(item, str) or not item.strip() or len(item) > 1000 or any(c in item for c in "\n\r\0"):
+            raise ValueError(f"a list of pip requirements, one a line ({item!r} is not one)")
+        if item.strip().startswith("-"):
+            raise ValueError(f"requirements without pip options ({item!r}: use index_url, find_links...)")
+    return tuple(item.strip() for item in value)
+
+
+def index_url(value: Any) -> str:
+    """A package index URL (http, https, or file:// for a local one), or empty (none)."""
+    if value in (None, ""):
+        return ""
+    if isinstance(value, str) and re.fullmatch(r"(https?://[^\s]+|file:///[^\s]*)", value) and len(value) < 2000:
+        return value
+    raise ValueError("an http://, https:// or file:/// URL of a package index, or null")
+
+
+def url_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("a list of index URLs")
+    out = []
+    for item in value:
+        if not item:
+            raise ValueError("a list of index URLs (not empty ones)")
+        out.append(index_url(item))
+    return tuple(out)
+
+
+def environment_names(value: Any) -> tuple[str, ...]:
+    """Names of environments, or ``*`` for every one."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and (v == "*" or ENVIRONMENT_NAME.fullmatch(v))
+                                                for v in value):
+        raise ValueError("a list of environment names, or [\"*\"] for all")
+    return tuple(value)
+
+
+ENVIRONMENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

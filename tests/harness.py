@@ -293,3 +293,24 @@ def ensure_test_users() -> Callable[[], None]:
             subprocess.run(["groupdel", g], check=False)
 
     return remove
+
+
+# Environments of test daemons: not under /tmp, because environments go into roots at their path.
+ENVS_BASE = "/var/lib/sandboxd-test-environments"
+
+
+def configured_index() -> str | None:
+    """The package index this host's pip is configured with (pip config), if it is a local one or
+    answers; None otherwise."""
+    try:
+        out = subprocess.run(["/usr/bin/python3", "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(("index-url", "extra-index-url")):
+            for url in value.strip("'\"").split():
+                if url.startswith("file://") and os.path.isdir(url[len("file://"):]):
+                    return url
+    return None

@@ -179,6 +179,8 @@ def test_files_are_root_owned_not_writable_and_without_setid(tmp_path: Path, har
         assert not st_.st_mode & (stat.S_ISUID | stat.S_ISGID | 0o022), (name, oct(st_.st_mode))
         # by default no file of the root is the host's inode (no shared locks or page cache)
         assert (st_.st_ino == os.lstat(src / name).st_ino) == (hard_links and name == "normal")
+        # a copy keeps the source's mtime: the .pyc files beside it record it, and stay valid
+        assert st_.st_mtime_ns == os.lstat(src / name).st_mtime_ns, name
     if hard_links:
         assert info.copied == 2 and info.linked == 1  # only the safe file is hard-linked
     else:

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -151,3 +151,45 @@ def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
             fds.extend(arr)
     return fds
+
+
+async def output_lines(proc: subprocess.Popen[bytes]) -> AsyncIterator[str]:
+    """The lines a child writes on its stdout (a pipe), without threads (asyncio's own
+    subprocess support waits for children from a thread in Python 3.11; this daemon has
+    one thread).  When the lines end (or the caller stops) the child is killed if it still
+    runs, and waited for."""
+    loop = asyncio.get_running_loop()
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        queue.put_nowait(chunk)
+        if not chunk:
+            loop.remove_reader(fd)
+
+    loop.add_reader(fd, readable)
+    buf = b""
+    try:
+        while True:
+            chunk = await queue.get()
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if buf:
+            yield buf.decode("utf-8", "replace")
+    finally:
+        loop.remove_reader(fd)
+        proc.stdout.close()
+        if proc.poll() is None:
+            proc.kill()
+        while proc.poll() is None:  # it closed its output: its exit is a moment away
+            await asyncio.sleep(0.005)

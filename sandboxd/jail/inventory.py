@@ -23,7 +23,7 @@ from .elf import is_elf
 from .layout import forbidden_prefix, under
 from .ldpath import LibraryResolver
 
-MANIFEST_VERSION = 3  # of the builder's output: a new version rebuilds every root
+MANIFEST_VERSION = 4  # of the builder's output: a new version rebuilds every root (4: copies keep mtimes)
 
 
 class RootError(Exception):

@@ -1,14 +1,18 @@
-"""The jail as one object: root, cgroups, fork server, uid slots and warm pools.
+"""The jail as one object: roots, cgroups, fork servers, uid slots and warm pools.
 
     jail = Jail(settings)
-    await jail.start()                # build/reuse the root, start the fork server, warm the pools
+    await jail.start(layers)          # build/reuse the roots, start the fork servers, warm the pools
     result = await jail.run(plan)     # one confined run, one truthful Result
     await jail.close()
 
-``run`` never raises for anything the run does; a worker that cannot be set up gives a
-``sandbox_error`` result naming the failed step (``verdict.decide`` writes it, as every
-verdict).  Making and cleaning up workers is ``workers``, building roots ``roots``; this
-module switches between roots and configurations without dropping runs in flight.
+A *stack* is a root with the fork server whose workers run in it: the base root (the
+configured paths), and one per built environment (the base root plus the
+environment's site-packages, with its own preloads).  Pools are keyed by filter key
+and stack (``python3+net@default``).  ``run`` never raises for anything the run does;
+a worker that cannot be set up gives a ``sandbox_error`` result naming the failed
+step (``verdict.decide`` writes it, as every verdict).  Making and cleaning up
+workers is ``workers``, building roots ``roots``; this module switches stacks,
+roots and configurations without dropping runs in flight.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..tasks import Tasks
@@ -31,12 +35,12 @@ from .pool import Pool
 from .roots import Roots
 from .seccomp import unfiltered
 from .session import Session, SessionFailed
-from .settings import JailSettings
-from .spec import RunPlan, SessionPlan
+from .settings import JailSettings, environment_of, pool_key
+from .spec import EnvLayer, RunPlan, SessionPlan
 from .stream import EventSink
 from .verdict import Result, setup_failed
 from .worker import Worker
-from .workers import Workers
+from .workers import Stack, Workers
 
 log = logging.getLogger(__name__)
 # Settings a running jail cannot change: they take effect at the next start.
@@ -46,23 +50,32 @@ FIXED_JAIL = ("run_uids", "cgroup", "cgroup_parent")
 class Jail:
     def __init__(self, settings: JailSettings) -> None:
         self.settings = settings
-        self.root: rootfs.RootInfo | None = None
         self.driver: CgroupDriver | None = None
         self.workers: Workers | None = None
         self.pool: Pool[Worker] | None = None
-        self.roots = Roots(settings.root_dir or f"{settings.state_dir}/roots")
+        self.stacks: dict[str, Stack] = {}  # "" the base root's; environments' by name
+        self.layers: dict[str, EnvLayer] = {}
         self.network: Network | None = None
         self.tasks = Tasks("jail")
-        self._switching = asyncio.Lock()  # root rebuilds and reconfigurations, one at a time
+        self._switching = asyncio.Lock()  # root rebuilds, environments and reconfigurations, one at a time
+
+    @property
+    def root(self) -> rootfs.RootInfo | None:
+        """The base root."""
+        stack = self.stacks.get("")
+        return stack.root if stack else None
+
+    def roots_of(self, environment: str) -> Roots:
+        base = self.settings.root_dir or f"{self.settings.state_dir}/roots"
+        return Roots(base if not environment else f"{base}/environments/{environment}")
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, layers: Mapping[str, EnvLayer] | None = None) -> None:
         s = self.settings
-        self.root = self.roots.ensure(s.root_spec())
-        log.info("root %s: %s (%d files, %d libraries, %.3fs)", "reused" if self.root.reused else "built",
-                 self.root.path, self.root.files, self.root.libraries, self.root.seconds)
-        for warning in self.root.warnings:
-            log.warning("root: %s", warning)
+        self.layers = dict(layers or {})
+        roots = {"": self._ensure_root(None)}
+        for name, layer in self.layers.items():
+            roots[name] = self._ensure_root(layer)
         self.driver = cgroup_detect.detect(s.jail.cgroup_parent, s.jail.cgroup)
         if self.driver.kind != "none" and s.jail.cgroup_favordynmods:
             log.info("cgroup: %s", cgroup_detect.favor_dynamic_modifications())
@@ -72,22 +85,32 @@ class Jail:
         for lang, prof in s.profiles.items():
             for name in unfiltered(prof):
                 log.warning("profiles.%s.allow lists %s: it is allowed without its usual argument checks", lang, name)
-        self.workers = Workers(s, self.driver)
+        self.workers = Workers(s, self.driver, self.stacks)
         if s.network_enabled:
             self.network = Network(s.network, s.root.python)
             await self.network.start()
             self.workers.network = self.network
-        self.workers.server, self.workers.server_info = await self._start_server(s, self.root)
-        self.pool = Pool(self.workers.make, self.workers.retire, s.pool_sizes())
+        for name, info in roots.items():
+            self.stacks[name] = await self._stack(s, info, self.layers.get(name))
+        self.pool = Pool(self.workers.make, self.workers.retire, s.pool_sizes(self.layers))
         self.pool.start()
 
-    async def _start_server(self, s: JailSettings, root: rootfs.RootInfo) -> tuple[ForkServerClient, dict[str, Any]]:
-        assert self.workers is not None
-        server = ForkServerClient(s.root.python, s.forkserver_env(), self.workers.on_reaped)
+    def _ensure_root(self, layer: EnvLayer | None) -> rootfs.RootInfo:
+        """At start (nothing to serve yet): reuse or build the root in this process."""
+        info = self.roots_of(layer.name if layer else "").ensure(self.settings.root_spec(layer))
+        log.info("root%s %s: %s (%d files, %d libraries, %.3fs)", f" of environment {layer.name}" if layer else "",
+                 "reused" if info.reused else "built", info.path, info.files, info.libraries, info.seconds)
+        for warning in info.warnings:
+            log.warning("root: %s", warning)
+        return info
+
+    async def _stack(self, s: JailSettings, root: rootfs.RootInfo, layer: EnvLayer | None) -> Stack:
+        """Start the fork server of ``root`` (its template mount namespace first)."""
+        server = ForkServerClient(s.root.python, s.forkserver_env(), self._reaped)
         template_fd = await template.build(root.path, s.root.python)
         root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            info = await server.start({**_init_message(s), "root_id": mounts.root_id(root.path)},
+            info = await server.start({**_init_message(s, layer), "root_id": mounts.root_id(root.path)},
                                       [root_fd, template_fd])
         except BaseException:
             await server.stop()
@@ -96,13 +119,17 @@ class Jail:
             os.close(root_fd)
             os.close(template_fd)
         for name, error in info.get("preload_errors", {}).items():
-            log.error("preload %s failed: %s", name, error)
+            log.error("preload %s failed%s: %s", name, f" in environment {layer.name}" if layer else "", error)
         if info.get("tasks", 1) != 1:
             await server.stop()
             raise ForkServerError(
                 f"the fork server has {info['tasks']} threads after preloading; a preload module "
                 "started threads (set e.g. OPENBLAS_NUM_THREADS=1 in jail.preload_env)")
-        return server, info
+        return Stack(layer.name if layer else "", root, server, info, s.server_identity(layer), layer)
+
+    def _reaped(self, pid: int, wstatus: int) -> None:
+        if self.workers is not None:
+            self.workers.on_reaped(pid, wstatus)
 
     async def close(self, grace: float = 0.0) -> None:
         if self.pool:
@@ -116,8 +143,8 @@ class Jail:
                 if worker.state in ("running", "session"):
                     worker.kill("killed")
             await w.close()
-            if w.server:
-                await w.server.stop()  # it kills and reaps whatever is left
+            for stack in list(self.stacks.values()):
+                await stack.server.stop()  # it kills and reaps whatever is left
             await w.finish_all()
         if self.network is not None:
             await self.network.close()
@@ -134,7 +161,8 @@ class Jail:
         """Carry out ``plan``; ``bind`` learns the worker first (so the run can be killed);
         with ``events`` its output is streamed as it comes."""
         try:
-            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes, plan.discover)
+            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes,
+                                                      plan.environment, plan.discover)
         except SetupError as e:
             return setup_failed(e)
         if bind is not None:
@@ -148,7 +176,8 @@ class Jail:
     async def open_session(self, plan: SessionPlan) -> Session:
         """A worker made a session for ``plan``; SessionFailed (with the verdict) if it cannot be."""
         try:
-            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes)
+            worker, key, one_off = await self._worker(plan.language, plan.network, plan.memory_bytes,
+                                                      plan.environment)
         except SetupError as e:
             raise SessionFailed(setup_failed(e)) from None
         if not one_off and self.pool is not None:
@@ -158,14 +187,16 @@ class Jail:
         log.debug("session %s on worker %d (%s)", plan.session_id, worker.pid, key)
         return await Session.open(worker, plan, rlimits)
 
-    async def _worker(self, language: str, network: bool, memory: int, discover: bool = False,
-                      ) -> tuple[Worker, str, bool]:
+    async def _worker(self, language: str, network: bool, memory: int, environment: str = "",
+                      discover: bool = False) -> tuple[Worker, str, bool]:
         """A ready worker for a run or session: (worker, its pool key, made for it alone)."""
         s = self.settings
         assert self.pool is not None and self.workers is not None
         if language not in s.runtimes:
             raise ValueError(f"unknown language {language!r}")
-        key = s.filter_key(language, network)
+        if environment not in self.stacks:
+            raise SetupError("environment", 0, f"the environment {environment} is not ready")
+        key = pool_key(s.filter_key(language, network), environment)
         if key not in self.pool.keys:
             raise SetupError("network", 0, "network for runs is not set up on this daemon")
         one_off = discover or (s.runtimes[language].start == "exec" and memory != s.limits.memory)
@@ -179,23 +210,57 @@ class Jail:
             raise SetupError.from_os_error("spawn", e) from e
         return worker, key, one_off
 
-    # -- roots and configuration ------------------------------------------------------------
+    # -- roots, environments and configuration -------------------------------------------------
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
+        """Rebuild the base root and every environment's (they hold the base root too)."""
         async with self._switching:  # one rebuild at a time; a second waits and then reuses or rebuilds
-            info = await self.roots.build(self.settings.root_spec(), force=force, progress=progress)
-            if self.root is None or info.path != self.root.path:
-                await self._template(info)
-                self._switch(info)
-            else:
-                self.root = info
+            base = await self._rebuild("", force, progress)
+            for name in list(self.layers):
+                await self._rebuild(name, force, None)
+            return base
+
+    async def use_environment(self, layer: EnvLayer, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
+        """Serve ``layer`` (a newly built environment, or its first build): its root and fork
+        server; the previous ones of that name go once their workers are done."""
+        async with self._switching:
+            assert self.pool is not None
+            s = self.settings
+            info = await self.roots_of(layer.name).build(s.root_spec(layer), progress=progress)
+            old = self.stacks.get(layer.name)
+            self.stacks[layer.name] = await self._stack(s, info, layer)
+            self.layers[layer.name] = layer
+            self.pool.resize(s.pool_sizes(self.layers))
+            self._renew(layer.name, old)
             return info
+
+    async def drop_environment(self, name: str) -> None:
+        """Serve an environment no more (removed from the configuration)."""
+        async with self._switching:
+            old = self.stacks.pop(name, None)
+            self.layers.pop(name, None)
+            if self.pool is not None:
+                self.pool.resize({k: (0, 0) for k in self.pool.keys if environment_of(k) == name})
+                self.pool.resize(self.settings.pool_sizes(self.layers))
+            self._renew(name, old)
+
+    async def _rebuild(self, name: str, force: bool, progress: rootfs.Progress | None) -> rootfs.RootInfo:
+        stack = self.stacks[name]
+        info = await self.roots_of(name).build(self.settings.root_spec(stack.layer), force=force, progress=progress)
+        previous = dataclasses.replace(stack)
+        if info.path != stack.root.path:
+            await self._template(stack, info)
+            stack.root = info
+            self._renew(name, previous)
+        else:
+            stack.root = info
+        return info
 
     async def reconfigure(self, new: JailSettings) -> list[str]:
         """Apply new settings without dropping runs in flight; return what changed.
 
-        Pool sizes and CPU shares apply at once.  A different root swaps the template;
-        different profiles, preloads or interpreter start a new fork server (the old one
-        keeps its running workers until they end).  Either way pooled workers are
+        Pool sizes and CPU shares apply at once.  A different root swaps the templates;
+        different profiles, preloads or interpreter start new fork servers (the old ones
+        keep their running workers until they end).  Either way pooled workers are
         replaced.  The uid range and cgroup placement need a restart.
         """
         async with self._switching:
@@ -203,7 +268,7 @@ class Jail:
 
     async def _reconfigure(self, new: JailSettings) -> list[str]:
         old = self.settings
-        assert self.pool is not None and self.workers is not None and self.root is not None
+        assert self.pool is not None and self.workers is not None
         changes: list[str] = []
         fixed = [k for k in FIXED_JAIL if getattr(old.jail, k) != getattr(new.jail, k)]
         if fixed or old.state_dir != new.state_dir or old.root_dir != new.root_dir:
@@ -219,50 +284,56 @@ class Jail:
             await self.network.start()
             self.workers.network = self.network
             changes.append("network for runs started")
-        root_changed = old.root_spec().digest() != new.root_spec().digest()
-        info = await self.roots.build(new.root_spec()) if root_changed else self.root
-        if old.server_identity() != new.server_identity():
-            server, server_info = await self._start_server(new, info)
-            previous = self.workers.server
-            self.workers.server, self.workers.server_info = server, server_info
-            if previous is not None:
-                self.tasks.spawn(self._retire_server(previous))
-            changes.append("fork server restarted (profiles, preload or interpreter changed)")
-        elif root_changed:
-            await self._template(info)
-        if root_changed:
-            changes.append(f"root rebuilt ({info.build_id})")
         self.settings = self.workers.settings = new
-        self.pool.resize(new.pool_sizes())
-        self._switch(info if root_changed else None)
+        for name, stack in list(self.stacks.items()):
+            root_changed = old.root_spec(stack.layer).digest() != new.root_spec(stack.layer).digest()
+            info = await self.roots_of(name).build(new.root_spec(stack.layer)) if root_changed else stack.root
+            what = f"environment {name}'s" if name else "the"
+            if stack.identity != new.server_identity(stack.layer):
+                self.stacks[name] = await self._stack(new, info, stack.layer)
+                self._renew(name, stack)
+                changes.append(f"{what} fork server restarted (profiles, preload or interpreter changed)")
+            elif root_changed:
+                previous = dataclasses.replace(stack)
+                await self._template(stack, info)
+                stack.root = info
+                self._renew(name, previous)
+            if root_changed:
+                changes.append(f"{what} root rebuilt ({info.build_id})")
+        self.pool.resize(new.pool_sizes(self.layers))
+        self.workers.generation += 1
+        self.pool.renew()
         return changes
 
-    async def _template(self, info: rootfs.RootInfo) -> None:
-        """The fork server's template mount namespace, made from ``info``'s root."""
-        assert self.workers is not None and self.workers.server is not None
+    async def _template(self, stack: Stack, info: rootfs.RootInfo) -> None:
+        """A stack's fork server gets a template mount namespace made from ``info``'s root."""
         template_fd = await template.build(info.path, self.settings.root.python)
         try:
-            reply, _ = await self.workers.server.call({"op": "template", "root_id": mounts.root_id(info.path)},
-                                                      fds=[template_fd])
+            reply, _ = await stack.server.call({"op": "template", "root_id": mounts.root_id(info.path)},
+                                               fds=[template_fd])
         finally:
             os.close(template_fd)
         if not reply.get("ok"):
             raise ForkServerError(f"switching to the new root: {reply.get('error')}")
 
-    def _switch(self, info: rootfs.RootInfo | None) -> None:
-        """A new generation of workers (from the new root ``info``, if any): pooled ones are
-        replaced, and the old root goes once no worker made from it is left."""
+    def _renew(self, name: str, previous: Stack | None) -> None:
+        """A new generation of workers: pooled ones are replaced; ``previous`` (what the stack
+        ``name`` was) goes once no worker made from it is left: its fork server (if it is not
+        the one serving now) and its root (if another serves now)."""
         assert self.pool is not None and self.workers is not None
         workers = self.workers
-        previous = self.root
-        if info is not None:
-            self.root = info
         workers.generation += 1
         self.pool.renew()
-        if info is not None and previous is not None and previous.path != info.path:
-            generation = workers.generation
-            self.roots.drop_when_unused(previous.path, lambda: workers.older_than(generation),
-                                        lambda: self.root.path if self.root else None)
+        if previous is None:
+            return
+        generation = workers.generation
+        current = self.stacks.get(name)
+        if current is None or current.server is not previous.server:
+            self.tasks.spawn(self._retire_server(previous.server))
+        if current is None or current.root.path != previous.root.path:
+            self.roots_of(name).drop_when_unused(
+                previous.root.path, lambda: workers.older_than(generation),
+                lambda: self.stacks[name].root.path if name in self.stacks else None)
 
     async def _retire_server(self, server: ForkServerClient) -> None:
         assert self.workers is not None
@@ -271,17 +342,18 @@ class Jail:
         await server.stop()
 
     # -- what it looks like ------------------------------------------------------------------
-    @property
-    def run_path(self) -> list[str]:
-        """The runs' sys.path inside the root."""
-        return list((self.workers.server_info if self.workers else {}).get("run_path") or [])
+    def run_path(self, environment: str = "") -> list[str]:
+        """The runs' sys.path inside a stack's root."""
+        stack = self.stacks.get(environment)
+        return list((stack.info if stack else {}).get("run_path") or [])
 
     def describe(self) -> dict[str, Any]:
         w = self.workers
-        info = w.server_info if w else {}
+        base = self.stacks.get("")
+        info = base.info if base else {}
         return {
             "setup_us": w.setup_costs() if w else {},
-            "root": self.root.summary() if self.root else None,
+            "root": base.root.summary() if base else None,
             "cgroup": self.driver.describe() if self.driver else None,
             "pool": self.pool.describe() if self.pool else None,
             "slots": {"total": w.slots.count, "free": w.slots.free, "in_use": w.slots.in_use} if w else None,
@@ -289,13 +361,16 @@ class Jail:
             "running": self.running(),
             "fork_server": {k: info.get(k) for k in ("preloaded", "preload_errors", "run_path", "vsz_kb", "filters")},
             "network": self.network.describe() if self.network else None,
+            "environments": {name: {"root": st.root.build_id, "preloaded": st.info.get("preloaded"),
+                                    "preload_errors": st.info.get("preload_errors")}
+                             for name, st in self.stacks.items() if name},
         }
 
 
-def _init_message(s: JailSettings) -> dict[str, Any]:
+def _init_message(s: JailSettings, layer: EnvLayer | None) -> dict[str, Any]:
     profiles = {}
     for lang, prof in s.profiles.items():
         for net in (False, True):
             profiles[s.filter_key(lang, net)] = {**prof.to_wire(), "network": net}
-    return {"profiles": profiles, "preload": list(s.jail.preload),
-            "python_path": list(s.root.python_path), "env": s.run_env()}
+    return {"profiles": profiles, "preload": list(s.preload(layer)),
+            "python_path": list(s.python_path(layer)), "env": s.run_env()}

@@ -101,8 +101,9 @@ class LibraryResolver:
         info = self.info(path)
         if info is None:
             return None
-        if "/" in name:
-            return name if self._isfile(name) else None
+        if "/" in name:  # a path: only if it is an object the loader could load (never any file named)
+            cand = self.info(name) if self._isfile(name) else None
+            return name if cand is not None and cand.elf_class == info.elf_class else None
         for d in self.search_dirs(path, info):
             candidate = os.path.join(d, name)
             if not self._isfile(candidate):
@@ -129,7 +130,7 @@ class LibraryResolver:
             info = self.info(path)
             if info is None:
                 continue
-            if info.interpreter and self._isfile(info.interpreter):
+            if info.interpreter and self._isfile(info.interpreter) and self.info(info.interpreter) is not None:
                 found.add(info.interpreter)
                 todo.append(info.interpreter)
             for name in info.needed:

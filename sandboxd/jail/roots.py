@@ -13,11 +13,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from ..tasks import Tasks
 from . import rootfs
+from .helper import output_lines
 
 
 class Roots:
@@ -43,7 +44,8 @@ class Roots:
             argv.append("--force")
         last: dict[str, Any] = {}
         try:
-            async for line in _child_lines(argv):
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
+            async for line in output_lines(proc):
                 try:
                     last = json.loads(line)
                 except ValueError:
@@ -67,42 +69,3 @@ class Roots:
         now = current()
         if now is None or os.path.realpath(path) != os.path.realpath(now):
             rootfs.remove_root(self.base, path)
-
-
-async def _child_lines(argv: list[str]) -> AsyncIterator[str]:
-    """Run ``argv`` and yield its output lines, without threads (asyncio's own subprocess
-    support waits for children from a thread in Python 3.11; this daemon has one thread)."""
-    loop = asyncio.get_running_loop()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    os.set_blocking(fd, False)
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        queue.put_nowait(chunk)
-        if not chunk:
-            loop.remove_reader(fd)
-
-    loop.add_reader(fd, readable)
-    buf = b""
-    try:
-        while True:
-            chunk = await queue.get()
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                yield line.decode("utf-8", "replace")
-    finally:
-        loop.remove_reader(fd)
-        proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
-        while proc.poll() is None:  # it closed its output: its exit is a moment away
-            await asyncio.sleep(0.005)

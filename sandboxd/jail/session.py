@@ -299,7 +299,8 @@ class Session:
 
     def describe(self, now: float) -> dict[str, Any]:
         p = self.plan
-        return {"session_id": p.session_id, "language": p.language, "network": p.network,
+        return {"session_id": p.session_id, "language": p.language, "environment": p.environment or None,
+                "network": p.network,
                 "memory_mb": p.memory_bytes >> 20, "cpu_ms": p.cpu_ms or None,
                 "cpu_used_ms": round(self.cpu_used_ms(), 1),
                 "idle_timeout_ms": p.idle_timeout_ms, "max_lifetime_ms": p.max_lifetime_ms,

@@ -9,7 +9,7 @@ the root and the fork server's environment.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..config import (
@@ -24,6 +24,7 @@ from ..config import (
 )
 from . import netpolicy, rootfs
 from .seccomp import BUILTIN, Profile
+from .spec import EnvLayer
 
 NODE_BOOTSTRAP = "usr/lib/sandboxd/nodejs-bootstrap.js"  # in the root (a generated file)
 RUN_ENV = {
@@ -72,15 +73,24 @@ class JailSettings:
         return tuple(dict.fromkeys((*self.root.paths, *self.root.extra_paths, *extra)))
 
     def language_of(self, key: str) -> str:
-        return key.split("+", 1)[0]
+        return key.split("@", 1)[0].split("+", 1)[0]
 
-    def pool_sizes(self) -> dict[str, tuple[int, int]]:
-        """(minimum, maximum) ready workers of each filter key."""
+    def pool_sizes(self, environments: Iterable[str] = ()) -> dict[str, tuple[int, int]]:
+        """(minimum, maximum) ready workers of each pool key: each filter key of the base root's
+        stack, and python3's of each environment's.  The default environment's pool is what
+        python3's would be; other environments' start empty and grow with use.  With a default
+        environment the base root's python3 pools start empty as well (few runs go there)."""
+        envs = list(environments)
         out = {}
         for key in self.filter_keys():
             rt = self.runtimes[self.language_of(key)]
-            out[key] = (self.pool.min if rt.pool_min < 0 else rt.pool_min,
-                        self.pool.max if rt.pool_max < 0 else rt.pool_max)
+            sizes = (self.pool.min if rt.pool_min < 0 else rt.pool_min,
+                     self.pool.max if rt.pool_max < 0 else rt.pool_max)
+            python = self.language_of(key) == "python3"
+            out[key] = (0, sizes[1]) if python and DEFAULT_ENVIRONMENT in envs else sizes
+            if python:
+                for env in envs:
+                    out[pool_key(key, env)] = sizes if env == DEFAULT_ENVIRONMENT else (0, sizes[1])
         return out
 
     def exec_argv(self, language: str, memory: int) -> tuple[str, ...]:
@@ -113,9 +123,18 @@ class JailSettings:
         policy = netpolicy.Policy(self.network.allow, self.network.deny)
         return [server for server in found if policy.refusal(server) is None]
 
-    def root_spec(self) -> rootfs.RootSpec:
-        return rootfs.RootSpec(self.root_paths, self.root.exclude, self.generated_files(),
+    def root_spec(self, layer: EnvLayer | None = None) -> rootfs.RootSpec:
+        """The base root's spec, or with ``layer`` its environment's: the base root and the
+        environment's site-packages (and Debian's dist-packages if it sees them)."""
+        return rootfs.RootSpec((*self.root_paths, *layer_paths(layer)), self.root.exclude, self.generated_files(),
                                required=(self.root.python,), hard_links=self.root.hard_links)
+
+    def python_path(self, layer: EnvLayer | None = None) -> tuple[str, ...]:
+        """sys.path entries of runs beyond the interpreter's own."""
+        return (*self.root.python_path, *layer_paths(layer))
+
+    def preload(self, layer: EnvLayer | None = None) -> tuple[str, ...]:
+        return layer.preload if layer is not None else self.jail.preload
 
     def generated_files(self) -> dict[str, bytes]:
         first, count = self.jail.run_uids
@@ -147,7 +166,26 @@ class JailSettings:
             env["NODE_PATH"] = ":".join(modules)  # node_modules directories of runtimes.nodejs.paths
         return env
 
-    def server_identity(self) -> tuple[object, ...]:
+    def server_identity(self, layer: EnvLayer | None = None) -> tuple[object, ...]:
         """What a fork server is started from: a change needs a new one."""
-        return (self.root.python, self.root.python_path, self.jail.preload, self.jail.preload_env,
+        return (self.root.python, self.python_path(layer), self.preload(layer), self.jail.preload_env,
                 dict(self.profiles))
+
+
+DEFAULT_ENVIRONMENT = "default"  # the environment python3 runs get unless they ask
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's, for system_site_packages
+
+
+def pool_key(filter_key: str, environment: str) -> str:
+    """The pool of a filter key in a stack: the base root's (``""``) or an environment's."""
+    return f"{filter_key}@{environment}" if environment else filter_key
+
+
+def environment_of(key: str) -> str:
+    return key.split("@", 1)[1] if "@" in key else ""
+
+
+def layer_paths(layer: EnvLayer | None) -> tuple[str, ...]:
+    if layer is None:
+        return ()
+    return (layer.site, DIST_PACKAGES) if layer.system_site_packages else (layer.site,)

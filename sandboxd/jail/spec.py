@@ -32,6 +32,7 @@ class RunPlan:
     network: bool = False
     discover: bool = False
     display: bool = False  # figures shown or left open come back as PNGs
+    environment: str = ""  # a built environment's stack; "" the base root
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SessionPlan:
     nofile: int = 256
     network: bool = False
     display: bool = False
+    environment: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,18 @@ class CellPlan:
     timeout_ms: int = 5000
     output_bytes: int = 1 << 20  # per stream
     display: bool = False
+
+
+@dataclass(frozen=True)
+class EnvLayer:
+    """A built environment as the jail needs it: what joins the base root, and sys.path.
+
+    ``site`` is the environment's site-packages; it goes into the environment's root at
+    the same path, and on the runs' sys.path after the base root's entries.
+    """
+
+    name: str
+    site: str
+    build_id: str
+    system_site_packages: bool = False
+    preload: tuple[str, ...] = ()

@@ -15,6 +15,7 @@ import logging
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..tasks import Tasks
@@ -23,8 +24,10 @@ from .contract import WorkerSpec
 from .fsclient import ForkServerClient
 from .limits import RlimitPolicy
 from .network import Lease, Network
-from .settings import JailSettings
+from .rootfs import RootInfo
+from .settings import JailSettings, environment_of
 from .slots import SlotPool
+from .spec import EnvLayer
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -32,22 +35,33 @@ REAP_TIMEOUT = 10.0
 AS_MARGIN = 64 << 20  # RLIMIT_AS headroom over the fork server's own address space
 
 
+@dataclass
+class Stack:
+    """A root and the fork server whose workers run in it: the base root ("") or an environment's."""
+
+    name: str
+    root: RootInfo
+    server: ForkServerClient
+    info: dict[str, Any]  # what the fork server said when it started (run_path, vsz_kb, preloaded...)
+    identity: tuple[object, ...]  # what it was started from (JailSettings.server_identity)
+    layer: EnvLayer | None = None
+
+
 class Workers:
-    def __init__(self, settings: JailSettings, driver: CgroupDriver) -> None:
+    def __init__(self, settings: JailSettings, driver: CgroupDriver, stacks: dict[str, Stack]) -> None:
         self.settings = settings
         self.driver = driver
         first, count = settings.jail.run_uids
         self.slots = SlotPool(first, count)
-        self.server: ForkServerClient | None = None
-        self.server_info: dict[str, Any] = {}
+        self.stacks = stacks  # the jail's: workers are made by the fork server of their key's stack
         self.network: Network | None = None  # when some quota allows runs network
         self.generation = 0  # of the root and configuration; pooled workers of older ones are retired
         self.live: dict[int, Worker] = {}  # host pid of pid 1 -> worker
         self.tasks = Tasks("workers")
         self.setup_samples: collections.deque[dict[str, int]] = collections.deque(maxlen=200)
 
-    def rlimit_policy(self, exec_runtime: bool = False) -> RlimitPolicy:
-        as_base = int(self.server_info.get("vsz_kb", 0)) * 1024 + AS_MARGIN
+    def rlimit_policy(self, stack: Stack, exec_runtime: bool = False) -> RlimitPolicy:
+        as_base = int(stack.info.get("vsz_kb", 0)) * 1024 + AS_MARGIN
         # V8 reserves address space far beyond what it uses (a WebAssembly memory reserves
         # its whole range with guard regions): with a cgroup counting what is used, an exec
         # runtime gets no RLIMIT_AS at all.
@@ -61,7 +75,7 @@ class Workers:
         ``memory``: a worker made for one run of an exec runtime, whose heap limit is set at its
         start (pooled ones are made for limits.memory)."""
         s = self.settings
-        assert self.server is not None
+        stack = self.stacks[environment_of(key)]
         slot = await self.slots.acquire(timeout=30.0)
         try:
             cgroup = self.driver.create(f"w{slot.index}", Limits(s.limits.memory, s.limits.pids + 1, s.jail.cpus,
@@ -70,11 +84,12 @@ class Workers:
             self.slots.release(slot)
             raise
         exec_argv = s.exec_argv(s.language_of(key), memory or s.limits.memory)
-        policy = self.rlimit_policy(exec_runtime=bool(exec_argv))
+        policy = self.rlimit_policy(stack, exec_runtime=bool(exec_argv))
+        filter_key = key.split("@", 1)[0]
         lease: Lease | None = None
         try:
             cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files]
-            if key.endswith("+net"):
+            if filter_key.endswith("+net"):
                 if self.network is None:
                     raise OSError(0, "network for runs is not set up (no quota allows it)")
                 lease = await self.network.lease()
@@ -86,8 +101,8 @@ class Workers:
             uid=slot.uid,
             gid=slot.gid,
             cgroups=len(cgroup_fds),
-            filter_key=key,
-            network=key.endswith("+net"),
+            filter_key=filter_key,
+            network=filter_key.endswith("+net"),
             scratch_bytes=s.jail.scratch_size,
             scratch_inodes=s.jail.scratch_inodes,
             rlimits=policy.for_limits(memory=s.max_memory, cpu_ms=s.max_cpu_ms, file_size=s.limits.file_size,
@@ -98,7 +113,7 @@ class Workers:
             hostname=s.jail.hostname,
             exec_argv=exec_argv,
         )
-        server = self.server
+        server = stack.server
         try:
             spawned = await server.spawn(spec, [lease.fd, *cgroup_fds] if lease else cgroup_fds)
         except BaseException:
@@ -175,7 +190,7 @@ class Workers:
         """Every worker is killed by now (or its fork server is gone): wait for the cleanups."""
         if len(self.tasks):
             # Reaps are reported by the fork server: without it, waiting would only take time.
-            alive = self.server is not None and self.server.alive
+            alive = any(stack.server.alive for stack in self.stacks.values())
             await self.tasks.wait(REAP_TIMEOUT if alive else 0.5)
 
     async def finish_all(self) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import DaemonProcess, daemon_dir  # noqa: E402
+from harness import ENVS_BASE, DaemonProcess, configured_index, daemon_dir  # noqa: E402
 
 from sandboxd.client import Client  # noqa: E402
 
@@ -360,6 +360,75 @@ def root_builds(work: str) -> dict[str, Any]:
     return out
 
 
+def _env_ready(d: DaemonProcess, timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    with d.client() as c:
+        while True:
+            envs = {e["name"]: e for e in c.call("environments")["environments"]}
+            if all(e["state"] in ("ready", "failed") for e in envs.values()):
+                return envs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"environments not ready after {timeout:.0f}s: {envs}")
+            time.sleep(0.2)
+
+
+def environments(quick: bool, row: Any) -> dict[str, Any] | None:
+    """numpy + pandas from the host's configured local index, built by the daemon: the cold
+    build, a restart that reuses it, and runs importing them with and without preload."""
+    index = configured_index()
+    if index is None:
+        print("  skipped: no local package index is configured for pip on this host")
+        return None
+    os.makedirs(ENVS_BASE, mode=0o755, exist_ok=True)
+    envs_dir = tempfile.mkdtemp(prefix="bench-envs-", dir=ENVS_BASE)
+    os.chmod(envs_dir, 0o755)
+    req = {"requirements": ["numpy", "pandas"], "index_url": index}
+    cfg = {**BENCH_CONFIG, "daemon": {**BENCH_CONFIG["daemon"], "environments_dir": envs_dir},
+           "pool": {"min": 2, "max": 4},
+           "environments": {"default": {**req, "preload": ["numpy", "pandas"]}, "plain": req}}
+    out: dict[str, Any] = {}
+    work = daemon_dir()
+    try:
+        t0 = time.perf_counter()
+        d = DaemonProcess(work, cfg).start()
+        try:
+            envs = _env_ready(d, 900)
+            out["cold_both_s"] = time.perf_counter() - t0
+            for name, e in envs.items():
+                assert e["state"] == "ready", e
+                out[name] = {"build_s": e["build_seconds"], "size_mib": (e["size_bytes"] or 0) / 2**20,
+                             "packages": len(e["packages"])}
+            n = 60 if not quick else 15
+            code = "import numpy, pandas\nprint(pandas.DataFrame({'a': numpy.arange(10)}).a.sum())"
+            with d.client() as c:
+                for env in ("default", "plain"):
+                    r = c.run(code, environment=env, timeout_ms=30000)
+                    assert (r["status"], r["stdout"]) == ("ok", b"45\n"), r
+            out["print1"] = paced(d.socket, 20, n)
+            out["import_preload"] = paced(d.socket, 20, n, code)
+            out["import_no_preload"] = paced(d.socket, 20, n, code, environment="plain")
+        finally:
+            d.close()
+        t0 = time.perf_counter()
+        d = DaemonProcess(work, cfg).start()
+        try:
+            _env_ready(d, 120)
+            out["warm_start_s"] = time.perf_counter() - t0
+        finally:
+            d.close()
+    finally:
+        shutil.rmtree(envs_dir, ignore_errors=True)
+    e = out["default"]
+    row("environment numpy+pandas: cold build (pip, jail, root)",
+        f"{e['build_s']:.1f} s ({e['packages']} packages, {e['size_mib']:.0f} MiB)")
+    row("daemon start that reuses both builds, to ready", f"{out['warm_start_s']:.2f} s")
+    p1 = out["print1"]["p50_ms"]
+    for key, label in (("import_preload", "with"), ("import_no_preload", "without")):
+        row(f"import numpy, pandas {label} preload: p50", f"{out[key]['p50_ms']:.2f} ms "
+            f"({out[key]['p50_ms'] / p1:.2f}x print(1)'s {p1:.2f} ms)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench-out"))
@@ -494,6 +563,11 @@ def main() -> int:
             row(f"numpy run {'with' if preload else 'without'} preload: p50", f"{s['p50_ms']:.2f} ms")
     else:
         print("  skipped: python3-numpy is not installed")
+
+    print("environments (built by the daemon from the host's local package index)")
+    envs = environments(args.quick, row)
+    if envs is not None:
+        results["environments"] = envs
 
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, default=str)

@@ -1,0 +1,451 @@
+"""Python environments: built by pip in the build jail, kept, served through the jail's stacks.
+
+    Environments(config, jail) -> layers() at start (what is built already, even an older
+    build), then builds in the background whatever is missing or out of date;
+    build(name) for `build_environment`; list() for `environments`.
+
+An environment is a venv under ``environments_dir``, named ``NAME-DIGEST-STAMP``:
+DIGEST covers its settings, the interpreter and the wheelhouses' listings, so an
+unchanged environment is found again at start without building (or any network).  A
+build runs ``sandboxd.jail.buildjail`` (pip as the build uid, confined); when it
+succeeds the daemon, as root and trusting nothing of it, makes the directory its own
+(links that lead out of it and special files removed, every file root's), reads the
+installed distributions from their metadata, writes the manifest, and only then hands
+the environment to the jail, which builds its root (the base root plus its
+site-packages, libraries resolved as for any path) and starts its fork server.  A
+failed build changes nothing that serves: the previous build of that environment (if
+any) goes on, and the failure is kept to be shown.  Older builds of a name are
+deleted once a newer one serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .config import Config, EnvironmentSettings, environments_dir
+from .errors import RequestError
+from .jail.helper import PACKAGE_PARENT, output_lines
+from .jail.jail import Jail
+from .jail.spec import EnvLayer
+
+log = logging.getLogger("sandboxd.environments")
+MANIFEST = "sandboxd-environment.json"
+SITE = "lib/python{v}/site-packages"
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Built:
+    """One finished build on disk (its manifest)."""
+
+    name: str
+    path: str
+    digest: str
+    manifest: dict[str, Any]
+
+    def layer(self, settings: EnvironmentSettings) -> EnvLayer:
+        return EnvLayer(self.name, site_of(self.path), os.path.basename(self.path),
+                        settings.system_site_packages, settings.preload)
+
+
+@dataclass
+class State:
+    settings: EnvironmentSettings
+    digest: str
+    serving: Built | None = None
+    building: asyncio.Task[Built] | None = None
+    build_started: float = 0.0
+    stage: str = ""
+    error: dict[str, Any] | None = None
+    watchers: list[Progress] = field(default_factory=list)
+
+
+def site_of(path: str) -> str:
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return os.path.join(path, SITE.format(v=v))
+
+
+def digest_of(settings: EnvironmentSettings, python: str) -> str:
+    """What decides whether a build is still good: the settings, the interpreter, the wheelhouses."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    try:
+        h.update(os.path.realpath(python).encode() + str(os.stat(python).st_mtime_ns).encode())
+    except OSError:
+        h.update(python.encode())
+    for d in settings.find_links:
+        try:
+            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(d) if e.is_file())
+        except OSError:
+            listing = []
+        h.update(json.dumps([d, listing]).encode())
+    return h.hexdigest()[:12]
+
+
+class Environments:
+    def __init__(self, config: Config, jail: Jail, state_dir: str) -> None:
+        self.config = config
+        self.jail = jail
+        self.base = environments_dir(config, state_dir)
+        self.states: dict[str, State] = {}
+        self._lock = asyncio.Lock()  # one build at a time
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for name, settings in config.environments.items():
+            self.states[name] = State(settings, digest_of(settings, config.root.python))
+
+    # -- start, reload -------------------------------------------------------------------------
+    def layers(self) -> dict[str, EnvLayer]:
+        """At start: the environments already built (the newest of each, even if out of date)."""
+        os.makedirs(self.base, mode=0o755, exist_ok=True)
+        found = self._scan()
+        out = {}
+        for name, st in self.states.items():
+            builds = found.get(name, [])
+            current = [b for b in builds if b.digest == st.digest]
+            st.serving = (current or builds)[0] if (current or builds) else None
+            if st.serving is not None:
+                out[name] = st.serving.layer(st.settings)
+                log.info("environment %s: %s build %s", name, "reusing" if current else "serving the previous",
+                         os.path.basename(st.serving.path))
+        for leftover in os.listdir(self.base):
+            if leftover.endswith(".partial"):
+                shutil.rmtree(os.path.join(self.base, leftover), ignore_errors=True)
+        return out
+
+    def start_builds(self) -> None:
+        """Build, in the background, every environment with no build of its current settings."""
+        for name, st in self.states.items():
+            if st.serving is None or st.serving.digest != st.digest:
+                self._spawn_build(name)
+
+    async def reconfigure(self, config: Config) -> list[str]:
+        changes = []
+        self.config = config
+        for name in list(self.states):
+            if name not in config.environments:
+                gone = self.states.pop(name)
+                if gone.building is not None:
+                    gone.building.cancel()
+                await self.jail.drop_environment(name)
+                self._remove_builds(name, keep=None)
+                changes.append(f"environment {name} removed")
+        for name, settings in config.environments.items():
+            digest = digest_of(settings, config.root.python)
+            st = self.states.get(name)
+            if st is None:
+                self.states[name] = State(settings, digest)
+                changes.append(f"environment {name} added: building")
+                self._spawn_build(name)
+            elif st.digest != digest:
+                st.settings, st.digest = settings, digest
+                changes.append(f"environment {name} changed: rebuilding (the previous build serves meanwhile)")
+                self._spawn_build(name)
+        return changes
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled on the way out
+                pass
+
+    # -- what runs ask --------------------------------------------------------------------------
+    def check_ready(self, name: str) -> None:
+        """Raise ``unavailable`` (with why) unless ``name`` serves."""
+        st = self.states.get(name)
+        if st is None:
+            raise errors.bad_request("environment", f"no environment {name!r} here", known=sorted(self.states))
+        if st.serving is None:
+            if st.building is not None and not st.building.done():
+                raise RequestError(errors.UNAVAILABLE, f"environment {name} is being built (for "
+                                   f"{time.monotonic() - st.build_started:.0f}s, {st.stage or 'starting'}); retry",
+                                   environment=name, retry_after_ms=2000)
+            why = (st.error or {}).get("message", "it has not been built")
+            raise RequestError(errors.UNAVAILABLE, f"environment {name} cannot serve: {why}", environment=name)
+
+    # -- building ---------------------------------------------------------------------------------
+    def _spawn_build(self, name: str, force: bool = False) -> asyncio.Task[Built]:
+        st = self.states[name]
+        if st.building is not None and not st.building.done():
+            return st.building
+        task = asyncio.get_running_loop().create_task(self._build(name, force))
+        st.building = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # seen: reported below
+        return task
+
+    async def build(self, name: str, force: bool, progress: Progress) -> dict[str, Any]:
+        """``build_environment``: build now (or join the build under way); what serves after it."""
+        st = self.states.get(name)
+        if st is None:
+            raise errors.bad_request("name", f"no environment {name!r} in the configuration", known=sorted(self.states))
+        st.watchers.append(progress)
+        try:
+            running = st.building is not None and not st.building.done()
+            if not running and not force and st.serving is not None and st.serving.digest == st.digest:
+                progress("ready", {"message": "the environment is up to date"})
+            else:
+                try:
+                    await asyncio.shield(self._spawn_build(name, force=force and not running))
+                except RequestError:
+                    raise
+                except Exception as e:
+                    raise RequestError(errors.INTERNAL, f"building {name}: {type(e).__name__}: {e}") from e
+        finally:
+            st.watchers.remove(progress)
+        return self.describe(name)
+
+    def _report(self, st: State, stage: str, info: dict[str, Any]) -> None:
+        st.stage = stage
+        for watcher in list(st.watchers):
+            watcher(stage, info)
+
+    async def _build(self, name: str, force: bool) -> Built:
+        st = self.states[name]
+        async with self._lock:
+            st.build_started = time.monotonic()
+            st.error = None
+            try:
+                built = await self._build_locked(name, st)
+            except RequestError as e:
+                st.error = {"message": e.message, "log": e.details.get("log", []), "at": time.time()}
+                log.error("environment %s: build failed: %s", name, e.message)
+                self._report(st, "failed", {"message": e.message})
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                st.error = {"message": f"{type(e).__name__}: {e}", "log": [], "at": time.time()}
+                log.exception("environment %s: build failed", name)
+                self._report(st, "failed", {"message": st.error["message"]})
+                raise RequestError(errors.BUILD_FAILED, f"building {name}: {st.error['message']}") from e
+            st.serving = built
+            self._remove_builds(name, keep=built.path)
+            log.info("environment %s: build %s serves (%s packages, %.1fs)", name, os.path.basename(built.path),
+                     len(built.manifest["packages"]), built.manifest["build_seconds"])
+            self._report(st, "ready", {"build": os.path.basename(built.path)})
+            return built
+
+    async def _build_locked(self, name: str, st: State) -> Built:
+        cfg = self.config
+        settings, digest = st.settings, st.digest
+        final = os.path.join(self.base, f"{name}-{digest}-{time.strftime('%Y%m%dT%H%M%S')}{os.urandom(2).hex()}")
+        partial = final + ".partial"
+        uid = cfg.jail.build_uid
+        os.makedirs(partial, mode=0o755)
+        os.chown(partial, uid, uid)
+        t0 = time.monotonic()
+        try:
+            network_fd, lease = await self._network_for(settings)
+            try:
+                await self._run_jail(st, partial, settings, network_fd)
+            finally:
+                if lease is not None and self.jail.network is not None:
+                    self.jail.network.release(lease)
+            self._report(st, "checking", {})
+            removed = make_own(partial, uid)
+            packages = installed(site_of(partial))
+            manifest = {"name": name, "digest": digest, "requirements": list(settings.requirements),
+                        "packages": packages, "built_at": time.time(), "build_seconds": round(time.monotonic() - t0, 1),
+                        "size_bytes": tree_size(partial), "removed": removed[:20],
+                        "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+            with open(os.path.join(partial, MANIFEST), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1)
+            os.rename(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        built = Built(name, final, digest, manifest)
+        self._report(st, "root", {})
+        try:
+            await self.jail.use_environment(built.layer(settings),
+                                            progress=lambda stage, info: self._report(st, f"root:{stage}", info))
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        return built
+
+    async def _network_for(self, settings: EnvironmentSettings) -> tuple[int | None, Any]:
+        """A network namespace for a build that needs an index (the runs' egress policy applies)."""
+        if not any(url.startswith("http") for url in (settings.index_url, *settings.extra_index_urls)):
+            return None, None  # a wheelhouse or a local (file://) index: no network at all
+        network = self.jail.network
+        if network is None:
+            raise RequestError(errors.UNAVAILABLE, "this environment needs its index, and network for runs is not "
+                               "set up on this daemon (no quota allows network): give it find_links instead, or "
+                               "allow network to some caller")
+        lease = await network.lease()
+        return lease.fd, lease
+
+    async def _run_jail(self, st: State, venv: str, settings: EnvironmentSettings, network_fd: int | None) -> None:
+        cfg = self.config
+        spec = {"venv": venv, "uid": cfg.jail.build_uid, "gid": cfg.jail.build_uid,
+                "requirements": list(settings.requirements), "index_url": settings.index_url,
+                "extra_index_urls": list(settings.extra_index_urls), "find_links": list(settings.find_links),
+                "only_binary": settings.only_binary, "system_site_packages": settings.system_site_packages,
+                "memory": cfg.jail.build_memory, "netns_fd": network_fd if network_fd is not None else -1,
+                "proxy": cfg.network.proxy}
+        spec_path = venv + ".json"
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        bootstrap = (f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); "
+                     f"from sandboxd.jail.buildjail import main; main(sys.argv[1:])")
+        lines: list[dict[str, Any]] = []
+        try:
+            proc = subprocess.Popen([cfg.root.python, "-I", "-c", bootstrap, spec_path], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
+                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, close_fds=True,
+                                    pass_fds=(network_fd,) if network_fd is not None else ())
+            try:
+                async with asyncio.timeout(cfg.jail.build_timeout):
+                    async for line in output_lines(proc):  # the jail dies with it (PDEATHSIG)
+                        try:
+                            event = json.loads(line)
+                        except ValueError:
+                            event = {"stage": "output", "detail": line[:300]}
+                        if not isinstance(event, dict):
+                            continue
+                        lines.append(event)
+                        stage = str(event.get("stage", ""))[:32]
+                        if stage not in ("exit", "error", "done"):
+                            self._report(st, stage, {k: str(v)[:300] for k, v in event.items() if k != "stage"})
+            except TimeoutError:
+                raise RequestError(errors.BUILD_FAILED, f"the build took longer than jail.build_timeout "
+                                   f"({cfg.jail.build_timeout:g}s) and was stopped") from None
+        finally:
+            os.unlink(spec_path)
+        failure = next((e for e in lines if e.get("stage") == "error"), None)
+        if failure is not None or proc.returncode != 0:
+            message = str((failure or {}).get("message") or f"the build jail exited with {proc.returncode}")
+            tail = [str(x)[:500] for x in (failure or {}).get("log", [])][-40:]
+            raise RequestError(errors.BUILD_FAILED, message[:2000], log=tail)
+
+    def _scan(self) -> dict[str, list[Built]]:
+        """Finished builds on disk, newest first per name."""
+        out: dict[str, list[Built]] = {}
+        for entry in sorted(os.listdir(self.base), reverse=True):
+            m = re.fullmatch(r"(.+)-([0-9a-f]{12})-[0-9T]+[0-9a-f]{4}", entry)
+            path = os.path.join(self.base, entry)
+            if m is None or not os.path.isdir(path):
+                continue
+            try:
+                with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+                    manifest = json.load(f)
+            except (OSError, ValueError):
+                continue
+            out.setdefault(m.group(1), []).append(Built(m.group(1), path, m.group(2), manifest))
+        return out
+
+    def _remove_builds(self, name: str, keep: str | None) -> None:
+        for built in self._scan().get(name, []):
+            if built.path != keep:
+                shutil.rmtree(built.path, ignore_errors=True)
+
+    # -- what there is ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.states)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        st = self.states[name]
+        b = st.serving
+        m = b.manifest if b else {}
+        state = ("building" if st.building is not None and not st.building.done() else
+                 "failed" if st.error and b is None else
+                 "ready" if b is not None and b.digest == st.digest else
+                 "outdated" if b is not None else "missing")
+        return {"name": name, "state": state, "build": os.path.basename(b.path) if b else None,
+                "requirements": list(st.settings.requirements), "packages": m.get("packages", []),
+                "size_bytes": m.get("size_bytes"), "build_seconds": m.get("build_seconds"),
+                "built_at": m.get("built_at"), "python": m.get("python"), "site": site_of(b.path) if b else None,
+                "preload": list(st.settings.preload), "system_site_packages": st.settings.system_site_packages,
+                "error": st.error, "stage": st.stage if state == "building" else None}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.describe(name) for name in self.names()]
+
+
+# -- taking a build's directory over -------------------------------------------------------------
+def make_own(top: str, build_uid: int) -> list[str]:
+    """As root, trusting nothing of what the build left: links that lead out of ``top`` and
+    everything but files, directories and links go; what the build uid owns becomes root's,
+    set-id bits dropped.  Returns what was removed (relative paths)."""
+    removed = []
+    real_top = os.path.realpath(top)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                if not (target == real_top or target.startswith(real_top + "/")):
+                    os.unlink(path)
+                    removed.append(os.path.relpath(path, top))
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                os.unlink(path)
+                removed.append(os.path.relpath(path, top))
+                continue
+            if st.st_uid == build_uid:
+                os.lchown(path, 0, 0)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+    os.lchown(top, 0, 0)
+    return removed
+
+
+def installed(site: str) -> list[dict[str, str]]:
+    """Distributions in ``site`` (name and version from each .dist-info's METADATA)."""
+    out: list[dict[str, str]] = []
+    try:
+        entries = sorted(os.listdir(site))
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.endswith(".dist-info"):
+            continue
+        name = version = ""
+        try:
+            fd = os.open(os.path.join(site, entry, "METADATA"), os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+                for line in f.read(65536).splitlines():
+                    if line.startswith("Name: "):
+                        name = line[6:].strip()
+                    elif line.startswith("Version: "):
+                        version = line[9:].strip()
+                    elif not line:
+                        break
+        except OSError:
+            continue
+        if name:
+            out.append({"name": name[:200], "version": version[:100]})
+    return out
+
+
+def tree_size(top: str) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(top):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
