@@ -39,6 +39,10 @@ class SandboxdError(Exception):
         self.details = details or {}
 
 
+class NotSentError(ConnectionError):
+    """The connection was closed before the request went out: it did not reach the daemon."""
+
+
 def _unwrap(response: Any) -> dict[str, Any]:
     if not isinstance(response, dict):
         raise SandboxdError("bad_frame", "the daemon sent something other than a map")
@@ -137,17 +141,35 @@ class AsyncClient:
             except OSError:
                 pass
 
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    async def call(self, op: str, progress: Callable[[dict[str, Any]], None] | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        """Send one request and return its answer; interim ``progress`` frames go to ``progress``.
+
+        ``NotSentError`` means the request never went out whole (the daemon had closed
+        the connection): sending it again on a new connection cannot run it twice.
+        """
         assert self.reader is not None and self.writer is not None
+        if progress is not None:
+            fields["progress"] = True
         async with self._lock:  # one request at a time on this connection
-            self.writer.write(protocol.encode({"op": op, "id": next(self._ids), **fields}))
-            await self.writer.drain()
-            while (frame := self.decoder.next_frame()) is None:
-                chunk = await self.reader.read(min(max(self.decoder.wanted(), 1), 1 << 20))
-                if not chunk:
-                    raise ConnectionError("the daemon closed the connection")
-                self.decoder.feed(chunk)
-            return _unwrap(frame)
+            if self.reader.at_eof():
+                raise NotSentError("the daemon had closed the connection")
+            try:
+                self.writer.write(protocol.encode({"op": op, "id": next(self._ids), **fields}))
+                await self.writer.drain()
+            except OSError as e:
+                raise NotSentError(f"the daemon had closed the connection ({e})") from e
+            while True:
+                while (frame := self.decoder.next_frame()) is None:
+                    chunk = await self.reader.read(min(max(self.decoder.wanted(), 1), 1 << 20))
+                    if not chunk:
+                        raise ConnectionError("the daemon closed the connection")
+                    self.decoder.feed(chunk)
+                if isinstance(frame, dict) and "progress" in frame and "ok" not in frame:
+                    if progress is not None:
+                        progress(frame["progress"])
+                    continue
+                return _unwrap(frame)
 
     async def run(self, code: str, **options: Any) -> dict[str, Any]:
         result: dict[str, Any] = (await self.call("run", **_run_request(code, options)))["result"]

@@ -51,6 +51,10 @@ DEFAULT_ROOT_PATHS = (
     "/etc/localtime",
     "/etc/nsswitch.conf",
     "/etc/hosts",
+    # Dify's template node renders with jinja2 (Debian's python3-jinja2 and python3-markupsafe): the
+    # interpreter's own sys.path has /usr/lib/python3/dist-packages, so runs import them as on the host.
+    "/usr/lib/python3/dist-packages/jinja2",
+    "/usr/lib/python3/dist-packages/markupsafe",
 )
 DEFAULT_ROOT_EXCLUDE = tuple(
     f"/usr/lib/python{PYVER}/{sub}"

@@ -42,6 +42,14 @@ SECTION_DOCS = {
 }
 
 
+# The one entry the shipped file has (not a default): the uid of sandboxd-http(8), whose quota
+# every Dify user shares.
+BRIDGE_QUOTA = "{concurrent: 8, queued: 64, runs_per_minute: 6000, cpu_seconds_per_hour: 14400}"
+BRIDGE_QUOTA_DOC = ("sandboxd-http (the dify-sandbox API, sandboxd-http(8)) runs every Dify request as this one "
+                    "user: room for Dify's concurrent nodes. Add network: true to give runs that ask for it "
+                    "(Dify always does) the policed network; without it they run without network.")
+
+
 def _fmt_size(n: int) -> str:
     for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n and n % size == 0:
@@ -101,7 +109,8 @@ def _yaml_fields(fields: Iterable[dataclasses.Field[Any]], indent: str,
 def render_yaml() -> str:
     out = [
         f"# sandboxd {__version__} configuration (sandboxd.yaml(5)).",
-        "# Every setting is shown with its default.  Sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
+        "# Every setting is shown with its default (quotas.users has one entry, for sandboxd-http).",
+        "# Sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
         "# Generated from the settings declarations: python3 -m sandboxd.settings_doc --write",
         "# Reload with `systemctl reload sandboxd` (SIGHUP); check with `sandboxctl check-config`.",
         "",
@@ -117,7 +126,9 @@ def render_yaml() -> str:
             *_yaml_fields(declared(QuotaLimits), "    "),
             "  # Per user (name or uid), any subset of the limits above, e.g.",
             "  #   alice: {concurrent: 16, max_memory: 2G, network: true}",
-            "  users: {}",
+            *[f"  # {line}" for line in textwrap.wrap(BRIDGE_QUOTA_DOC, 98)],
+            "  users:",
+            f"    sandboxd-http: {BRIDGE_QUOTA}",
             "  # Per group (name or gid), e.g.",
             "  #   judges: {runs_per_minute: 6000, cpu_seconds_per_hour: 36000}",
             "  groups: {}",
@@ -192,6 +203,8 @@ def render_man() -> str:
         ".TP", "\\fBquotas.users\\fR, \\fBquotas.groups\\fR (mappings)",
         "Name or number to any subset of the limits below, e.g.",
         "\\fBalice: {concurrent: 16, max_memory: 2G, network: true}\\fR.", ".br", "Default: {}",
+        "(the shipped file has one user entry, for \\fBsandboxd\\-http\\fR, whose quota every Dify request",
+        "shares: see \\fBsandboxd\\-http\\fR(8))",
         *_man_fields(declared(QuotaLimits), "quotas.default."),
         ".SH PROFILES", _man_escape(SECTION_DOCS["profiles"]),
         "Languages: " + ", ".join(LANGUAGES) + ".  System calls are named, so one profile serves every",
@@ -218,7 +231,7 @@ def render_man() -> str:
         ".SH FILES",
         "\\fI/etc/sandboxd/sandboxd.yaml\\fR",
         ".SH SEE ALSO",
-        "\\fBsandboxd\\fR(8), \\fBsandboxctl\\fR(8)",
+        "\\fBsandboxd\\fR(8), \\fBsandboxctl\\fR(8), \\fBsandboxd\\-http\\fR(8)",
     ]
     return "\n".join(out) + "\n"
 

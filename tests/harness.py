@@ -29,7 +29,9 @@ UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never s
 TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
 
-USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
+# sbx-http: the uid sandboxd-http runs as in tests (a client of the socket like any other).
+USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": [],
+         "sbx-http": ["sbx-clients"]}
 GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
 
 BASE_CONFIG: dict[str, Any] = {

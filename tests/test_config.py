@@ -27,8 +27,13 @@ def test_shipped_file_and_man_page_match_the_declarations() -> None:
     assert settings_doc.main(["--check", f"{REPO}/etc/sandboxd/sandboxd.yaml", f"{REPO}/man/sandboxd.yaml.5"]) == 0
     cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
     defaults = parse({})
-    for section in ("daemon", "root", "jail", "pool", "limits", "quotas", "profiles"):
+    for section in ("daemon", "root", "jail", "pool", "limits", "profiles"):
         assert getattr(cfg, section) == getattr(defaults, section), section
+    # the one entry that is not a default: the quota every Dify request shares (sandboxd-http(8))
+    assert (cfg.quotas.default, cfg.quotas.groups, cfg.quotas.deny_unlisted) == (
+        defaults.quotas.default, defaults.quotas.groups, defaults.quotas.deny_unlisted)
+    assert cfg.quotas.users == {"sandboxd-http": {"concurrent": 8, "queued": 64, "runs_per_minute": 6000,
+                                                  "cpu_seconds_per_hour": 14400.0}}
 
 
 def test_error_names_file_key_and_expected_form() -> None:
