@@ -6,10 +6,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # Runtime dependencies come from Debian (the .deb depends on the same packages);
-# numpy is only for the preload tests and benchmark; nftables (nft), iproute2 (ip) and
-# dnsmasq-base are for the network tests' own test hosts.
+# starlette, uvicorn (with uvloop and httptools) and prometheus-client are sandboxd-http's,
+# jinja2 goes into the default root (Dify's template node); numpy is only for the preload
+# tests and benchmark; httpx (Dify's HTTP client) for the sandboxd-http tests; nftables (nft),
+# iproute2 (ip) and dnsmasq-base are for the network tests' own test hosts.
 APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
 	python3-nftables python3-pyroute2 \
+	python3-starlette python3-uvicorn python3-uvloop python3-httptools python3-prometheus-client \
+	python3-jinja2 python3-httpx \
 	python3-venv python3-numpy mandoc nftables iproute2 dnsmasq-base
 BENCH_PACKAGES := python3-matplotlib bubblewrap
 E2E_PACKAGES := debootstrap systemd-container qemu-system-x86 e2fsprogs

@@ -525,6 +525,10 @@ def test_settings_come_from_file_environment_and_command_line(tmp_path: Any) -> 
         20.0, 5, "from-file", False, ("0.0.0.0", 8000), "info")
     s = load(None, env={"API_KEY": "k", "WORKER_TIMEOUT": "2.5", "SANDBOX_PORT": "9000", "DEBUG": "true"})
     assert (s.worker_timeout, s.listen, s.log_level) == (2.5, ("127.0.0.1", 9000), "debug")
+    path.write_text("listen: 0.0.0.0:8194\n")  # SANDBOX_PORT changes the port, not the host
+    assert load(str(path), env={"API_KEY": "k", "SANDBOX_PORT": "9001"}).listen == ("0.0.0.0", 9001)
+    s = load(None, env={"API_KEY": "k", "SANDBOXD_HTTP_LISTEN": "[::1]:8000"})
+    assert (s.listen, s.listen_text) == (("::1", 8000), "[::1]:8000")
     path.write_text("worker_timout: 5\nmax_workers: many\n")
     with pytest.raises(SettingsError) as e:
         load(str(path), env={"API_KEY": "k", "MAX_REQUESTS": "-1"})

@@ -35,6 +35,7 @@ from .settings import Settings
 
 log = logging.getLogger("sandboxd.http")
 JSON = "application/json"
+DRAIN = 1 << 20
 Handler = Callable[[Request], Awaitable[Answer]]
 
 
@@ -44,21 +45,29 @@ def respond(answer: Answer) -> Response:
 
 
 async def read_body(request: Request, cap: int, timeout: float) -> bytes:
-    """The whole body, at most ``cap`` bytes, arrived within ``timeout`` seconds."""
+    """The whole body, at most ``cap`` bytes, arrived within ``timeout`` seconds.
+
+    A body over the cap is read on (and dropped) for up to ``DRAIN`` more bytes before the
+    413, so that a client still writing it reads the answer instead of a reset connection.
+    """
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > cap):
-        raise Refusal(413, f"the body is larger than {cap} bytes")
+    if length is not None and (not length.isdigit() or int(length) > cap + DRAIN):
+        raise Refusal(413 if length.isdigit() else 400, f"the body is larger than {cap} bytes"
+                      if length.isdigit() else "Content-Length is not a number")
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > cap:
-                    raise Refusal(413, f"the body is larger than {cap} bytes")
-                chunks.append(chunk)
+                if size <= cap:
+                    chunks.append(chunk)
+                elif size > cap + DRAIN:
+                    break
     except TimeoutError:
         raise Refusal(408, f"the body did not arrive within {timeout:g} s") from None
+    if size > cap:
+        raise Refusal(413, f"the body is larger than {cap} bytes")
     return b"".join(chunks)
 
 

@@ -75,8 +75,12 @@ async def serve(settings: Settings) -> int:
         return EX_CONFIG
     host, port = sock.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # log_level: uvicorn's loggers at NOTSET would wrap the app in its per-message trace logger;
+    # proxy_headers off: nothing in front of the bridge is trusted to say who the client is.
     config = uvicorn.Config(app, http=protocol_class(settings.header_timeout, settings.write_timeout),
                             lifespan="off", access_log=False, log_config=None, server_header=False,
+                            log_level=max(logging.WARNING, logging.getLevelName(settings.log_level.upper())),
+                            proxy_headers=False,
                             timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
                             limit_concurrency=settings.max_connections, backlog=2048)
     server = uvicorn.Server(config)

@@ -86,7 +86,8 @@ class Bridge:
         self.metrics.in_flight.inc()
         try:
             try:
-                await asyncio.wait_for(self.slots.acquire(), s.queue_timeout)
+                async with asyncio.timeout(s.queue_timeout):  # (a timeout, unlike wait_for, makes no task)
+                    await self.slots.acquire()
             except TimeoutError:
                 return refused(Refusal(503, f"busy: all {s.max_workers} workers (MAX_WORKERS) stayed busy for "
                                        f"{s.queue_timeout:g} s; retry", retry_after=1))

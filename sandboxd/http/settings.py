@@ -27,6 +27,7 @@ from ..client import DEFAULT_SOCKET
 from ..hints import did_you_mean
 
 DEFAULT_LISTEN = "127.0.0.1:8194"
+PORT = "SANDBOX_PORT"  # dify-sandbox's port alone; the host stays what the listen setting says
 GO_TRUE = ("1", "t", "T", "true", "TRUE", "True", "yes", "on")  # strconv.ParseBool's, and two more
 GO_FALSE = ("0", "f", "F", "false", "FALSE", "False", "no", "off")
 
@@ -55,7 +56,8 @@ def api_key(value: Any) -> str:
 @dataclass(frozen=True)
 class Settings:
     listen: tuple[str, int] = setting(listen_address(DEFAULT_LISTEN), listen_address,
-                                       "Address to listen on, HOST:PORT; SANDBOX_PORT sets the port alone.")
+                                       "Address to listen on, HOST:PORT; SANDBOX_PORT sets the port alone.",
+                                      ("SANDBOXD_HTTP_LISTEN",))
     socket: str = setting(DEFAULT_SOCKET, sizes.abs_path,
                            "The daemon's socket (connected to as this process's own uid).", ("SANDBOXD_SOCKET",))
     api_key: str = setting("", api_key, "Key clients send in X-Api-Key; required unless no_auth.", ("API_KEY",))
@@ -168,8 +170,7 @@ def from_environment(env: Mapping[str, str], errors: list[str]) -> dict[str, Any
     port = env.get("SANDBOX_PORT", "")
     if port:
         if port.isdigit() and int(port) <= 65535:
-            host = out.get("listen", Settings().listen)[0]
-            out["listen"] = (host, int(port))
+            out[PORT] = int(port)  # applied to the listen address from wherever it came
         else:
             errors.append(f"environment: SANDBOX_PORT: expected a port number, got {port!r}")
     debug = env.get("DEBUG", "") in GO_TRUE or env.get("GIN_MODE", "") == "debug"
@@ -191,6 +192,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         converted = _convert(fields[key], value, f"--{key.replace('_', '-')}", errors)
         if converted is not dataclasses.MISSING:
             values[key] = converted
+    port = values.pop(PORT, None)
+    if port is not None and "listen" not in (overrides or {}):
+        values["listen"] = (values.get("listen", Settings().listen)[0], port)
     settings = Settings(**values)
     if not settings.api_key and not settings.no_auth:
         errors.append("no API key: set API_KEY (or api_key in the --config file), or pass --no-auth to serve "

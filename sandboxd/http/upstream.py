@@ -78,13 +78,14 @@ class Upstream:
         for _attempt in range(2):
             if client is None:
                 try:
-                    client = await asyncio.wait_for(self._connect(), deadline)
+                    async with asyncio.timeout(deadline):
+                        client = await self._connect()
                 except TimeoutError:
                     raise Unreachable(f"sandboxd did not accept a connection within {deadline:g} s",
                                       timed_out=True) from None
             try:
-                left = max(0.001, deadline - (time.monotonic() - started))
-                answer = await asyncio.wait_for(client.call(op, progress=progress, **fields), left)
+                async with asyncio.timeout(max(0.001, deadline - (time.monotonic() - started))):
+                    answer = await client.call(op, progress=progress, **fields)
             except SandboxdError:
                 self._give_back(client)  # an answer, whole: the connection is fine
                 raise

@@ -9,6 +9,8 @@ Every ratio compares numbers measured in this same run.
                         same syscall profile (as ERRNO, plus what exec needs), then a fresh
                         /usr/bin/python3 -I -S -c CODE
     bwrap               bubblewrap with every namespace and the same root, when installed
+    sandboxd-http       the same daemon through the HTTP bridge (kept-alive connections, as an
+                        unprivileged test user), against the socket in the same run
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import DaemonProcess, daemon_dir  # noqa: E402
+from bridge import BridgeProcess  # noqa: E402
+from harness import DaemonProcess, daemon_dir, ensure_test_users  # noqa: E402
 
 from sandboxd.client import Client  # noqa: E402
 
@@ -36,7 +39,7 @@ PRINT1 = "print(1)"
 BASELINE_UID = 879900  # outside every test daemon's run uids
 NUMPY_CODE = "import numpy as np\nprint(int((np.arange(100000) ** 2).sum() % 97), np.linalg.det(np.eye(3)))"
 BENCH_CONFIG: dict[str, Any] = {
-    "daemon": {"socket_group": "", "workers": 16, "queue": 512, "log_level": "warning"},
+    "daemon": {"socket_group": "sbx-clients", "workers": 16, "queue": 512, "log_level": "warning"},
     "pool": {"min": 4, "max": 16},
     "quotas": {"default": {"concurrent": 128, "queued": 512, "runs_per_minute": 0, "cpu_seconds_per_hour": 0,
                            "max_output": "16M", "max_files_size": "16M"}},
@@ -92,6 +95,105 @@ def paced(sock: str, rate: float, count: int, code: str = PRINT1, **kw: Any) -> 
             lat.append(d)
             time.sleep(max(0.0, 1 / rate - d))
     return summary(lat, 0)
+
+
+# -- sandboxd-http ----------------------------------------------------------------------------------
+class HttpRunner:
+    """POST /v1/sandbox/run over one kept-alive connection (http.client: head and body in one write)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.headers = {"X-Api-Key": key, "Content-Type": "application/json"}
+
+    def run(self, code: str) -> str:
+        body = json.dumps({"language": "python3", "code": code, "preload": "", "enable_network": False})
+        self.conn.request("POST", "/v1/sandbox/run", body, self.headers)
+        r = self.conn.getresponse()
+        data = json.loads(r.read())
+        if r.status != 200 or data["data"]["error"]:
+            raise RuntimeError(f"HTTP {r.status}: {data}")
+        return str(data["data"]["stdout"])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def http_paced(port: int, key: str, rate: float, count: int) -> dict[str, float]:
+    lat: list[float] = []
+    c = HttpRunner(port, key)
+    try:
+        for _ in range(count):
+            t = time.perf_counter()
+            c.run(PRINT1)
+            d = time.perf_counter() - t
+            lat.append(d)
+            time.sleep(max(0.0, 1 / rate - d))
+    finally:
+        c.close()
+    return summary(lat, 0)
+
+
+def http_closed_loop(port: int, key: str, concurrency: int, seconds: float) -> dict[str, float]:
+    lat: list[float] = []
+    errors: list[str] = []
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        c = HttpRunner(port, key)
+        try:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    c.run(PRINT1)
+                except RuntimeError as e:
+                    errors.append(str(e))
+                lat.append(time.perf_counter() - t)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = summary(lat, time.perf_counter() - t0)
+    out["errors"] = len(errors)
+    return out
+
+
+def http_versus_socket(sock: str, args: argparse.Namespace, row: Any) -> dict[str, Any]:
+    """print(1) over sandboxd-http and over the socket, interleaved, on the same daemon."""
+    out: dict[str, Any] = {}
+    b = BridgeProcess(sock, {"MAX_WORKERS": "16", "MAX_REQUESTS": "512", "WORKER_TIMEOUT": "5"}).start()
+    try:
+        http_closed_loop(b.port, b.key or "", 4, 1.0)  # warm up the bridge's connections
+        count = 300 if not args.quick else 100
+        sock_paced, http_p = [], []
+        for _ in range(3):  # interleaved, so that drift on the machine hits both alike
+            sock_paced.append(paced(sock, rate=50, count=count // 3))
+            http_p.append(http_paced(b.port, b.key or "", rate=50, count=count // 3))
+        for name, runs in (("socket_paced", sock_paced), ("http_paced", http_p)):
+            out[name] = {k: sorted(r[k] for r in runs)[1] for k in ("p50_ms", "p99_ms")}  # the median of 3
+        out["socket_c16"] = closed_loop(sock, 16, args.seconds)
+        out["http_c16"] = http_closed_loop(b.port, b.key or "", 16, args.seconds)
+        out["added_p50_ms"] = out["http_paced"]["p50_ms"] - out["socket_paced"]["p50_ms"]
+        out["throughput_c16_http_over_socket"] = out["http_c16"]["runs_per_s"] / out["socket_c16"]["runs_per_s"]
+    finally:
+        b.close()
+    row("socket, paced 50/s, c=1: p50 / p99", f"{out['socket_paced']['p50_ms']:.2f} / "
+        f"{out['socket_paced']['p99_ms']:.2f} ms")
+    row("sandboxd-http, paced 50/s, c=1: p50 / p99", f"{out['http_paced']['p50_ms']:.2f} / "
+        f"{out['http_paced']['p99_ms']:.2f} ms  (+{out['added_p50_ms']:.2f} ms at p50; target <= 0.5)")
+    for key, name in (("socket_c16", "socket"), ("http_c16", "sandboxd-http")):
+        r = out[key]
+        row(f"{name}, closed loop, c=16: p50/p99, runs/s", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms, "
+            f"{r['runs_per_s']:.0f}/s" + (f"  ({r['errors']} errors)" if r["errors"] else ""))
+    row("HEADLINE: runs/s c=16, sandboxd-http / socket",
+        f"{out['throughput_c16_http_over_socket'] * 100:.0f} %  (target >= 90 %)")
+    return out
 
 
 # -- the spawn-per-request baseline ---------------------------------------------------------------
@@ -311,6 +413,7 @@ def main() -> int:
         args.seconds, args.soak_runs = 2.0, 500
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    remove_users = ensure_test_users()  # sandboxd-http runs as one of them
     def row(name: str, value: str) -> None:
         print(f"  {name:48s} {value}", flush=True)
 
@@ -342,6 +445,9 @@ def main() -> int:
                 f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f} ms, {s['runs_per_s']:.0f}/s"
                 + (f"  ({s['errors']} errors)" if s["errors"] else ""))
 
+        print("print(1) through sandboxd-http (HTTP, kept-alive) against the socket, same daemon")
+        results["http"] = http_versus_socket(sock, args, row)
+
         print("spawn-per-request baseline (same root, chroot + setuid + seccomp + fresh python3)")
         base = SpawnBaseline(root, uid=BASELINE_UID)
         base.run_one(PRINT1)
@@ -362,6 +468,13 @@ def main() -> int:
         results["ratios"] = {"p50_c1_baseline_over_sandboxd": ratio, "throughput_c16_sandboxd_over_baseline": tput}
         row("HEADLINE: p50 c=1, baseline / sandboxd", f"{ratio:.1f}x lower with sandboxd")
         row("HEADLINE: runs/s c=16, sandboxd / baseline", f"{tput:.1f}x")
+        http = results["http"]
+        results["ratios"]["p50_c1_baseline_over_http"] = results["baseline_c1"]["p50_ms"] / http["http_paced"]["p50_ms"]
+        results["ratios"]["throughput_c16_http_over_baseline"] = (http["http_c16"]["runs_per_s"]
+                                                                  / results["baseline_c16"]["runs_per_s"])
+        row("p50 c=1, baseline / sandboxd-http", f"{results['ratios']['p50_c1_baseline_over_http']:.1f}x lower "
+            "through HTTP")
+        row("runs/s c=16, sandboxd-http / baseline", f"{results['ratios']['throughput_c16_http_over_baseline']:.1f}x")
         if "bwrap_c1" in results:
             row("p50 c=1, bwrap / sandboxd", f"{results['bwrap_c1']['p50_ms'] / results['paced_c1']['p50_ms']:.1f}x")
 
@@ -424,6 +537,7 @@ def main() -> int:
     else:
         print("  skipped: python3-numpy is not installed")
 
+    remove_users()
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, default=str)
     plot(results, os.path.join(args.out, "bench.png"))
