@@ -63,13 +63,18 @@ class Metrics:
         self.runs = Counter("sandboxd_http_runs", "runs answered by sandboxd, by verdict", ["language", "verdict"],
                             registry=r)
         self.in_flight = Gauge("sandboxd_http_in_flight", "run requests running or waiting", registry=r)
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.daemon = DaemonCollector()
         r.register(self.daemon)
         ProcessCollector(registry=r)
 
     def answered(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        key = (route, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost more than the counting: once per route and status
+            children = self._children[key] = (self.requests.labels(route, str(status)), self.duration.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self, daemon_status: dict[str, Any] | None) -> bytes:
         self.daemon.status = daemon_status
