@@ -5,15 +5,20 @@ PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
-# Runtime dependencies come from Debian (the .deb depends on the same packages);
-# numpy is only for the preload tests and benchmark, matplotlib for the figure tests (and
-# the benchmark's plot); nftables (nft), iproute2 (ip) and dnsmasq-base are for the network
-# tests' own test hosts; gcc, python3-dev, pip, setuptools, wheel and libyaml make the
-# environment tests' wheelhouse (a C extension linking libyaml).
+# Runtime dependencies come from Debian (the .deb depends on the same packages): what `make
+# run` installs.  starlette, uvicorn (with uvloop and httptools) and prometheus-client are
+# sandboxd-http's; jinja2 goes into the default root (Dify's template node); venv and pip
+# build environments; python3-systemd sends the journal its fields.
 APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
 	python3-nftables python3-pyroute2 \
-	python3-venv python3-numpy python3-matplotlib mandoc nftables iproute2 dnsmasq-base \
-	gcc python3-dev python3-pip python3-setuptools python3-wheel libyaml-0-2
+	python3-starlette python3-uvicorn python3-uvloop python3-httptools python3-prometheus-client \
+	python3-jinja2 python3-venv python3-pip python3-systemd nftables iproute2
+# What `make test` adds: numpy for the preload tests and benchmark, matplotlib for the figure
+# tests (and the benchmark's plot), httpx (Dify's HTTP client) for the sandboxd-http tests,
+# mandoc for the man pages, dnsmasq-base for the network tests' own test hosts; gcc,
+# python3-dev, setuptools, wheel and libyaml make the environment tests' wheelhouse.
+TEST_PACKAGES := python3-numpy python3-matplotlib python3-httpx mandoc dnsmasq-base \
+	gcc python3-dev python3-setuptools python3-wheel libyaml-0-2
 BENCH_PACKAGES := bubblewrap
 E2E_PACKAGES := debootstrap systemd-container qemu-system-x86 e2fsprogs
 DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230
@@ -21,9 +26,18 @@ RUN_DIR := $(CURDIR)/run
 DEV_SOCKET := $(RUN_DIR)/sandboxd.sock
 PYTEST_ARGS ?=
 
-.PHONY: dev run test lint typecheck unit bench fuzz soak e2e deb man-lint clean apt-deps
+.PHONY: dev dev-tools run test test-slow lint typecheck unit bench fuzz soak e2e deb man-lint clean apt-deps
 
+# dev: what `make run` needs (Debian's packages, the venv with sandboxd in it); dev-tools adds
+# the test and lint tools for `make test`.
 dev: $(VENV)/.stamp
+
+dev-tools: $(VENV)/.tools-stamp
+
+$(VENV)/.tools-stamp: $(VENV)/.stamp
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(TEST_PACKAGES)"
+	$(VPY) -m pip install -q $(DEV_TOOLS)
+	@touch $@
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -38,7 +52,6 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	@$(MAKE) --no-print-directory apt-deps
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(VPY) -m pip install -q $(DEV_TOOLS)
 	@touch $@
 
 run: dev
@@ -50,32 +63,37 @@ run: dev
 	$(VENV)/bin/sandboxd --foreground --config etc/sandboxd/sandboxd.yaml \
 		--socket $(DEV_SOCKET) --state-dir $(RUN_DIR)/state
 
-lint: dev
+lint: dev-tools
 	$(VENV)/bin/ruff check sandboxd tests
 
-typecheck: dev
+typecheck: dev-tools
 	$(VENV)/bin/mypy
 
-unit: dev
+unit: dev-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck man-lint unit
 
-man-lint: dev
+# Tests too slow for `make test` (pytest -m slow): a real numpy+pandas environment from the
+# host's package index, a rebuild under load, rebuilds back to back, fifty idle sessions.
+test-slow: dev-tools
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+man-lint: dev-tools
 	@for m in man/*.[1-8]; do mandoc -Tlint -Wwarning $$m || exit 1; done
 	$(VPY) -m sandboxd.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5
 
-bench: dev
+bench: dev-tools
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(VPY) tests/bench/bench.py $(BENCH_ARGS)
 
 # 25,000 examples for each daemon-facing property (1,250 for oversized lengths) and the
 # validator: about 126,000 inputs in all.
-fuzz: dev
+fuzz: dev-tools
 	SANDBOXD_FUZZ_EXAMPLES=$${SANDBOXD_FUZZ_EXAMPLES:-25000} $(VENV)/bin/pytest -q tests/test_fuzz.py \
 		-p no:cacheprovider --durations=0 -rP
 
-soak: dev
+soak: dev-tools
 	$(VPY) tests/soak/soak.py $(SOAK_ARGS)
 
 e2e:

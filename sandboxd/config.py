@@ -15,6 +15,7 @@ import dataclasses
 import grp
 import os
 import pwd
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ DEFAULT_ROOT_PATHS = (
     "/etc/localtime",
     "/etc/nsswitch.conf",
     "/etc/hosts",
+    # Dify's template node renders with jinja2 (Debian's python3-jinja2 and python3-markupsafe): the
+    # interpreter's own sys.path has /usr/lib/python3/dist-packages, so runs import them as on the host.
+    "/usr/lib/python3/dist-packages/jinja2",
+    "/usr/lib/python3/dist-packages/markupsafe",
 )
 SCRATCH_PATHS = ("/work", "/var/tmp", "/dev/shm")  # in every run, its own scratch space covers these
 DEFAULT_ROOT_EXCLUDE = tuple(
@@ -101,6 +106,9 @@ class DaemonSettings:
     shutdown_grace: float = setting(10.0, sizes.duration, "On SIGTERM, runs in flight get this long to finish.")
     self_test: bool = setting(True, sizes.boolean, "Probe the jail before reporting ready (refuse if it leaks).")
     log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"), "Log verbosity.")
+    log_format: str = setting("text", sizes.choice("text", "json"),
+                              "text (the journal's native fields under systemd, with python3-systemd), or json: "
+                              "one JSON object a line on stderr.")
 
 
 @dataclass(frozen=True)
@@ -311,10 +319,59 @@ SECTIONS: dict[str, type[Any]] = {
 
 
 class ConfigError(Exception):
-    def __init__(self, path: str, errors: list[str]) -> None:
+    """The file's errors: ``errors`` as "key: message" strings, ``located`` as records with
+    the file, key, line and column (1-based; None where the file does not say)."""
+
+    def __init__(self, path: str, errors: list[str], text: str | None = None,
+                 mark: tuple[int, int] | None = None) -> None:
         self.path = path
         self.errors = errors
-        super().__init__("\n".join(f"{path}: {e}" for e in errors))
+        self.located = locate(path, errors, text, mark)
+        super().__init__("\n".join(_where(e) + e["message"] if not e["key"] else
+                                   f"{_where(e)}{e['key']}: {e['message']}" for e in self.located))
+
+
+def _where(e: dict[str, Any]) -> str:
+    return f"{e['file']}:{e['line']}:{e['column']}: " if e["line"] else f"{e['file']}: "
+
+
+def locate(path: str, errors: list[str], text: str | None,
+           mark: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Each "key.path: message" error with where the key is written in ``text``."""
+    positions = _key_positions(text) if text is not None and mark is None else {}
+    out = []
+    for error in errors:
+        key, sep, message = error.partition(": ")
+        if not sep or " " in key:
+            key, message = "", error
+        line, column = mark or (None, None)
+        parts = key.split(".") if key else []
+        for n in range(len(parts), 0, -1):  # the deepest key the file has (a missing one: its parent)
+            found = positions.get(tuple(parts[:n]))
+            if found:
+                line, column = found
+                break
+        out.append({"file": path, "key": key or None, "line": line, "column": column, "message": message})
+    return out
+
+
+def _key_positions(text: str) -> dict[tuple[str, ...], tuple[int, int]]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    found: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    here = (*prefix, str(key.value))
+                    found[here] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                    walk(value, here)
+
+    walk(root, ())
+    return found
 
 
 def declared(cls: type[Any]) -> list[dataclasses.Field[Any]]:
@@ -578,8 +635,46 @@ def load(path: str = DEFAULT_CONFIG) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(path, [f"not valid YAML: {e}"]) from None
-    return parse(data, os.path.abspath(path))
+        m = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        raise ConfigError(path, [f"not valid YAML: {problem}" + (f" ({context})" if context else "")], text,
+                          (m.line + 1, m.column + 1) if m is not None else None) from None
+    ambiguous = _decimal_modes(text)
+    try:
+        cfg = parse(data, os.path.abspath(path))
+    except ConfigError as e:
+        raise ConfigError(e.path, [*ambiguous, *e.errors], text) from None
+    if ambiguous:
+        raise ConfigError(os.path.abspath(path), ambiguous, text)
+    return cfg
+
+
+MODE_KEYS = (("daemon", "socket_mode"),)
+
+
+def _decimal_modes(text: str) -> list[str]:
+    """Modes written as unquoted decimal digits (660): YAML reads them as decimal numbers,
+    not the octal the digits look like (0660 and 0o660 are octal to it)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    out = []
+    for section, key in MODE_KEYS:
+        node = _child(_child(root, section), key)
+        if isinstance(node, yaml.ScalarNode) and node.style is None and re.fullmatch(r"[1-9][0-9]*", node.value):
+            out.append(f'{section}.{key}: {node.value} unquoted is the decimal number {node.value} to YAML, '
+                       f'not the octal mode it looks like: write "0{node.value}" (quoted)')
+    return out
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v
+    return None
 
 
 def all_quota_maxima(policy: QuotaPolicy) -> QuotaLimits:

@@ -1,36 +1,86 @@
 """sandboxctl: use and administer sandboxd over its socket (see sandboxctl(8)).
 
 It never needs root itself: what it may do is what the daemon allows the caller's uid.
-Every subcommand takes --json for scripts.  Exit statuses are stable (EXIT_*).
+Every subcommand takes --json for scripts: one JSON object on stdout, {"ok": true, ...} or
+{"ok": false, "error": {"code", "message", ...}}.  Exit statuses are stable (EXIT_*).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import os
+import pwd
 import re
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import render
+from . import __version__, render, sizes
 from .client import Client, SandboxdError, default_socket
 from .config import DEFAULT_CONFIG, ConfigError, load
 from .repl import Repl
 
+# Exit statuses (sandboxctl(8), EXIT STATUS).  `run` mirrors the program's own status (0-255;
+# 128+N when a signal ended it); sandboxctl's own outcomes are 120-127, like docker run's
+# 125-127: a program that exits with one of them is still told apart by --json and --meta.
 EXIT_OK = 0
-EXIT_RUN_FAILED = 1  # the run did not succeed (run mirrors exit codes and signals instead when it can)
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_FORBIDDEN = 4
-EXIT_QUOTA = 5
-EXIT_BUSY = 6
-EXIT_ERROR = 7  # any other error answer from the daemon
-EXIT_SANDBOX = 8  # the jail could not be set up for the run
+EXIT_FAILED = 1  # answered, but not a success: a cell that raised, a failed build, an invalid config
+EXIT_LIMIT = 120  # the daemon stopped the run at a limit (time, CPU, memory, output, processes)
+EXIT_SANDBOX = 121  # the jail could not be set up: the code did not run
+EXIT_FORBIDDEN = 122
+EXIT_QUOTA = 123
+EXIT_BUSY = 124  # busy or unavailable: retry later
+EXIT_ERROR = 125  # any other refusal or error from the daemon (bad_request, not_found, internal...)
+EXIT_CONNECT = 126  # the daemon cannot be reached or talked to
+EXIT_USAGE = 127  # a bad command line, or a file named on it that cannot be read
 SESSION_ID = re.compile(r"s[0-9a-f]{6}-[0-9]+-[0-9a-f]{12}")
 ERROR_EXITS = {"forbidden": EXIT_FORBIDDEN, "quota_exceeded": EXIT_QUOTA, "busy": EXIT_BUSY,
                "unavailable": EXIT_BUSY}
+LIMIT_STATUSES = render.LIMITS
+
+
+# -- what a person types: the config's sizes and durations ------------------------------------------
+def mebibytes(text: str) -> int:
+    """--memory: 512 (MiB), 512M, 1G."""
+    try:
+        n = int(text) << 20 if text.strip().isdigit() else sizes.byte_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512 (MiB), 512M or 1G, got {text!r}") from None
+    if n < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 MiB")
+    return n >> 20
+
+
+def byte_count(text: str) -> int:
+    """--max-output: 65536 (bytes), 64K, 1M."""
+    try:
+        return sizes.byte_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 64K, 1M or a number of bytes, got {text!r}") from None
+
+
+def seconds(text: str) -> float:
+    """--timeout, --cpu, --idle-timeout, --lifetime: 2 (seconds), 500ms, 2s, 5m."""
+    try:
+        value = sizes.duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 2 (seconds), 500ms, 2s or 5m, "
+                                         f"got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return float(value)
+
+
+def envelope(reply: dict[str, Any]) -> dict[str, Any]:
+    """A daemon reply as --json prints it: ``ok`` first, the protocol's ``id`` dropped."""
+    return {"ok": True, **{k: v for k, v in reply.items() if k not in ("id", "ok")}}
+
+
+def failure(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message, **details}}
 
 
 class Ctl:
@@ -45,7 +95,7 @@ class Ctl:
         return self._client
 
     def out(self, data: Any, human: Callable[[], str]) -> None:
-        print(render.to_json(data) if self.args.json else self.shown(human(), sys.stdout))
+        print(render.to_json(envelope(data)) if self.args.json else self.shown(human(), sys.stdout))
 
     def shown(self, text: str, stream: Any) -> str:
         """Text from the daemon (which can carry a run's bytes) made safe for a terminal."""
@@ -94,11 +144,11 @@ class Ctl:
 
     def jobs(self) -> int:
         reply = self.client.call("jobs")
-        rows = [(j["run_id"], j["caller_uid"], j["run_uid"], j["worker_pid"], render.duration(j["age_ms"] / 1000),
-                 f"{j['timeout_ms'] / 1000:g} s", f"{j['memory_mb']} MiB", "yes" if j["network"] else "no")
-                for j in reply["jobs"]]
+        rows = [(j["run_id"], f"{j.get('caller') or '?'} ({j['caller_uid']})", j["run_uid"], j["worker_pid"],
+                 render.duration(j["age_ms"] / 1000), f"{j['timeout_ms'] / 1000:g} s", f"{j['memory_mb']} MiB",
+                 "yes" if j["network"] else "no", j.get("session_id") or "-") for j in reply["jobs"]]
         self.out(reply, lambda: render.table(["run", "caller", "run uid", "pid", "age", "timeout", "memory",
-                                               "network"], rows) + f"\n{reply['queued']} queued")
+                                               "network", "session"], rows) + f"\n{reply['queued']} queued")
         return EXIT_OK
 
     def kill(self) -> int:
@@ -142,9 +192,13 @@ class Ctl:
             cfg = load(path)
         except ConfigError as e:
             message = str(e)
-            self.out({"ok": False, "file": e.path, "errors": e.errors}, lambda: message)
-            return EXIT_RUN_FAILED
-        self.out({"ok": True, "file": cfg.path, "warnings": list(cfg.warnings)},
+            if self.args.json:
+                print(render.to_json({**failure("bad_config", f"{len(e.errors)} errors in {e.path}",
+                                                file=e.path, errors=e.located)}))
+            else:
+                print(message)
+            return EXIT_FAILED
+        self.out({"file": cfg.path, "warnings": list(cfg.warnings)},
                  lambda: "\n".join([f"{cfg.path}: ok", *(f"warning: {w}" for w in cfg.warnings)]))
         return EXIT_OK
 
@@ -205,25 +259,25 @@ class Ctl:
         files = {}
         for spec in a.file_input or []:
             name, sep, path = spec.partition("=")
-            if not sep:
-                raise UsageError(f"--file expects NAME=PATH, got {spec!r}")
+            if not sep:  # --file PATH: placed under its own base name
+                name, path = os.path.basename(spec.rstrip("/")), spec
+            if not name:
+                raise UsageError(f"--file expects PATH or NAME=PATH, got {spec!r}")
             with open(path, "rb") as f:
                 files[name] = f.read()
         fields: dict[str, Any] = {"stdin": stdin} if stdin or not session else {}
         if files:
             fields["files"] = files
         if a.timeout:
-            fields["timeout_ms"] = int(a.timeout * 1000)
+            fields["timeout_ms"] = max(1, round(a.timeout * 1000))
         if session:
             return fields
-        env = {}
-        for spec in a.env or []:
-            name, sep, value = spec.partition("=")
-            if not sep:
-                raise UsageError(f"--env expects NAME=VALUE, got {spec!r}")
-            env[name] = value
-        if env:
-            fields["env"] = env
+        if getattr(a, "cpu", None):
+            fields["cpu_ms"] = max(1, round(a.cpu * 1000))
+        if getattr(a, "max_output", None):
+            fields["max_output"] = a.max_output
+        if a.env:
+            fields["env"] = dict(parse_env(a.env))
         if a.memory:
             fields["memory_mb"] = a.memory
         if a.network:
@@ -253,10 +307,14 @@ class Ctl:
         result = self.client.run(code, on_output=self.on_output if streamed else None, **fields)
         return self.show_result(result, streamed)
 
-    def show_result(self, result: dict[str, Any], streamed: bool) -> int:
+    def show_result(self, result: Mapping[str, Any], streamed: bool) -> int:
         """A run's or exec's output (unless it was streamed), its verdict, its out/ files."""
+        result = dict(result)
+        code = cell_exit(result) if result.get("exec") else run_exit(result)
+        if getattr(self.args, "meta", None):
+            write_meta(self.args.meta, result, code)
         if self.args.json:
-            print(render.to_json(result))
+            print(render.to_json({"ok": True, "result": result, "exit_status": code}))
         else:
             if not streamed:
                 self.write(sys.stdout, result.get("stdout") or b"")
@@ -268,9 +326,7 @@ class Ctl:
             save_files(self.args.out, {**result.get("files", {}),
                                        **{f"display-{i + 1}.png": d["data"]
                                           for i, d in enumerate(result.get("display") or [])}})
-        if result.get("exec"):
-            return cell_exit(result)
-        return run_exit(result)
+        return code
 
     # -- environments ---------------------------------------------------------------------------------
     def env_list(self) -> int:
@@ -298,8 +354,8 @@ class Ctl:
         last = [""]
 
         def progress(p: dict[str, Any]) -> None:
-            if self.args.json:
-                print(render.to_json({"event": "progress", **p}, compact=True), flush=True)
+            if self.args.json:  # stdout holds the one result object: events go to stderr
+                print(render.to_json({"event": "progress", **p}, compact=True), file=sys.stderr, flush=True)
                 return
             stage = str(p.get("stage"))
             said = p.get("detail") or p.get("message")
@@ -314,7 +370,7 @@ class Ctl:
         e = reply["environment"]
         self.out(reply, lambda: f"environment {e['name']}: {e['state']}, build {e['build']}, "
                                 f"{len(e['packages'])} packages, {render.size(e['size_bytes'] or 0)}")
-        return EXIT_OK if e["state"] == "ready" else EXIT_RUN_FAILED
+        return EXIT_OK if e["state"] == "ready" else EXIT_FAILED
 
     # -- sessions -----------------------------------------------------------------------------------
     def _session_fields(self) -> dict[str, Any]:
@@ -326,10 +382,12 @@ class Ctl:
             fields["memory_mb"] = a.memory
         if a.network:
             fields["network"] = True
+        if a.env:
+            fields["env"] = dict(parse_env(a.env))
         if a.idle_timeout:
-            fields["idle_timeout_ms"] = int(a.idle_timeout * 1000)
+            fields["idle_timeout_ms"] = max(1, round(a.idle_timeout * 1000))
         if a.lifetime:
-            fields["max_lifetime_ms"] = int(a.lifetime * 1000)
+            fields["max_lifetime_ms"] = max(1, round(a.lifetime * 1000))
         if a.display:
             fields["display"] = True
         if a.environment:
@@ -388,7 +446,8 @@ class Ctl:
             if reply["missing"]:
                 lines.append(f"system calls the {reply['profile']} profile does not allow (let through this once):")
                 lines.append(render.table(["syscall", "count"], [(m["name"], m["count"]) for m in reply["missing"]]))
-                lines.append(f"\nadd to {DEFAULT_CONFIG}, then `sandboxctl reload`:\n")
+                lines.append(f"\nadd to {reply.get('config') or DEFAULT_CONFIG} (the daemon's configuration), "
+                             "then `sandboxctl reload`:\n")
                 lines.append(reply["yaml"].rstrip())
             else:
                 lines.append(f"the {reply['profile']} profile allows every system call this code made")
@@ -435,7 +494,7 @@ class Ctl:
             return "\n".join(lines)
 
         self.out(reply, human)
-        return EXIT_OK if reply.get("importable") else EXIT_RUN_FAILED
+        return EXIT_OK if reply.get("importable") else EXIT_FAILED
 
 
 class UsageError(Exception):
@@ -443,17 +502,18 @@ class UsageError(Exception):
 
 
 def run_exit(result: dict[str, Any]) -> int:
-    """The exit status of ``sandboxctl run``: the run's own, where it has one."""
+    """The exit status of ``sandboxctl run``: the program's own where it has one (a refused
+    call it survived long enough to exit on, too); EXIT_LIMIT when the daemon stopped it."""
     status = result.get("status")
     if status == "ok":
         return EXIT_OK
     if status == "sandbox_error":
         return EXIT_SANDBOX
-    if status == "exit_nonzero" and isinstance(result.get("exit_code"), int):
+    if status in ("exit_nonzero", "blocked_syscall") and isinstance(result.get("exit_code"), int):
         return int(result["exit_code"])
     if status == "signaled" and result.get("signal"):
         return 128 + int(result["signal"])
-    return EXIT_RUN_FAILED  # a limit, a timeout or a blocked call: the daemon's SIGKILL is not the program's
+    return EXIT_LIMIT  # a limit, a timeout, SIGSYS: the daemon's SIGKILL is not the program's
 
 
 def cell_exit(result: dict[str, Any]) -> int:
@@ -462,7 +522,66 @@ def cell_exit(result: dict[str, Any]) -> int:
         return EXIT_OK
     if result.get("status") == "sandbox_error":
         return EXIT_SANDBOX
-    return EXIT_RUN_FAILED
+    return EXIT_FAILED
+
+
+# isolate's --meta names, for judges that read them; status as isolate spells it.
+ISOLATE_STATUS = {"exit_nonzero": "RE", "signaled": "SG", "timeout": "TO", "cpu_limit": "TO",
+                  "sandbox_error": "XX", "memory_limit": "SG", "output_limit": "SG", "pids_limit": "RE",
+                  "blocked_syscall": "RE"}
+
+
+def write_meta(path: str, result: dict[str, Any], exit_status: int) -> None:
+    """``--meta FILE``: the verdict as isolate's key:value lines (plus sandboxd's own keys)."""
+    status = str(result.get("status"))
+    lines = {"time": f"{(result.get('cpu_ms') or 0) / 1000:.3f}",
+             "time-wall": f"{(result.get('wall_ms') or 0) / 1000:.3f}",
+             "max-rss": str(result.get("memory_peak_kb") or 0), "cg-mem": str(result.get("memory_peak_kb") or 0)}
+    if status in ISOLATE_STATUS:
+        lines["status"] = ISOLATE_STATUS[status]
+    if result.get("exit_code") is not None:
+        lines["exitcode"] = str(result["exit_code"])
+    if result.get("signal"):
+        lines["exitsig"] = str(result["signal"])
+    if status in LIMIT_STATUSES or result.get("killed_by"):
+        lines["killed"] = "1"
+    if status == "memory_limit":
+        lines["cg-oom-killed"] = "1"
+    message = {"timeout": "Time limit exceeded (wall clock)", "cpu_limit": "Time limit exceeded",
+               "memory_limit": "Memory limit exceeded", "output_limit": "Output limit exceeded",
+               "pids_limit": "Process limit exceeded", "sandbox_error": "Sandbox setup failed",
+               "blocked_syscall": f"Forbidden syscall {result.get('blocked_syscall')}"}.get(status)
+    if message:
+        lines["message"] = message
+    lines.update({"sandboxd-status": status, "sandboxd-run-id": str(result.get("run_id")),
+                  "sandboxd-exit-status": str(exit_status)})
+    if result.get("blocked_syscall"):
+        lines["sandboxd-blocked-syscall"] = str(result["blocked_syscall"])
+    text = "".join(f"{k}:{render.safe_text(v).replace(chr(10), ' ')}\n" for k, v in lines.items())
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def parse_env(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env expects NAME=VALUE, got {spec!r}")
+        out.append((name, value))
+    return out
+
+
+def socket_hint(path: str) -> str:
+    """Why a permission error on the socket: which group to join."""
+    try:
+        st = os.stat(path)
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return " (are you in the socket's group?)"
+    me = pwd.getpwuid(os.getuid()).pw_name if os.getuid() else "root"
+    return (f" (the socket is {stat.filemode(st.st_mode)} group {group}: join it, e.g. `usermod -aG {group} "
+            f"{me}`, then log in again)")
 
 
 def save_files(directory: str, files: dict[str, bytes]) -> None:
@@ -484,11 +603,16 @@ def streaming(sp: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    # Global options go before or after the subcommand (SUPPRESS: a later parser's absent
+    # option does not overwrite what an earlier one set).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="one JSON object on stdout: {\"ok\": true, ...} or {\"ok\": false, \"error\": ...}")
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="daemon socket (default: $SANDBOXD_SOCKET, else /run/sandboxd/sandboxd.sock)")
     p = argparse.ArgumentParser(prog="sandboxctl", parents=[common],
                                 description="Use and administer sandboxd (see sandboxctl(8)).")
-    p.add_argument("--socket", help="daemon socket (default: $SANDBOXD_SOCKET, else /run/sandboxd/sandboxd.sock)")
+    p.add_argument("--version", action="version", version=f"sandboxctl (sandboxd) {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, helptext: str, method: str) -> argparse.ArgumentParser:
@@ -515,11 +639,14 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("file", nargs="?", help="file with the code ('-' or nothing: standard input)")
         r.add_argument("-c", dest="code", help="the code itself")
         r.add_argument("--stdin-file", help="give this file to the run as its standard input")
-        r.add_argument("--file", dest="file_input", action="append", metavar="NAME=PATH",
-                       help="place PATH in the run's working directory as NAME (repeatable)")
+        r.add_argument("--file", dest="file_input", action="append", metavar="[NAME=]PATH",
+                       help="place PATH in the run's working directory as NAME (default: its base name; repeatable)")
         r.add_argument("--env", action="append", metavar="NAME=VALUE", help="set a variable (repeatable)")
-        r.add_argument("--timeout", type=float, help="wall-clock limit, seconds")
-        r.add_argument("--memory", type=int, help="memory limit, MiB")
+        r.add_argument("--timeout", type=seconds, help="wall-clock limit: 2 (seconds), 500ms, 2s, 5m")
+        r.add_argument("--cpu", type=seconds, help="CPU-time limit of all its processes together, as --timeout")
+        r.add_argument("--memory", type=mebibytes, help="memory limit: 256 (MiB), 256M, 1G")
+        r.add_argument("--max-output", type=byte_count, help="cap for stdout and for stderr each: 64K, 1M (bytes)")
+        r.add_argument("--meta", metavar="FILE", help="write the verdict to FILE as isolate's key:value lines")
         r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
         r.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
         r.add_argument("--environment", "-E", help="the Python environment to run in (default: default, if any)")
@@ -532,14 +659,15 @@ def parser() -> argparse.ArgumentParser:
 
     def session_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
-        sp.add_argument("--memory", type=int, help="memory limit of the whole session, MiB")
+        sp.add_argument("--memory", type=mebibytes, help="memory limit of the whole session: 512 (MiB), 1G")
         sp.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
-        sp.add_argument("--idle-timeout", type=float, help="close it after this many idle seconds")
-        sp.add_argument("--lifetime", type=float, help="close it after this many seconds in all")
+        sp.add_argument("--env", action="append", metavar="NAME=VALUE", help="set a variable (repeatable)")
+        sp.add_argument("--idle-timeout", type=seconds, help="close it after this long idle: 300 (seconds), 5m")
+        sp.add_argument("--lifetime", type=seconds, help="close it this long after it opened: 3600, 1h")
         sp.add_argument("--display", action="store_true", help="return matplotlib figures as PNGs")
         sp.add_argument("--environment", "-E", help="the Python environment (default: default, if any)")
 
-    env = sub.add_parser("env", help="Python environments: what runs may import")
+    env = sub.add_parser("env", parents=[common], help="Python environments: what runs may import")
     esub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
     el = esub.add_parser("list", parents=[common], help="each environment, its packages, size, state and use")
     el.set_defaults(method="env_list")
@@ -548,7 +676,7 @@ def parser() -> argparse.ArgumentParser:
     eb.add_argument("--if-changed", action="store_true", help="keep the current build when it is up to date")
     eb.set_defaults(method="env_build")
 
-    session = sub.add_parser("session", help="sessions: workers that keep their state between execs")
+    session = sub.add_parser("session", parents=[common], help="sessions: workers that keep their state between execs")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
 
     def sadd(name: str, helptext: str, method: str) -> argparse.ArgumentParser:
@@ -562,9 +690,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("file", nargs="?", help="file with the code ('-' or nothing: standard input)")
     e.add_argument("-c", dest="code", help="the code itself")
     e.add_argument("--stdin-file", help="give this file to the cell as its standard input")
-    e.add_argument("--file", dest="file_input", action="append", metavar="NAME=PATH",
-                   help="place PATH in the session's working directory as NAME (repeatable)")
-    e.add_argument("--timeout", type=float, help="wall-clock limit of this exec, seconds")
+    e.add_argument("--file", dest="file_input", action="append", metavar="[NAME=]PATH",
+                   help="place PATH in the session's working directory as NAME (default: its base name)")
+    e.add_argument("--timeout", type=seconds, help="wall-clock limit of this exec: 2 (seconds), 500ms, 5m")
+    e.add_argument("--meta", metavar="FILE", help="write the verdict to FILE as isolate's key:value lines")
     e.add_argument("--out", help="save the files the exec left in out/ (and its figures) into this directory")
     e.add_argument("--raw", action="store_true", help="write the output to a terminal as it is")
     streaming(e)
@@ -575,7 +704,7 @@ def parser() -> argparse.ArgumentParser:
     rp = add("repl", "an interactive interpreter in a new session (Ctrl-C interrupts, Ctrl-D leaves)", "repl")
     session_options(rp)
     rp.add_argument("--raw", action="store_true", help="write the output to a terminal as it is")
-    root = sub.add_parser("root", help="questions about the root")
+    root = sub.add_parser("root", parents=[common], help="questions about the root")
     rsub = root.add_subparsers(dest="root_command", required=True, metavar="QUESTION")
     why = rsub.add_parser("why", parents=[common], help="can MODULE be imported in the jail, and if not why")
     why.add_argument("module")
@@ -586,35 +715,49 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wants_json = "--json" in argv
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:
+        if e.code and wants_json:
+            print(render.to_json(failure("usage", "bad command line (see sandboxctl --help)")))
         return EXIT_USAGE if e.code else EXIT_OK
-    if not hasattr(args, "json"):
-        args.json = False
+    for name in ("json", "socket"):
+        if not hasattr(args, name):
+            setattr(args, name, None if name == "socket" else False)
     ctl = Ctl(args)
     path = args.socket or default_socket()
+
+    def fail(code: str, message: str, status: int, **details: Any) -> int:
+        if args.json:
+            print(render.to_json(failure(code, message, **details)))
+        else:
+            print(ctl.shown(f"sandboxctl: {message}", sys.stderr), file=sys.stderr)
+        return status
+
     try:
         return int(getattr(ctl, args.method)())
     except UsageError as e:
-        print(f"sandboxctl: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("usage", str(e), EXIT_USAGE)
     except SandboxdError as e:
+        text = f"{e.code}: {e.message}"
+        retry = e.details.get("retry_after_ms")
+        if isinstance(retry, int | float):
+            text += f" (retry in {render.duration(retry / 1000)})"
         if args.json:
-            print(render.to_json({"ok": False, "error": {"code": e.code, "message": e.message, **e.details}}))
+            print(render.to_json(failure(e.code, e.message, **e.details)))
         else:
-            print(ctl.shown(f"sandboxctl: {e.code}: {e.message}", sys.stderr), file=sys.stderr)
+            print(ctl.shown(f"sandboxctl: {text}", sys.stderr), file=sys.stderr)
         return ERROR_EXITS.get(e.code, EXIT_ERROR)
     except OSError as e:
         if e.filename:  # a file named on the command line (socket errors carry no file name)
-            print(f"sandboxctl: {e.filename}: {e.strerror}", file=sys.stderr)
-            return EXIT_USAGE
+            return fail("usage", f"{e.filename}: {e.strerror}", EXIT_USAGE, file=str(e.filename))
         if isinstance(e, FileNotFoundError):
-            print(f"sandboxctl: cannot connect to {path}: {e.strerror} (is sandboxd running?)", file=sys.stderr)
-        else:
-            hint = " (are you in the socket's group?)" if isinstance(e, PermissionError) else ""
-            print(f"sandboxctl: cannot talk to {path}: {e}{hint}", file=sys.stderr)
-        return EXIT_CONNECT
+            return fail("cannot_connect", f"cannot connect to {path}: {e.strerror} (is sandboxd running?)",
+                        EXIT_CONNECT, socket=path)
+        hint = socket_hint(path) if isinstance(e, PermissionError) else ""
+        return fail("cannot_connect", f"cannot talk to {path}: {e}{hint}", EXIT_CONNECT, socket=path)
     finally:
         if ctl._client is not None:
             ctl._client.close()

@@ -175,8 +175,11 @@ class Daemon:
     def run_owner(self, run_id: str) -> int | None:
         return self.runs.owner(run_id)
 
-    def kill_run(self, run_id: str) -> None:
-        self.runs.kill(run_id)
+    def config_path(self) -> str:
+        return self.config.path
+
+    def kill_run(self, run_id: str, by: Identity) -> None:
+        self.runs.kill(run_id, by)
 
     async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
         return (await self.jail.rebuild_root(force=force, progress=progress)).summary()
@@ -428,6 +431,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="listen on this Unix socket instead of daemon.socket")
     p.add_argument("--state-dir", help="state directory instead of daemon.state_dir")
     p.add_argument("--foreground", action="store_true", help="stay attached, log to stderr, speak sd_notify")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="json: one JSON object a line on stderr (default: daemon.log_format)")
     p.add_argument("--version", action="version", version=f"sandboxd {__version__}")
     return p
 
@@ -451,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         context = daemon.DaemonContext(pidfile=daemon.pidfile.TimeoutPIDLockFile(pid_file, acquire_timeout=1),
                                        umask=0o022, working_directory="/")
         with context:
-            logs.setup(cfg.daemon.log_level, foreground=False)
+            logs.setup(cfg.daemon.log_level, foreground=False, fmt_name=args.log_format or cfg.daemon.log_format)
             return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
-    logs.setup(cfg.daemon.log_level, foreground=True)
+    logs.setup(cfg.daemon.log_level, foreground=True, fmt_name=args.log_format or cfg.daemon.log_format)
     return asyncio.run(Daemon(cfg, args.socket, args.state_dir).run())
 
 

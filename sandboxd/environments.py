@@ -110,6 +110,8 @@ class Environments:
     # -- start, reload -------------------------------------------------------------------------
     def layers(self) -> dict[str, EnvLayer]:
         """At start: the environments already built (the newest of each, even if out of date)."""
+        if not self.states and not os.path.isdir(self.base):
+            return {}  # none configured, none ever built: nothing to make on disk
         os.makedirs(self.base, mode=0o755, exist_ok=True)
         found = self._scan()
         out = {}
@@ -340,7 +342,11 @@ class Environments:
     def _scan(self) -> dict[str, list[Built]]:
         """Finished builds on disk, newest first per name."""
         out: dict[str, list[Built]] = {}
-        for entry in sorted(os.listdir(self.base), reverse=True):
+        try:
+            entries = sorted(os.listdir(self.base), reverse=True)
+        except FileNotFoundError:
+            return out
+        for entry in entries:
             m = re.fullmatch(r"(.+)-([0-9a-f]{12})-[0-9T]+[0-9a-f]{4}", entry)
             path = os.path.join(self.base, entry)
             if m is None or not os.path.isdir(path):

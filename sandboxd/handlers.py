@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import __version__, errors, hints, plan, protocol, quota, rootwhy
+from . import __version__, errors, hints, logs, plan, protocol, quota, rootwhy
 from .config import QuotaLimits
 from .errors import RequestError
-from .jail.profiles import NEVER_ALLOW
+from .jail.profiles import CONDITIONAL, NEVER_ALLOW
 from .jail.stream import EventSink
 from .peer import Identity
 
@@ -48,6 +48,7 @@ class App(Protocol):
     def resolve_uid(self, target: Any) -> int: ...
     def known_uids(self) -> list[int]: ...
     def usage_of(self, uid: int) -> dict[str, Any]: ...
+    def config_path(self) -> str: ...  # the file the daemon read
     async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False,
                       events: EventSink | None = None) -> dict[str, Any]: ...
     async def open_session(self, who: Identity, req: dict[str, Any]) -> dict[str, Any]: ...
@@ -57,7 +58,7 @@ class App(Protocol):
     def list_sessions(self, who: Identity) -> list[dict[str, Any]]: ...
     def jobs(self) -> tuple[list[dict[str, Any]], int]: ...
     def run_owner(self, run_id: str) -> int | None: ...
-    def kill_run(self, run_id: str) -> None: ...
+    def kill_run(self, run_id: str, by: Identity) -> None: ...
     async def reload(self) -> list[str]: ...
     async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
     def root_layout(self, environment: str = "") -> tuple[str, list[str]] | None: ...  # (root, sys.path) once built
@@ -157,7 +158,8 @@ async def op_kill(app: App, call: Call) -> dict[str, Any]:
     run_id = call.req.get("run_id")
     if call.req.get("session_id") is not None and run_id is None:
         closed = await app.close_session(call.who, call.req["session_id"], "killed")
-        log.warning("session %s killed by uid %d", closed["session_id"], call.who.uid)
+        log.info("session %s killed by uid %d (%s)", closed["session_id"], call.who.uid, call.who.name,
+                 extra=logs.fields(session_id=closed["session_id"], caller_uid=call.who.uid, action="kill"))
         return protocol.ok(call.id, killed=closed["session_id"], session=closed)
     if not isinstance(run_id, str):
         raise errors.bad_request("run_id", "required, a string (or session_id)")
@@ -166,12 +168,15 @@ async def op_kill(app: App, call: Call) -> dict[str, Any]:
     # when others run (run ids are sequential).
     if owner is None or (owner != call.who.uid and not app.is_admin(call.who)):
         raise RequestError(errors.NOT_FOUND, f"no run {run_id} of yours is in flight", run_id=run_id)
-    app.kill_run(run_id)
-    log.warning("run %s killed by uid %d", run_id, call.who.uid)
+    app.kill_run(run_id, call.who)
+    log.info("run %s of uid %d killed by uid %d (%s)", run_id, owner, call.who.uid, call.who.name,
+             extra=logs.fields(run_id=run_id, caller_uid=call.who.uid, owner_uid=owner, action="kill"))
     return protocol.ok(call.id, killed=run_id)
 
 
 async def op_reload(app: App, call: Call) -> dict[str, Any]:
+    log.info("reload asked by uid %d (%s)", call.who.uid, call.who.name,
+             extra=logs.fields(caller_uid=call.who.uid, action="reload"))
     changes = await app.reload()
     return protocol.ok(call.id, reloaded=True, changes=changes)
 
@@ -185,7 +190,8 @@ async def op_rebuild_root(app: App, call: Call) -> dict[str, Any]:
             call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
 
     root = await app.rebuild_root(bool(call.req.get("force", True)), progress)
-    log.warning("root rebuilt by uid %d: %s", call.who.uid, root["build_id"])
+    log.info("root %s by uid %d (%s): %s", "reused" if root.get("reused") else "rebuilt", call.who.uid,
+             call.who.name, root["build_id"], extra=logs.fields(caller_uid=call.who.uid, action="rebuild_root"))
     return protocol.ok(call.id, root=root)
 
 
@@ -211,7 +217,8 @@ async def op_build_environment(app: App, call: Call) -> dict[str, Any]:
             call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
 
     env = await app.build_environment(name, bool(call.req.get("force", True)), progress)
-    log.warning("environment %s built by uid %d: %s", name, call.who.uid, env.get("build"))
+    log.info("environment %s built by uid %d (%s): %s, %s", name, call.who.uid, call.who.name, env.get("build"),
+             env.get("state"), extra=logs.fields(caller_uid=call.who.uid, action="build_environment", environment=name))
     return protocol.ok(call.id, environment=env)
 
 
@@ -228,9 +235,10 @@ async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
         f"profiles:\n  {profile}:\n    allow: [{', '.join(sorted(names))}]\n")
     return protocol.ok(call.id, result=result, profile=profile,
                        missing=[{"name": n, "count": c} for n, c in missing],
-                       refused=[{"name": n, "count": c, "why": "never allowed" if n in NEVER_ALLOW else
-                                 "not a native system call"} for n, c in refused],
-                       yaml=yaml_snippet)
+                       refused=[{"name": n, "count": c, "why": CONDITIONAL.get(n) or (
+                                 "never allowed" if n in NEVER_ALLOW else "not a native system call")}
+                                for n, c in refused],
+                       yaml=yaml_snippet, config=app.config_path())
 
 
 NODE_MODULE = re.compile(r"(node:)?(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(/[A-Za-z0-9._-]+)*")

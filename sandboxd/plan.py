@@ -13,8 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from . import sizes
 from .config import ALIASES, LANGUAGES, Config, QuotaLimits
-from .errors import bad_request, forbidden
+from .errors import RequestError, bad_request, forbidden
 from .hints import check_unknown
 from .jail.settings import DEFAULT_ENVIRONMENT
 from .jail.spec import CellPlan, RunPlan, SessionPlan
@@ -51,9 +52,8 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
     max_timeout_ms = int(limits.max_timeout * 1000)
     cpu_ms = _int(req, "cpu_ms", timeout_ms, 1)
     if cpu_ms > max_timeout_ms:
-        raise forbidden(f"cpu_ms {cpu_ms} is above your limit of {max_timeout_ms}", field="cpu_ms",
-                        limit=max_timeout_ms)
-    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_memory), limits.max_memory)
+        raise above("cpu_ms", cpu_ms, max_timeout_ms, "ms", "max_timeout")
+    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_memory), limits.max_memory, "max_memory")
     max_output = _max_output(req, limits, cfg)
     network = _network(req, limits)
     files = _files(req.get("files"), limits, cfg)
@@ -86,10 +86,11 @@ def build_session(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, sess
     """A ``session_open`` request: the session's limits for its whole life."""
     check_unknown(req, SESSION_FIELDS)
     language = _language(req, cfg)
-    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_session_memory), limits.max_session_memory)
+    memory_mb = _memory(req, min(cfg.limits.memory, limits.max_session_memory), limits.max_session_memory,
+                        "max_session_memory")
     cpu_ms = _int(req, "cpu_ms", 0, 1) if req.get("cpu_ms") is not None else 0
-    idle_ms = _within(req, "idle_timeout_ms", int(limits.max_session_idle * 1000))
-    lifetime_ms = _within(req, "max_lifetime_ms", int(limits.max_session_lifetime * 1000))
+    idle_ms = _within(req, "idle_timeout_ms", int(limits.max_session_idle * 1000), "max_session_idle")
+    lifetime_ms = _within(req, "max_lifetime_ms", int(limits.max_session_lifetime * 1000), "max_session_lifetime")
     network = _network(req, limits)
     files = _files(req.get("files"), limits, cfg)
     env = _env(req.get("env"))
@@ -178,33 +179,39 @@ def _timeout(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config) -> int:
     max_timeout_ms = int(limits.max_timeout * 1000)
     timeout_ms = _int(req, "timeout_ms", min(int(cfg.limits.timeout * 1000), max_timeout_ms), 1)
     if timeout_ms > max_timeout_ms:
-        raise forbidden(f"timeout_ms {timeout_ms} is above your limit of {max_timeout_ms}",
-                        field="timeout_ms", limit=max_timeout_ms)
+        raise above("timeout_ms", timeout_ms, max_timeout_ms, "ms", "max_timeout")
     return timeout_ms
 
 
-def _within(req: Mapping[str, Any], name: str, limit: int) -> int:
+def above(name: str, value: int, limit: int, unit: str, quota: str) -> RequestError:
+    """``forbidden``, said in the units people use as well as the protocol's."""
+    def human(n: int) -> str:
+        return (sizes.human_duration(n / 1000) if unit == "ms" else
+                sizes.human_size(n << 20) if unit == "MiB" else sizes.human_size(n))
+    return forbidden(f"{name} {value} ({human(value)}) is above your limit of {limit} ({human(limit)}, "
+                     f"your quota's {quota})", field=name, limit=limit)
+
+
+def _within(req: Mapping[str, Any], name: str, limit: int, quota: str) -> int:
     """An optional duration in ms, at most ``limit`` (its default)."""
     value = _int(req, name, limit, 1)
     if value > limit:
-        raise forbidden(f"{name} {value} is above your limit of {limit}", field=name, limit=limit)
+        raise above(name, value, limit, "ms", quota)
     return value
 
 
-def _memory(req: Mapping[str, Any], default: int, limit: int) -> int:
+def _memory(req: Mapping[str, Any], default: int, limit: int, quota: str) -> int:
     max_memory_mb = limit >> 20
     memory_mb = _int(req, "memory_mb", default >> 20, MIN_MEMORY_MB)
     if memory_mb > max_memory_mb:
-        raise forbidden(f"memory_mb {memory_mb} is above your limit of {max_memory_mb}", field="memory_mb",
-                        limit=max_memory_mb)
+        raise above("memory_mb", memory_mb, max_memory_mb, "MiB", quota)
     return memory_mb
 
 
 def _max_output(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config) -> int:
     max_output = _int(req, "max_output", min(cfg.limits.output, limits.max_output), 1)
     if max_output > limits.max_output:
-        raise forbidden(f"max_output {max_output} is above your limit of {limits.max_output}",
-                        field="max_output", limit=limits.max_output)
+        raise above("max_output", max_output, limits.max_output, "bytes", "max_output")
     return max_output
 
 
@@ -252,7 +259,8 @@ def _files(raw: Any, limits: QuotaLimits, cfg: Config) -> dict[str, bytes]:
         if name in directories:
             raise bad_request("files", f"{name!r} is both a file and a directory", file=name)
     if total > limits.max_files_size:
-        raise forbidden(f"input files total {total} bytes, above your limit of {limits.max_files_size}",
+        raise forbidden(f"input files total {sizes.human_size(total)} ({total} bytes), above your limit of "
+                        f"{sizes.human_size(limits.max_files_size)} (your quota's max_files_size)",
                         field="files", limit=limits.max_files_size)
     if total > cfg.jail.scratch_size // 2:
         raise forbidden(f"input files total {total} bytes; the scratch space holds "

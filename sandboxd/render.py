@@ -8,16 +8,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .sizes import human_duration as duration
+from .sizes import human_size as size
+
+__all__ = ["duration", "size"]
+
 
 def to_json(obj: Any, compact: bool = False) -> str:
-    """JSON for --json output (``compact``: one line, for a stream of events)."""
+    """JSON for --json output (``compact``: one line, for a stream of events).  Bytes (a run's
+    stdout and stderr, its files, figures) are always base64 strings, whatever they hold."""
 
     def default(o: Any) -> Any:
         if isinstance(o, bytes):
-            try:
-                return o.decode("utf-8")
-            except UnicodeDecodeError:
-                return {"base64": base64.b64encode(o).decode()}
+            return base64.b64encode(o).decode()
         raise TypeError(type(o).__name__)
 
     if compact:
@@ -48,32 +51,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB"):
-        n /= 1024
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.1f} GiB"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def ago(ts: float | None) -> str:
     return "never" if not ts else duration(time.time() - ts) + " ago"
+
+
+LIMITS = frozenset({"timeout", "cpu_limit", "memory_limit", "output_limit", "pids_limit"})
 
 
 def verdict_line(result: dict[str, Any]) -> str:
@@ -82,10 +64,18 @@ def verdict_line(result: dict[str, Any]) -> str:
     parts = [f"sandboxd: {status}"]
     if result.get("exit_code") is not None:
         parts.append(f"exit {result['exit_code']}")
-    if result.get("signal_name"):
+    killer = result.get("killed_by")
+    if killer:
+        parts[0] = "sandboxd: killed"
+        parts.append(f"by {killer.get('user')} (uid {killer.get('uid')}) with kill")
+    elif result.get("signal_name"):
         parts.append(str(result["signal_name"]))
     if result.get("blocked_syscall"):
-        parts.append(f"blocked syscall {result['blocked_syscall']} (sandboxctl syscalls shows what to allow)")
+        advice = result.get("advice") or "sandboxctl syscalls FILE shows what the profile lacks"
+        parts.append(f"blocked syscall {result['blocked_syscall']}: {advice}")
+    denied = result.get("denied_syscalls") or {}
+    if denied:
+        parts.append("refused and survived: " + ", ".join(f"{n} x{c}" for n, c in sorted(denied.items())))
     if status == "sandbox_error" and result.get("error"):
         e = result["error"]
         parts.append(f"step {e.get('step')} errno {e.get('errno')}: {e.get('message')}")
@@ -94,6 +84,9 @@ def verdict_line(result: dict[str, Any]) -> str:
     for stream in ("stdout", "stderr"):
         if result.get(f"{stream}_truncated"):
             parts.append(f"{stream} truncated")
+    if status in LIMITS and not result.get("files"):
+        parts.append("no out/ files came back (a run stopped at a limit returns only what was collected "
+                     "before it was killed, often nothing)")
     if result.get("session_ended"):
         parts.append(f"session {result.get('session_id')} has ended")
     parts.append(f"{result.get('wall_ms', 0):.1f} ms wall, {result.get('cpu_ms', 0):.1f} ms cpu, "

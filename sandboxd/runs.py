@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import plan
+from . import logs, plan
 from .config import Config, QuotaLimits
 from .jail.jail import Jail
+from .jail.profiles import refusal_advice
 from .jail.spec import RunPlan
 from .jail.stream import EventSink
 from .jail.verdict import Result
@@ -42,6 +43,7 @@ class RunEntry:
     session_id: str | None = None  # an exec in this session
     worker: Worker | None = None  # once the jail has one for it
     killed: bool = False
+    killed_by: Identity | None = None  # whose kill op (an owner's or an admin's)
     on_kill: Callable[[], None] | None = None  # a session's exec: killing it ends the session
 
     @classmethod
@@ -54,8 +56,9 @@ class RunEntry:
         if self.killed:  # killed while it waited for a worker
             worker.kill("killed")
 
-    def kill(self) -> None:
+    def kill(self, by: Identity | None = None) -> None:
         self.killed = True
+        self.killed_by = by
         if self.on_kill is not None:
             self.on_kill()
         elif self.worker is not None:
@@ -121,10 +124,10 @@ class Runs:
         entry.started = time.monotonic()
         self.running[run_id] = entry
         self.usage.started(run_id, who.uid, started)
-        status, cpu_ms = "internal", 0.0
+        status, cpu_ms, syscall = "internal", 0.0, None
         try:
             result = await work()
-            status, cpu_ms = result.status, result.cpu_ms
+            status, cpu_ms, syscall = result.status, result.cpu_ms, result.blocked_syscall
         except BaseException:
             status = "cancelled"
             cpu_ms = spent()  # what a cancelled run used counts all the same
@@ -133,10 +136,20 @@ class Runs:
             del self.running[run_id]
             self.admission.release(who.uid)
             self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
-            log.info("%s %s uid=%d status=%s wall=%.1fms cpu=%.1fms", "exec" if entry.session_id else "run",
-                     run_id, who.uid, status, (time.time() - started) * 1000, cpu_ms)
+            wall_ms = (time.time() - started) * 1000
+            log.info("%s %s uid=%d (%s) status=%s%s wall=%.1fms cpu=%.1fms%s", "exec" if entry.session_id else "run",
+                     run_id, who.uid, who.name, status, f" syscall={syscall}" if syscall else "", wall_ms, cpu_ms,
+                     f" killed by uid {entry.killed_by.uid}" if entry.killed_by else "",
+                     extra=logs.fields(run_id=run_id, caller_uid=who.uid, caller=who.name, status=status,
+                                       syscall=syscall, language=entry.language, session_id=entry.session_id,
+                                       wall_ms=round(wall_ms, 1), cpu_ms=round(cpu_ms, 1),
+                                       killed_by=entry.killed_by.uid if entry.killed_by else None))
         record = result.to_dict()
         record["run_id"] = run_id
+        if result.blocked_syscall:
+            record["advice"] = refusal_advice(result.blocked_syscall, entry.network)
+        if entry.killed_by is not None and result.status == "signaled":
+            record["killed_by"] = {"uid": entry.killed_by.uid, "user": entry.killed_by.name}
         if result.status == "sandbox_error":
             log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
         return record
@@ -149,11 +162,11 @@ class Runs:
         entry = self.running.get(run_id)
         return entry.caller.uid if entry is not None else None
 
-    def kill(self, run_id: str) -> bool:
+    def kill(self, run_id: str, by: Identity | None = None) -> bool:
         entry = self.running.get(run_id)
         if entry is None:
             return False
-        entry.kill()
+        entry.kill(by)
         return True
 
     def counts(self, uid: int) -> tuple[int, int]:

@@ -20,13 +20,41 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import errors, protocol
+from . import errors, logs, protocol
 from .budget import SMALL, Budget
 from .config import DaemonSettings
 from .errors import RequestError
 from .peer import PeerCred, peer_credentials
 
 log = logging.getLogger(__name__)
+
+# Refusals are logged, at most REFUSAL_LOG_BURST a uid per REFUSAL_LOG_WINDOW seconds (a flood
+# of bad requests must not flood the journal); what was left out is counted in the next line.
+REFUSAL_LOG_BURST = 20
+REFUSAL_LOG_WINDOW = 60.0
+
+
+class RefusalLog:
+    def __init__(self) -> None:
+        self.windows: dict[int, tuple[float, int, int]] = {}  # uid -> (window start, logged, left out)
+
+    def log(self, uid: int, op: object, e: RequestError, now: float) -> None:
+        start, logged, left_out = self.windows.get(uid, (now, 0, 0))
+        if now - start > REFUSAL_LOG_WINDOW:
+            start, logged = now, 0
+        if logged >= REFUSAL_LOG_BURST:
+            self.windows[uid] = (start, logged, left_out + 1)
+            return
+        self.windows[uid] = (start, logged + 1, 0)
+        op_name = str(op)[:40] if isinstance(op, str) else "?"
+        more = f" (and {left_out} more refusals not logged)" if left_out else ""
+        level = logging.WARNING if e.code == errors.INTERNAL else logging.INFO
+        log.log(level, "refused %s from uid %d: %s: %s%s", op_name, uid, e.code, e.message[:300], more,
+                extra=logs.fields(caller_uid=uid, op=op_name, refusal=e.code, limit=e.details.get("limit"),
+                              field=str(e.details.get("field"))[:64] if e.details.get("field") else None))
+        if len(self.windows) > 4096:  # uids come and go: keep the table small
+            for key in [k for k, (t, _, _) in self.windows.items() if now - t > REFUSAL_LOG_WINDOW]:
+                del self.windows[key]
 
 Dispatch = Callable[[PeerCred, dict[str, Any], "Interim"], Awaitable[dict[str, Any]]]
 Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
@@ -47,6 +75,10 @@ class Server:
         self.accepting = True
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.refusals = RefusalLog()
+
+    def log_refusal(self, uid: int, op: object, e: RequestError) -> None:
+        self.refusals.log(uid, op, e, asyncio.get_running_loop().time())
 
     async def serve(self, sock: socket.socket) -> None:
         self.server = await asyncio.start_unix_server(self._accepted, sock=sock, limit=CHUNK)
@@ -249,6 +281,7 @@ class Connection:
         try:
             return await self.server.dispatch(self.cred, request, Interim(self, rid))
         except RequestError as e:
+            self.server.log_refusal(self.cred.uid, request.get("op"), e)
             return protocol.error(rid, e.code, e.message, **e.details)
         except asyncio.CancelledError:
             raise

@@ -45,6 +45,14 @@ SECTION_DOCS = {
 }
 
 
+# The one entry the shipped file has (not a default): the uid of sandboxd-http(8), whose quota
+# every Dify user shares.
+BRIDGE_QUOTA = "{concurrent: 8, queued: 64, runs_per_minute: 6000, cpu_seconds_per_hour: 14400}"
+BRIDGE_QUOTA_DOC = ("sandboxd-http (the dify-sandbox API, sandboxd-http(8)) runs every Dify request as this one "
+                    "user: room for Dify's concurrent nodes. Add network: true to give runs that ask for it "
+                    "(Dify always does) the policed network; without it they run without network.")
+
+
 def _fmt_size(n: int) -> str:
     for unit, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n and n % size == 0:
@@ -93,56 +101,41 @@ def show(f: dataclasses.Field[Any], value: Any) -> str:
     return str(value)
 
 
-def _yaml_fields(fields: Iterable[dataclasses.Field[Any]], indent: str,
-                 defaults: dict[str, Any] | None = None) -> list[str]:
-    lines = []
-    for f in fields:
-        for doc_line in textwrap.wrap(f.metadata["doc"], 100 - len(indent)):
-            lines.append(f"{indent}# {doc_line}")
-        value = show(f, (defaults or {}).get(f.name, default_of(f)))
-        if value.startswith("\n"):
-            lines.append(f"{indent}{f.name}:" + value.replace("\n    ", "\n" + indent + "  "))
-        else:
-            lines.append(f"{indent}{f.name}: {value}")
-    return lines
-
-
 def render_yaml() -> str:
+    """The shipped conffile: what an operator changes, nothing that restates a default (the
+    defaults live in the code and in sandboxd.yaml(5)), so that upgrades do not prompt about
+    a file nobody edited, and no path that belongs to one Debian release (the root's paths
+    derive from root.python)."""
     out = [
-        f"# sandboxd {__version__} configuration (sandboxd.yaml(5)).",
-        "# Every setting is shown with its default.  Sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
+        f"# sandboxd configuration: only what differs from the defaults (sandboxd {__version__}).",
+        "# sandboxd.yaml(5) lists every setting with its default; sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
+        "# Check with `sandboxctl check-config`; apply with `systemctl reload sandboxd` (SIGHUP).",
         "# Generated from the settings declarations: python3 -m sandboxd.settings_doc --write",
-        "# Reload with `systemctl reload sandboxd` (SIGHUP); check with `sandboxctl check-config`.",
+        "#",
+        "# The settings people change, for example:",
+        "#",
+        "# daemon:",
+        "#   workers: 16                 # runs at once, all callers together",
+        "#   admin_group: sandboxd-admin # may see every job, kill, reload, rebuild",
+        "# limits:",
+        "#   timeout: 10s                # what a run gets when it does not ask",
+        "#   memory: 512M",
+        "# quotas:",
+        "#   default: {concurrent: 4, runs_per_minute: 600, max_memory: 1G, network: false}",
+        "#   users:   {alice: {concurrent: 16, network: true}}",
+        "#   groups:  {judges: {cpu_seconds_per_hour: 36000}}",
+        "# network:",
+        "#   allow: [10.20.0.5/32]       # an internal API runs with network may reach",
+        "# environments:                 # Python packages runs may import, built by the daemon",
+        "#   default: {requirements: [numpy==1.26.4, pandas==2.1.4], index_url: https://pypi.org/simple,",
+        "#             preload: [numpy]}",
         "",
+        f"# {SECTION_DOCS['quotas']}",
+        *[f"# {line}" for line in textwrap.wrap(BRIDGE_QUOTA_DOC, 98)],
+        "quotas:",
+        "  users:",
+        f"    sandboxd-http: {BRIDGE_QUOTA}",
     ]
-    for name, cls in SECTIONS.items():
-        out += [f"# {SECTION_DOCS[name]}", f"{name}:", *_yaml_fields(declared(cls), "  "), ""]
-    out += [f"# {SECTION_DOCS['quotas']}",
-            "# A user entry wins over group entries; among groups the most generous value of each limit wins.",
-            "quotas:",
-            "  # Refuse callers that match neither a user nor a group entry below.",
-            "  deny_unlisted: false",
-            "  default:",
-            *_yaml_fields(declared(QuotaLimits), "    "),
-            "  # Per user (name or uid), any subset of the limits above, e.g.",
-            "  #   alice: {concurrent: 16, max_memory: 2G, network: true}",
-            "  users: {}",
-            "  # Per group (name or gid), e.g.",
-            "  #   judges: {runs_per_minute: 6000, cpu_seconds_per_hour: 36000}",
-            "  groups: {}",
-            "",
-            f"# {SECTION_DOCS['profiles']}",
-            "profiles:"]
-    for lang in LANGUAGES:
-        out += [f"  {lang}:", *_yaml_fields(declared(ProfileSettings), "    ")]
-    out += ["", f"# {SECTION_DOCS['runtimes']}", "runtimes:"]
-    for lang in LANGUAGES:
-        out += [f"  {lang}:", *_yaml_fields(declared(RuntimeSettings), "    ", RUNTIME_DEFAULTS[lang])]
-    out += ["", *[f"# {line}" for line in textwrap.wrap(SECTION_DOCS["environments"], 98)],
-            "# None is declared by default.  An entry, with the keys it may have:",
-            "#   default:",
-            *[f"#   {line}" for line in _yaml_fields(declared(EnvironmentSettings), "  ")],
-            "environments: {}"]
     return "\n".join(out) + "\n"
 
 
@@ -208,6 +201,8 @@ def render_man() -> str:
         ".TP", "\\fBquotas.users\\fR, \\fBquotas.groups\\fR (mappings)",
         "Name or number to any subset of the limits below, e.g.",
         "\\fBalice: {concurrent: 16, max_memory: 2G, network: true}\\fR.", ".br", "Default: {}",
+        "(the shipped file has one user entry, for \\fBsandboxd\\-http\\fR, whose quota every Dify request",
+        "shares: see \\fBsandboxd\\-http\\fR(8))",
         *_man_fields(declared(QuotaLimits), "quotas.default."),
         ".SH PROFILES", _man_escape(SECTION_DOCS["profiles"]),
         "Languages: " + ", ".join(LANGUAGES) + ".  System calls are named, so one profile serves every",
@@ -247,7 +242,7 @@ def render_man() -> str:
         ".SH FILES",
         "\\fI/etc/sandboxd/sandboxd.yaml\\fR",
         ".SH SEE ALSO",
-        "\\fBsandboxd\\fR(8), \\fBsandboxctl\\fR(8)",
+        "\\fBsandboxd\\fR(8), \\fBsandboxctl\\fR(8), \\fBsandboxd\\-http\\fR(8)",
     ]
     return "\n".join(out) + "\n"
 

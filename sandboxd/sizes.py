@@ -132,15 +132,14 @@ def str_map(value: Any) -> dict[str, str]:
 
 
 def octal_mode(value: Any) -> int:
+    """A file mode: a quoted string of octal digits ("0660"), or a real number (0o660, 432).
+    An unquoted 660 in a YAML file, which YAML reads as the decimal 660, is refused where the
+    file is read (config.load sees how it was written)."""
+    if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{3,4}", value):
+        return int(value.replace("o", ""), 8)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
-        # YAML reads 0660 as decimal 660 unless quoted; accept both readings of the digits.
-        digits = str(value)
-        if value > 0o777 and set(digits) <= set("01234567"):
-            return int(digits, 8)
         return value
-    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
-        return int(value, 8)
-    raise ValueError('an octal file mode like "0660"')
+    raise ValueError('an octal file mode, quoted, like "0660"')
 
 
 def uid_range(value: Any) -> tuple[int, int]:
@@ -261,3 +260,29 @@ def environment_names(value: Any) -> tuple[str, ...]:
 
 
 ENVIRONMENT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def human_size(n: float | None) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 KiB, 256.0 MiB."""
+    if n is None:
+        return "-"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    """Seconds as a person reads them: 250 ms, 2.5 s, 16 min, 1.5 h."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import yaml
 
-from sandboxd.client import Client
+from sandboxd.client import Client, Result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -29,7 +29,9 @@ UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never s
 TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
 
-USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": []}
+# sbx-http: the uid sandboxd-http runs as in tests (a client of the socket like any other).
+USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": [],
+         "sbx-http": ["sbx-clients"]}
 GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
 
 BASE_CONFIG: dict[str, Any] = {
@@ -132,7 +134,7 @@ class DaemonProcess:
     def client(self, timeout: float | None = 120) -> Client:
         return Client(self.socket, timeout=timeout)
 
-    def run(self, code: str, **options: Any) -> dict[str, Any]:
+    def run(self, code: str, **options: Any) -> Result:
         with self.client() as c:
             return c.run(code, **options)
 

@@ -27,8 +27,16 @@ def test_shipped_file_and_man_page_match_the_declarations() -> None:
     assert settings_doc.main(["--check", f"{REPO}/etc/sandboxd/sandboxd.yaml", f"{REPO}/man/sandboxd.yaml.5"]) == 0
     cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
     defaults = parse({})
-    for section in ("daemon", "root", "jail", "pool", "limits", "quotas", "profiles"):
+    for section in ("daemon", "root", "jail", "pool", "limits", "profiles", "runtimes", "network"):
         assert getattr(cfg, section) == getattr(defaults, section), section
+    # A slim conffile: no default restated, no path of one Python release.
+    text = Path(REPO, "etc", "sandboxd", "sandboxd.yaml").read_text(encoding="utf-8")
+    assert "python3.1" not in text and len([ln for ln in text.splitlines() if not ln.startswith("#")]) < 8
+    # the one entry that is not a default: the quota every Dify request shares (sandboxd-http(8))
+    assert (cfg.quotas.default, cfg.quotas.groups, cfg.quotas.deny_unlisted) == (
+        defaults.quotas.default, defaults.quotas.groups, defaults.quotas.deny_unlisted)
+    assert cfg.quotas.users == {"sandboxd-http": {"concurrent": 8, "queued": 64, "runs_per_minute": 6000,
+                                                  "cpu_seconds_per_hour": 14400.0}}
 
 
 def test_error_names_file_key_and_expected_form() -> None:
@@ -61,10 +69,17 @@ def test_uid_range_must_hold_workers_and_pools() -> None:
     assert any(e.startswith("jail.run_uids: expected at least") for e in errs)
 
 
-def test_socket_mode_quoted_or_yaml_octal() -> None:
+def test_socket_mode_quoted_or_a_real_number(tmp_path: Path) -> None:
     assert parse({"daemon": {"socket_mode": "0660"}}).daemon.socket_mode == 0o660
     assert parse({"daemon": {"socket_mode": 0o660}}).daemon.socket_mode == 0o660
-    assert parse({"daemon": {"socket_mode": 660}}).daemon.socket_mode == 0o660
+    for written in ('"0660"', "0660", "0o660"):  # quoted, or octal to YAML
+        (tmp_path / "m.yaml").write_text(f"daemon: {{socket_mode: {written}}}\n")
+        assert load(str(tmp_path / "m.yaml")).daemon.socket_mode == 0o660, written
+    (tmp_path / "m.yaml").write_text("daemon:\n  socket_mode: 660\n")  # decimal 660 to YAML: refused, not guessed
+    with pytest.raises(ConfigError) as e:
+        load(str(tmp_path / "m.yaml"))
+    assert str(e.value) == (f"{tmp_path}/m.yaml:2:3: daemon.socket_mode: 660 unquoted is the decimal number 660 "
+                            'to YAML, not the octal mode it looks like: write "0660" (quoted)')
 
 
 def test_quota_tables_and_profiles() -> None:

@@ -21,7 +21,7 @@ from conftest import b64, call_as
 from harness import REPO, DaemonProcess, daemon_dir, merge, raw_socket, recv_frame, run_uid_processes, wait_until
 
 from sandboxd import __version__
-from sandboxd.client import AsyncClient, Client, SandboxdError
+from sandboxd.client import AsyncClient, Client, Result, SandboxdError
 
 
 def send(s: socket.socket, obj: Any = None, body: bytes | None = None) -> None:
@@ -104,7 +104,7 @@ def test_jobs_lists_and_kill_ends_a_run(daemon: DaemonProcess) -> None:
 
 
 def test_async_client(daemon: DaemonProcess) -> None:
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> list[Result]:
         async with AsyncClient(daemon.socket) as c:
             return [await c.run(f"print({i})") for i in range(3)]
 
@@ -276,7 +276,7 @@ def test_concurrency_cap_holds_under_50_parallel_requests(make_daemon: Any) -> N
                      "quotas": {"default": {"concurrent": 50, "queued": 100}}})
     code = "import time\nt0 = time.monotonic(); time.sleep(0.2); print(t0, time.monotonic())"
 
-    def one(_: int) -> dict[str, Any]:
+    def one(_: int) -> Result:
         with d.client() as c:
             return c.run(code)
 
@@ -298,7 +298,7 @@ def test_per_uid_concurrency_is_atomic(make_daemon: Any) -> None:
                      "quotas": {"default": {"concurrent": 2, "queued": 100}}})
     code = "import time\nt0 = time.monotonic(); time.sleep(0.15); print(t0, time.monotonic())"
 
-    def one(_: int) -> dict[str, Any]:
+    def one(_: int) -> Result:
         with d.client() as c:
             return c.run(code)
 

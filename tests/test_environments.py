@@ -218,6 +218,12 @@ def test_runs_import_their_environment_and_nothing_else(env_daemon: Any, wheelho
         assert c.call("root_why", module="sbxyaml")["importable"]
         st = c.status()
         assert st["environments"] == {"default": "ready", "two": "ready"}
+    # The libraries of an environment (sbxyaml's libyaml) join its own root only.
+    roots = Path(d.state_dir, "roots")
+    env_root = next((roots / "environments" / "default").glob("root-*[0-9a-f]"))
+    base_root = next(p for p in roots.glob("root-*[0-9a-f]") if p.is_dir())
+    assert (env_root / LIBYAML.lstrip("/")).exists()
+    assert not (base_root / LIBYAML.lstrip("/")).exists()
     # A quota's list of environments: alice may use "two" only (and runs without one get the base root).
     from conftest import call_as
     out = call_as("sbx-alice", d.socket, [
@@ -228,16 +234,6 @@ def test_runs_import_their_environment_and_nothing_else(env_daemon: Any, wheelho
     assert first["result"]["status"] == "ok"
     assert (second["error"]["code"], second["error"]["field"]) == ("forbidden", "environment")
     assert third["result"]["status"] == "exit_nonzero"  # the base root: no environment for her by default
-
-
-def test_the_libraries_of_an_environment_join_its_root_only(env_daemon: Any, wheelhouse: str) -> None:
-    d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxyaml")})
-    ready(d, "default")
-    roots = Path(d.state_dir, "roots")
-    env_root = next((roots / "environments" / "default").glob("root-*[0-9a-f]"))
-    base_root = next(p for p in roots.glob("root-*[0-9a-f]") if p.is_dir())
-    assert (env_root / LIBYAML.lstrip("/")).exists()
-    assert not (base_root / LIBYAML.lstrip("/")).exists()
 
 
 def test_package_code_runs_confined_in_the_build_jail(env_daemon: Any, wheelhouse: str) -> None:
@@ -306,6 +302,7 @@ def test_a_restart_reuses_the_build(env_daemon: Any, wheelhouse: str) -> None:
     assert "reusing build" in d.log()
 
 
+@pytest.mark.slow
 def test_a_rebuild_while_runs_are_in_flight_loses_none(env_daemon: Any, wheelhouse: str) -> None:
     d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
     first = ready(d, "default")["default"]
@@ -346,10 +343,10 @@ def test_sandboxctl_env_commands(env_daemon: Any, wheelhouse: str) -> None:
     p = subprocess.run([sys.executable, "-m", "sandboxd.ctl", "env", "build", "default", "--json"],
                        capture_output=True, cwd=REPO, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
-    lines = [json.loads(line) for line in p.stdout.decode().splitlines() if line.startswith("{") and
-             line.endswith("}")]
-    lines = [e for e in lines if e.get("event") == "progress"]
-    assert any(e["stage"] == "installing" for e in lines), lines
+    result = json.loads(p.stdout)  # stdout: the one result object; progress events on stderr
+    assert result["ok"] is True and result["environment"]["state"] == "ready", result
+    events = [json.loads(line) for line in p.stderr.decode().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "progress" and e["stage"] == "installing" for e in events), events
     p = subprocess.run([sys.executable, "-m", "sandboxd.ctl", "env", "build", "default", "--if-changed"],
                        capture_output=True, cwd=REPO, env=env, timeout=60)
     assert p.returncode == 0 and b"up to date" in p.stderr, p.stderr
@@ -370,6 +367,7 @@ def test_check_config_refuses_bad_environments(tmp_path: Path) -> None:
 
 
 # -- a real index --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_real_environment_with_numpy_and_pandas(env_daemon: Any) -> None:
     index = configured_index()
     if index is None:
@@ -382,3 +380,23 @@ def test_a_real_environment_with_numpy_and_pandas(env_daemon: Any) -> None:
     with d.client() as c:
         r = c.run("import pandas as pd\nprint(pd.DataFrame({'a': [1, 2, 3]}).a.sum())", timeout_ms=30000)
         assert (r["status"], r["stdout"]) == ("ok", b"6\n"), r
+
+
+def test_dify_dependency_routes_list_the_default_environment(env_daemon: Any, wheelhouse: str) -> None:
+    """sandboxd-http's dependency routes speak for the environment its runs get."""
+    import httpx
+    from bridge import BridgeProcess
+
+    d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
+    ready(d, "default")
+    with BridgeProcess(d.socket) as b, httpx.Client(base_url=b.url, headers=b.headers, timeout=60) as c:
+        body = c.get("/v1/sandbox/dependencies", params={"language": "python3"}).json()
+        assert body["code"] == 0 and {"name": "sbxpure", "version": "1.0"} in body["data"]["dependencies"], body
+        assert c.get("/v1/sandbox/dependencies", params={"language": "nodejs"}).json()["data"] == \
+            {"dependencies": []}
+        r = c.post("/v1/sandbox/run", json={"language": "python3", "code": "import sbxpure; print(sbxpure.VERSION)",
+                                            "preload": "", "enable_network": False}).json()
+        assert r["data"]["stdout"] == "1.0\n" and r["data"]["error"] == "", r
+        # Rebuilding is a sandboxd admin's: the bridge's uid is not one.
+        r = c.post("/v1/sandbox/dependencies/update", json={"language": "python3"})
+        assert r.status_code == 403 and "admin" in r.json()["message"], r.text

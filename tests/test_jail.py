@@ -7,7 +7,7 @@ from typing import Any
 from harness import DaemonProcess
 
 
-def run(daemon: DaemonProcess, code: str, **kw: Any) -> dict[str, Any]:
+def run(daemon: DaemonProcess, code: str, **kw: Any) -> Any:
     return daemon.run(code, **kw)
 
 

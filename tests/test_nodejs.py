@@ -29,7 +29,7 @@ def d(daemon: DaemonProcess) -> Iterator[DaemonProcess]:
     assert (r["status"], r["stdout"]) == ("ok", b"still here\n"), r
 
 
-def js(d: DaemonProcess, code: str, **kw: Any) -> dict[str, Any]:
+def js(d: DaemonProcess, code: str, **kw: Any) -> Any:
     return d.run(code, language="nodejs", **kw)
 
 

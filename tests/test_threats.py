@@ -32,7 +32,7 @@ def d(daemon: DaemonProcess) -> Iterator[DaemonProcess]:
     assert time.monotonic() - t0 < 5
 
 
-def syscall_probe(d: DaemonProcess, call: str, **kw: Any) -> dict[str, Any]:
+def syscall_probe(d: DaemonProcess, call: str, **kw: Any) -> Any:
     """Run ``call`` (a ctypes expression); print its return value and errno."""
     code = CTYPES + f"rc = {call}\nprint(rc, ctypes.get_errno())\n"
     return d.run(code, **kw)

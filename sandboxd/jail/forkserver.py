@@ -73,7 +73,7 @@ class ForkServer:
             audit_arch=sc.native_audit_arch(),
             cap_last=cap_last,
             run_path=run_path,
-            foreign_modules=foreign_modules(run_path),
+            foreign_modules=foreign_modules(run_path, root_fd),
             base_env=dict(init["env"]),
         )
         forget_foreign_modules(self.state.foreign_modules)
@@ -251,15 +251,28 @@ def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], d
     return done, errors
 
 
-def foreign_modules(run_path: tuple[str, ...]) -> tuple[str, ...]:
-    """Modules loaded from outside the root (the daemon's own): forgotten before user code."""
+def foreign_modules(run_path: tuple[str, ...], root_fd: int | None = None) -> tuple[str, ...]:
+    """Modules loaded from outside the root (the daemon's own): forgotten before user code.
+
+    With ``root_fd``, also those whose file the root lacks although their directory is on
+    the runs' path: the root holding /usr/lib/python3/dist-packages/jinja2 puts that
+    directory on it, and the daemon's msgpack, loaded from there, must not stay importable.
+    """
     roots = tuple(p.rstrip("/") + "/" for p in run_path)
     out = []
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)
-        if name == "__main__" or (path and not path.startswith(roots)):
+        if name == "__main__" or (path and (not path.startswith(roots) or
+                                            (root_fd is not None and not _is_file_in(root_fd, path)))):
             out.append(name)
     return tuple(out)
+
+
+def _is_file_in(root_fd: int, path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path.lstrip("/"), dir_fd=root_fd).st_mode)
+    except OSError:
+        return False
 
 
 def forget_foreign_modules(names: tuple[str, ...]) -> None:

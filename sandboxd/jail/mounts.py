@@ -74,6 +74,9 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
         os.mkdir(path, mode)
         os.chmod(path, mode)  # mkdir honours the umask
         os.chown(path, uid, gid)
+    out = "/work/work/out"  # every run has an out/ for the files it returns (collect.OUT_DIR)
+    os.mkdir(out, 0o755)
+    os.chown(out, uid, gid)
     for sub, _mode, targets in SCRATCH_DIRS:
         for target in targets:
             # A bind keeps the tmpfs mount's nosuid/nodev/noexec; tests check them from inside.

@@ -159,6 +159,31 @@ NEVER_ALLOW = frozenset(
     }
 )
 
+# Calls the filter lets through for some arguments only: why one was refused, in words.
+CONDITIONAL = {
+    "socket": "sockets: AF_UNIX for every run; AF_INET and AF_INET6 only for runs with network; raw, packet, "
+              "netlink and other families never",
+    "ioctl": "ioctl: only terminal and file requests that reveal nothing of the host",
+    "prctl": "prctl: only options that cannot widen what the process may do",
+    "clone": "clone: threads and processes, never new namespaces",
+    "clone3": "clone3: refused with ENOSYS so that libc falls back to clone",
+}
+NETWORK_CALLS = frozenset({"socket", "connect", "bind", "sendto", "sendmsg"})
+
+
+def refusal_advice(name: str, network: bool) -> str:
+    """What to do about a refused system call, pointing only where it can help."""
+    if name in NETWORK_CALLS and not network:
+        return ("the run had no network: ask for it (sandboxctl run --network, \"network\": true), which your "
+                "quota must allow (sandboxctl usage shows network); Unix sockets work without it")
+    if name in CONDITIONAL:
+        return f"{CONDITIONAL[name]}; no setting widens that"
+    if name in NEVER_ALLOW:
+        return "never allowed in the jail (an escape or kernel attack surface); no setting allows it"
+    return (f"an admin can allow it for a language: sandboxctl syscalls FILE runs the program once and prints "
+            f"the profiles.LANGUAGE.allow line for {name}")
+
+
 # The supervisor (the run's pid 1) after it has forked the runner: poll, reap,
 # answer notifications, collect out/ files, report, exit.  Anything else: EPERM.
 SUPERVISOR_ALLOW = (

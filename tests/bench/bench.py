@@ -9,6 +9,8 @@ Every ratio compares numbers measured in this same run.
                         same syscall profile (as ERRNO, plus what exec needs), then a fresh
                         /usr/bin/python3 -I -S -c CODE
     bwrap               bubblewrap with every namespace and the same root, when installed
+    sandboxd-http       the same daemon through the HTTP bridge (kept-alive connections, as an
+                        unprivileged test user), against the socket in the same run
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import ENVS_BASE, DaemonProcess, configured_index, daemon_dir  # noqa: E402
+from bridge import BridgeProcess  # noqa: E402
+from harness import ENVS_BASE, DaemonProcess, configured_index, daemon_dir, ensure_test_users  # noqa: E402
 
 from sandboxd.client import Client  # noqa: E402
 
@@ -37,10 +40,10 @@ PRINT1 = "print(1)"
 BASELINE_UID = 879900  # outside every test daemon's run uids
 NUMPY_CODE = "import numpy as np\nprint(int((np.arange(100000) ** 2).sum() % 97), np.linalg.det(np.eye(3)))"
 BENCH_CONFIG: dict[str, Any] = {
-    "daemon": {"socket_group": "", "workers": 16, "queue": 512, "log_level": "warning"},
+    "daemon": {"socket_group": "sbx-clients", "workers": 16, "queue": 512, "log_level": "warning"},
     "pool": {"min": 4, "max": 16},
     "quotas": {"default": {"concurrent": 128, "queued": 512, "runs_per_minute": 0, "cpu_seconds_per_hour": 0,
-                           "max_output": "16M", "max_files_size": "16M", "sessions": 16}},
+                           "max_output": "16M", "max_files_size": "16M", "sessions": 16, "network": True}},
     "limits": {"output": "16M"},
 }
 
@@ -154,6 +157,105 @@ def _pss_kb(pid: int) -> int:
         return 0
 
 
+# -- sandboxd-http ----------------------------------------------------------------------------------
+class HttpRunner:
+    """POST /v1/sandbox/run over one kept-alive connection (http.client: head and body in one write)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.headers = {"X-Api-Key": key, "Content-Type": "application/json"}
+
+    def run(self, code: str) -> str:
+        body = json.dumps({"language": "python3", "code": code, "preload": "", "enable_network": False})
+        self.conn.request("POST", "/v1/sandbox/run", body, self.headers)
+        r = self.conn.getresponse()
+        data = json.loads(r.read())
+        if r.status != 200 or data["data"]["error"]:
+            raise RuntimeError(f"HTTP {r.status}: {data}")
+        return str(data["data"]["stdout"])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def http_paced(port: int, key: str, rate: float, count: int) -> dict[str, float]:
+    lat: list[float] = []
+    c = HttpRunner(port, key)
+    try:
+        for _ in range(count):
+            t = time.perf_counter()
+            c.run(PRINT1)
+            d = time.perf_counter() - t
+            lat.append(d)
+            time.sleep(max(0.0, 1 / rate - d))
+    finally:
+        c.close()
+    return summary(lat, 0)
+
+
+def http_closed_loop(port: int, key: str, concurrency: int, seconds: float) -> dict[str, float]:
+    lat: list[float] = []
+    errors: list[str] = []
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        c = HttpRunner(port, key)
+        try:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    c.run(PRINT1)
+                except RuntimeError as e:
+                    errors.append(str(e))
+                lat.append(time.perf_counter() - t)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = summary(lat, time.perf_counter() - t0)
+    out["errors"] = len(errors)
+    return out
+
+
+def http_versus_socket(sock: str, args: argparse.Namespace, row: Any) -> dict[str, Any]:
+    """print(1) over sandboxd-http and over the socket, interleaved, on the same daemon."""
+    out: dict[str, Any] = {}
+    b = BridgeProcess(sock, {"MAX_WORKERS": "16", "MAX_REQUESTS": "512", "WORKER_TIMEOUT": "5"}).start()
+    try:
+        http_closed_loop(b.port, b.key or "", 4, 1.0)  # warm up the bridge's connections
+        count = 300 if not args.quick else 100
+        sock_paced, http_p = [], []
+        for _ in range(3):  # interleaved, so that drift on the machine hits both alike
+            sock_paced.append(paced(sock, rate=50, count=count // 3))
+            http_p.append(http_paced(b.port, b.key or "", rate=50, count=count // 3))
+        for name, runs in (("socket_paced", sock_paced), ("http_paced", http_p)):
+            out[name] = {k: sorted(r[k] for r in runs)[1] for k in ("p50_ms", "p99_ms")}  # the median of 3
+        out["socket_c16"] = closed_loop(sock, 16, args.seconds)
+        out["http_c16"] = http_closed_loop(b.port, b.key or "", 16, args.seconds)
+        out["added_p50_ms"] = out["http_paced"]["p50_ms"] - out["socket_paced"]["p50_ms"]
+        out["throughput_c16_http_over_socket"] = out["http_c16"]["runs_per_s"] / out["socket_c16"]["runs_per_s"]
+    finally:
+        b.close()
+    row("socket, paced 50/s, c=1: p50 / p99", f"{out['socket_paced']['p50_ms']:.2f} / "
+        f"{out['socket_paced']['p99_ms']:.2f} ms")
+    row("sandboxd-http, paced 50/s, c=1: p50 / p99", f"{out['http_paced']['p50_ms']:.2f} / "
+        f"{out['http_paced']['p99_ms']:.2f} ms  (+{out['added_p50_ms']:.2f} ms at p50; target <= 0.5)")
+    for key, name in (("socket_c16", "socket"), ("http_c16", "sandboxd-http")):
+        r = out[key]
+        row(f"{name}, closed loop, c=16: p50/p99, runs/s", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms, "
+            f"{r['runs_per_s']:.0f}/s" + (f"  ({r['errors']} errors)" if r["errors"] else ""))
+    row("HEADLINE: runs/s c=16, sandboxd-http / socket",
+        f"{out['throughput_c16_http_over_socket'] * 100:.0f} %  (target >= 90 %)")
+    return out
+
+
 # -- the spawn-per-request baseline ---------------------------------------------------------------
 class SpawnBaseline:
     """Fresh interpreter per request: fork, chroot, setuid, rlimits, no_new_privs, seccomp, execve."""
@@ -262,12 +364,59 @@ def baseline_closed_loop(base: SpawnBaseline, concurrency: int, seconds: float) 
     return summary(lat, time.perf_counter() - t0)
 
 
-def bwrap_one(root: str) -> float:
+def bwrap_one(root: str, argv: tuple[str, ...] = ("/usr/bin/python3", "-I", "-S", "-c", PRINT1)) -> float:
     t = time.perf_counter()
     subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", root, "/",
-                    "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp",
-                    "/usr/bin/python3", "-I", "-S", "-c", PRINT1], check=True, capture_output=True)
+                    "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp", *argv], check=True, capture_output=True)
     return time.perf_counter() - t
+
+
+NODE_PRINT1 = "console.log(1)"
+
+
+def runtimes_and_network(sock: str, root: str, quick: bool, row: Any) -> dict[str, Any]:
+    """Node.js warm runs against bwrap + a fresh node in the same root; what network costs a run."""
+    out: dict[str, Any] = {}
+    n = 60 if quick else 200
+    with Client(sock, timeout=60) as c:
+        node_ok = c.run(NODE_PRINT1, language="nodejs").ok
+        net_ok = c.run(PRINT1, network=True).ok
+    if node_ok:
+        out["node_paced"] = paced(sock, 50, n, NODE_PRINT1, language="nodejs")
+        row("nodejs console.log(1), paced 50/s: p50 / p99", f"{out['node_paced']['p50_ms']:.2f} / "
+            f"{out['node_paced']['p99_ms']:.2f} ms")
+        if shutil.which("bwrap") and os.path.exists(os.path.join(root, "usr/bin/node")):
+            argv = ("/usr/bin/node", "-e", NODE_PRINT1)
+            bwrap_one(root, argv)
+            lat = [bwrap_one(root, argv) for _ in range(20 if quick else 40)]
+            out["bwrap_node_c1"] = summary(lat, sum(lat))
+            ratio = out["bwrap_node_c1"]["p50_ms"] / out["node_paced"]["p50_ms"]
+            row("bwrap + fresh node, c=1: p50", f"{out['bwrap_node_c1']['p50_ms']:.2f} ms "
+                f"({ratio:.1f}x sandboxd's warm node)")
+            out["node_ratio_bwrap_over_sandboxd"] = ratio
+    if net_ok:
+        out["network_paced"] = paced(sock, 50, n, PRINT1, network=True)
+        row("print(1) with network (own netns, veth, policy): p50", f"{out['network_paced']['p50_ms']:.2f} ms")
+    return out
+
+
+def bwrap_closed_loop(root: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """bwrap + a fresh python3 at ``concurrency`` clients, each starting the next as one ends
+    (subprocess's fork+exec happens in C, straight into exec: safe from these threads)."""
+    lat: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        while time.perf_counter() < stop:
+            lat.append(bwrap_one(root))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summary(lat, time.perf_counter() - t0)
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -440,6 +589,7 @@ def main() -> int:
         args.seconds, args.soak_runs = 2.0, 500
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    remove_users = ensure_test_users()  # sandboxd-http runs as one of them
     def row(name: str, value: str) -> None:
         print(f"  {name:48s} {value}", flush=True)
 
@@ -471,6 +621,12 @@ def main() -> int:
                 f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f} ms, {s['runs_per_s']:.0f}/s"
                 + (f"  ({s['errors']} errors)" if s["errors"] else ""))
 
+        print("runtimes and network")
+        results["runtimes"] = runtimes_and_network(sock, root, args.quick, row)
+        if "network_paced" in results["runtimes"]:
+            cost = results["runtimes"]["network_paced"]["p50_ms"] / results["paced_c1"]["p50_ms"]
+            row("  network cost over a plain run's p50", f"{cost:.2f}x")
+
         print("sessions")
         results["sessions"] = sessions(sock, args.quick)
         se = results["sessions"]
@@ -481,6 +637,9 @@ def main() -> int:
         row("first streamed byte of a run that prints, then sleeps 0.3 s", f"{se['first_byte']['p50_ms']:.1f} ms "
             f"(the whole run: {se['first_byte']['run_p50_ms']:.0f} ms)")
         results["ratios_sessions"] = {"exec_p50_over_run_p50": exec_ratio}
+
+        print("print(1) through sandboxd-http (HTTP, kept-alive) against the socket, same daemon")
+        results["http"] = http_versus_socket(sock, args, row)
 
         print("spawn-per-request baseline (same root, chroot + setuid + seccomp + fresh python3)")
         base = SpawnBaseline(root, uid=BASELINE_UID)
@@ -497,13 +656,27 @@ def main() -> int:
             lat = [bwrap_one(root) for _ in range(40 if not args.quick else 10)]
             results["bwrap_c1"] = summary(lat, sum(lat))
             row("bwrap (all namespaces), c=1: p50", f"{results['bwrap_c1']['p50_ms']:.2f} ms")
+            results["bwrap_c16"] = bwrap_closed_loop(root, 16, args.seconds)
+            row("bwrap, closed loop, c=16: p50, runs/s", f"{results['bwrap_c16']['p50_ms']:.1f} ms, "
+                f"{results['bwrap_c16']['runs_per_s']:.0f}/s")
         ratio = results["baseline_c1"]["p50_ms"] / results["paced_c1"]["p50_ms"]
         tput = results["sandboxd"][16]["runs_per_s"] / results["baseline_c16"]["runs_per_s"]
         results["ratios"] = {"p50_c1_baseline_over_sandboxd": ratio, "throughput_c16_sandboxd_over_baseline": tput}
-        row("HEADLINE: p50 c=1, baseline / sandboxd", f"{ratio:.1f}x lower with sandboxd")
-        row("HEADLINE: runs/s c=16, sandboxd / baseline", f"{tput:.1f}x")
+        row("HEADLINE: p50 c=1, baseline / sandboxd", f"{ratio:.1f}x lower with sandboxd (target >= 10x)")
+        row("HEADLINE: runs/s c=16, sandboxd / baseline", f"{tput:.1f}x (target >= 3x)")
+        http = results["http"]
+        results["ratios"]["p50_c1_baseline_over_http"] = results["baseline_c1"]["p50_ms"] / http["http_paced"]["p50_ms"]
+        results["ratios"]["throughput_c16_http_over_baseline"] = (http["http_c16"]["runs_per_s"]
+                                                                  / results["baseline_c16"]["runs_per_s"])
+        row("p50 c=1, baseline / sandboxd-http", f"{results['ratios']['p50_c1_baseline_over_http']:.1f}x lower "
+            "through HTTP")
+        row("runs/s c=16, sandboxd-http / baseline", f"{results['ratios']['throughput_c16_http_over_baseline']:.1f}x")
         if "bwrap_c1" in results:
-            row("p50 c=1, bwrap / sandboxd", f"{results['bwrap_c1']['p50_ms'] / results['paced_c1']['p50_ms']:.1f}x")
+            bw_ratio = results["bwrap_c1"]["p50_ms"] / results["paced_c1"]["p50_ms"]
+            bw_tput = results["sandboxd"][16]["runs_per_s"] / results["bwrap_c16"]["runs_per_s"]
+            results["ratios"].update(p50_c1_bwrap_over_sandboxd=bw_ratio, throughput_c16_sandboxd_over_bwrap=bw_tput)
+            row("p50 c=1, bwrap / sandboxd", f"{bw_ratio:.1f}x (target >= 10x)")
+            row("runs/s c=16, sandboxd / bwrap", f"{bw_tput:.1f}x (target >= 3x)")
 
         print("output and code size (c=1)")
         results["output_size"] = {}
@@ -569,6 +742,7 @@ def main() -> int:
     if envs is not None:
         results["environments"] = envs
 
+    remove_users()
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, default=str)
     plot(results, os.path.join(args.out, "bench.png"))

@@ -11,7 +11,7 @@ check() {  # check NAME WANT_STATUS SANDBOXCTL_RUN_ARGS...
     shift 2
     start=$(date +%s%N)
     out=$(runuser -u alice -- timeout 120 sandboxctl --json run "$@" 2>&1)
-    status=$(printf '%s' "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"])' 2>/dev/null)
+    status=$(printf '%s' "$out" | python3 -c 'import json, sys; print(json.load(sys.stdin)["result"]["status"])' 2>/dev/null)
     if [ "$status" = "$want" ]; then
         printf 'E2E-V2 ok    %-36s %-14s %6d ms\n' "$name" "$status" $((($(date +%s%N) - start) / 1000000))
     else

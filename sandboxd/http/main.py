@@ -1,0 +1,147 @@
+"""sandboxd-http: the dify-sandbox HTTP API in front of sandboxd (see sandboxd-http(8)).
+
+    sandboxd-http [--socket PATH] [--listen HOST:PORT] [--config FILE] [--no-auth] [--check-config]
+
+It holds no privileges and refuses to run as root: it talks to the daemon as its own
+uid, whose quota (``quotas.users.sandboxd-http``) is what every Dify request shares.
+Start-up: settings (file, environment, command line), bind, serve; READY=1 (sd_notify)
+once listening.  SIGTERM/SIGINT stop accepting and let requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+import sys
+
+import uvicorn
+import uvloop
+
+from .. import __version__, logs
+from ..systemd import Notifier
+from .app import build
+from .guard import protocol_class
+from .metrics import Metrics
+from .service import Bridge
+from .settings import Settings, SettingsError, load
+from .upstream import Upstream
+
+log = logging.getLogger("sandboxd.http")
+EX_CONFIG = 78
+EX_NOPERM = 77
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandboxd-http", description="The dify-sandbox HTTP API in front of sandboxd "
+                                "(see sandboxd-http(8)). Settings also come from dify-sandbox's environment "
+                                "variables: API_KEY, SANDBOX_PORT, WORKER_TIMEOUT, MAX_WORKERS, MAX_REQUESTS, "
+                                "ENABLE_NETWORK, ENABLE_PRELOAD, HTTP_PROXY, HTTPS_PROXY, GIN_MODE, DEBUG.")
+    p.add_argument("--socket", help="the daemon's socket (default /run/sandboxd/sandboxd.sock)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8194)")
+    p.add_argument("--config", metavar="FILE", help="a YAML file of settings (sandboxd-http(8))")
+    p.add_argument("--no-auth", action="store_true", help="serve without an API key")
+    p.add_argument("--check-config", action="store_true", help="validate the settings and exit")
+    p.add_argument("--version", action="version", version=f"sandboxd-http {__version__}")
+    return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(settings: Settings) -> int:
+    metrics = Metrics()
+    upstream = Upstream(settings.socket, max_idle=settings.max_workers + 2)
+    bridge = Bridge(settings, upstream, metrics)
+    app = build(settings, bridge, metrics)
+    try:
+        sock = bind(*settings.listen)
+    except OSError as e:
+        log.error("cannot listen on %s: %s", settings.listen_text, e.strerror or e)
+        return EX_CONFIG
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # log_level: uvicorn's loggers at NOTSET would wrap the app in its per-message trace logger;
+    # proxy_headers off: nothing in front of the bridge is trusted to say who the client is.
+    config = uvicorn.Config(app, http=protocol_class(settings.header_timeout, settings.write_timeout),
+                            lifespan="off", access_log=False, log_config=None, server_header=False,
+                            log_level=max(logging.WARNING, logging.getLevelName(settings.log_level.upper())),
+                            proxy_headers=False,
+                            timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
+                            limit_concurrency=settings.max_connections, backlog=2048)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        log.info("sandboxd-http %s listening on %s for sandboxd at %s as user %s (%d workers, %d requests, "
+                 "timeout %g s, network %s, preload %s, auth %s)", __version__, where, settings.socket, bridge.user,
+                 settings.max_workers, settings.max_requests, settings.worker_timeout,
+                 "on" if settings.enable_network else "off", "on" if settings.enable_preload else "off",
+                 "off" if settings.no_auth else "key")
+        Notifier().notify(ready=1, status=f"listening on {where}")
+        greeting = asyncio.create_task(_first_hello(bridge))
+    try:
+        await task
+        if server.started:
+            greeting.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            await upstream.close()
+    return 0
+
+
+async def _first_hello(bridge: Bridge) -> None:
+    """Say at start-up what the daemon thinks of this uid (the runs' quota, network)."""
+    hello = await bridge.hello()
+    if hello is None:
+        log.warning("sandboxd does not answer yet at %s: /health says 503 until it does", bridge.settings.socket)
+        return
+    quota = hello.get("quota") or {}
+    log.info("sandboxd %s: user %s may run %s at once, timeouts up to %g s, network %s", hello.get("version"),
+             bridge.user, quota.get("concurrent"), (quota.get("max_timeout_ms") or 0) / 1000,
+             "allowed" if quota.get("network") else "not allowed")
+    if bridge.settings.enable_network and not quota.get("network"):
+        log.warning("ENABLE_NETWORK is on but %s: runs go without network", bridge.network_refusal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides: dict[str, object] = {k: v for k, v in (("socket", args.socket), ("listen", args.listen)) if v}
+    if args.no_auth:
+        overrides["no_auth"] = True
+    try:
+        settings = load(args.config, overrides=overrides)
+    except SettingsError as e:
+        for line in e.errors:
+            print(f"sandboxd-http: {line}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(f"sandboxd-http: settings are valid (listen {settings.listen_text}, socket {settings.socket})")
+        return 0
+    if os.geteuid() == 0:
+        print("sandboxd-http: refusing to run as root: it needs no privileges, and as root every request would "
+              "have root's rights at the daemon; run it as the user sandboxd-http", file=sys.stderr)
+        return EX_NOPERM
+    logs.setup(settings.log_level, foreground=True)
+    _raise_nofile()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
