@@ -74,8 +74,8 @@ unit: dev-tools
 
 test: lint typecheck man-lint unit
 
-# Tests too slow for `make test` (pytest -m slow): a real numpy+pandas environment from the
-# host's package index, a rebuild under load, rebuilds back to back, fifty idle sessions.
+# Tests too slow for `make test` (pytest -m slow): rebuilds of the root back to back and at
+# once.
 test-slow: dev-tools
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, as_user, daemon_dir, ensure_test_users
+from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, as_user, daemon_dir, ensure_test_users, merge
 
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
 
@@ -108,7 +108,10 @@ def make_daemon(test_users: Any) -> Iterator[Any]:
     started: list[DaemonProcess] = []
 
     def make(overrides: dict[str, Any] | None = None, start: bool = True) -> DaemonProcess:
-        d = DaemonProcess(daemon_dir(), overrides)
+        # Their roots hard-link the host's root-owned files (0.1 s) instead of copying them
+        # (2 s each, a hundred times a suite); the shared daemon above and test_rootfs keep the
+        # default, copies, whose promise (no host inode in the root) test_tenants checks.
+        d = DaemonProcess(daemon_dir(), merge({"root": {"hard_links": True}}, overrides or {}))
         started.append(d)
         return d.start() if start else d
 

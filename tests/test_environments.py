@@ -302,7 +302,6 @@ def test_a_restart_reuses_the_build(env_daemon: Any, wheelhouse: str) -> None:
     assert "reusing build" in d.log()
 
 
-@pytest.mark.slow
 def test_a_rebuild_while_runs_are_in_flight_loses_none(env_daemon: Any, wheelhouse: str) -> None:
     d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
     first = ready(d, "default")["default"]
@@ -367,7 +366,6 @@ def test_check_config_refuses_bad_environments(tmp_path: Path) -> None:
 
 
 # -- a real index --------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_a_real_environment_with_numpy_and_pandas(env_daemon: Any) -> None:
     index = configured_index()
     if index is None:

@@ -148,7 +148,7 @@ for d in (".", "/tmp", "/var/tmp", "/dev/shm"):
     for _ in range(3):
         r = run(daemon, code)
         assert r["status"] == "ok", r["stderr"]
-        assert r["stdout"] == b"/work [] [] [] []\n"
+        assert r["stdout"] == b"/work ['out'] [] [] []\n"  # out/ only, made afresh: nothing of the last run
 
 
 def test_input_files_and_out_files(daemon: DaemonProcess) -> None:
@@ -169,7 +169,7 @@ os.symlink("/etc/passwd", "out/link")
 def test_out_files_that_cannot_be_returned_do_not_lose_the_rest(daemon: DaemonProcess) -> None:
     code = """
 import os
-os.makedirs("out")
+os.makedirs("out", exist_ok=True)
 open("out/ok.txt", "w").write("ok")
 open(b"out/\\xff", "w").write("not UTF-8")     # no text name for it
 open("out/secret", "w").write("s"); os.chmod("out/secret", 0)

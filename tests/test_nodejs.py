@@ -91,7 +91,7 @@ def test_buffers_base64_json_and_the_scratch_dir(d: DaemonProcess) -> None:
     code = """
 const fs = require('fs');
 fs.writeFileSync('note.txt', Buffer.from('aGVsbG8=', 'base64'));
-fs.mkdirSync('out'); fs.writeFileSync('out/result.json', JSON.stringify({ ok: true }));
+fs.mkdirSync('out', { recursive: true }); fs.writeFileSync('out/result.json', JSON.stringify({ ok: true }));
 console.log(fs.readFileSync('note.txt', 'utf8'), fs.existsSync('/etc/shadow'), fs.existsSync('/proc'),
             fs.readFileSync('input.txt', 'utf8').trim());
 try { fs.writeFileSync('/usr/x', 'y'); } catch (e) { console.log(e.code); }
@@ -293,3 +293,23 @@ def test_an_unavailable_runtime_is_refused_clearly(make_daemon: Any) -> None:
     assert e.value.code == "bad_request" and "not available" in e.value.message
     with dd.client() as c:
         assert c.status()["runtimes"]["nodejs"] == {"available": False, "why_not": "runtimes.nodejs.enabled is false"}
+
+
+def test_a_node_with_shared_builtins_gets_their_files_in_its_root(tmp_path: Any) -> None:
+    """Debian's nodejs loads acorn, cjs-module-lexer and undici from /usr/share/nodejs at start
+    (its build's NODE_SHARED_BUILTIN_*_PATH): they must come into the root with it."""
+    from sandboxd.jail.settings import node_shared_builtins
+
+    builtin = tmp_path / "share" / "acorn.js"
+    builtin.parent.mkdir()
+    builtin.write_text("// acorn\n")
+    link = tmp_path / "share" / "lexer.js"
+    link.symlink_to(builtin)
+    config = {"target_defaults": {"defines": [f"NODE_SHARED_BUILTIN_ACORN_PATH={builtin}",
+                                              f"NODE_SHARED_BUILTIN_CJS_MODULE_LEXER_PATH={link}",
+                                              "NODE_SHARED_BUILTIN_GONE_PATH=/nonexistent/x.js", "OTHER=1"]}}
+    node = tmp_path / "node"  # an interpreter that answers -e like node: its process.config
+    node.write_text(f"#!/bin/sh\necho '{json.dumps(config)}'\n")
+    node.chmod(0o755)
+    assert node_shared_builtins(str(node)) == (str(builtin), str(link))
+    assert node_shared_builtins("/usr/bin/false") == ()

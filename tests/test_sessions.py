@@ -304,7 +304,6 @@ def test_closing_leaves_nothing_behind(make_daemon: Any) -> None:
     assert d.run_uid_processes() == []
 
 
-@pytest.mark.slow
 def test_fifty_idle_sessions_cost(make_daemon: Any) -> None:
     """Measured, printed with -s; bounded so that a regression shows."""
     d: DaemonProcess = make_daemon({"quotas": {"default": {"sessions": 60}}, "daemon": {"sessions": 60},

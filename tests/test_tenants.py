@@ -549,7 +549,7 @@ def test_04_cancelled_runs_are_charged_their_cpu(make_daemon: Any, connect: Conn
         s.close()
     assert min(burned) > 0.5 and sum(burned) > 2.0, f"the runs had not burned enough CPU yet: {burned}"
     assert wait_until(lambda: not jobs_of(d, bob), 10)
-    pattern = re.compile(rf"run (\S+) uid={bob} status=(\w+) wall=[0-9.]+ms cpu=([0-9.]+)ms")
+    pattern = re.compile(rf"run (\S+) uid={bob} \(\S+\) status=(\w+) wall=[0-9.]+ms cpu=([0-9.]+)ms")
     assert wait_until(lambda: len(pattern.findall(d.log())) == 3, 5), d.log()[-3000:]
     logged = pattern.findall(d.log())
     assert {status for _, status, _ in logged} == {"cancelled"}, logged

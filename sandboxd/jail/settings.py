@@ -8,7 +8,11 @@ the root and the fork server's environment.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -70,6 +74,9 @@ class JailSettings:
     @property
     def root_paths(self) -> tuple[str, ...]:
         extra = [p for lang, rt in self.runtimes.items() if lang != "python3" for p in (rt.interpreter, *rt.paths)]
+        node = self.runtimes.get("nodejs")
+        if node is not None:
+            extra += node_shared_builtins(node.interpreter)
         return tuple(dict.fromkeys((*self.root.paths, *self.root.extra_paths, *extra)))
 
     def language_of(self, key: str) -> str:
@@ -189,3 +196,26 @@ def layer_paths(layer: EnvLayer | None) -> tuple[str, ...]:
     if layer is None:
         return ()
     return (layer.site, DIST_PACKAGES) if layer.system_site_packages else (layer.site,)
+
+
+@functools.lru_cache(maxsize=4)
+def node_shared_builtins(interpreter: str) -> tuple[str, ...]:
+    """The JavaScript files a node built with shared builtins loads at start, outside its own
+    binary (Debian's nodejs: acorn, cjs-module-lexer, undici under /usr/share/nodejs): without
+    them in the root it aborts before running anything.  Its build configuration names them
+    (NODE_SHARED_BUILTIN_*_PATH); a node that has none (nodesource's, upstream's) gives ()."""
+    try:
+        out = subprocess.run([interpreter, "-e", "console.log(JSON.stringify(process.config))"], capture_output=True,
+                             timeout=20, env={"PATH": "/usr/bin:/bin"}, check=True).stdout
+        defines = json.loads(out).get("target_defaults", {}).get("defines", [])
+    except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
+        return ()
+    files = []
+    for define in defines if isinstance(defines, list) else []:
+        m = re.fullmatch(r"NODE_SHARED_BUILTIN_\w+_PATH=(/.+)", str(define))
+        if m and os.path.isfile(m.group(1)):
+            files.append(m.group(1))
+            real = os.path.realpath(m.group(1))
+            if real != m.group(1):
+                files.append(real)  # a link into another package's directory: its target too
+    return tuple(dict.fromkeys(files))
