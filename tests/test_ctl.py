@@ -380,12 +380,12 @@ def _wait(condition: Any, timeout: float) -> bool:
 
 
 def test_bash_completion_names_every_command_and_option() -> None:
-    """packaging/completion/sandboxctl (in the .deb) cannot drift from the parser."""
+    """packaging/debian/completion/sandboxctl (in the .deb) cannot drift from the parser."""
     import argparse
 
     from sandboxd.ctl import parser
 
-    script = Path(REPO, "packaging", "completion", "sandboxctl").read_text()
+    script = Path(REPO, "packaging", "debian", "completion", "sandboxctl").read_text()
     words = set(script.replace('"', " ").replace("|", " ").replace(")", " ").split())
 
     def walk(p: argparse.ArgumentParser) -> None:
@@ -398,7 +398,7 @@ def test_bash_completion_names_every_command_and_option() -> None:
                     walk(sub)
 
     walk(parser())
-    p = subprocess.run(["bash", "-c", f"source {REPO}/packaging/completion/sandboxctl 2>/dev/null; "
+    p = subprocess.run(["bash", "-c", f"source {REPO}/packaging/debian/completion/sandboxctl 2>/dev/null; "
                         "COMP_WORDS=(sandboxctl ses); COMP_CWORD=1; _sandboxctl; echo ${COMPREPLY[@]}"],
                        capture_output=True, text=True, timeout=30)
     assert p.stdout.split() == ["session"], p

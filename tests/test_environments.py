@@ -398,3 +398,23 @@ def test_dify_dependency_routes_list_the_default_environment(env_daemon: Any, wh
         # Rebuilding is a sandboxd admin's: the bridge's uid is not one.
         r = c.post("/v1/sandbox/dependencies/update", json={"language": "python3"})
         assert r.status_code == 403 and "admin" in r.json()["message"], r.text
+
+
+def test_without_python3_pip_the_build_uses_the_pip_wheel_of_python3_venv(wheelhouse: str, tmp_path: Path,
+                                                                           monkeypatch: Any) -> None:
+    """python3-pip is only suggested by the package: without it, builds fill the venv with the pip
+    wheel python3-venv brings (python3-pip-whl), run from the zip."""
+    from sandboxd.jail import buildjail
+
+    monkeypatch.setattr(buildjail, "HOST_PIP", str(tmp_path / "no-python3-pip"))
+    command = buildjail.host_pip()
+    require(command is not None, "python3-pip-whl (a dependency of python3-venv) is not installed")
+    assert command is not None and command[1].startswith(buildjail.PIP_WHEELS)
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    subprocess.run([*command, "--python", str(venv / "bin" / "python"), "install", "-q", "--no-index",
+                    "--only-binary", ":all:", "--find-links", wheelhouse, "sbxpure==1.0"], check=True,
+                   capture_output=True, timeout=120)
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import sbxpure; print(sbxpure.VERSION)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "1.0\n", out

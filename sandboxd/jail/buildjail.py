@@ -29,6 +29,7 @@ the build's word: the daemon shows them, and trusts nothing else of them.
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import re
@@ -210,6 +211,16 @@ BUILD_STEPS: tuple[Step[BuildSpec], ...] = (
 
 # -- pip --------------------------------------------------------------------------------------------
 HOST_PIP = "/usr/lib/python3/dist-packages/pip/__init__.py"  # Debian's python3-pip
+PIP_WHEELS = "/usr/share/python-wheels"  # python3-pip-whl, which python3-venv depends on
+
+
+def host_pip() -> list[str] | None:
+    """Debian's pip as a command that can fill another interpreter's venv (pip --python):
+    python3-pip's when installed, else the pip wheel python3-venv brings (run from the zip)."""
+    if os.path.isfile(HOST_PIP):
+        return ["/usr/bin/python3", "-m", "pip"]
+    wheels = sorted(glob.glob(os.path.join(PIP_WHEELS, "pip-*-py3-none-any.whl")))
+    return ["/usr/bin/python3", os.path.join(wheels[-1], "pip")] if wheels else None
 PROGRESS = (
     (re.compile(r"^Collecting (\S+)"), "resolving"),
     (re.compile(r"^Processing (\S+)"), "resolving"),
@@ -252,15 +263,14 @@ def build(spec: BuildSpec) -> int:
     # --python), so neither pip nor setuptools lands in what runs import, and no ensurepip
     # (7 of a small build's 8 seconds).  Source builds need a build backend in the venv
     # (--no-build-isolation): that venv gets pip and setuptools from ensurepip.
-    host_pip = spec.only_binary and os.path.isfile(HOST_PIP)
-    venv = ["/usr/bin/python3", "-m", "venv", *(["--without-pip"] if host_pip else []),
+    outside = host_pip() if spec.only_binary else None
+    venv = ["/usr/bin/python3", "-m", "venv", *(["--without-pip"] if outside else []),
             *(["--system-site-packages"] if spec.system_site_packages else []), spec.venv]
     status, tail = run_logged(venv, env, "venv")
     if status != 0:
         say("error", message=f"python3 -m venv failed (exit {status})", log=tail)
         return 1
-    pip = (["/usr/bin/python3", "-m", "pip", "--python", f"{spec.venv}/bin/python"] if host_pip else
-           [f"{spec.venv}/bin/python", "-m", "pip"])
+    pip = ([*outside, "--python", f"{spec.venv}/bin/python"] if outside else [f"{spec.venv}/bin/python", "-m", "pip"])
     status, tail = run_logged([*pip, *spec.pip_args()], env, "pip")
     if status != 0:
         errors = [line for line in tail if line.startswith("ERROR")] or tail[-3:]

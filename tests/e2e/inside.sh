@@ -34,7 +34,7 @@ snapshot() {  # every path outside the package manager's and the system's own st
 
 run_uid_processes() {
     local range lo hi
-    range=$(sed -n 's/^ *run_uids: *"\{0,1\}\([0-9]*\)-\([0-9]*\).*/\1 \2/p' /etc/sandboxd/sandboxd.yaml)
+    range=$(sed -n 's/^ *run_uids: *"\{0,1\}\([0-9]*\)-\([0-9]*\).*/\1 \2/p' /etc/sandboxd/sandboxd.yaml 2>/dev/null)
     read -r lo hi <<<"${range:-880000 881023}"  # the slim conffile leaves jail.run_uids at its default
     ps -eo uid= | awk -v lo="$lo" -v hi="$hi" '$1 >= lo && $1 <= hi' | wc -l
 }
@@ -168,7 +168,7 @@ http_bridge() {
     out=$(http_post wrong '{"language": "python3", "code": "print(1)"}')
     case "$out" in "401 "*) ;; *) echo "wrong key: $out"; return 1 ;; esac
     uid=$(id -u sandboxd-http)
-    journalctl -u sandboxd.service --no-pager | grep -qE "run r[0-9a-z-]+ uid=$uid status=ok" \
+    journalctl -u sandboxd.service --no-pager | grep -qE "run r[0-9a-z-]+ uid=$uid \(sandboxd-http\) status=ok" \
         || { echo "no run of uid $uid in the daemon's journal"; return 1; }
     systemd-analyze security --no-pager sandboxd-http.service | tail -1
     systemctl disable --now --quiet sandboxd-http.service
@@ -212,7 +212,7 @@ restart_new_pid() {
 }
 
 journal_shows_run() {
-    journalctl -u sandboxd.service --no-pager | grep -E "run r[0-9a-z-]+ uid=$(id -u alice) status=ok"
+    journalctl -u sandboxd.service --no-pager | grep -E "run r[0-9a-z-]+ uid=$(id -u alice) \(alice\) status=ok"
 }
 
 stop_leaves_nothing() {
@@ -249,7 +249,7 @@ purge_leaves_nothing() {
     sort -u /var/lib/dpkg/info/*.list >/tmp/owned.txt
     comm -13 /tmp/before.txt /tmp/after.txt | comm -23 - /tmp/owned.txt \
         | grep -vE '^/etc/(passwd|group|shadow|gshadow|subuid|subgid)-$' \
-        | grep -vE '^/usr/lib/python3/dist-packages/.*__pycache__' \
+        | grep -vE '^/usr/lib/python3(\.[0-9]+)?/(dist-packages/)?.*__pycache__' \
         | while read -r p; do  # update-alternatives' links belong to the packages that stay (nodejs's js,
             # python3-babel's pybabel, which python3-jinja2 brings along)
             case "$p" in /etc/alternatives/*) continue ;; esac
