@@ -371,13 +371,17 @@ def test_a_real_environment_with_numpy_and_pandas(env_daemon: Any) -> None:
     if index is None:
         pytest.skip("no package index is configured on this host that the test may use (a local file:// one)")
     d: DaemonProcess = env_daemon({"default": {"requirements": ["numpy", "pandas"], "index_url": index,
-                                               "preload": ["numpy"]}})
+                                               "preload": ["numpy", "pandas"]}})
     envs = ready(d, "default", timeout=600)
     assert envs["default"]["state"] == "ready", envs["default"]["error"]
     assert {"numpy", "pandas"} <= set(versions(envs["default"]))
     with d.client() as c:
         r = c.run("import pandas as pd\nprint(pd.DataFrame({'a': [1, 2, 3]}).a.sum())", timeout_ms=30000)
         assert (r["status"], r["stdout"]) == ("ok", b"6\n"), r
+        # Preloaded from the environment, not from Debian's dist-packages (an older numpy there
+        # came first on the fork server's path, and pandas refused it).
+        r = c.run("import sys, numpy; print('pandas' in sys.modules, numpy.__file__.startswith(sys.path[3]))")
+        assert r["stdout"] == b"True True\n", (r, d.log()[-2000:])
 
 
 def test_dify_dependency_routes_list_the_default_environment(env_daemon: Any, wheelhouse: str) -> None:

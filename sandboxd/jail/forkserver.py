@@ -221,9 +221,13 @@ def pid_is_parent() -> bool:
 
 
 def run_sys_path(root_fd: int, extra: list[str]) -> tuple[str, ...]:
-    """This interpreter's own sys.path entries that the root holds, then the configured extras."""
+    """The runs' sys.path: this interpreter's own entries that the root holds, with the
+    configured extras (an environment's site-packages first) before its site directories,
+    as a venv orders them: an environment's numpy wins over one in Debian's dist-packages."""
     own = [p for p in sys.path[1:] if p.startswith("/") and _is_dir_in(root_fd, p)]
-    return tuple(dict.fromkeys([*own, *extra]))
+    std = [p for p in own if not p.rstrip("/").endswith(("dist-packages", "site-packages"))]
+    site = [p for p in own if p not in std]
+    return tuple(dict.fromkeys([*std, *extra, *site]))
 
 
 def _is_dir_in(root_fd: int, path: str) -> bool:
@@ -245,7 +249,9 @@ def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], d
                 importlib.import_module(name)
                 done.append(name)
             except Exception as e:  # noqa: BLE001 - reported to the daemon, which logs it
-                errors[name] = f"{type(e).__name__}: {e}"
+                cause = e.__cause__ or e.__context__  # what a package's own message hides
+                errors[name] = f"{type(e).__name__}: {e}" + (f" (from {type(cause).__name__}: {cause})"[:600]
+                                                               if cause is not None else "")
     finally:
         sys.path[:] = saved
     return done, errors

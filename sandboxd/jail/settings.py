@@ -137,8 +137,9 @@ class JailSettings:
                                required=(self.root.python,), hard_links=self.root.hard_links)
 
     def python_path(self, layer: EnvLayer | None = None) -> tuple[str, ...]:
-        """sys.path entries of runs beyond the interpreter's own."""
-        return (*self.root.python_path, *layer_paths(layer))
+        """sys.path entries of runs beyond the interpreter's own: an environment's site-packages
+        first (its numpy, not the one root.python_path's dist-packages may hold), as in a venv."""
+        return tuple(dict.fromkeys((*layer_paths(layer), *self.root.python_path)))
 
     def preload(self, layer: EnvLayer | None = None) -> tuple[str, ...]:
         return layer.preload if layer is not None else self.jail.preload

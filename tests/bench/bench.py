@@ -482,9 +482,10 @@ def root_builds(work: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     extra = extra_lib_paths(20)
     can_link = rootfs._can_link
-    cases = [("default, hard links", {}, work, True), ("default, copies", {}, work, False),
+    linking = {"hard_links": True}
+    cases = [("default, hard links", {"root": linking}, work, True), ("default, copies (the default)", {}, work, False),
              ("default, copies into tmpfs", {}, "/dev/shm", False),
-             (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra}}, work, True)]
+             (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra, **linking}}, work, True)]
     for name, raw, fs, links in cases:
         spec = JailSettings.from_config(parse(raw), work).root_spec()
         base = tempfile.mkdtemp(prefix="sandboxd-bench-root-", dir=fs)
