@@ -23,6 +23,24 @@ MAX_DISPLAY = 16  # figures per run or cell
 Seen = dict[str, tuple[int, int]]  # path under out/ -> (size, mtime_ns) when it was returned
 
 
+def anything_to_collect() -> bool:
+    """Whether the run left files to return: out/ holds something (or is not the directory
+    sandboxd made: collect decides, safely), or figures were saved.  An empty out/ — every
+    run has one — is answered without waiting for the rest of the run to die first."""
+    if os.path.lexists(DISPLAY_DIR):
+        return True
+    try:
+        if not stat.S_ISDIR(os.lstat(OUT_DIR).st_mode):
+            return True
+    except OSError:
+        return False  # the run removed it
+    try:
+        with os.scandir(OUT_DIR) as it:
+            return next(it, None) is not None
+    except OSError:
+        return True  # unreadable (chmod 000): collect says so, as files_truncated
+
+
 def out_files(max_files: int, max_bytes: int, seen: Seen | None = None) -> tuple[dict[str, bytes], bool]:
     """Regular files under out/ (with ``seen``: only those new or changed since, and ``seen``
     is brought up to date)."""

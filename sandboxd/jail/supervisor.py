@@ -30,7 +30,6 @@ from . import collect, libc
 from . import seccomp as sc
 from .contract import (
     CONTROL_INTERRUPT,
-    DISPLAY_DIR,
     EXIT_SETUP,
     FD_CONTROL,
     FD_LIFELINE,
@@ -244,7 +243,7 @@ class Supervisor:
             "files_truncated": False,
             "display": [],
         }
-        if self.cells or os.path.lexists(collect.OUT_DIR) or os.path.lexists(DISPLAY_DIR):
+        if self.cells or collect.anything_to_collect():
             _kill_rest(wait=True)
             files, truncated = collect.out_files(self.spec.out_max_files, self.spec.out_max_bytes,
                                                  self.out_seen if self.cells else None)
