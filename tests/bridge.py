@@ -13,13 +13,13 @@ import tempfile
 import time
 from typing import Any
 
-from harness import _die_with_parent, as_user
+from harness import Child, _die_with_parent, as_user
 
 KEY = "sbx-test-key-0123456789"
 USER = "sbx-http"
 
 
-class BridgeProcess:
+class BridgeProcess(Child):
     def __init__(self, daemon_socket: str, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  user: str = USER, key: str | None = KEY) -> None:
         self.dir = tempfile.mkdtemp(prefix="sandboxd-http-test-")
@@ -78,21 +78,6 @@ class BridgeProcess:
     @property
     def headers(self) -> dict[str, str]:
         return {"X-Api-Key": self.key} if self.key else {}
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
     def close(self) -> None:
         try:

@@ -123,18 +123,10 @@ def build_mounts(spec: BuildSpec) -> None:
     libc.mount("build-root", _mkdir(root), "tmpfs", libc.MS_NOSUID | libc.MS_NODEV, "size=2g,mode=0755")
     _bind("/usr", root + "/usr")
     for name in USR_LINKS:
-        path = "/" + name
-        if os.path.islink(path):
-            os.symlink(os.readlink(path), root + path)
-        elif os.path.isdir(path):
-            _bind(path, root + path)
+        _link_or_bind("/" + name, root)
     _mkdir(root + "/etc")
     for name in ETC_FILES:
-        host = "/etc/" + name
-        if os.path.islink(host):
-            os.symlink(os.readlink(host), root + host)
-        elif os.path.exists(host):
-            _bind(host, root + host)
+        _link_or_bind("/etc/" + name, root)
     if spec.network and os.path.exists("/etc/resolv.conf"):
         _bind(os.path.realpath("/etc/resolv.conf"), root + "/etc/resolv.conf")
     _write(root + "/etc/passwd", f"root:x:0:0::/nonexistent:/usr/sbin/nologin\n"
@@ -319,6 +311,15 @@ def _mkdir(path: str) -> str:
 def _write(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _link_or_bind(host: str, root: str) -> None:
+    """``host`` at the same place under ``root``: the same link where it is one (merged /usr:
+    /bin -> usr/bin), else bound in when it exists."""
+    if os.path.islink(host):
+        os.symlink(os.readlink(host), root + host)
+    elif os.path.exists(host):
+        _bind(host, root + host)
 
 
 def _bind(source: str, target: str, writable: bool = False) -> None:

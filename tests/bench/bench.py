@@ -59,6 +59,17 @@ def summary(lat: list[float], seconds: float) -> dict[str, float]:
 
 
 # -- sandboxd ------------------------------------------------------------------------------------
+def in_threads(client: Any, concurrency: int) -> float:
+    """Run ``client`` in ``concurrency`` threads at once; the seconds until all are done."""
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def closed_loop(sock: str, concurrency: int, seconds: float, code: str = PRINT1, **kw: Any) -> dict[str, float]:
     """``concurrency`` clients, each sending the next request when the last answer arrives."""
     lat: list[float] = []
@@ -74,13 +85,7 @@ def closed_loop(sock: str, concurrency: int, seconds: float, code: str = PRINT1,
                 if r["status"] != "ok":
                     errors.append(r["status"])
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out = summary(lat, time.perf_counter() - t0)
+    out = summary(lat, in_threads(client, concurrency))
     out["errors"] = len(errors)
     return out
 
@@ -213,13 +218,7 @@ def http_closed_loop(port: int, key: str, concurrency: int, seconds: float) -> d
         finally:
             c.close()
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out = summary(lat, time.perf_counter() - t0)
+    out = summary(lat, in_threads(client, concurrency))
     out["errors"] = len(errors)
     return out
 
@@ -478,13 +477,7 @@ def bwrap_closed_loop(root: str, concurrency: int, seconds: float) -> dict[str, 
         while time.perf_counter() < stop:
             lat.append(bwrap_one(root))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summary(lat, time.perf_counter() - t0)
+    return summary(lat, in_threads(client, concurrency))
 
 
 # -- memory -----------------------------------------------------------------------------------------
