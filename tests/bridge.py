@@ -68,13 +68,6 @@ class BridgeProcess(Child):
         self.kill()
         raise RuntimeError(f"sandboxd-http did not become ready:\n{self.log()}")
 
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
     @property
     def headers(self) -> dict[str, str]:
         return {"X-Api-Key": self.key} if self.key else {}

@@ -60,6 +60,15 @@ class Child:
     """A process a test started: stopped with SIGTERM (killed if it does not stop in time)."""
 
     proc: subprocess.Popen[bytes] | None = None
+    log_path = ""
+
+    def log(self) -> str:
+        """What it wrote to its log file so far."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -144,13 +153,6 @@ class DaemonProcess(Child):
             if text in msg.split("\n"):
                 return True
         return False
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
 
     def client(self, timeout: float | None = 120) -> Client:
         return Client(self.socket, timeout=timeout)
