@@ -95,6 +95,24 @@ def _request(what: str, allowed: tuple[str, ...], options: dict[str, Any], **fie
     return {**fields, **given}
 
 
+def _kill_fields(run_id: str | None, session_id: str | None) -> dict[str, Any]:
+    return {"session_id": session_id} if session_id else {"run_id": run_id}
+
+
+def _usage_fields(user: str | int | None, all_users: bool) -> dict[str, Any]:
+    """``usage``'s fields: everyone, a uid (an int) or a user name, or nothing (yourself)."""
+    fields: dict[str, Any] = {"all": True} if all_users else {}
+    if isinstance(user, int):
+        fields["uid"] = user
+    elif user is not None:
+        fields["user"] = user
+    return fields
+
+
+def _why_fields(language: str | None, environment: str | None) -> dict[str, Any]:
+    return {k: v for k, v in (("language", language), ("environment", environment)) if v}
+
+
 class Result(Mapping[str, Any]):
     """A run's (or exec's) result.  The common fields are attributes; the whole record
     (docs/protocol.md) reads as a mapping: ``result["status"]``, ``result.get("files")``."""
@@ -259,8 +277,7 @@ class Client:
 
     def kill(self, run_id: str | None = None, session_id: str | None = None) -> dict[str, Any]:
         """Kill a run in flight, or end a session (its owner's, or anyone's for an admin)."""
-        target: dict[str, Any] = {"session_id": session_id} if session_id else {"run_id": run_id}
-        return self.call("kill", **target)
+        return self.call("kill", **_kill_fields(run_id, session_id))
 
     def jobs(self) -> list[dict[str, Any]]:
         """Runs in flight (admin)."""
@@ -269,17 +286,13 @@ class Client:
 
     def usage(self, user: str | int | None = None, all_users: bool = False) -> list[dict[str, Any]]:
         """Usage against quota: yours, ``user``'s, or everyone's (admin)."""
-        fields: dict[str, Any] = {"all": True} if all_users else {}
-        if isinstance(user, int):
-            fields["uid"] = user
-        elif user is not None:
-            fields["user"] = user
+        fields = _usage_fields(user, all_users)
         found: list[dict[str, Any]] = self.call("usage", **fields)["users"]
         return found
 
     def root_why(self, module: str, language: str | None = None, environment: str | None = None) -> dict[str, Any]:
         """Can ``module`` be imported (or required) in the jail, and if not, why."""
-        fields: dict[str, Any] = {k: v for k, v in (("language", language), ("environment", environment)) if v}
+        fields = _why_fields(language, environment)
         return self.call("root_why", module=module, **fields)
 
     def environments(self) -> list[dict[str, Any]]:
@@ -417,25 +430,20 @@ class AsyncClient:
         return Result((await self.call("run", on_output=on_output, **_run_request(code, options)))["result"])
 
     async def kill(self, run_id: str | None = None, session_id: str | None = None) -> dict[str, Any]:
-        target: dict[str, Any] = {"session_id": session_id} if session_id else {"run_id": run_id}
-        return await self.call("kill", **target)
+        return await self.call("kill", **_kill_fields(run_id, session_id))
 
     async def jobs(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = (await self.call("jobs"))["jobs"]
         return found
 
     async def usage(self, user: str | int | None = None, all_users: bool = False) -> list[dict[str, Any]]:
-        fields: dict[str, Any] = {"all": True} if all_users else {}
-        if isinstance(user, int):
-            fields["uid"] = user
-        elif user is not None:
-            fields["user"] = user
+        fields = _usage_fields(user, all_users)
         found: list[dict[str, Any]] = (await self.call("usage", **fields))["users"]
         return found
 
     async def root_why(self, module: str, language: str | None = None,
                        environment: str | None = None) -> dict[str, Any]:
-        fields: dict[str, Any] = {k: v for k, v in (("language", language), ("environment", environment)) if v}
+        fields = _why_fields(language, environment)
         return await self.call("root_why", module=module, **fields)
 
     async def environments(self) -> list[dict[str, Any]]:
