@@ -59,6 +59,8 @@ class RefusalLog:
 Dispatch = Callable[[PeerCred, dict[str, Any], "Interim"], Awaitable[dict[str, Any]]]
 Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
 CHUNK = 1 << 16
+ACCEPT_BATCH = 32  # connections accepted per wake-up of the listening socket
+ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE/ENFILE/ENOMEM
 MAX_REQUEST_ITEMS = 4096  # entries of any one array or map in a request (files: 1,000)
 MAX_REQUEST_CONTAINERS = 64  # arrays and maps in one request (a run has 3)
 
@@ -73,7 +75,7 @@ class Server:
         self.connections = 0
         self.by_uid: collections.Counter[int] = collections.Counter()
         self.accepting = True
-        self.server: asyncio.AbstractServer | None = None
+        self.listener: socket.socket | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.refusals = RefusalLog()
 
@@ -81,7 +83,12 @@ class Server:
         self.refusals.log(uid, op, e, asyncio.get_running_loop().time())
 
     async def serve(self, sock: socket.socket) -> None:
-        self.server = await asyncio.start_unix_server(self._accepted, sock=sock, limit=CHUNK)
+        """Accept on ``sock`` from now on, at most ACCEPT_BATCH connections a wake-up: a flood
+        of connects from one caller cannot keep the loop from everyone else's requests
+        (libuv's own accept loop, under uvloop, accepts until the backlog is empty)."""
+        sock.setblocking(False)
+        self.listener = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_some)
 
     def configure(self, settings: DaemonSettings) -> None:
         self.settings = settings
@@ -90,55 +97,83 @@ class Server:
 
     async def stop_accepting(self) -> None:
         self.accepting = False
-        if self.server is not None:
-            self.server.close()
+        if self.listener is not None:
+            self._pause_accepting()
+            self.listener.close()
+            self.listener = None
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
-        sock: socket.socket = writer.get_extra_info("socket")
-        cred = peer_credentials(sock)
-        try:
+    def _accept_some(self) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of fds or memory: wait a moment rather than spin on it
+                log.warning("accept failed (%s); accepting again in %.1f s", e, ACCEPT_RETRY_DELAY)
+                self._pause_accepting()
+                asyncio.get_running_loop().call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+                return
+            cred = self._admit(conn)
             if cred is None:
-                await self._refuse(writer, errors.FORBIDDEN, "no peer credentials on this connection")
-                return
-            if not self.accepting:
-                await self._refuse(writer, errors.UNAVAILABLE, "the daemon is shutting down")
-                return
-            s = self.settings
-            if self.connections >= s.max_connections:
-                await self._refuse(writer, errors.BUSY, f"too many connections ({s.max_connections})")
-                return
-            if self.by_uid[cred.uid] >= s.max_connections_per_uid:
-                await self._refuse(writer, errors.QUOTA_EXCEEDED,
-                                   f"uid {cred.uid} has {self.by_uid[cred.uid]} connections open; the limit is "
-                                   f"{s.max_connections_per_uid}", limit="connections", retry_after_ms=1000)
-                return
+                continue
             self.connections += 1
             self.by_uid[cred.uid] += 1
-            try:
-                await Connection(self, cred, reader, writer).run()
-            finally:
-                self.connections -= 1
-                self.by_uid[cred.uid] -= 1
-                if self.by_uid[cred.uid] <= 0:
-                    del self.by_uid[cred.uid]
+            task = asyncio.get_running_loop().create_task(self._serve_connection(conn, cred))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _admit(self, conn: socket.socket) -> PeerCred | None:
+        """The caller of a new connection, or None once it has been told why not (and closed).
+        Refusals cost no task and no transport: the answer is one small frame on an empty socket."""
+        cred = peer_credentials(conn)
+        s = self.settings
+        if cred is None:
+            why = protocol.error(None, errors.FORBIDDEN, "no peer credentials on this connection")
+        elif not self.accepting:
+            why = protocol.error(None, errors.UNAVAILABLE, "the daemon is shutting down")
+        elif self.connections >= s.max_connections:
+            why = protocol.error(None, errors.BUSY, f"too many connections ({s.max_connections})")
+        elif self.by_uid[cred.uid] >= s.max_connections_per_uid:
+            why = protocol.error(None, errors.QUOTA_EXCEEDED,
+                                 f"uid {cred.uid} has {self.by_uid[cred.uid]} connections open; the limit is "
+                                 f"{s.max_connections_per_uid}", limit="connections", retry_after_ms=1000)
+        else:
+            return cred
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(protocol.encode(why))
+        conn.close()
+        return None
+
+    def _pause_accepting(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+
+    def _resume_accepting(self) -> None:
+        if self.listener is not None and self.accepting:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept_some)
+
+    async def _serve_connection(self, conn: socket.socket, cred: PeerCred) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=CHUNK)
+            await Connection(self, cred, reader, writer).run()
         except (ConnectionError, TimeoutError):
             pass  # the client went away or stopped reading: nothing to tell anyone
         except Exception:
             log.exception("connection from %s failed", cred)
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-            if task is not None:
-                self.tasks.discard(task)
-
-    async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str, **details: Any) -> None:
-        writer.write(protocol.encode(protocol.error(None, code, message, **details)))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.drain(), 1.0)
+            self.connections -= 1
+            self.by_uid[cred.uid] -= 1
+            if self.by_uid[cred.uid] <= 0:
+                del self.by_uid[cred.uid]
+            if writer is None:
+                conn.close()
+            else:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
 
 
 class Connection:
