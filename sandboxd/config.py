@@ -149,6 +149,11 @@ class JailConfig:
                                        "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")
     preload: tuple[str, ...] = setting((), sizes.name_list,
                                        "Modules imported once in the fork server (administrator only).")
+    warmup: str = setting("", sizes.python_code,
+                          "Python run once in the fork server after preload, before its image is frozen "
+                          "(administrator only, as root): first calls whose setup every run would otherwise "
+                          "redo, e.g. numpy.linalg.det(numpy.eye(3)). Its output is discarded; an error is "
+                          "logged like a failed preload.")
     preload_env: dict[str, str] = setting(
         {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, sizes.str_map,
         "Environment for preloading and runs (keeps BLAS single-threaded so the fork server stays so).")
@@ -267,6 +272,8 @@ class EnvironmentSettings:
                                          "runs (pip then installs only what they lack).")
     preload: tuple[str, ...] = setting((), sizes.name_list,
                                        "Modules imported once in the environment's fork server, as jail.preload.")
+    warmup: str = setting("", sizes.python_code, "Python run once in the environment's fork server after its "
+                          "preload, as jail.warmup.")
 
 
 # Each runtime's defaults, over RuntimeSettings': Python forks from the fork server, Node is

@@ -82,6 +82,17 @@ def optional_text(value: Any) -> str:
     return value
 
 
+def python_code(value: Any) -> str:
+    """Python source that must compile (empty or null: none)."""
+    code = optional_text(value)
+    if code:
+        try:
+            compile(code, "<warmup>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:
+            raise ValueError(f"Python code that compiles ({type(e).__name__}: {e})") from None
+    return code
+
+
 def abs_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ValueError("an absolute path")

@@ -64,6 +64,12 @@ def test_types_are_checked() -> None:
     assert "limits.pids: expected an integer from 2 to 100000, got 1" in errs
 
 
+def test_warmup_must_be_python_that_compiles() -> None:
+    errs = errors_of({"jail": {"warmup": "import numpy\nnumpy.linalg.det(("}})
+    assert len(errs) == 1 and errs[0].startswith("jail.warmup: expected Python code that compiles (SyntaxError")
+    assert parse({"jail": {"warmup": "import json\njson.dumps([1])\n"}}).jail.warmup.startswith("import json")
+
+
 def test_uid_range_must_hold_workers_and_pools() -> None:
     errs = errors_of({"jail": {"run_uids": "900000-900009"}})
     assert any(e.startswith("jail.run_uids: expected at least") for e in errs)

@@ -176,7 +176,8 @@ def versions(entry: dict[str, Any]) -> dict[str, str]:
 def test_runs_import_their_environment_and_nothing_else(env_daemon: Any, wheelhouse: str) -> None:
     d: DaemonProcess = env_daemon(
         {"default": house_env(wheelhouse, "sbxpure==1.0", "sbxyaml", preload=["sbxyaml"]),
-         "two": house_env(wheelhouse, "sbxpure==2.0", "sbxpth")},
+         "two": house_env(wheelhouse, "sbxpure==2.0", "sbxpth", preload=["sbxpure"],
+                          warmup="import sbxpure\nsbxpure.WARMED = sbxpure.VERSION")},
         quotas={"users": {"sbx-alice": {"environments": ["two"]}}})
     envs = ready(d, "default", "two")
     assert envs["default"]["state"] == envs["two"]["state"] == "ready", envs
@@ -192,6 +193,11 @@ def test_runs_import_their_environment_and_nothing_else(env_daemon: Any, wheelho
         assert r["stdout"].split()[1].startswith(b"0.")
         # Another version of the same package, side by side.
         assert c.run("import sbxpure; print(sbxpure.VERSION)", environment="two")["stdout"] == b"2.0\n"
+        # Its warm-up ran in its own fork server, after its preload; not in the default's.
+        r = c.run("import sbxpure; print(sbxpure.WARMED)", environment="two")
+        assert (r["status"], r["stdout"]) == ("ok", b"2.0\n"), r
+        assert c.run("import sbxpure; print(hasattr(sbxpure, 'WARMED'))")["stdout"] == b"False\n"
+        assert c.status()["fork_server"]["environments"]["two"]["warmed_up"] is True
         # A package's .pth is installed but never processed: no code of it runs at start.
         r = c.run("import sbxpth; print(sbxpth.OK)", environment="two")
         assert (r["status"], r["stdout"], r["stderr"]) == ("ok", b"1\n", b""), r

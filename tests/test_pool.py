@@ -38,6 +38,33 @@ def test_a_preload_that_fails_is_reported_not_fatal(make_daemon: Any) -> None:
     assert "preload no_such_module failed" in d.log()
 
 
+def test_warmup_runs_once_in_the_fork_server_before_any_run(make_daemon: Any) -> None:
+    # The warm-up's effect on a preloaded module reaches every run; its own names and its
+    # output do not.
+    warmup = ("import json, sys\njson.WARMED = json.dumps([1, 2])\nprivate = 'warm-up local'\n"
+              "print('warm-up noise')\nprint('warm-up noise', file=sys.stderr)\n")
+    d: DaemonProcess = make_daemon({"jail": {"preload": ["json"], "warmup": warmup}})
+    code = "import json\nprint(json.WARMED, 'private' in globals(), 'warm-up noise')"
+    for _ in range(3):  # every worker, not only the first
+        r = d.run(code)
+        assert r["status"] == "ok", r["stderr"]
+        assert r["stdout"] == b"[1, 2] False warm-up noise\n" and r["stderr"] == b""
+    with d.client() as c:
+        fs = c.status()["fork_server"]
+    assert fs["warmed_up"] is True and fs["preload_errors"] == {}
+    assert "warm-up noise" not in d.log().replace(code, "")
+
+
+def test_a_warmup_that_fails_is_reported_and_runs_go_on(make_daemon: Any) -> None:
+    d: DaemonProcess = make_daemon({"jail": {"warmup": "import json\nraise RuntimeError('cold as ice')"}})
+    assert d.run("print(6 * 7)")["stdout"] == b"42\n"
+    with d.client() as c:
+        fs = c.status()["fork_server"]
+    assert fs["warmed_up"] is False
+    assert fs["preload_errors"] == {"(warmup)": "RuntimeError: cold as ice"}
+    assert "preload (warmup) failed: RuntimeError: cold as ice" in d.log()
+
+
 def test_an_empty_pool_never_fails_a_request(make_daemon: Any) -> None:
     d: DaemonProcess = make_daemon({"pool": {"min": 0, "max": 0}, "daemon": {"workers": 8}})
 

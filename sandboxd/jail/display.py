@@ -10,12 +10,15 @@ drawn anywhere.  It runs in R, confined; what it saves is the run's own data.
 
 from __future__ import annotations
 
-import importlib.abc
+import importlib
 import importlib.machinery
 import os
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 from .contract import DISPLAY_DIR
 
@@ -55,7 +58,7 @@ def show(*args: Any, **kwargs: Any) -> None:
     plt.close("all")
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:  # a loader by protocol: importlib.abc would bring importlib.resources, tempfile, random…
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None
 
@@ -66,8 +69,8 @@ class _Loader(importlib.abc.Loader):
         module.show = show  # type: ignore[attr-defined]
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:  # a meta path finder by protocol (find_spec)
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if name != BACKEND:
             return None
-        return importlib.machinery.ModuleSpec(name, _Loader())
+        return importlib.machinery.ModuleSpec(name, cast("importlib.abc.Loader", _Loader()))

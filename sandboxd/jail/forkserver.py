@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib
+import io
 import os
 import select
 import signal
 import socket
 import stat
 import sys
-import threading
 from typing import Any
 
 import msgpack
@@ -62,6 +62,9 @@ class ForkServer:
                    for key, p in init["profiles"].items()}
         run_path = run_sys_path(root_fd, init["python_path"])
         preloaded, preload_errors = preload(init["preload"], run_path)
+        warmup_error = warm_up(init.get("warmup", ""), run_path)
+        if warmup_error:
+            preload_errors["(warmup)"] = warmup_error
         cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
@@ -84,7 +87,7 @@ class ForkServer:
             "filters": {k: len(v) // 8 for k, v in filters.items()},
             "preloaded": preloaded,
             "preload_errors": preload_errors,
-            "threads": threading.active_count(),
+            "warmed_up": bool(init.get("warmup")) and not warmup_error,
             "tasks": len(os.listdir("/proc/self/task")),
             "run_path": list(run_path),
             "vsz_kb": _status_kb("VmSize"),
@@ -255,6 +258,25 @@ def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], d
     finally:
         sys.path[:] = saved
     return done, errors
+
+
+def warm_up(code: str, run_path: tuple[str, ...]) -> str:
+    """Run the administrator's warm-up code once, before the image is frozen; its error, if any.
+
+    It runs with the runs' sys.path, in a namespace of its own that is dropped afterwards, with
+    its output discarded (the fork server's stdout is the daemon's log)."""
+    if not code:
+        return ""
+    saved_path, saved_out, saved_err = sys.path[:], sys.stdout, sys.stderr
+    sys.path[:] = list(run_path)
+    sys.stdout = sys.stderr = io.StringIO()
+    try:
+        exec(compile(code, "<warmup>", "exec", dont_inherit=True), {"__name__": "__warmup__"})
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, the server lives on
+        return f"{type(e).__name__}: {e}"[:600]
+    finally:
+        sys.path[:], sys.stdout, sys.stderr = saved_path, saved_out, saved_err
+    return ""
 
 
 def foreign_modules(run_path: tuple[str, ...], root_fd: int | None = None) -> tuple[str, ...]:

@@ -359,11 +359,15 @@ class Jail:
             "slots": {"total": w.slots.count, "free": w.slots.free, "in_use": w.slots.in_use} if w else None,
             "workers": len(w.live) if w else 0,
             "running": self.running(),
-            "fork_server": {k: info.get(k) for k in ("preloaded", "preload_errors", "run_path", "vsz_kb", "filters")},
+            "fork_server": {
+                **{k: info.get(k) for k in ("preloaded", "preload_errors", "warmed_up", "run_path", "vsz_kb",
+                                            "filters")},
+                "environments": {name: {"root": st.root.build_id, "preloaded": st.info.get("preloaded"),
+                                        "warmed_up": st.info.get("warmed_up"),
+                                        "preload_errors": st.info.get("preload_errors")}
+                                 for name, st in self.stacks.items() if name},
+            },
             "network": self.network.describe() if self.network else None,
-            "environments": {name: {"root": st.root.build_id, "preloaded": st.info.get("preloaded"),
-                                    "preload_errors": st.info.get("preload_errors")}
-                             for name, st in self.stacks.items() if name},
         }
 
 
@@ -372,5 +376,5 @@ def _init_message(s: JailSettings, layer: EnvLayer | None) -> dict[str, Any]:
     for lang, prof in s.profiles.items():
         for net in (False, True):
             profiles[s.filter_key(lang, net)] = {**prof.to_wire(), "network": net}
-    return {"profiles": profiles, "preload": list(s.preload(layer)),
+    return {"profiles": profiles, "preload": list(s.preload(layer)), "warmup": s.warmup(layer),
             "python_path": list(s.python_path(layer)), "env": s.run_env()}

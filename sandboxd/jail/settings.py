@@ -144,6 +144,9 @@ class JailSettings:
     def preload(self, layer: EnvLayer | None = None) -> tuple[str, ...]:
         return layer.preload if layer is not None else self.jail.preload
 
+    def warmup(self, layer: EnvLayer | None = None) -> str:
+        return layer.warmup if layer is not None else self.jail.warmup
+
     def generated_files(self) -> dict[str, bytes]:
         first, count = self.jail.run_uids
         passwd = ["root:x:0:0:root:/root:/usr/sbin/nologin",
@@ -176,8 +179,8 @@ class JailSettings:
 
     def server_identity(self, layer: EnvLayer | None = None) -> tuple[object, ...]:
         """What a fork server is started from: a change needs a new one."""
-        return (self.root.python, self.python_path(layer), self.preload(layer), self.jail.preload_env,
-                dict(self.profiles))
+        return (self.root.python, self.python_path(layer), self.preload(layer), self.warmup(layer),
+                self.jail.preload_env, dict(self.profiles))
 
 
 DEFAULT_ENVIRONMENT = "default"  # the environment python3 runs get unless they ask

@@ -83,3 +83,4 @@ class EnvLayer:
     build_id: str
     system_site_packages: bool = False
     preload: tuple[str, ...] = ()
+    warmup: str = ""

@@ -12,7 +12,6 @@ import atexit
 import builtins
 import os
 import sys
-import threading
 import traceback
 import types
 from collections.abc import Mapping
@@ -102,7 +101,11 @@ def flush_stdio() -> bool:
 
 def shutdown(status: int, main: dict[str, object]) -> int:
     """Interpreter shutdown without finalisation: threads, atexit, flush."""
-    for step in (threading._shutdown, atexit._run_exitfuncs):  # type: ignore[attr-defined]
+    # threading is not in the fork server's image (its after-fork hook costs every worker ~120
+    # copied pages): only code that imported it has threads to wait for.
+    threading = sys.modules.get("threading")
+    steps = (threading._shutdown, atexit._run_exitfuncs) if threading else (atexit._run_exitfuncs,)
+    for step in steps:
         try:
             step()
         except SystemExit as e:
