@@ -1,0 +1,118 @@
+"""make profile: where the CPU of a closed loop of print(1) runs goes, per process kind.
+
+Starts a daemon with the bench's configuration, warms it up, then runs ``--concurrency``
+clients in a closed loop for ``--seconds`` while ``perf record -a -g`` samples the whole
+machine.  Prints the runs per second, the machine's CPU per run (from /proc/stat, so it
+holds without perf too) and, from perf, the share of each process kind -- the daemon, the
+fork server, the supervisors (P, ``sbx-super``), the runners (R, ``sbx-runner``), the
+bench's own clients, the kernel -- with the top symbols of each.  Writes
+``--out``/profile.txt and perf.data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench import BENCH_CONFIG, closed_loop  # noqa: E402
+from harness import DaemonProcess, daemon_dir  # noqa: E402
+
+KINDS = {"sbx-super": "supervisor P", "sbx-runner": "runner R", "sbx-forkserver": "fork server",
+         "sbx-netns": "network setup", "sandboxd": "daemon"}
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine so far."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def kind_of(comm: str) -> str:
+    if comm in KINDS:
+        return KINDS[comm]
+    if comm.startswith(("python", "profile.py")):
+        return "bench clients"
+    if comm.startswith(("kworker", "ksoftirq", "rcu", "migration", "swapper")):
+        return "kernel threads / idle"
+    return f"other ({comm})"
+
+
+def perf_split(data: str) -> tuple[dict[str, float], str]:
+    """Share of samples per process kind, and perf's own report of the top symbols per comm."""
+    by_comm = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm",
+                              "-g", "none", "--percent-limit", "0.1"], capture_output=True, text=True, check=True)
+    shares: dict[str, float] = {}
+    for line in by_comm.stdout.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S.*?)\s*$", line)
+        if m:
+            kind = kind_of(m.group(2))
+            shares[kind] = shares.get(kind, 0.0) + float(m.group(1))
+    symbols = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm,dso,sym",
+                              "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True, check=True)
+    return shares, symbols.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench-out"))
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--network", action="store_true", help="runs with network (a namespace each)")
+    ap.add_argument("--no-perf", action="store_true", help="only runs/s and CPU per run")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    use_perf = not args.no_perf and shutil.which("perf") is not None
+    kw: dict[str, Any] = {"network": True} if args.network else {}
+    d = DaemonProcess(daemon_dir(), BENCH_CONFIG).start()
+    try:
+        closed_loop(d.socket, 4, 2.0, **kw)  # warm up: pool targets, page cache
+        data = os.path.join(args.out, "perf.data")
+        perf = None
+        if use_perf:
+            perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "999", "-o", data, "--", "sleep",
+                                     str(args.seconds + 0.5)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        b0, t0 = busy_jiffies()
+        s = closed_loop(d.socket, args.concurrency, args.seconds, **kw)
+        b1, t1 = busy_jiffies()
+        if perf is not None:
+            perf.wait()
+    finally:
+        d.close()
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu_ms_per_run = (b1 - b0) / tick * 1e3 / max(1, s["n"])
+    busy = (b1 - b0) / max(1, t1 - t0)
+    lines = [f"closed loop c={args.concurrency}{' with network' if args.network else ''}: {s['runs_per_s']:.0f} runs/s,"
+             f" p50 {s['p50_ms']:.1f} ms, {s['errors']} errors",
+             f"machine CPU per run (all processes, bench clients included): {cpu_ms_per_run:.2f} ms "
+             f"({busy:.0%} of {os.cpu_count()} CPUs busy)"]
+    report = ""
+    if perf is not None:
+        shares, report = perf_split(data)
+        lines.append("share of samples, and CPU per run:")
+        for kind, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {kind:28s} {share:5.1f} %  {share / 100 * cpu_ms_per_run:5.2f} ms")
+    elif not args.no_perf:
+        lines.append("perf is not installed: no per-process split (apt-get install linux-perf)")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(args.out, "profile.txt"), "w", encoding="utf-8") as f:
+        f.write(text + "\n\n" + report)
+    print(f"\nfull report: {args.out}/profile.txt" + (f", samples: {args.out}/perf.data" if perf else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
