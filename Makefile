@@ -19,7 +19,8 @@ APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon pyth
 # python3-dev, setuptools, wheel and libyaml make the environment tests' wheelhouse.
 TEST_PACKAGES := python3-numpy python3-matplotlib python3-httpx mandoc dnsmasq-base \
 	gcc python3-dev python3-pip python3-setuptools python3-wheel libyaml-0-2
-BENCH_PACKAGES := bubblewrap linux-perf
+BENCH_PACKAGES := bubblewrap
+PROFILE_PACKAGES := linux-perf
 E2E_PACKAGES := debootstrap systemd-container qemu-system-x86 e2fsprogs
 DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230
 RUN_DIR := $(CURDIR)/run
@@ -89,7 +90,7 @@ bench: dev-tools
 
 # Where the CPU of a closed loop of print(1) goes, per process kind (perf, system-wide).
 profile: dev-tools
-	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(PROFILE_PACKAGES)"
 	$(VPY) tests/bench/profile.py $(PROFILE_ARGS)
 
 # 25,000 examples for each daemon-facing property (1,250 for oversized lengths) and the

@@ -579,7 +579,10 @@ def socket_hint(path: str) -> str:
         group = grp.getgrgid(st.st_gid).gr_name
     except (OSError, KeyError):
         return " (are you in the socket's group?)"
-    me = pwd.getpwuid(os.getuid()).pw_name if os.getuid() else "root"
+    try:
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (a container's, a deleted user's)
+        me = str(os.getuid())
     return (f" (the socket is {stat.filemode(st.st_mode)} group {group}: join it, e.g. `usermod -aG {group} "
             f"{me}`, then log in again)")
 
@@ -646,13 +649,13 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--cpu", type=seconds, help="CPU-time limit of all its processes together, as --timeout")
         r.add_argument("--memory", type=mebibytes, help="memory limit: 256 (MiB), 256M, 1G")
         r.add_argument("--max-output", type=byte_count, help="cap for stdout and for stderr each: 64K, 1M (bytes)")
-        r.add_argument("--meta", metavar="FILE", help="write the verdict to FILE as isolate's key:value lines")
         r.add_argument("--network", action="store_true", help="allow network access (if your quota does)")
         r.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
         r.add_argument("--environment", "-E", help="the Python environment to run in (default: default, if any)")
         r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
                        "(by default control characters are shown escaped there; piped output is always exact)")
         if name == "run":
+            r.add_argument("--meta", metavar="FILE", help="write the verdict to FILE as isolate's key:value lines")
             r.add_argument("--out", help="save the files the run left in out/ (and its figures) into this directory")
             streaming(r)
             r.add_argument("--display", action="store_true", help="return matplotlib figures as PNGs (with --out)")

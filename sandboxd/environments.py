@@ -82,10 +82,7 @@ def site_of(path: str) -> str:
 
 def digest_of(settings: EnvironmentSettings, python: str) -> str:
     """What decides whether a build is still good: the settings, the interpreter, the wheelhouses."""
-    fields = dataclasses.asdict(settings)
-    if not fields.get("warmup"):
-        del fields["warmup"]  # a later setting: unused, it leaves existing builds' digests alone
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
     try:
         h.update(os.path.realpath(python).encode() + str(os.stat(python).st_mtime_ns).encode())
     except OSError:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from . import __version__, errors, hints, logs, plan, protocol, quota, rootwhy
 from .config import QuotaLimits
 from .errors import RequestError
-from .jail.profiles import CONDITIONAL, NEVER_ALLOW
+from .jail.profiles import NEVER_ALLOW, REFUSED_WHY
 from .jail.stream import EventSink
 from .peer import Identity
 
@@ -235,7 +235,7 @@ async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
         f"profiles:\n  {profile}:\n    allow: [{', '.join(sorted(names))}]\n")
     return protocol.ok(call.id, result=result, profile=profile,
                        missing=[{"name": n, "count": c} for n, c in missing],
-                       refused=[{"name": n, "count": c, "why": CONDITIONAL.get(n) or (
+                       refused=[{"name": n, "count": c, "why": REFUSED_WHY.get(n) or (
                                  "never allowed" if n in NEVER_ALLOW else "not a native system call")}
                                 for n, c in refused],
                        yaml=yaml_snippet, config=app.config_path())

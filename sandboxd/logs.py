@@ -58,15 +58,15 @@ class JournalHandler(logging.Handler):
 
     PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, ident: str = "sandboxd") -> None:
         super().__init__()
-        self.send = send
+        self.send, self.ident = send, ident
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = self.format(record)
             extra = {k.upper(): str(v) for k, v in _fields_of(record).items()}
-            self.send(message, PRIORITY=str(self.PRIORITY.get(record.levelno, 6)), SYSLOG_IDENTIFIER="sandboxd",
+            self.send(message, PRIORITY=str(self.PRIORITY.get(record.levelno, 6)), SYSLOG_IDENTIFIER=self.ident,
                       LOGGER=record.name, **extra)
         except Exception:  # noqa: BLE001 - logging must never raise (logging.Handler's own rule)
             self.handleError(record)
@@ -86,27 +86,31 @@ def _journal() -> Any:
     return journal.send
 
 
-def setup(level: str, foreground: bool, fmt_name: str = "text") -> None:
-    """Where lines go: ``json`` lines on stderr; with journald (under systemd, python3-systemd
-    installed) the journal's native protocol with fields; else text on stderr (foreground) or
-    syslog."""
+def setup(level: str, foreground: bool, fmt_name: str = "text", ident: str = "sandboxd") -> None:
+    """Where lines go: in the foreground, ``json`` lines on stderr, or with journald (under
+    systemd, python3-systemd installed) the journal's native protocol with fields, else text on
+    stderr; in the background (stderr is gone), syslog, as text or as JSON.  ``ident`` names
+    the program in the journal and in syslog."""
     root = logging.getLogger()
     root.handlers.clear()
-    send = _journal() if foreground and fmt_name != "json" else None
+    json_lines = fmt_name == "json"
+    send = _journal() if foreground and not json_lines else None
     handler: logging.Handler
-    if fmt_name == "json":
+    if not foreground:
+        syslog = logging.handlers.SysLogHandler(address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        syslog.ident = f"{ident}[{os.getpid()}]: "
+        syslog.setFormatter(JsonFormatter() if json_lines else EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+        handler = syslog
+    elif json_lines:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
     elif send is not None:
-        handler = JournalHandler(send)
+        handler = JournalHandler(send, ident)
         handler.setFormatter(EscapingFormatter("%(message)s"))
-    elif foreground:
+    else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
             "%(asctime)s %(levelname)s %(name)s: %(message)s"
         handler.setFormatter(EscapingFormatter(fmt))
-    else:
-        handler = logging.handlers.SysLogHandler(address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(EscapingFormatter("sandboxd[%(process)d]: %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())

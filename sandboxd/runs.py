@@ -137,13 +137,8 @@ class Runs:
             self.admission.release(who.uid)
             self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
             wall_ms = (time.time() - started) * 1000
-            log.info("%s %s uid=%d (%s) status=%s%s wall=%.1fms cpu=%.1fms%s", "exec" if entry.session_id else "run",
-                     run_id, who.uid, who.name, status, f" syscall={syscall}" if syscall else "", wall_ms, cpu_ms,
-                     f" killed by uid {entry.killed_by.uid}" if entry.killed_by else "",
-                     extra=logs.fields(run_id=run_id, caller_uid=who.uid, caller=who.name, status=status,
-                                       syscall=syscall, language=entry.language, session_id=entry.session_id,
-                                       wall_ms=round(wall_ms, 1), cpu_ms=round(cpu_ms, 1),
-                                       killed_by=entry.killed_by.uid if entry.killed_by else None))
+            if log.isEnabledFor(logging.INFO):  # the line and its fields are built for every run
+                self._log_run(entry, status, syscall, wall_ms, cpu_ms)
         record = result.to_dict()
         record["run_id"] = run_id
         if result.blocked_syscall:
@@ -153,6 +148,17 @@ class Runs:
         if result.status == "sandbox_error":
             log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
         return record
+
+    @staticmethod
+    def _log_run(entry: RunEntry, status: str, syscall: str | None, wall_ms: float, cpu_ms: float) -> None:
+        who, run_id = entry.caller, entry.run_id
+        log.info("%s %s uid=%d (%s) status=%s%s wall=%.1fms cpu=%.1fms%s", "exec" if entry.session_id else "run",
+                 run_id, who.uid, who.name, status, f" syscall={syscall}" if syscall else "", wall_ms, cpu_ms,
+                 f" killed by uid {entry.killed_by.uid}" if entry.killed_by else "",
+                 extra=logs.fields(run_id=run_id, caller_uid=who.uid, caller=who.name, status=status,
+                                   syscall=syscall, language=entry.language, session_id=entry.session_id,
+                                   wall_ms=round(wall_ms, 1), cpu_ms=round(cpu_ms, 1),
+                                   killed_by=entry.killed_by.uid if entry.killed_by else None))
 
     def jobs(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -107,7 +107,8 @@ def render_yaml() -> str:
     a file nobody edited, and no path that belongs to one Debian release (the root's paths
     derive from root.python)."""
     out = [
-        f"# sandboxd configuration: only what differs from the defaults (sandboxd {__version__}).",
+        "# sandboxd configuration: only what differs from the defaults (no version here: a release",
+        "# that changes no shipped value leaves this file alone, and dpkg asks nothing).",
         "# sandboxd.yaml(5) lists every setting with its default; sizes: 256M, 1G; durations: 500ms, 5s, 2m.",
         "# Check with `sandboxctl check-config`; apply with `systemctl reload sandboxd` (SIGHUP).",
         "# Generated from the settings declarations: python3 -m sandboxd.settings_doc --write",

@@ -397,7 +397,8 @@ def test_dify_dependency_routes_list_the_default_environment(env_daemon: Any, wh
 
     d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
     ready(d, "default")
-    with BridgeProcess(d.socket) as b, httpx.Client(base_url=b.url, headers=b.headers, timeout=60) as c:
+    with BridgeProcess(d.socket) as b, \
+            httpx.Client(base_url=b.url, headers=b.headers, timeout=60, trust_env=False) as c:
         body = c.get("/v1/sandbox/dependencies", params={"language": "python3"}).json()
         assert body["code"] == 0 and {"name": "sbxpure", "version": "1.0"} in body["data"]["dependencies"], body
         assert c.get("/v1/sandbox/dependencies", params={"language": "nodejs"}).json()["data"] == \

@@ -37,12 +37,13 @@ SLOW = {"header_timeout": "1s", "body_timeout": "1s", "max_body": "256K"}
 
 def dify_client(base_url: str, key: str | None = KEY) -> Any:
     """An httpx client set up as Dify's code executor's is."""
-    return httpx.Client(base_url=base_url, headers={"X-Api-Key": key} if key else {},
+    # trust_env=False: a proxy set in the environment must never carry a test's request off loopback
+    return httpx.Client(base_url=base_url, headers={"X-Api-Key": key} if key else {}, trust_env=False,
                         timeout=httpx.Timeout(connect=10.0, read=60.0, write=10.0, pool=None),
                         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0))
 
 
-def run(client: Any, code: str, language: str = "python3", preload: str = "", network: bool = True,
+def run(client: Any, code: str, language: str = "python3", preload: str = "", network: bool = False,
         **extra: Any) -> Any:
     return client.post("/v1/sandbox/run", json={"language": language, "code": code, "preload": preload,
                                                 "enable_network": network, **extra})
@@ -172,7 +173,7 @@ def _workdir() -> str:
 
 
 def metric(b: BridgeProcess, name: str, **labels: str) -> float:
-    text = httpx.get(b.url + "/metrics").text
+    text = httpx.get(b.url + "/metrics", trust_env=False).text
     total = 0.0
     for family in parser.text_string_to_metric_families(text):
         for s in family.samples:
@@ -196,14 +197,17 @@ def test_the_api_key_is_required_and_checked(bridge: BridgeProcess) -> None:
 
 
 def test_it_refuses_to_start_without_a_key_or_as_root(test_users: Any) -> None:
-    cmd = [sys.executable, "-m", "sandboxd.http", "--check-config"]
+    # Never the host's own daemon or port 8194, should a check regress: a socket nobody serves, port 0.
+    where = ["--socket", "/nonexistent/sandboxd-test.sock", "--listen", "127.0.0.1:0"]
+    cmd = [sys.executable, "-m", "sandboxd.http", *where, "--check-config"]
     env = {"PATH": "/usr/bin:/bin"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", **as_user("sbx-http"))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=60, **as_user("sbx-http"))
     assert p.returncode == 78 and "no API key" in p.stderr and "--no-auth" in p.stderr, p.stderr
-    p = subprocess.run([*cmd, "--no-auth"], capture_output=True, text=True, env=env, cwd="/", **as_user("sbx-http"))
+    p = subprocess.run([*cmd, "--no-auth"], capture_output=True, text=True, env=env, cwd="/", timeout=60,
+                       **as_user("sbx-http"))
     assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "sandboxd.http", "--no-auth"], capture_output=True, text=True,
-                       env=env, cwd="/")
+    p = subprocess.run([sys.executable, "-m", "sandboxd.http", *where, "--no-auth"], capture_output=True, text=True,
+                       env=env, cwd="/", timeout=60)
     assert p.returncode == 77 and "refusing to run as root" in p.stderr, p.stderr
 
 
@@ -453,7 +457,7 @@ def test_health_follows_the_daemon(make_daemon: Any, bridges: Callable[..., Brid
     b = bridges(d.socket)
 
     def health() -> tuple[int, str]:
-        r = httpx.get(b.url + "/health")
+        r = httpx.get(b.url + "/health", trust_env=False)
         return r.status_code, r.json().get("reason", "")
 
     code, reason = health()
@@ -482,7 +486,7 @@ def test_health_follows_the_daemon(make_daemon: Any, bridges: Callable[..., Brid
 
 # -- metrics --------------------------------------------------------------------------------------------------
 def test_metrics_parse_and_move(bridge: BridgeProcess) -> None:
-    text = httpx.get(bridge.url + "/metrics").text
+    text = httpx.get(bridge.url + "/metrics", trust_env=False).text
     names = {f.name for f in parser.text_string_to_metric_families(text)}
     assert {"sandboxd_http_requests", "sandboxd_http_request_duration_seconds", "sandboxd_http_runs",
             "sandboxd_http_in_flight", "sandboxd_daemon_up", "sandboxd_daemon_capacity", "sandboxd_daemon_running",

@@ -57,8 +57,11 @@ def test_the_client_returns_a_typed_result_and_takes_the_configs_units(daemon: D
         assert r["status"] == r.status and dict(r)["exit_code"] == 3 and r.run_id and r.wall_ms > 0
         r = c.run("open('out/a.txt', 'w').write('A')")
         assert r.ok and r.files == {"a.txt": b"A"}
-        assert c.run("while True: pass", timeout=0.3).status == "timeout"
-        assert c.run("x = bytearray(300 << 20)", memory="64M").status == "memory_limit"
+        # Each passes only with the unit applied: 1 s of sleep is inside the default timeout, and
+        # 100 MiB inside the default memory limit.
+        assert c.run("import time; time.sleep(1)", timeout=0.3).status == "timeout"
+        assert c.run("x = bytearray(100 << 20); x[::4096] = b'x' * len(x[::4096])", memory="64M").status == \
+            "memory_limit"
         with pytest.raises(TypeError):
             c.run("pass", nonsense=1)
         assert c.usage()[0]["uid"] == 0 and c.jobs() == []
@@ -76,3 +79,25 @@ def test_the_client_returns_a_typed_result_and_takes_the_configs_units(daemon: D
 def test_every_run_has_an_empty_out_directory(daemon: DaemonProcess, language: str, code: str) -> None:
     r = daemon.run(code, language=language)
     assert r.ok and r.text.split()[0] in ("True", "true"), r
+
+
+def test_json_lines_go_to_syslog_when_the_daemon_runs_in_the_background() -> None:
+    # Daemonized, stderr is /dev/null: JSON lines must go where text lines go (syslog), tagged.
+    import logging
+    import logging.handlers
+    import os
+
+    from sandboxd import logs
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        logs.setup("info", foreground=False, fmt_name="json", ident="sandboxd")
+        (handler,) = root.handlers
+        assert isinstance(handler, logging.handlers.SysLogHandler)
+        assert handler.ident == f"sandboxd[{os.getpid()}]: "
+        record = logging.LogRecord("sandboxd.run", logging.INFO, __file__, 1, "run %s", ("r1",), None)
+        assert json.loads(handler.format(record))["message"] == "run r1"
+        handler.close()
+    finally:
+        root.handlers[:], root.level = saved, level

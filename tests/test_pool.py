@@ -41,14 +41,17 @@ def test_a_preload_that_fails_is_reported_not_fatal(make_daemon: Any) -> None:
 def test_warmup_runs_once_in_the_fork_server_before_any_run(make_daemon: Any) -> None:
     # The warm-up's effect on a preloaded module reaches every run; its own names and its
     # output do not.
-    warmup = ("import json, sys\njson.WARMED = json.dumps([1, 2])\nprivate = 'warm-up local'\n"
-              "print('warm-up noise')\nprint('warm-up noise', file=sys.stderr)\n")
+    warmup = ("import json, sys, time\njson.WARMED = json.dumps([1, 2])\njson.WARMED_AT = time.monotonic_ns()\n"
+              "private = 'warm-up local'\nprint('warm-up noise')\nprint('warm-up noise', file=sys.stderr)\n")
     d: DaemonProcess = make_daemon({"jail": {"preload": ["json"], "warmup": warmup}})
     code = "import json\nprint(json.WARMED, 'private' in globals(), 'warm-up noise')"
     for _ in range(3):  # every worker, not only the first
         r = d.run(code)
         assert r["status"] == "ok", r["stderr"]
         assert r["stdout"] == b"[1, 2] False warm-up noise\n" and r["stderr"] == b""
+    # once, in the fork server: every worker inherits the same moment, none runs it again
+    stamps = {d.run("import json; print(json.WARMED_AT)")["stdout"] for _ in range(3)}
+    assert len(stamps) == 1, stamps
     with d.client() as c:
         fs = c.status()["fork_server"]
     assert fs["warmed_up"] is True and fs["preload_errors"] == {}
@@ -75,6 +78,15 @@ def test_an_empty_pool_never_fails_a_request(make_daemon: Any) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         outs = list(ex.map(one, range(24)))
     assert outs == [f"{i}\n".encode() for i in range(24)]
+
+
+def test_the_fork_servers_image_leaves_threading_and_random_to_the_run(daemon: DaemonProcess) -> None:
+    # Not imported before user code (their after-fork hooks would write pages in every worker);
+    # a run that imports them gets working fresh copies.
+    r = daemon.run("import sys\nprint(sorted(m for m in ('threading', 'random', 'tempfile') if m in sys.modules))\n"
+                   "import threading, random\nt = threading.Thread(target=print, args=(random.random() < 1,))\n"
+                   "t.start(); t.join()")
+    assert (r["status"], r["stdout"]) == ("ok", b"[]\nTrue\n"), r
 
 
 def test_workers_are_single_use(daemon: DaemonProcess) -> None:

@@ -18,7 +18,7 @@ with Client(sys.argv[1] if len(sys.argv) > 1 else None) as c:
         s.exec("import json; data = {'n': 41}")
         print("session:", s.exec("data['n'] + 1").value)
 
-    r = c.run("import socket; socket.create_connection(('192.0.2.1', 80))")
+    r = c.run("import socket; socket.create_connection(('127.0.0.1', 9))")
     print("refused:", r.status, r.blocked_syscall, "-", r.get("advice"))
 
     try:

@@ -19,7 +19,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-LANGUAGES = {"python3": "python3", "nodejs": "nodejs", "javascript": "nodejs"}
+from .. import config
+
+LANGUAGES = {**{lang: lang for lang in config.LANGUAGES}, **config.ALIASES}  # as Dify names them -> ours
 SOCKET_CALLS = ("socket", "socketpair", "connect", "bind", "sendto", "sendmsg")
 
 # The daemon's error codes -> the HTTP status the bridge answers with.  Dify retries 502, 503 and 504.

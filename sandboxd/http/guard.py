@@ -34,7 +34,7 @@ def _plain(status: str) -> bytes:
     return f"HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
 
 
-def protocol_class(header_timeout: float, write_timeout: float, max_head: int = MAX_HEAD) -> type[asyncio.Protocol]:
+def protocol_class(header_timeout: float, write_timeout: float) -> type[asyncio.Protocol]:
     class GuardedProtocol(HttpToolsProtocol):  # type: ignore[misc]
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -71,8 +71,8 @@ def protocol_class(header_timeout: float, write_timeout: float, max_head: int = 
                 # acknowledged, and the kernel would delay that acknowledgement by 40 ms.
                 with contextlib.suppress(OSError):
                     self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-            if self._in_head and self._head_bytes > max_head and not self.transport.is_closing():
-                log.warning("%s: request head over %d bytes: refused", self._peer(), max_head)
+            if self._in_head and self._head_bytes > MAX_HEAD and not self.transport.is_closing():
+                log.warning("%s: request head over %d bytes: refused", self._peer(), MAX_HEAD)
                 self._refuse("431 Request Header Fields Too Large")
 
         def _too_slow(self) -> None:

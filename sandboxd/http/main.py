@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sandboxd-http: refusing to run as root: it needs no privileges, and as root every request would "
               "have root's rights at the daemon; run it as the user sandboxd-http", file=sys.stderr)
         return EX_NOPERM
-    logs.setup(settings.log_level, foreground=True)
+    logs.setup(settings.log_level, foreground=True, ident="sandboxd-http")
     _raise_nofile()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(settings))

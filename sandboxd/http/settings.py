@@ -154,8 +154,6 @@ def _env_value(f: dataclasses.Field[Any], text: str) -> Any:
         return True if text in GO_TRUE else False if text in GO_FALSE else text
     if f.type in ("int", int) and re.fullmatch(r"\s*-?\d+\s*", text):
         return int(text)
-    if f.name == "worker_timeout" and re.fullmatch(r"\s*\d+(\.\d+)?\s*", text):
-        return float(text)  # dify-sandbox: a number of seconds
     return text
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ..client import AsyncClient, NotSentError, SandboxdError
@@ -37,7 +36,6 @@ class Upstream:
         self.socket_path = socket_path
         self.max_idle = max_idle
         self.idle: list[tuple[float, AsyncClient]] = []
-        self.open = 0  # connections this bridge holds, idle or busy
 
     async def _connect(self) -> AsyncClient:
         client = AsyncClient(self.socket_path)
@@ -46,7 +44,6 @@ class Upstream:
         except OSError as e:
             log.warning("cannot connect to sandboxd at %s: %s", self.socket_path, e.strerror or e)
             raise Unreachable(f"sandboxd is not reachable ({e.strerror or type(e).__name__})") from None
-        self.open += 1
         return client
 
     def _take(self) -> AsyncClient | None:
@@ -65,12 +62,10 @@ class Upstream:
             self._discard(client)
 
     def _discard(self, client: AsyncClient) -> None:
-        self.open -= 1
         if client.writer is not None:
             client.writer.close()  # the daemon kills a run in flight on this connection
 
-    async def call(self, op: str, deadline: float, progress: Callable[[dict[str, Any]], None] | None = None,
-                   **fields: Any) -> dict[str, Any]:
+    async def call(self, op: str, deadline: float, **fields: Any) -> dict[str, Any]:
         """One request, answered within ``deadline`` seconds; ``SandboxdError`` for an error answer."""
         client = self._take()
         reused = client is not None
@@ -85,7 +80,7 @@ class Upstream:
                                       timed_out=True) from None
             try:
                 async with asyncio.timeout(max(0.001, deadline - (time.monotonic() - started))):
-                    answer = await client.call(op, progress=progress, **fields)
+                    answer = await client.call(op, **fields)
             except SandboxdError:
                 self._give_back(client)  # an answer, whole: the connection is fine
                 raise

@@ -24,19 +24,19 @@ Seen = dict[str, tuple[int, int]]  # path under out/ -> (size, mtime_ns) when it
 
 
 def anything_to_collect() -> bool:
-    """Whether the run left files to return: out/ holds something (or is not the directory
-    sandboxd made: collect decides, safely), or figures were saved.  An empty out/ — every
-    run has one — is answered without waiting for the rest of the run to die first."""
+    """Whether the run left files to return: figures were saved, or out/ holds something.  An
+    empty out/ — every run has one — or one the run removed or replaced by a non-directory
+    (``out_files`` returns nothing then) is answered without waiting for the rest of the run
+    to die first."""
     if os.path.lexists(DISPLAY_DIR):
         return True
     try:
         if not stat.S_ISDIR(os.lstat(OUT_DIR).st_mode):
-            return True
-    except OSError:
-        return False  # the run removed it
-    try:
+            return False  # replaced by a file or a link: out_files returns nothing
         with os.scandir(OUT_DIR) as it:
             return next(it, None) is not None
+    except FileNotFoundError:
+        return False  # the run removed it
     except OSError:
         return True  # unreadable (chmod 000): collect says so, as files_truncated
 

@@ -23,6 +23,7 @@ its template and the cgroups come as fds), and a worker leaves the server's stac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib
@@ -33,6 +34,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -62,7 +64,7 @@ class ForkServer:
                    for key, p in init["profiles"].items()}
         run_path = run_sys_path(root_fd, init["python_path"])
         preloaded, preload_errors = preload(init["preload"], run_path)
-        warmup_error = warm_up(init.get("warmup", ""), run_path)
+        warmup_error = warm_up(init["warmup"], run_path)
         if warmup_error:
             preload_errors["(warmup)"] = warmup_error
         cap_last = libc.cap_last_cap()
@@ -87,7 +89,7 @@ class ForkServer:
             "filters": {k: len(v) // 8 for k, v in filters.items()},
             "preloaded": preloaded,
             "preload_errors": preload_errors,
-            "warmed_up": bool(init.get("warmup")) and not warmup_error,
+            "warmed_up": bool(init["warmup"]) and not warmup_error,
             "tasks": len(os.listdir("/proc/self/task")),
             "run_path": list(run_path),
             "vsz_kb": _status_kb("VmSize"),
@@ -240,13 +242,22 @@ def _is_dir_in(root_fd: int, path: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _on_run_path(run_path: tuple[str, ...]) -> Iterator[None]:
+    """Administrator code (preload, warm-up) imports from the runs' sys.path, not the server's."""
+    saved = sys.path[:]
+    sys.path[:] = list(run_path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """Import the administrator's preload modules from the root's own paths."""
     done: list[str] = []
     errors: dict[str, str] = {}
-    saved = sys.path[:]
-    sys.path[:] = list(run_path)
-    try:
+    with _on_run_path(run_path):
         for name in modules:
             try:
                 importlib.import_module(name)
@@ -255,8 +266,6 @@ def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], d
                 cause = e.__cause__ or e.__context__  # what a package's own message hides
                 errors[name] = f"{type(e).__name__}: {e}" + (f" (from {type(cause).__name__}: {cause})"[:600]
                                                                if cause is not None else "")
-    finally:
-        sys.path[:] = saved
     return done, errors
 
 
@@ -267,15 +276,12 @@ def warm_up(code: str, run_path: tuple[str, ...]) -> str:
     its output discarded (the fork server's stdout is the daemon's log)."""
     if not code:
         return ""
-    saved_path, saved_out, saved_err = sys.path[:], sys.stdout, sys.stderr
-    sys.path[:] = list(run_path)
-    sys.stdout = sys.stderr = io.StringIO()
     try:
-        exec(compile(code, "<warmup>", "exec", dont_inherit=True), {"__name__": "__warmup__"})
+        with _on_run_path(run_path), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            exec(compile(code, "<warmup>", "exec", dont_inherit=True), {"__name__": "__warmup__"})
     except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, the server lives on
         return f"{type(e).__name__}: {e}"[:600]
-    finally:
-        sys.path[:], sys.stdout, sys.stderr = saved_path, saved_out, saved_err
     return ""
 
 

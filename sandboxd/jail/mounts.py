@@ -26,7 +26,9 @@ import stat
 from . import libc
 from .layout import DEVICE_NODES, DEVICE_NUMBERS
 
-SCRATCH_DIRS = (("tmp", 0o1777, ("/tmp", "/var/tmp")), ("shm", 0o1777, ("/dev/shm",)), ("work", 0o755, ("/work",)))
+# (directory in the scratch, mode, where it is bound); work/out is every run's out/ (collect.OUT_DIR)
+SCRATCH_DIRS = (("tmp", 0o1777, ("/tmp", "/var/tmp")), ("shm", 0o1777, ("/dev/shm",)), ("work", 0o755, ("/work",)),
+                ("work/out", 0o755, ()))
 RO_FLAGS = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
 SCRATCH_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 DEV_FLAGS = libc.MS_NOSUID | libc.MS_NOEXEC
@@ -74,9 +76,6 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
         os.mkdir(path, mode)
         os.chmod(path, mode)  # mkdir honours the umask
         os.chown(path, uid, gid)
-    out = "/work/work/out"  # every run has an out/ for the files it returns (collect.OUT_DIR)
-    os.mkdir(out, 0o755)
-    os.chown(out, uid, gid)
     for sub, _mode, targets in SCRATCH_DIRS:
         for target in targets:
             # A bind keeps the tmpfs mount's nosuid/nodev/noexec; tests check them from inside.

@@ -159,15 +159,25 @@ NEVER_ALLOW = frozenset(
     }
 )
 
-# Calls the filter lets through for some arguments only: why one was refused, in words.
+# Calls the filter lets through for some arguments only (seccomp.py adds the checks), and why
+# one was refused, in words.  Naming one in a profile's allow list lets it through unchecked.
 CONDITIONAL = {
     "socket": "sockets: AF_UNIX for every run; AF_INET and AF_INET6 only for runs with network; raw, packet, "
               "netlink and other families never",
+    "socketpair": "socketpair: AF_UNIX pairs only",
     "ioctl": "ioctl: only terminal and file requests that reveal nothing of the host",
+    "fcntl": "fcntl: only the commands on the profile's list",
     "prctl": "prctl: only options that cannot widen what the process may do",
     "clone": "clone: threads and processes, never new namespaces",
-    "clone3": "clone3: refused with ENOSYS so that libc falls back to clone",
+    "personality": "personality: queries only",
+    "mknod": "mknod: FIFOs only, no device nodes",
+    "mknodat": "mknodat: FIFOs only, no device nodes",
+    "madvise": "madvise: not the advice that evicts or reveals what pages another process has in memory",
+    "fadvise64": "fadvise64: not the advice that evicts shared page cache",
+    "preadv2": "preadv2: not RWF_NOWAIT (it reveals what is in the page cache)",
+    "pwritev2": "pwritev2: not RWF_NOWAIT (it reveals what is in the page cache)",
 }
+REFUSED_WHY = {**CONDITIONAL, "clone3": "clone3: refused with ENOSYS so that libc falls back to clone"}
 NETWORK_CALLS = frozenset({"socket", "connect", "bind", "sendto", "sendmsg"})
 
 
@@ -176,8 +186,8 @@ def refusal_advice(name: str, network: bool) -> str:
     if name in NETWORK_CALLS and not network:
         return ("the run had no network: ask for it (sandboxctl run --network, \"network\": true), which your "
                 "quota must allow (sandboxctl usage shows network); Unix sockets work without it")
-    if name in CONDITIONAL:
-        return f"{CONDITIONAL[name]}; no setting widens that"
+    if name in REFUSED_WHY:
+        return f"{REFUSED_WHY[name]}; refused for these arguments, not for the call"
     if name in NEVER_ALLOW:
         return "never allowed in the jail (an escape or kernel attack surface); no setting allows it"
     return (f"an admin can allow it for a language: sandboxctl syscalls FILE runs the program once and prints "

@@ -37,8 +37,7 @@ class ProfileError(ValueError):
     pass
 
 
-CONDITIONAL = ("clone", "ioctl", "fcntl", "socket", "socketpair", "prctl", "personality", "mknod", "mknodat",
-               "madvise", "fadvise64", "preadv2", "pwritev2")
+CONDITIONAL = tuple(profiles.CONDITIONAL)  # argument-checked below, unless a profile allows one outright
 
 
 def unfiltered(profile: Profile) -> list[str]:

@@ -222,9 +222,9 @@ class Supervisor:
     def report(self, status: Status, end_ns: int) -> NoReturn:
         """End everything else of the run and write the one exit frame.
 
-        Files in out/ are read once the run is really dead (no torn reads).  Without out/
-        the report goes first: killing wakes the runner, whose teardown would otherwise run
-        before us; the kill follows within microseconds.
+        Files in out/ are read once the run is really dead (no torn reads).  With nothing to
+        collect (an empty out/, no figures) the report goes first: killing wakes the runner,
+        whose teardown would otherwise run before us; the kill follows within microseconds.
         """
         wstatus, rusage = status
         if not self.started and not self.spec.exec_argv:

@@ -43,11 +43,12 @@ NUMPY_CODE = "import numpy as np\nprint(int((np.arange(100000) ** 2).sum() % 97)
 NUMPY_WARMUP = ("import numpy as np\na = np.ones((4, 4))\nnp.linalg.inv(a + np.eye(4))\nnp.linalg.det(a)\n"
                 "(a * 2).sum()\n")
 BENCH_CONFIG: dict[str, Any] = {
-    "daemon": {"socket_group": "sbx-clients", "workers": 16, "queue": 512, "log_level": "warning"},
+    "daemon": {"workers": 16, "queue": 512, "log_level": "warning"},  # over tests/harness.py's BASE_CONFIG
     "pool": {"min": 4, "max": 16},
     "quotas": {"default": {"concurrent": 128, "queued": 512, "runs_per_minute": 0, "cpu_seconds_per_hour": 0,
-                           "max_output": "16M", "max_files_size": "16M", "sessions": 16, "network": True}},
+                           "max_output": "16M", "max_files_size": "16M", "sessions": 16}},
     "limits": {"output": "16M"},
+    "network": {"dns": []},  # runs with network never get the host's resolvers (nothing here resolves names)
 }
 
 
@@ -376,9 +377,10 @@ def bwrap_one(root: str, argv: tuple[str, ...] = ("/usr/bin/python3", "-I", "-S"
 NODE_PRINT1 = "console.log(1)"
 
 
-def runtimes_and_network(sock: str, root: str, quick: bool, row: Any) -> dict[str, Any]:
+def runtimes_and_network(d: DaemonProcess, root: str, quick: bool, row: Any) -> dict[str, Any]:
     """Node.js warm runs against bwrap + a fresh node in the same root, the cost of a Node worker;
     what network costs a run and a worker; a 1 MiB download through the policy."""
+    sock = d.socket
     out: dict[str, Any] = {}
     n = 40 if quick else 120
     seconds = 2.0 if quick else 5.0
@@ -396,7 +398,7 @@ def runtimes_and_network(sock: str, root: str, quick: bool, row: Any) -> dict[st
         row("nodejs closed loop c=4: runs/s (CPU per run + worker)", f"{out['node_c4']['runs_per_s']:.0f}/s "
             f"(<= {cpu_ms:.0f} ms of CPU each: node's start in a new worker)")
         time.sleep(2)
-        pss = [(_pss_kb(pid), pid) for pid in _node_pids()]
+        pss = [(_pss_kb(pid), pid) for pid in _node_pids(d)]
         if pss:
             out["node_idle_pss_mib"] = sum(k for k, _ in pss) / 1024 / len(pss)
             row("PSS per idle Node worker (its node process)", f"{out['node_idle_pss_mib']:.1f} MiB "
@@ -423,16 +425,16 @@ def runtimes_and_network(sock: str, root: str, quick: bool, row: Any) -> dict[st
     return out
 
 
-def _node_pids() -> list[int]:
+def _node_pids(d: DaemonProcess) -> list[int]:
+    """This daemon's node processes (its Node workers), not those of any other daemon."""
     pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm", encoding="ascii") as f:
-                    if f.read().strip() == "node" and os.stat(f"/proc/{name}").st_uid >= 800000:
-                        pids.append(int(name))
-            except OSError:
-                pass
+    for pid, _uid in d.run_uid_processes():
+        try:
+            with open(f"/proc/{pid}/comm", encoding="ascii") as f:
+                if f.read().strip() == "node":
+                    pids.append(pid)
+        except OSError:
+            pass
     return pids
 
 
@@ -446,25 +448,32 @@ print(n, time.perf_counter() - t)
 def download_through_policy(sock: str, row: Any) -> dict[str, float] | None:
     """1 MiB from the test internet's public host (tests/netlab.py: a namespace of its own on this
     machine), from a run through the policy and from the host itself."""
+    import http.client
+
     from netlab import PUBLIC, Lab
 
+    lab = Lab()
     try:
-        lab = Lab()
+        lab.__enter__()  # it takes down whatever it made if it fails
     except Exception as e:  # noqa: BLE001 - the bench goes on without this row
         print(f"  skipped the download: no test internet ({e})")
         return None
-    with lab, Client(sock, timeout=60) as c:
-        runs, host = [], []
-        for _ in range(5):
-            r = c.run(DOWNLOAD.format(host=PUBLIC), network=True, timeout_ms=30000)
-            size, secs = r.text.split()
-            assert int(size) == 1 << 20, r
-            runs.append(float(secs))
-            t = time.perf_counter()
-            import urllib.request
-
-            assert len(urllib.request.urlopen(f"http://{PUBLIC}/1m", timeout=20).read()) == 1 << 20
-            host.append(time.perf_counter() - t)
+    runs, host = [], []
+    try:
+        with Client(sock, timeout=60) as c:
+            for _ in range(5):
+                r = c.run(DOWNLOAD.format(host=PUBLIC), network=True, timeout_ms=30000)
+                size, secs = r.text.split()
+                assert int(size) == 1 << 20, r
+                runs.append(float(secs))
+                t = time.perf_counter()
+                conn = http.client.HTTPConnection(PUBLIC, 80, timeout=20)  # straight there: no proxy applies
+                conn.request("GET", "/1m")
+                assert len(conn.getresponse().read()) == 1 << 20
+                conn.close()
+                host.append(time.perf_counter() - t)
+    finally:
+        lab.__exit__(None, None, None)
     out = {"run_mib_s": 1 / pct(runs, 0.5), "host_mib_s": 1 / pct(host, 0.5)}
     row("1 MiB download, run (policy) / host: MiB/s", f"{out['run_mib_s']:.0f} / {out['host_mib_s']:.0f}")
     return out
@@ -545,15 +554,13 @@ def root_builds(work: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     extra = extra_lib_paths(20)
-    can_link = rootfs._can_link
-    linking = {"hard_links": True}
-    cases = [("default, hard links", {"root": linking}, work, True), ("default, copies (the default)", {}, work, False),
-             ("default, copies into tmpfs", {}, "/dev/shm", False),
-             (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra, **linking}}, work, True)]
-    for name, raw, fs, links in cases:
+    linking = {"hard_links": True}  # without it (the default) the root is copied, never linked
+    cases = [("default, hard links", {"root": linking}, work), ("default, copies (the default)", {}, work),
+             ("default, copies into tmpfs", {}, "/dev/shm"),
+             (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra, **linking}}, work)]
+    for name, raw, fs in cases:
         spec = JailSettings.from_config(parse(raw), work).root_spec()
         base = tempfile.mkdtemp(prefix="sandboxd-bench-root-", dir=fs)
-        rootfs._can_link = can_link if links else (lambda *_: False)  # type: ignore[assignment]
         try:
             cold, warm = [], []
             for _ in range(3):
@@ -569,7 +576,6 @@ def root_builds(work: str) -> dict[str, Any]:
             out[name] = {"cold_s": min(cold), "warm_s": min(warm), "files": info.files,
                          "libraries": info.libraries, "linked": info.linked, "copied": info.copied}
         finally:
-            rootfs._can_link = can_link  # type: ignore[assignment]
             shutil.rmtree(base, ignore_errors=True)
     return out
 
@@ -655,6 +661,13 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     remove_users = ensure_test_users()  # sandboxd-http runs as one of them
+    try:
+        return measure(args, results)
+    finally:
+        remove_users()  # also when a measurement fails or is interrupted
+
+
+def measure(args: argparse.Namespace, results: dict[str, Any]) -> int:
     def row(name: str, value: str) -> None:
         print(f"  {name:48s} {value}", flush=True)
 
@@ -687,7 +700,7 @@ def main() -> int:
                 + (f"  ({s['errors']} errors)" if s["errors"] else ""))
 
         print("runtimes and network")
-        results["runtimes"] = runtimes_and_network(sock, root, args.quick, row)
+        results["runtimes"] = runtimes_and_network(d, root, args.quick, row)
         if "network_paced" in results["runtimes"]:
             cost = results["runtimes"]["network_paced"]["p50_ms"] / results["paced_c1"]["p50_ms"]
             row("  network cost over a plain run's p50", f"{cost:.2f}x")
@@ -811,7 +824,6 @@ def main() -> int:
     if envs is not None:
         results["environments"] = envs
 
-    remove_users()
     print("targets (ratios from this run)")
     results["targets"] = targets(results)
     for name, (value, goal, met) in results["targets"].items():

@@ -76,10 +76,10 @@ def main() -> int:
     use_perf = not args.no_perf and shutil.which("perf") is not None
     kw: dict[str, Any] = {"network": True} if args.network else {}
     d = DaemonProcess(daemon_dir(), BENCH_CONFIG).start()
+    perf: subprocess.Popen[bytes] | None = None
     try:
         closed_loop(d.socket, 4, 2.0, **kw)  # warm up: pool targets, page cache
         data = os.path.join(args.out, "perf.data")
-        perf = None
         if use_perf:
             perf = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "999", "-o", data, "--", "sleep",
                                      str(args.seconds + 0.5)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -90,6 +90,9 @@ def main() -> int:
         if perf is not None:
             perf.wait()
     finally:
+        if perf is not None and perf.poll() is None:
+            perf.terminate()  # the loop failed: no perf left sampling the machine
+            perf.wait()
         d.close()
     tick = os.sysconf("SC_CLK_TCK")
     cpu_ms_per_run = (b1 - b0) / tick * 1e3 / max(1, s["n"])
