@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from . import protocol, sizes
+from .common import protocol, sizes
 
 DEFAULT_SOCKET = "/run/sandboxd/sandboxd.sock"
 MAX_RESPONSE = protocol.DEFAULT_MAX_FRAME * 4  # a result holds up to twice max_output plus out/ files

@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import __version__, render, sizes
+from . import __version__, render
 from .client import Client, SandboxdError, default_socket
+from .common import sizes
 from .config import DEFAULT_CONFIG, ConfigError, load
 from .repl import Repl
 

@@ -29,15 +29,15 @@ from typing import Any
 
 import uvloop
 
-from . import __version__, errors, handlers, listen, logs, quota, selftest, uidcheck
-from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, load
+from . import __version__, handlers, listen, logs, quota, selftest, uidcheck
+from .common import errors
+from .common.errors import RequestError
+from .config import DEFAULT_CONFIG, Config, ConfigError, QuotaLimits, jail_settings, load
 from .environments import Environments
-from .errors import RequestError
-from .jail.cgroups import CgroupError
 from .jail.jail import Jail
-from .jail.libc import set_name
-from .jail.settings import JailSettings
-from .jail.stream import EventSink
+from .jail.kernel.cgroups import CgroupError
+from .jail.kernel.libc import set_name
+from .jail.workers.stream import EventSink
 from .peer import Identity, PeerCred, identify
 from .runs import Runs
 from .server import Interim, Server
@@ -62,7 +62,7 @@ class Daemon:
         self.config = config
         self.socket_path = socket_path or config.daemon.socket
         self.state_dir = state_dir or config.daemon.state_dir
-        self.jail = Jail(JailSettings.from_config(config, self.state_dir))
+        self.jail = Jail(jail_settings(config, self.state_dir))
         self.runs = Runs(config, self.jail, UsageStore(None))  # the store is opened once the state dir is ours
         self.sessions = Sessions(config, self.jail, self.runs)
         self.environments = Environments(config, self.jail, self.state_dir)
@@ -342,7 +342,7 @@ class Daemon:
             new = dataclasses.replace(new, daemon=dataclasses.replace(
                 new.daemon, **{k: getattr(self.config.daemon, k) for k in fixed}))
         try:
-            changes += await self.jail.reconfigure(JailSettings.from_config(new, self.state_dir))
+            changes += await self.jail.reconfigure(jail_settings(new, self.state_dir))
             changes += await self.environments.reconfigure(new)
         except Exception as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": [str(e)]}

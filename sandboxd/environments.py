@@ -7,7 +7,7 @@
 An environment is a venv under ``environments_dir``, named ``NAME-DIGEST-STAMP``:
 DIGEST covers its settings, the interpreter and the wheelhouses' listings, so an
 unchanged environment is found again at start without building (or any network).  A
-build runs ``sandboxd.jail.buildjail`` (pip as the build uid, confined); when it
+build runs ``sandboxd.jail.builder.buildjail`` (pip as the build uid, confined); when it
 succeeds the daemon, as root and trusting nothing of it, makes the directory its own
 (links that lead out of it and special files removed, every file root's), reads the
 installed distributions from their metadata, writes the manifest, and only then hands
@@ -29,19 +29,19 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
+from .common import errors
+from .common.errors import RequestError
 from .config import Config, EnvironmentSettings, environments_dir
-from .errors import RequestError
-from .jail.helper import PACKAGE_PARENT, output_lines
+from .jail.builder import run as run_build
+from .jail.builder.buildjail import BuildSpec
 from .jail.jail import Jail
-from .jail.spec import EnvLayer
+from .jail.spec.plans import EnvLayer
 
 log = logging.getLogger("sandboxd.environments")
 MANIFEST = "sandboxd-environment.json"
@@ -255,12 +255,7 @@ class Environments:
         os.chown(partial, uid, uid)
         t0 = time.monotonic()
         try:
-            network_fd, lease = await self._network_for(settings)
-            try:
-                await self._run_jail(st, partial, settings, network_fd)
-            finally:
-                if lease is not None and self.jail.network is not None:
-                    self.jail.network.release(lease)
+            await self._run_jail(st, partial, settings)
             self._report(st, "checking", {})
             removed = make_own(partial, uid)
             packages = installed(site_of(partial))
@@ -284,60 +279,21 @@ class Environments:
             raise
         return built
 
-    async def _network_for(self, settings: EnvironmentSettings) -> tuple[int | None, Any]:
-        """A network namespace for a build that needs an index (the runs' egress policy applies)."""
-        if not any(url.startswith("http") for url in (settings.index_url, *settings.extra_index_urls)):
-            return None, None  # a wheelhouse or a local (file://) index: no network at all
-        network = self.jail.network
-        if network is None:
+    async def _run_jail(self, st: State, venv: str, settings: EnvironmentSettings) -> None:
+        cfg = self.config
+        if run_build.needs_network(settings.index_url, settings.extra_index_urls) and self.jail.network is None:
             raise RequestError(errors.UNAVAILABLE, "this environment needs its index, and network for runs is not "
                                "set up on this daemon (no quota allows network): give it find_links instead, or "
                                "allow network to some caller")
-        lease = await network.lease()
-        return lease.fd, lease
-
-    async def _run_jail(self, st: State, venv: str, settings: EnvironmentSettings, network_fd: int | None) -> None:
-        cfg = self.config
-        spec = {"venv": venv, "uid": cfg.jail.build_uid, "gid": cfg.jail.build_uid,
-                "requirements": list(settings.requirements), "index_url": settings.index_url,
-                "extra_index_urls": list(settings.extra_index_urls), "find_links": list(settings.find_links),
-                "only_binary": settings.only_binary, "system_site_packages": settings.system_site_packages,
-                "memory": cfg.jail.build_memory, "netns_fd": network_fd if network_fd is not None else -1,
-                "proxy": cfg.network.proxy}
-        spec_path = venv + ".json"
-        with open(spec_path, "w", encoding="utf-8") as f:
-            json.dump(spec, f)
-        bootstrap = (f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); "
-                     f"from sandboxd.jail.buildjail import main; main(sys.argv[1:])")
-        lines: list[dict[str, Any]] = []
+        spec = BuildSpec(venv=venv, uid=cfg.jail.build_uid, gid=cfg.jail.build_uid,
+                         requirements=list(settings.requirements), index_url=settings.index_url,
+                         extra_index_urls=list(settings.extra_index_urls), find_links=list(settings.find_links),
+                         only_binary=settings.only_binary, system_site_packages=settings.system_site_packages,
+                         memory=cfg.jail.build_memory, proxy=cfg.network.proxy)
         try:
-            proc = subprocess.Popen([cfg.root.python, "-I", "-c", bootstrap, spec_path], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
-                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, close_fds=True,
-                                    pass_fds=(network_fd,) if network_fd is not None else ())
-            try:
-                async with asyncio.timeout(cfg.jail.build_timeout):
-                    async for line in output_lines(proc):  # the jail dies with it (PDEATHSIG)
-                        try:
-                            event = json.loads(line)
-                        except ValueError:
-                            event = {"stage": "output", "detail": line[:300]}
-                        if not isinstance(event, dict):
-                            continue
-                        lines.append(event)
-                        stage = str(event.get("stage", ""))[:32]
-                        if stage not in ("exit", "error", "done"):
-                            self._report(st, stage, {k: str(v)[:300] for k, v in event.items() if k != "stage"})
-            except TimeoutError:
-                raise RequestError(errors.BUILD_FAILED, f"the build took longer than jail.build_timeout "
-                                   f"({cfg.jail.build_timeout:g}s) and was stopped") from None
-        finally:
-            os.unlink(spec_path)
-        failure = next((e for e in lines if e.get("stage") == "error"), None)
-        if failure is not None or proc.returncode != 0:
-            message = str((failure or {}).get("message") or f"the build jail exited with {proc.returncode}")
-            tail = [str(x)[:500] for x in (failure or {}).get("log", [])][-40:]
-            raise RequestError(errors.BUILD_FAILED, message[:2000], log=tail)
+            await self.jail.build_environment(spec, lambda stage, info: self._report(st, stage, info))
+        except run_build.BuildFailed as e:
+            raise RequestError(errors.BUILD_FAILED, e.message, log=e.log) from None
 
     def _scan(self) -> dict[str, list[Built]]:
         """Finished builds on disk, newest first per name."""

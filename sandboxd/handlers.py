@@ -28,11 +28,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import __version__, errors, hints, logs, plan, protocol, quota, rootwhy
+from . import __version__, logs, plan, quota, rootwhy
+from .common import errors, hints, protocol
+from .common.errors import RequestError
 from .config import QuotaLimits
-from .errors import RequestError
-from .jail.profiles import NEVER_ALLOW, REFUSED_WHY
-from .jail.stream import EventSink
+from .jail.policy.profiles import NEVER_ALLOW, REFUSED_WHY
+from .jail.workers.stream import EventSink
 from .peer import Identity
 
 log = logging.getLogger("sandboxd.run")

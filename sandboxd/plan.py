@@ -13,12 +13,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from . import sizes
+from .common import sizes
+from .common.errors import RequestError, bad_request, forbidden
+from .common.hints import check_unknown
 from .config import ALIASES, LANGUAGES, Config, QuotaLimits
-from .errors import RequestError, bad_request, forbidden
-from .hints import check_unknown
-from .jail.settings import DEFAULT_ENVIRONMENT
-from .jail.spec import CellPlan, RunPlan, SessionPlan
+from .jail.spec.plans import CellPlan, RunPlan, SessionPlan
+from .jail.spec.settings import DEFAULT_ENVIRONMENT
 from .quota import allows_environment
 
 RUN_FIELDS = ("op", "id", "code", "language", "stdin", "timeout_ms", "cpu_ms", "memory_mb", "network", "files",

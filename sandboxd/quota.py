@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
-from .config import QuotaLimits, QuotaPolicy, declared
-from .errors import RequestError
+from .common import errors
+from .common.declare import declared
+from .common.errors import RequestError
+from .config import QuotaLimits, QuotaPolicy
 from .peer import Identity
 from .usage import UsageStore
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .sizes import human_duration as duration
-from .sizes import human_size as size
+from .common.sizes import human_duration as duration
+from .common.sizes import human_size as size
 
 __all__ = ["duration", "size"]
 

@@ -16,8 +16,8 @@ import sys
 import sysconfig
 from typing import Any
 
-from .jail.elf import is_elf
-from .jail.ldpath import LibraryResolver
+from .jail.root.elf import is_elf
+from .jail.root.ldpath import LibraryResolver
 
 EXT_SUFFIXES = tuple(dict.fromkeys([sysconfig.get_config_var("EXT_SUFFIX") or ".so", ".abi3.so", ".so"]))
 HOST_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/local/lib/python{v}/dist-packages",

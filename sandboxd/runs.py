@@ -18,11 +18,11 @@ from typing import Any
 from . import logs, plan
 from .config import Config, QuotaLimits
 from .jail.jail import Jail
-from .jail.profiles import refusal_advice
-from .jail.spec import RunPlan
-from .jail.stream import EventSink
-from .jail.verdict import Result
-from .jail.worker import Worker
+from .jail.policy.profiles import refusal_advice
+from .jail.spec.plans import RunPlan
+from .jail.workers.stream import EventSink
+from .jail.workers.verdict import Result
+from .jail.workers.worker import Worker
 from .peer import Identity
 from .quota import Admission
 from .usage import UsageStore

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from .jail.jail import Jail
-from .jail.spec import RunPlan
+from .jail.spec.plans import RunPlan
 
 
 class SelfTestFailed(Exception):

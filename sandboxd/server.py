@@ -20,10 +20,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import errors, logs, protocol
+from . import logs
 from .budget import SMALL, Budget
+from .common import errors, protocol
+from .common.errors import RequestError
 from .config import DaemonSettings
-from .errors import RequestError
 from .peer import PeerCred, peer_credentials
 
 log = logging.getLogger(__name__)

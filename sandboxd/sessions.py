@@ -26,12 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors, plan, quota
+from . import plan, quota
+from .common import errors
+from .common.errors import RequestError
 from .config import Config, QuotaLimits
-from .errors import RequestError
 from .jail.jail import Jail
-from .jail.session import CellResult, Session, SessionFailed
-from .jail.stream import EventSink
+from .jail.workers.session import CellResult, Session, SessionFailed
+from .jail.workers.stream import EventSink
 from .peer import Identity
 from .runs import RunEntry, Runs
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from harness import REPO
 
-from sandboxd import settings_doc
 from sandboxd.config import ConfigError, load, parse
+from sandboxd.tools import settings_doc
 
 
 def errors_of(data: Any) -> list[str]:
@@ -24,7 +24,8 @@ def test_empty_config_is_the_defaults() -> None:
 
 
 def test_shipped_file_and_man_page_match_the_declarations() -> None:
-    assert settings_doc.main(["--check", f"{REPO}/etc/sandboxd/sandboxd.yaml", f"{REPO}/man/sandboxd.yaml.5"]) == 0
+    assert settings_doc.main(["--check", f"{REPO}/etc/sandboxd/sandboxd.yaml", f"{REPO}/man/sandboxd.yaml.5",
+                              f"{REPO}/man/sandboxd-http.8"]) == 0
     cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
     defaults = parse({})
     for section in ("daemon", "root", "jail", "pool", "limits", "profiles", "runtimes", "network"):

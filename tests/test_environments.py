@@ -415,7 +415,7 @@ def test_without_python3_pip_the_build_uses_the_pip_wheel_of_python3_venv(wheelh
                                                                            monkeypatch: Any) -> None:
     """python3-pip is only suggested by the package: without it, builds fill the venv with the pip
     wheel python3-venv brings (python3-pip-whl), run from the zip."""
-    from sandboxd.jail import buildjail
+    from sandboxd.jail.builder import buildjail
 
     monkeypatch.setattr(buildjail, "HOST_PIP", str(tmp_path / "no-python3-pip"))
     command = buildjail.host_pip()

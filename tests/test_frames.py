@@ -8,8 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from sandboxd.errors import BAD_FRAME, FRAME_TOO_LARGE
-from sandboxd.protocol import HEADER, FrameDecoder, ProtocolError, decode_body, encode, read_frame
+from sandboxd.common.errors import BAD_FRAME, FRAME_TOO_LARGE
+from sandboxd.common.protocol import HEADER, FrameDecoder, ProtocolError, decode_body, encode, read_frame
 
 MAX = 1 << 16
 

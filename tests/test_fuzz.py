@@ -20,9 +20,9 @@ from harness import DaemonProcess, recv_frame, rss_kb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandboxd import errors, protocol
+from sandboxd.common import errors, protocol
+from sandboxd.common.errors import RequestError
 from sandboxd.config import QuotaLimits, parse
-from sandboxd.errors import RequestError
 from sandboxd.plan import build
 
 EXAMPLES = int(os.environ.get("SANDBOXD_FUZZ_EXAMPLES", "150"))

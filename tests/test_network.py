@@ -22,7 +22,7 @@ from conftest import require
 from harness import DaemonProcess, wait_until
 from netlab import HOST_SIDE, METADATA, ONE_MIB, PRIVATE, PUBLIC, Lab
 
-from sandboxd.jail.firewall import names
+from sandboxd.jail.net.firewall import names
 
 NET = {"network": {"dns": [PUBLIC]}}
 FETCH = """

@@ -298,7 +298,7 @@ def test_an_unavailable_runtime_is_refused_clearly(make_daemon: Any) -> None:
 def test_a_node_with_shared_builtins_gets_their_files_in_its_root(tmp_path: Any) -> None:
     """Debian's nodejs loads acorn, cjs-module-lexer and undici from /usr/share/nodejs at start
     (its build's NODE_SHARED_BUILTIN_*_PATH): they must come into the root with it."""
-    from sandboxd.jail.settings import node_shared_builtins
+    from sandboxd.jail.root.contents import node_shared_builtins
 
     builtin = tmp_path / "share" / "acorn.js"
     builtin.parent.mkdir()

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from sandboxd import plan
+from sandboxd.common.errors import RequestError
 from sandboxd.config import QuotaLimits, parse
-from sandboxd.errors import RequestError
 
 CFG = parse({})
 LIMITS = QuotaLimits(max_timeout=10.0, max_memory=512 << 20, max_output=4 << 20, max_files_size=1 << 20)

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from sandboxd.jail import pool as pool_module
-from sandboxd.jail.contract import SetupError
-from sandboxd.jail.pool import DECAY_SECONDS, FAILURES_BEFORE_GIVING_UP, REFILL_DELAY, Pool
+from sandboxd.jail.child.contract import SetupError
+from sandboxd.jail.workers import pool as pool_module
+from sandboxd.jail.workers.pool import DECAY_SECONDS, FAILURES_BEFORE_GIVING_UP, REFILL_DELAY, Pool
 
 
 class FakeWorker:

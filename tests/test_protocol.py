@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandboxd import protocol
+from sandboxd.common import protocol
 
 
 def test_roundtrip_keeps_text_and_bytes_apart() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sandboxd.common.errors import RequestError
 from sandboxd.config import QuotaLimits, parse
-from sandboxd.errors import RequestError
 from sandboxd.peer import Identity
 from sandboxd.quota import Admission, effective_limits
 from sandboxd.usage import UsageStore

@@ -22,7 +22,7 @@ import pytest
 from conftest import call_as, require
 from harness import REPO, DaemonProcess, fd_count, raw_socket, rss_kb, wait_until
 
-from sandboxd import protocol
+from sandboxd.common import protocol
 
 PROMPT = 3.0  # seconds within which another uid's run must finish during an attack
 

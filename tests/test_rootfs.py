@@ -18,8 +18,9 @@ from harness import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandboxd.jail import elf, layout, rootfs
-from sandboxd.jail.ldpath import LibraryResolver, multiarch
+from sandboxd.jail.root import elf, rootfs
+from sandboxd.jail.root.ldpath import LibraryResolver, multiarch
+from sandboxd.jail.spec.sections import forbidden_prefix
 
 
 def make_elf(needed: list[str], runpath: str = "", machine: int = 62) -> bytes:
@@ -111,7 +112,7 @@ def tmp_path() -> Iterator[Path]:
     # Under the checkout, unless the checkout itself sits where no root may take files from
     # (a clone in /tmp or /home): then /var/tmp.
     repo = os.path.realpath(REPO)
-    base = Path("/var/tmp/sandboxd-tests") if layout.forbidden_prefix(repo) else Path(repo) / ".cache" / "tests"
+    base = Path("/var/tmp/sandboxd-tests") if forbidden_prefix(repo) else Path(repo) / ".cache" / "tests"
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=base))
     yield path

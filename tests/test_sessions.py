@@ -20,8 +20,8 @@ import yaml
 from conftest import call_as, require
 from harness import REPO, DaemonProcess, host_mounts, raw_socket, recv_frame, rss_kb, wait_until
 
-from sandboxd import protocol
 from sandboxd.client import SandboxdError
+from sandboxd.common import protocol
 
 NODE = "/usr/bin/node"
 

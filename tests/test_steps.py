@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sandboxd.jail.contract import Handoff, SetupError, Step, remap_fds, run_steps
+from sandboxd.jail.child.contract import Handoff, SetupError, Step, remap_fds, run_steps
 
 # --- run_steps ---------------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ def test_setup_error_from_another_exception() -> None:
 
 
 def test_setup_error_round_trips_through_the_wire() -> None:
-    from sandboxd import protocol
+    from sandboxd.common import protocol
 
     e = SetupError.from_os_error("fds", OSError(errno.EBADF, "Bad file descriptor"))
     wire = protocol.encode(e.to_dict())

@@ -1,7 +1,10 @@
-"""The sandboxd package's import graph has no cycles.
+"""The sandboxd package's import graph has no cycles, between modules or between packages.
 
 Every module is parsed (never imported); an import anywhere in a module counts, even
-inside a function, except under ``if TYPE_CHECKING:``, which never runs.
+inside a function, except under ``if TYPE_CHECKING:``, which never runs.  A package's
+edges are its modules' edges into other packages (``sandboxd.jail.workers`` importing
+``sandboxd.jail.net.network`` is jail.workers -> jail.net), so the layers of the
+folders are checked as well as the modules: no two folders use each other.
 """
 
 from __future__ import annotations
@@ -117,9 +120,43 @@ def test_the_checker_sees_relative_imports_function_imports_and_skips_type_check
     assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
 
 
+def package_graph(graph: dict[str, set[str]], root: Path) -> dict[str, set[str]]:
+    """Package -> the other packages its modules import (a package's ``__init__`` is its own)."""
+    modules = module_names(root)
+
+    def package(module: str) -> str:
+        return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+    out: dict[str, set[str]] = {package(m): set() for m in graph}
+    for module, targets in graph.items():
+        out[package(module)] |= {package(t) for t in targets if package(t) != package(module)}
+    return out
+
+
+def test_the_checker_sees_package_cycles(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    for sub in ("low", "high"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "high" / "a.py").write_text("from ..low import b\n")
+    (pkg / "low" / "b.py").write_text("x = 1\n")
+    (pkg / "low" / "c.py").write_text("from ..high import a\n")  # no module cycle: a -> b, c -> a
+    modules = import_graph(pkg)
+    assert find_cycle(modules) is None
+    assert find_cycle(package_graph(modules, pkg)) == ["pkg.high", "pkg.low", "pkg.high"]
+
+
 def test_the_sandboxd_import_graph_has_no_cycles() -> None:
     graph = import_graph(PACKAGE_DIR)
-    assert len(graph) > 20 and "sandboxd.jail.contract" in graph
-    assert "sandboxd.protocol" in graph["sandboxd.jail.contract"]  # relative imports resolve
+    assert len(graph) > 20 and "sandboxd.jail.child.contract" in graph
+    assert "sandboxd.common.protocol" in graph["sandboxd.jail.child.contract"]  # relative imports resolve
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_sandboxd_packages_have_no_cycles() -> None:
+    packages = package_graph(import_graph(PACKAGE_DIR), PACKAGE_DIR)
+    assert "sandboxd.jail.workers" in packages and "sandboxd.jail" in packages["sandboxd"]
+    cycle = find_cycle(packages)
+    assert cycle is None, "package cycle: " + " -> ".join(cycle or [])

@@ -666,15 +666,14 @@ def test_22_failed_setup_step_fails_closed(tmp_path: Any) -> None:
     from conftest import require_root
     from harness import CGROUP_PARENT
 
-    from sandboxd.config import parse
+    from sandboxd.config import jail_settings, parse
     from sandboxd.jail.jail import Jail
-    from sandboxd.jail.settings import JailSettings
-    from sandboxd.jail.spec import RunPlan
+    from sandboxd.jail.spec.plans import RunPlan
 
     require_root()
     cfg = parse({"jail": {"run_uids": "878500-878563", "cgroup_parent": CGROUP_PARENT + "-closed"},
                  "pool": {"min": 0, "max": 0}, "daemon": {"workers": 2}})
-    settings = JailSettings.from_config(cfg, str(tmp_path))
+    settings = jail_settings(cfg, str(tmp_path))
     # An impossible host name makes the "namespaces" step fail (sethostname: EINVAL).
     import dataclasses
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from sandboxd.jail.cgroups import CgroupStats
-from sandboxd.jail.contract import EXIT_SETUP, Handoff, SetupError
-from sandboxd.jail.verdict import Observation, Result, decide, setup_failed
+from sandboxd.jail.child.contract import EXIT_SETUP, Handoff, SetupError
+from sandboxd.jail.kernel.cgroups import CgroupStats
+from sandboxd.jail.workers.verdict import Observation, Result, decide, setup_failed
 
 
 def exited(code: int) -> int:

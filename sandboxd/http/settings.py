@@ -1,4 +1,5 @@
-"""sandboxd-http's settings, declared once: key, environment name, converter, default, doc.
+"""sandboxd-http's settings, declared once (``common.declare``, as sandboxd.yaml's): key,
+environment names, converter, default, doc.
 
 Where a value comes from, later wins: the default, the ``--config`` file (a small YAML
 mapping of these keys, optionally under an ``http:`` section), the environment
@@ -8,7 +9,8 @@ where the bad value came from and what was expected::
     /etc/sandboxd/http.yaml: worker_timeout: expected a duration like 500ms, 5s or 2m, got 'soon'
     environment: MAX_WORKERS: expected an integer from 1 to 1024, got 'many'
 
-The man page sandboxd-http(8) lists the same keys (a test keeps it in step).
+The SETTINGS section of sandboxd-http(8) is rendered from these declarations
+(``sandboxd.tools.settings_doc``; ``make man-lint`` fails when it drifts).
 """
 
 from __future__ import annotations
@@ -16,24 +18,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from .. import sizes
 from ..client import DEFAULT_SOCKET
-from ..hints import did_you_mean
+from ..common import declare, sizes
+from ..common.declare import setting
 
 DEFAULT_LISTEN = "127.0.0.1:8194"
 PORT = "SANDBOX_PORT"  # dify-sandbox's port alone; the host stays what the listen setting says
-GO_TRUE = ("1", "t", "T", "true", "TRUE", "True", "yes", "on")  # strconv.ParseBool's, and two more
-GO_FALSE = ("0", "f", "F", "false", "FALSE", "False", "no", "off")
-
-
-def setting(default: Any, convert: Callable[[Any], Any], doc: str, env: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"convert": convert, "doc": doc, "env": env})
 
 
 def listen_address(value: Any) -> tuple[str, int]:
@@ -55,41 +51,51 @@ def api_key(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Settings:
+    api_key: str = setting("", api_key, "The key clients send in X-Api-Key, compared in constant time. Required "
+                           "unless no_auth.", ("API_KEY",))
     listen: tuple[str, int] = setting(listen_address(DEFAULT_LISTEN), listen_address,
-                                       "Address to listen on, HOST:PORT; SANDBOX_PORT sets the port alone.",
+                                      "Address to listen on, HOST:PORT; SANDBOX_PORT sets the port alone. "
+                                      "dify-sandbox listens on every address: for Dify's containers, listen on "
+                                      "the address of their network, e.g. the Docker bridge's.",
                                       ("SANDBOXD_HTTP_LISTEN",))
     socket: str = setting(DEFAULT_SOCKET, sizes.abs_path,
-                           "The daemon's socket (connected to as this process's own uid).", ("SANDBOXD_SOCKET",))
-    api_key: str = setting("", api_key, "Key clients send in X-Api-Key; required unless no_auth.", ("API_KEY",))
+                          "The daemon's socket (connected to as this process's own uid).", ("SANDBOXD_SOCKET",))
     no_auth: bool = setting(False, sizes.boolean, "Serve without a key (--no-auth): only behind something that "
-                             "authenticates.")
-    worker_timeout: float = setting(15.0, sizes.duration, "Wall-clock limit of each run, in seconds (Dify's "
-                                     "compose file sets 15).", ("WORKER_TIMEOUT",))
-    max_workers: int = setting(8, sizes.int_range(1, 1024), "Runs sent to the daemon at once; more requests "
-                                "wait (queue_timeout) for one to finish.", ("MAX_WORKERS",))
+                            "authenticates.")
+    worker_timeout: float = setting(15.0, sizes.duration, "Wall-clock limit of each run (what Dify's compose "
+                                    "file sets). It must not exceed the quota's max_timeout: /health says so "
+                                    "when it does.", ("WORKER_TIMEOUT",))
+    max_workers: int = setting(8, sizes.int_range(1, 1024), "Runs sent to the daemon at once; further requests "
+                               "wait (queue_timeout) for one to finish.", ("MAX_WORKERS",))
     max_requests: int = setting(50, sizes.int_range(1, 100000), "Requests in flight, running and waiting; "
-                                 "beyond it 503 at once.", ("MAX_REQUESTS",))
+                                "beyond it 503 at once.", ("MAX_REQUESTS",))
     queue_timeout: float = setting(30.0, sizes.duration, "Longest a request waits for one of max_workers "
-                                    "before 503.")
-    enable_network: bool = setting(True, sizes.boolean, "Honour enable_network in requests: such runs get "
-                                    "the daemon's policed network if the quota of this uid allows it.",
-                                    ("ENABLE_NETWORK",))
-    enable_preload: bool = setting(False, sizes.boolean, "Run a request's preload (inside the jail, before "
-                                    "its code); ignored otherwise, as dify-sandbox does.", ("ENABLE_PRELOAD",))
-    http_proxy: str = setting("", sizes.url, "HTTP_PROXY (and http_proxy) of runs with network; the "
-                               "daemon's network policy must let runs reach it.", ("HTTP_PROXY",))
+                                   "before 503.")
+    enable_network: bool = setting(True, sizes.boolean, "Honour a request's enable_network: such a run gets the "
+                                   "daemon's policed network (its own namespace, default deny to the host and "
+                                   "private networks; see SECURITY.md) when the quota of this uid has network: "
+                                   "true. Dify asks for network on every request; when the quota refuses it the "
+                                   "run goes ahead without network, and a failure at a socket call says why there "
+                                   "was none.", ("ENABLE_NETWORK",))
+    enable_preload: bool = setting(False, sizes.boolean, "Run a request's preload: inside the jail, unprivileged, "
+                                   "in the same run, before the code (line numbers stay the code's own). "
+                                   "Otherwise it is ignored, as dify-sandbox does.", ("ENABLE_PRELOAD",))
+    http_proxy: str = setting("", sizes.url, "HTTP_PROXY (and http_proxy) of runs with network. The daemon's "
+                              "network policy must let runs reach the proxy (network.allow).", ("HTTP_PROXY",))
     https_proxy: str = setting("", sizes.url, "HTTPS_PROXY (and https_proxy) of runs with network.",
-                                ("HTTPS_PROXY",))
+                               ("HTTPS_PROXY",))
     max_body: int = setting(8 << 20, sizes.byte_size, "Largest request body; beyond it 413.")
-    header_timeout: float = setting(10.0, sizes.duration, "A request's line and headers must arrive within "
-                                     "this of the connection opening (or of its first byte on a kept-alive one).")
-    body_timeout: float = setting(30.0, sizes.duration, "A request's body must arrive within this.")
-    write_timeout: float = setting(30.0, sizes.duration, "A client must take a response within this.")
+    header_timeout: float = setting(10.0, sizes.duration, "The request line and headers must arrive within this "
+                                    "of the connection opening (or of the first byte of the next request on a "
+                                    "kept-alive connection): 408 otherwise. More than 64 KiB of them: 431.")
+    body_timeout: float = setting(30.0, sizes.duration, "A request's body must arrive within this: 408 otherwise.")
+    write_timeout: float = setting(30.0, sizes.duration, "A client that does not take its response for this long "
+                                   "is cut off.")
     keepalive_timeout: float = setting(75.0, sizes.duration, "An idle kept-alive connection is closed after "
-                                        "this (longer than Dify's 5 s pool expiry, so the client closes first).")
+                                       "this (longer than Dify's 5 s pool expiry, so the client closes first).")
     max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Open connections; beyond it 503.")
     log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"),
-                              "Log verbosity; GIN_MODE=debug or DEBUG=true mean debug.")
+                             "Log verbosity; GIN_MODE=debug or DEBUG=true mean debug.")
 
     @property
     def listen_text(self) -> str:
@@ -104,15 +110,7 @@ class SettingsError(Exception):
 
 
 def declared() -> list[dataclasses.Field[Any]]:
-    return list(dataclasses.fields(Settings))
-
-
-def _convert(f: dataclasses.Field[Any], value: Any, where: str, errors: list[str]) -> Any:
-    try:
-        return f.metadata["convert"](value)
-    except ValueError as e:
-        errors.append(f"{where}: expected {e}, got {value!r}")
-        return dataclasses.MISSING
+    return declare.declared(Settings)
 
 
 def from_file(path: str, errors: list[str]) -> dict[str, Any]:
@@ -130,49 +128,21 @@ def from_file(path: str, errors: list[str]) -> dict[str, Any]:
         data, prefix = data["http"], "http."
     else:
         prefix = ""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         errors.append(f"{path}: {prefix or 'top level'}: expected a mapping of settings")
         return {}
-    fields = {f.name: f for f in declared()}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        f = fields.get(str(key))
-        if f is None:
-            errors.append(f"{path}: {prefix}{key}: unknown setting" + did_you_mean(str(key), fields))
-            continue
-        converted = _convert(f, value, f"{path}: {prefix}{key}", errors)
-        if converted is not dataclasses.MISSING:
-            out[f.name] = converted
-    return out
-
-
-def _env_value(f: dataclasses.Field[Any], text: str) -> Any:
-    """An environment string as the YAML value the converter takes."""
-    if f.type in ("bool", bool):
-        return True if text in GO_TRUE else False if text in GO_FALSE else text
-    if f.type in ("int", int) and re.fullmatch(r"\s*-?\d+\s*", text):
-        return int(text)
-    return text
+    return declare.convert_section(Settings, data, f"{path}: ", errors, prefix=prefix)
 
 
 def from_environment(env: Mapping[str, str], errors: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in declared():
-        for name in f.metadata["env"]:
-            if env.get(name, "") != "":
-                converted = _convert(f, _env_value(f, env[name]), f"environment: {name}", errors)
-                if converted is not dataclasses.MISSING:
-                    out[f.name] = converted
+    out = declare.from_environment(Settings, env, errors)
     port = env.get("SANDBOX_PORT", "")
     if port:
         if port.isdigit() and int(port) <= 65535:
             out[PORT] = int(port)  # applied to the listen address from wherever it came
         else:
             errors.append(f"environment: SANDBOX_PORT: expected a port number, got {port!r}")
-    debug = env.get("DEBUG", "") in GO_TRUE or env.get("GIN_MODE", "") == "debug"
-    if debug:
+    if env.get("DEBUG", "") in declare.TRUE_WORDS or env.get("GIN_MODE", "") == "debug":
         out["log_level"] = "debug"
     return out
 
@@ -187,7 +157,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     values.update(from_environment(os.environ if env is None else env, errors))
     fields = {f.name: f for f in declared()}
     for key, value in (overrides or {}).items():
-        converted = _convert(fields[key], value, f"--{key.replace('_', '-')}", errors)
+        converted = declare.convert(fields[key], value, f"--{key.replace('_', '-')}", errors)
         if converted is not dataclasses.MISSING:
             values[key] = converted
     port = values.pop(PORT, None)

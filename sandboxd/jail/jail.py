@@ -25,22 +25,25 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..tasks import Tasks
-from . import cgroup_detect, mounts, rootfs, template
-from .cgroups import CgroupDriver
-from .contract import SetupError
-from .fsclient import ForkServerClient, ForkServerError
-from .network import Network
-from .pool import Pool
-from .roots import Roots
-from .seccomp import unfiltered
-from .session import Session, SessionFailed
-from .settings import JailSettings, environment_of, pool_key
-from .spec import EnvLayer, RunPlan, SessionPlan
-from .stream import EventSink
-from .verdict import Result, setup_failed
-from .worker import Worker
-from .workers import Stack, Workers
+from ..common.tasks import Tasks
+from .builder import run as run_build
+from .builder.buildjail import BuildSpec
+from .child.contract import SetupError
+from .kernel import cgroup_detect, mounts
+from .kernel.cgroups import CgroupDriver
+from .net.network import Network
+from .policy.seccomp import unfiltered
+from .root import contents, rootfs, template
+from .root.roots import Roots
+from .spec.plans import EnvLayer, RunPlan, SessionPlan
+from .spec.settings import JailSettings, environment_of, pool_key
+from .workers.fsclient import ForkServerClient, ForkServerError
+from .workers.pool import Pool
+from .workers.session import Session, SessionFailed
+from .workers.stream import EventSink
+from .workers.verdict import Result, setup_failed
+from .workers.worker import Worker
+from .workers.workers import Stack, Workers
 
 log = logging.getLogger(__name__)
 # Settings a running jail cannot change: they take effect at the next start.
@@ -97,7 +100,7 @@ class Jail:
 
     def _ensure_root(self, layer: EnvLayer | None) -> rootfs.RootInfo:
         """At start (nothing to serve yet): reuse or build the root in this process."""
-        info = self.roots_of(layer.name if layer else "").ensure(self.settings.root_spec(layer))
+        info = self.roots_of(layer.name if layer else "").ensure(contents.root_spec(self.settings, layer))
         log.info("root%s %s: %s (%d files, %d libraries, %.3fs)", f" of environment {layer.name}" if layer else "",
                  "reused" if info.reused else "built", info.path, info.files, info.libraries, info.seconds)
         for warning in info.warnings:
@@ -211,6 +214,11 @@ class Jail:
         return worker, key, one_off
 
     # -- roots, environments and configuration -------------------------------------------------
+    async def build_environment(self, spec: BuildSpec, progress: Callable[[str, dict[str, Any]], None]) -> None:
+        """Run an environment's build jail (pip as the build uid, confined); BuildFailed if it fails."""
+        await run_build.build(spec, self.settings.root.python, self.settings.jail.build_timeout, self.network,
+                              progress)
+
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
         """Rebuild the base root and every environment's (they hold the base root too)."""
         async with self._switching:  # one rebuild at a time; a second waits and then reuses or rebuilds
@@ -225,7 +233,7 @@ class Jail:
         async with self._switching:
             assert self.pool is not None
             s = self.settings
-            info = await self.roots_of(layer.name).build(s.root_spec(layer), progress=progress)
+            info = await self.roots_of(layer.name).build(contents.root_spec(s, layer), progress=progress)
             old = self.stacks.get(layer.name)
             self.stacks[layer.name] = await self._stack(s, info, layer)
             self.layers[layer.name] = layer
@@ -245,7 +253,8 @@ class Jail:
 
     async def _rebuild(self, name: str, force: bool, progress: rootfs.Progress | None) -> rootfs.RootInfo:
         stack = self.stacks[name]
-        info = await self.roots_of(name).build(self.settings.root_spec(stack.layer), force=force, progress=progress)
+        spec = contents.root_spec(self.settings, stack.layer)
+        info = await self.roots_of(name).build(spec, force=force, progress=progress)
         previous = dataclasses.replace(stack)
         if info.path != stack.root.path:
             await self._template(stack, info)
@@ -286,8 +295,9 @@ class Jail:
             changes.append("network for runs started")
         self.settings = self.workers.settings = new
         for name, stack in list(self.stacks.items()):
-            root_changed = old.root_spec(stack.layer).digest() != new.root_spec(stack.layer).digest()
-            info = await self.roots_of(name).build(new.root_spec(stack.layer)) if root_changed else stack.root
+            new_spec = contents.root_spec(new, stack.layer)
+            root_changed = contents.root_spec(old, stack.layer).digest() != new_spec.digest()
+            info = await self.roots_of(name).build(new_spec) if root_changed else stack.root
             what = f"environment {name}'s" if name else "the"
             if stack.identity != new.server_identity(stack.layer):
                 self.stacks[name] = await self._stack(new, info, stack.layer)

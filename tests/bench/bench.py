@@ -264,8 +264,9 @@ class SpawnBaseline:
     """Fresh interpreter per request: fork, chroot, setuid, rlimits, no_new_privs, seccomp, execve."""
 
     def __init__(self, root: str, uid: int) -> None:
-        from sandboxd.jail import libc, profiles
-        from sandboxd.jail.seccomp import _backend
+        from sandboxd.jail.kernel import libc
+        from sandboxd.jail.policy import profiles
+        from sandboxd.jail.policy.seccomp import _backend
 
         sc = _backend()
         f = sc.SyscallFilter(sc.ERRNO(1))
@@ -548,9 +549,8 @@ def extra_lib_paths(n: int) -> list[str]:
 def root_builds(work: str) -> dict[str, Any]:
     """Cold build (hard links on the same filesystem, copies across), warm start, and
     both with 20 extra library paths.  Each build goes into a fresh base directory."""
-    from sandboxd.config import parse
-    from sandboxd.jail import rootfs
-    from sandboxd.jail.settings import JailSettings
+    from sandboxd.config import jail_settings, parse
+    from sandboxd.jail.root import contents, rootfs
 
     out: dict[str, Any] = {}
     extra = extra_lib_paths(20)
@@ -559,7 +559,7 @@ def root_builds(work: str) -> dict[str, Any]:
              ("default, copies into tmpfs", {}, "/dev/shm"),
              (f"{len(extra)} extra paths, hard links", {"root": {"extra_paths": extra, **linking}}, work)]
     for name, raw, fs in cases:
-        spec = JailSettings.from_config(parse(raw), work).root_spec()
+        spec = contents.root_spec(jail_settings(parse(raw), work))
         base = tempfile.mkdtemp(prefix="sandboxd-bench-root-", dir=fs)
         try:
             cold, warm = [], []

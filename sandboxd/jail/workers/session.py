@@ -1,0 +1,323 @@
+"""A session's worker as the daemon sees it: opened once, then one cell at a time.
+
+    session = await Session.open(worker, plan, rlimits)  # the worker keeps its state from now on
+    result = await session.exec(cell, events)            # one cell, one truthful CellResult
+    session.interrupt()                                  # KeyboardInterrupt in the running cell
+    session.end("closed")                                # kill it; ``ended`` says when it is gone
+
+A session is a pooled worker confined exactly like a run's, whose runner serves
+cells instead of one request (``cells``).  Its stdout and stderr are read for its
+whole life; each cell takes what was written between its start and its report (the
+runner flushes before it reports, so nothing of the cell is left behind).  A cell
+that overruns its time or output is interrupted first and keeps the session if it
+stops within INTERRUPT_GRACE; otherwise the session is killed and the result says
+so (``session_ended``).  Ending is always a kill of the worker's pid 1: every
+process of the session goes with its namespaces, and the worker is cleaned up as
+after a run (cgroup, scratch, uid slot, network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..child.contract import CONTROL_INTERRUPT, Cell, RunRequest, SetupError
+from ..kernel.cgroups import CgroupStats
+from ..spec.plans import CellPlan, SessionPlan
+from .pipes import Writer
+from .stream import EventSink, Streamer
+from .verdict import CellObservation, Observation, Result, decide, decide_cell
+from .worker import DRAIN_GRACE, Worker, _cap_files, _figures
+
+log = logging.getLogger(__name__)
+INTERRUPT_GRACE = 1.0  # seconds an interrupted cell has to stop before its session is killed
+OPEN_TIMEOUT = 30.0
+# Why a session ended, as the daemon says it (``not_found`` details, ``sessions``):
+# closed, idle_timeout, max_lifetime, killed, cpu_limit, daemon_stopped, and for a
+# session that died of what it did: the verdict of its end (memory_limit, timeout,
+# signaled, blocked_syscall, sandbox_error) or exited.
+
+
+@dataclass
+class CellResult(Result):
+    """A run's result plus what only a cell has."""
+
+    exception: dict[str, str] | None = None  # {"type", "message", "traceback"} of an uncaught exception
+    value: str | None = None  # repr() of the cell's last expression, when it is one and not None
+    exit_code: int | None = None
+    session_ended: bool = False  # the session did not survive this cell
+    session_id: str = ""
+    exec: int = 0  # the cell's number in its session
+
+
+class SessionFailed(Exception):
+    """The session's worker could not be set up; ``result`` says which step failed."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+class Session:
+    def __init__(self, worker: Worker, plan: SessionPlan) -> None:
+        self.worker = worker
+        self.plan = plan
+        self.loop = asyncio.get_running_loop()
+        self.request_w = worker.proc.request_w
+        worker.proc.request_w = -1
+        self.out, self.err = worker.output_readers(1 << 20, None, self._overflow)
+        self.cpu0 = worker.cgroup.cpu_usage_ns()
+        self.cpu_charged_ms = 0.0  # what the daemon has charged to the caller so far
+        self.opened_at = time.monotonic()
+        self.last_used = self.opened_at
+        self.execs = 0
+        self.cell: asyncio.Future[dict[str, Any]] | None = None  # the running cell's report
+        self.killed_for: str | None = None  # why the running cell was interrupted
+        self.ended_reason: str | None = None  # set by whoever ends it on purpose
+        self.end_result: Result | None = None  # the verdict of the session's end, once over
+        self.final: tuple[CgroupStats, float, dict[str, int] | None] | None = None  # its counters at the end
+        self.ended: asyncio.Future[str] = self.loop.create_future()  # the reason, once everything is gone
+        worker.state = "session"
+        worker.on_cell = self._reported
+        self._watch = self.loop.create_task(self._watch_end())
+
+    # -- life ----------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, worker: Worker, plan: SessionPlan, rlimits: Mapping[str, int]) -> Session:
+        """Make ``worker`` a session; SessionFailed if its runner does not get to serve cells."""
+        worker.idle.clear()
+        request = RunRequest("", rlimits, plan.files, plan.env, session=True, display=plan.display)
+        wire = worker.release(request, plan.memory_bytes, plan.pids)
+        session = cls(worker, plan)
+        Writer(worker.proc.stdin_w, b"")  # cells bring their own stdin; programs they start read EOF
+        worker.proc.stdin_w = -1
+        writer = Writer(session.request_w, wire, keep_open=True)
+        try:
+            await asyncio.wait_for(asyncio.wait({worker.opened, worker.reported},
+                                                return_when=asyncio.FIRST_COMPLETED), OPEN_TIMEOUT)
+        except TimeoutError:
+            session.end("sandbox_error")
+        finally:
+            writer.abandon()
+        if not worker.opened.done():
+            session.end("sandbox_error")
+            await session.ended
+            result = session.end_result
+            if result is None or result.status != "sandbox_error":
+                error = SetupError("session", 0, "the session's runner did not start serving cells")
+                status, extra = decide(Observation(None, error))
+                result = Result(status=status, **extra)
+            raise SessionFailed(result)
+        return session
+
+    @property
+    def alive(self) -> bool:
+        return not self.ended.done() and self.ended_reason is None
+
+    @property
+    def busy(self) -> bool:
+        return self.cell is not None and not self.cell.done()
+
+    def end(self, reason: str) -> None:
+        """Kill the session (idempotent): ``ended`` resolves once everything of it is gone."""
+        if self.ended_reason is None:
+            self.ended_reason = reason
+        self.worker.kill("cpu" if reason == "cpu_limit" else reason)
+
+    def interrupt(self, why: str = "interrupted") -> bool:
+        """KeyboardInterrupt in the running cell; False if none is running."""
+        if not self.busy:
+            return False
+        if self.killed_for is None:
+            self.killed_for = why
+        fd = self.worker.proc.control_w
+        if fd >= 0:
+            try:
+                os.set_blocking(fd, False)
+                os.write(fd, CONTROL_INTERRUPT)
+            except OSError:
+                pass  # full (P is not reading) or gone: the grace timer decides
+        return True
+
+    def cpu_used_ms(self) -> float:
+        if self.final is not None:
+            return self.final[1]
+        now = self.worker.cgroup.cpu_usage_ns()
+        if now is None or self.cpu0 is None:
+            return 0.0
+        return (now - self.cpu0) / 1e6
+
+    def check_cpu(self) -> bool:
+        """End the session when it used up its own CPU budget; True if it did."""
+        if self.plan.cpu_ms and self.alive and self.cpu_used_ms() >= self.plan.cpu_ms:
+            self.end("cpu_limit")
+            return True
+        return False
+
+    async def _watch_end(self) -> None:
+        """Once the worker's pid 1 reported (or died): take the verdict, release what is ours."""
+        worker = self.worker
+        await worker.reported
+        drained = asyncio.gather(self.out.done, self.err.done)
+        done, _ = await asyncio.wait([drained], timeout=DRAIN_GRACE)
+        if not done:
+            self.out.finish()
+            self.err.finish()
+        stats = worker.cgroup.stats()
+        status, extra = decide(Observation(worker.exit_frame, worker.setup_error, worker.killed_for, stats))
+        self.end_result = Result(status=status, **extra)
+        network = worker.network.counters(worker.lease) if worker.lease and worker.network else None
+        self.final = (stats, self.cpu_used_ms(), network)
+        worker.cpu_spent_ms = self.final[1]
+        if self.request_w >= 0:
+            os.close(self.request_w)
+            self.request_w = -1
+        self.out.close()
+        self.err.close()
+        reason = self.ended_reason
+        if reason is None or reason == "sandbox_error":
+            reason = "exited" if status in ("ok", "exit_nonzero") else status
+        if self.cell is not None and not self.cell.done():
+            self.cell.cancel()
+        worker.state = "done"
+        worker.idle.set()  # the worker's cleanup may remove its cgroup now
+        self.ended.set_result(reason)
+
+    # -- cells ---------------------------------------------------------------------------
+    def _reported(self, frame: dict[str, Any]) -> None:
+        if self.cell is not None and not self.cell.done():
+            self.cell.set_result(frame)
+
+    def _overflow(self, why: str) -> None:
+        self._stop_cell(why)
+
+    def _overflow_of(self, stream: str) -> Callable[[], None]:
+        return lambda: self._stop_cell(f"output:{stream}")
+
+    def _stop_cell(self, why: str) -> None:
+        """Interrupt the running cell; if it is still running after the grace, kill the session."""
+        if self.interrupt(why):
+            cell = self.cell
+            self.loop.call_later(INTERRUPT_GRACE, self._kill_if_running, cell, why)
+
+    def _kill_if_running(self, cell: asyncio.Future[dict[str, Any]] | None, why: str) -> None:
+        if cell is not None and cell is self.cell and not cell.done():
+            log.info("session %s: cell did not stop within %.1fs of its interrupt (%s); killing the session",
+                     self.plan.session_id, INTERRUPT_GRACE, why)
+            self.end("timeout" if why == "timeout" else "killed")
+
+    def _cpu_timer(self, timers: list[asyncio.TimerHandle]) -> None:
+        if self.check_cpu() or not self.busy or not self.plan.cpu_ms:
+            return
+        left = (self.plan.cpu_ms - self.cpu_used_ms()) / 1000 / self.worker.cpus
+        timers.append(self.loop.call_later(max(0.002, left), self._cpu_timer, timers))
+
+    async def exec(self, plan: CellPlan, events: EventSink | None = None) -> CellResult:
+        """Run one cell (the caller makes sure none is running)."""
+        assert not self.busy and self.alive
+        worker = self.worker
+        self.execs += 1
+        seq = self.execs
+        self.killed_for = None
+        streamer: Streamer | None = None
+        if events is not None:
+            streamer = Streamer(events, [self.out, self.err], lambda: self._stop_cell("cancelled"))
+        # What background work (threads, timers) wrote since the last cell comes with this one.
+        before = [reader.take(plan.output_bytes, self._overflow_of(name),
+                              streamer.sink_for(name) if streamer else None)[0][-plan.output_bytes:]
+                  for name, reader in (("stdout", self.out), ("stderr", self.err))]
+        if streamer is not None:
+            for name, data in zip(("stdout", "stderr"), before, strict=True):
+                if data:
+                    streamer.push(name, data)
+        cell = self.cell = self.loop.create_future()
+        cpu_before = self.cpu_used_ms()
+        wire = Cell(plan.code, plan.stdin, plan.files, plan.display or self.plan.display).frame(
+            json_runtime=bool(worker.spec.exec_argv))
+        started = time.monotonic()
+        writer = Writer(self.request_w, wire, keep_open=True)
+        timers = [self.loop.call_later(plan.timeout_ms / 1000, self._stop_cell, "timeout")]
+        self._cpu_timer(timers)
+        try:
+            await asyncio.wait({cell, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The caller went away: the cell is interrupted (the session lives on if it stops).
+            self._stop_cell("cancelled")
+            if streamer is not None:
+                streamer.close()
+            raise
+        finally:
+            for t in timers:
+                t.cancel()
+            writer.abandon()
+            self.last_used = time.monotonic()
+        wall = time.monotonic() - started
+        frame = cell.result() if cell.done() and not cell.cancelled() else None
+        if frame is None:
+            await asyncio.shield(self.ended)
+        stdout, stdout_truncated = _joined(before[0], *self.out.take(plan.output_bytes), plan.output_bytes)
+        stderr, stderr_truncated = _joined(before[1], *self.err.take(plan.output_bytes), plan.output_bytes)
+        if streamer is not None:
+            await streamer.finish()
+            streamer.close()
+        ended = None
+        if self.final is not None:
+            stats, _cpu, network = self.final
+        else:
+            stats = worker.cgroup.stats()
+            network = worker.network.counters(worker.lease) if worker.lease and worker.network else None
+        if frame is None:
+            ended = Observation(worker.exit_frame, worker.setup_error, worker.killed_for, stats)
+        status, extra = decide_cell(CellObservation(frame, ended, self.killed_for))
+        result = CellResult(status=status, stdout=stdout, stderr=stderr, stdout_truncated=stdout_truncated,
+                            stderr_truncated=stderr_truncated, run_uid=worker.slot.uid,
+                            limits_enforced_by=worker.cgroup.driver.kind if worker.cgroup.driver.kind != "none"
+                            else "rlimit", session_id=self.plan.session_id, exec=seq,
+                            session_ended=frame is None, streamed=streamer is not None)
+        for key, value in extra.items():
+            setattr(result, key, value)
+        result.wall_ms = round(wall * 1000, 3)
+        result.cpu_ms = round(max(0.0, self.cpu_used_ms() - cpu_before), 3)
+        if stats.memory_peak is not None:
+            result.memory_peak_kb = stats.memory_peak // 1024
+        result.network = network
+        report = frame or worker.exit_frame or {}
+        result.denied_syscalls = {d[0]: d[1] for d in report.get("denied", [])}
+        files, truncated = _cap_files(report.get("files") or {}, self.plan.out_files_count, self.plan.out_files_bytes)
+        result.files = files
+        result.files_truncated = truncated or bool(report.get("files_truncated"))
+        result.display = _figures(report.get("display"))
+        if frame is None:
+            result.reason = f"{result.reason}; the session has ended" if result.reason else "the session has ended"
+        return result
+
+    def describe(self, now: float) -> dict[str, Any]:
+        p = self.plan
+        return {"session_id": p.session_id, "language": p.language, "environment": p.environment or None,
+                "network": p.network,
+                "memory_mb": p.memory_bytes >> 20, "cpu_ms": p.cpu_ms or None,
+                "cpu_used_ms": round(self.cpu_used_ms(), 1),
+                "idle_timeout_ms": p.idle_timeout_ms, "max_lifetime_ms": p.max_lifetime_ms,
+                "age_ms": round((now - self.opened_at) * 1000, 1), "idle_ms": 0.0 if self.busy else
+                round((now - self.last_used) * 1000, 1), "execs": self.execs, "busy": self.busy,
+                "worker_pid": self.worker.pid, "run_uid": self.worker.slot.uid}
+
+    async def close(self, reason: str = "closed") -> str:
+        self.end(reason)
+        with contextlib.suppress(asyncio.CancelledError):
+            return await asyncio.shield(self.ended)
+        return reason
+
+
+def _joined(before: bytes, data: bytes, truncated: bool, cap: int) -> tuple[bytes, bool]:
+    """Output from before a cell and of the cell, within the cap."""
+    if not before:
+        return data, truncated
+    joined = before + data
+    return joined[:cap], truncated or len(joined) > cap
