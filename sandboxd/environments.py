@@ -21,6 +21,7 @@ deleted once a newer one serves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,8 +340,10 @@ class Environments:
                 "preload": list(st.settings.preload), "system_site_packages": st.settings.system_site_packages,
                 "error": st.error, "stage": st.stage if state == "building" else None}
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self.describe(name) for name in self.names()]
+    def list(self, in_use: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Every environment; ``in_use``: the environment of each run and session there is now."""
+        used = collections.Counter(in_use)
+        return [{**self.describe(name), "in_use": used.get(name, 0)} for name in self.names()]
 
 
 # -- taking a build's directory over -------------------------------------------------------------

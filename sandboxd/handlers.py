@@ -29,43 +29,32 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import __version__, logs, plan, quota, rootwhy
+from .access import MAX_NAME, Access
+from .admin import Admin
 from .common import errors, hints, protocol
 from .common.errors import RequestError
 from .config import QuotaLimits
+from .environments import Environments
 from .jail.policy.profiles import NEVER_ALLOW, REFUSED_WHY
 from .jail.workers.stream import EventSink
-from .peer import Identity
+from .peer import Identity, PeerCred, identify
+from .quota import Admission
+from .runs import Runs
+from .sessions import Sessions
 
 log = logging.getLogger("sandboxd.run")
 
 
-class App(Protocol):
-    """Everything a handler may ask of the daemon (``daemon.Daemon`` is the one implementation)."""
+@dataclass(frozen=True)
+class Services:
+    """What handlers call: the daemon wires these once at start (``daemon.Daemon``)."""
 
-    def is_admin(self, who: Identity) -> bool: ...
-    def limits_for(self, who: Identity) -> QuotaLimits: ...  # forbidden when deny_unlisted refuses them
-    def check_available(self) -> None: ...  # unavailable while shutting down
-    def status(self, who: Identity) -> dict[str, Any]: ...
-    def resolve_uid(self, target: Any) -> int: ...
-    def known_uids(self) -> list[int]: ...
-    def usage_of(self, uid: int) -> dict[str, Any]: ...
-    def config_path(self) -> str: ...  # the file the daemon read
-    async def execute(self, who: Identity, req: dict[str, Any], discover: bool = False,
-                      events: EventSink | None = None) -> dict[str, Any]: ...
-    async def open_session(self, who: Identity, req: dict[str, Any]) -> dict[str, Any]: ...
-    async def exec_session(self, who: Identity, req: dict[str, Any], events: EventSink | None) -> dict[str, Any]: ...
-    def interrupt_session(self, who: Identity, session_id: Any) -> bool: ...
-    async def close_session(self, who: Identity, session_id: Any, reason: str) -> dict[str, Any]: ...
-    def list_sessions(self, who: Identity) -> list[dict[str, Any]]: ...
-    def jobs(self) -> tuple[list[dict[str, Any]], int]: ...
-    def run_owner(self, run_id: str) -> int | None: ...
-    def kill_run(self, run_id: str, by: Identity) -> None: ...
-    async def reload(self) -> list[str]: ...
-    async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
-    def root_layout(self, environment: str = "") -> tuple[str, list[str]] | None: ...  # (root, sys.path) once built
-    def list_environments(self) -> list[dict[str, Any]]: ...
-    async def build_environment(self, name: str, force: bool,
-                                progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]: ...
+    access: Access
+    admission: Admission
+    runs: Runs
+    sessions: Sessions
+    environments: Environments
+    admin: Admin
 
 
 class Interim(EventSink, Protocol):
@@ -76,11 +65,23 @@ class Interim(EventSink, Protocol):
 
 @dataclass
 class Call:
-    """One request being handled: who asked, what, and a way to send interim frames."""
+    """One request being handled: who asked, their quota (looked up once, here), what they
+    asked, and a way to send interim frames."""
 
     who: Identity
+    limits: QuotaLimits | None  # None: deny_unlisted refuses this caller
     req: dict[str, Any]
     interim: Interim
+    services: Services
+
+    @property
+    def quota(self) -> QuotaLimits:
+        """The caller's limits; ``forbidden`` when the configuration lets them do nothing."""
+        return self.services.access.require(self.who, self.limits)
+
+    @property
+    def admin(self) -> bool:
+        return self.services.access.is_admin(self.who)
 
     @property
     def id(self) -> Any:
@@ -94,95 +95,93 @@ class Call:
         return self.interim if plan.wants_stream(self.req) else None
 
 
-Handler = Callable[[App, Call], Awaitable[dict[str, Any]]]
+Handler = Callable[[Services, Call], Awaitable[dict[str, Any]]]
 
 
-async def op_hello(app: App, call: Call) -> dict[str, Any]:
+async def op_hello(s: Services, call: Call) -> dict[str, Any]:
     who = call.who
-    limits = app.limits_for(who)
     return protocol.ok(call.id, server="sandboxd", version=__version__, protocol=protocol.PROTOCOL_VERSION,
-                       uid=who.uid, user=who.name, admin=app.is_admin(who), quota=quota.limits_dict(limits))
+                       uid=who.uid, user=who.name, admin=call.admin, quota=quota.limits_dict(call.quota))
 
 
-async def op_run(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, result=await app.execute(call.who, call.req, events=call.events()))
+async def op_run(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, result=await s.runs.execute(call.who, call.quota, call.req, events=call.events()))
 
 
-async def op_session_open(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, session=await app.open_session(call.who, call.req))
+async def op_session_open(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, session=await s.sessions.open(call.who, call.quota, call.req))
 
 
-async def op_session_exec(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, result=await app.exec_session(call.who, call.req, call.events()))
+async def op_session_exec(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, result=await s.sessions.exec(call.who, call.quota, call.req, call.events()))
 
 
-async def op_session_interrupt(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, interrupted=app.interrupt_session(call.who, call.req.get("session_id")))
+async def op_session_interrupt(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, interrupted=s.sessions.interrupt(call.who, call.req.get("session_id")))
 
 
-async def op_session_close(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, session=await app.close_session(call.who, call.req.get("session_id"), "closed"))
+async def op_session_close(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, session=await s.sessions.close(call.who, call.req.get("session_id"), "closed"))
 
 
-async def op_sessions(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, sessions=app.list_sessions(call.who))
+async def op_sessions(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, sessions=s.sessions.listed(call.who, call.admin))
 
 
-async def op_status(app: App, call: Call) -> dict[str, Any]:
-    return protocol.ok(call.id, **app.status(call.who))
+async def op_status(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, **s.admin.status(call.who, call.admin))
 
 
-async def op_usage(app: App, call: Call) -> dict[str, Any]:
+async def op_usage(s: Services, call: Call) -> dict[str, Any]:
     who, req = call.who, call.req
     target = req.get("uid", req.get("user"))
     if req.get("all"):
-        if not app.is_admin(who):
+        if not call.admin:
             raise errors.forbidden("the usage of all users is for admins")
-        uids = app.known_uids()
+        uids = s.admin.known_uids()
     elif target is None:
         uids = [who.uid]
     else:
-        uid = app.resolve_uid(target)
-        if uid != who.uid and not app.is_admin(who):
+        uid = s.access.resolve_uid(target)
+        if uid != who.uid and not call.admin:
             raise errors.forbidden("the usage of other users is for admins")
         uids = [uid]
-    return protocol.ok(call.id, users=[app.usage_of(uid) for uid in uids])
+    return protocol.ok(call.id, users=[s.admin.usage_of(uid) for uid in uids])
 
 
-async def op_jobs(app: App, call: Call) -> dict[str, Any]:
-    jobs, queued = app.jobs()
-    return protocol.ok(call.id, jobs=jobs, queued=queued)
+async def op_jobs(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, jobs=s.runs.jobs(), queued=len(s.admission.queue))
 
 
-async def op_kill(app: App, call: Call) -> dict[str, Any]:
+async def op_kill(s: Services, call: Call) -> dict[str, Any]:
     """Kill a run, or a session (``session_id``: it ends; an exec's run_id ends its session too)."""
     run_id = call.req.get("run_id")
     if call.req.get("session_id") is not None and run_id is None:
-        closed = await app.close_session(call.who, call.req["session_id"], "killed")
+        closed = await s.sessions.close(call.who, call.req["session_id"], "killed")
         log.info("session %s killed by uid %d (%s)", closed["session_id"], call.who.uid, call.who.name,
                  extra=logs.fields(session_id=closed["session_id"], caller_uid=call.who.uid, action="kill"))
         return protocol.ok(call.id, killed=closed["session_id"], session=closed)
     if not isinstance(run_id, str):
         raise errors.bad_request("run_id", "required, a string (or session_id)")
-    owner = app.run_owner(run_id)
+    owner = s.runs.owner(run_id)
     # Another caller's run is as absent as one that does not exist: "forbidden" would tell
     # when others run (run ids are sequential).
-    if owner is None or (owner != call.who.uid and not app.is_admin(call.who)):
+    if owner is None or (owner != call.who.uid and not call.admin):
         raise RequestError(errors.NOT_FOUND, f"no run {run_id} of yours is in flight", run_id=run_id)
-    app.kill_run(run_id, call.who)
+    s.runs.kill(run_id, call.who)
     log.info("run %s of uid %d killed by uid %d (%s)", run_id, owner, call.who.uid, call.who.name,
              extra=logs.fields(run_id=run_id, caller_uid=call.who.uid, owner_uid=owner, action="kill"))
     return protocol.ok(call.id, killed=run_id)
 
 
-async def op_reload(app: App, call: Call) -> dict[str, Any]:
+async def op_reload(s: Services, call: Call) -> dict[str, Any]:
     log.info("reload asked by uid %d (%s)", call.who.uid, call.who.name,
              extra=logs.fields(caller_uid=call.who.uid, action="reload"))
-    changes = await app.reload()
+    changes = await s.admin.reload()
     return protocol.ok(call.id, reloaded=True, changes=changes)
 
 
-async def op_rebuild_root(app: App, call: Call) -> dict[str, Any]:
+async def op_rebuild_root(s: Services, call: Call) -> dict[str, Any]:
     """Rebuild from the configured paths; with ``progress: true`` interim frames report the stages."""
     want = bool(call.req.get("progress"))
 
@@ -190,22 +189,22 @@ async def op_rebuild_root(app: App, call: Call) -> dict[str, Any]:
         if want:
             call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
 
-    root = await app.rebuild_root(bool(call.req.get("force", True)), progress)
+    root = await s.admin.rebuild_root(bool(call.req.get("force", True)), progress)
     log.info("root %s by uid %d (%s): %s", "reused" if root.get("reused") else "rebuilt", call.who.uid,
              call.who.name, root["build_id"], extra=logs.fields(caller_uid=call.who.uid, action="rebuild_root"))
     return protocol.ok(call.id, root=root)
 
 
-async def op_environments(app: App, call: Call) -> dict[str, Any]:
+async def op_environments(s: Services, call: Call) -> dict[str, Any]:
     """Every environment; a failed build's log (host paths, index URLs) only for admins."""
-    envs = app.list_environments()
-    if not app.is_admin(call.who):
+    envs = _environments(s)
+    if not call.admin:
         envs = [{**e, "error": {k: v for k, v in e["error"].items() if k != "log"}} if e.get("error") else e
                 for e in envs]
     return protocol.ok(call.id, environments=envs)
 
 
-async def op_build_environment(app: App, call: Call) -> dict[str, Any]:
+async def op_build_environment(s: Services, call: Call) -> dict[str, Any]:
     """Build (or rebuild with ``force``) an environment; with ``progress: true`` interim frames
     report the stages (venv, resolving, downloading, installing, checking, root, ready)."""
     name = call.req.get("name")
@@ -217,16 +216,16 @@ async def op_build_environment(app: App, call: Call) -> dict[str, Any]:
         if want:
             call.progress({"stage": stage, **{k: v for k, v in info.items() if k != "stage"}})
 
-    env = await app.build_environment(name, bool(call.req.get("force", True)), progress)
+    env = await s.environments.build(name, bool(call.req.get("force", True)), progress)
     log.info("environment %s built by uid %d (%s): %s, %s", name, call.who.uid, call.who.name, env.get("build"),
              env.get("state"), extra=logs.fields(caller_uid=call.who.uid, action="build_environment", environment=name))
     return protocol.ok(call.id, environment=env)
 
 
-async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
+async def op_syscalls(s: Services, call: Call) -> dict[str, Any]:
     """Run the code once with calls outside the profile recorded and let through (except the
     never-allowed ones, refused as always), inside the same confinement otherwise."""
-    result = await app.execute(call.who, call.req, discover=True)
+    result = await s.runs.execute(call.who, call.quota, call.req, discover=True)
     profile = str(call.req.get("language", "python3"))
     seen = result.get("discovery") or {}
     missing = sorted(seen.get("allowed", {}).items(), key=lambda kv: (-kv[1], kv[0]))
@@ -239,7 +238,7 @@ async def op_syscalls(app: App, call: Call) -> dict[str, Any]:
                        refused=[{"name": n, "count": c, "why": REFUSED_WHY.get(n) or (
                                  "never allowed" if n in NEVER_ALLOW else "not a native system call")}
                                 for n, c in refused],
-                       yaml=yaml_snippet, config=app.config_path())
+                       yaml=yaml_snippet, config=s.admin.config_path())
 
 
 NODE_MODULE = re.compile(r"(node:)?(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(/[A-Za-z0-9._-]+)*")
@@ -254,31 +253,31 @@ NODE_PROBE = """try {
 """
 
 
-async def op_root_why(app: App, call: Call) -> dict[str, Any]:
+async def op_root_why(s: Services, call: Call) -> dict[str, Any]:
     module = call.req.get("module")
     if (call.req.get("language") or "python3") in ("nodejs", "javascript"):
-        return await _root_why_node(app, call, module)
+        return await _root_why_node(s, call, module)
     if not isinstance(module, str) or not module or not all(p.isidentifier() for p in module.split(".")):
         raise errors.bad_request("module", "required, a dotted module name like numpy.linalg")
-    environments = app.list_environments()
+    environments = _environments(s)
     names = [e["name"] for e in environments]
     environment = call.req.get("environment")
     if environment is None:
         environment = "default" if "default" in names else ""
     elif environment not in names:
         raise errors.bad_request("environment", f"no environment {environment!r} here", known=names)
-    layout = app.root_layout(environment)
+    layout = s.admin.root_layout(environment)
     if layout is None:
         raise RequestError(errors.UNAVAILABLE, f"the root{' of environment ' + environment if environment else ''} "
                            "is not built yet")
     root, run_path = layout
-    report = rootwhy.explain(module, root, run_path, private_ok=app.is_admin(call.who))
+    report = rootwhy.explain(module, root, run_path, private_ok=call.admin)
     report["environment"] = environment or None
     probe = {"code": f"import importlib\nm = importlib.import_module({module!r})\nprint(getattr(m, '__file__', m))",
-             "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
+             "timeout_ms": min(10000, int(call.quota.max_timeout * 1000))}
     if environment:
         probe["environment"] = environment
-    result = await app.execute(call.who, probe)
+    result = await s.runs.execute(call.who, call.quota, probe)
     report["import"] = {"status": result["status"], "stdout": result["stdout"].decode("utf-8", "replace"),
                         "error": _last_line(result["stderr"]), "run_id": result["run_id"]}
     if result["status"] == "ok":
@@ -293,13 +292,13 @@ async def op_root_why(app: App, call: Call) -> dict[str, Any]:
     return protocol.ok(call.id, **report)
 
 
-async def _root_why_node(app: App, call: Call, module: Any) -> dict[str, Any]:
+async def _root_why_node(s: Services, call: Call, module: Any) -> dict[str, Any]:
     """Can ``require(module)`` succeed in the jail?  Node resolves inside the root: ask it."""
     if not isinstance(module, str) or not NODE_MODULE.fullmatch(module):
         raise errors.bad_request("module", "required, a Node module name like lodash, @scope/name or node:fs")
     probe = {"code": NODE_PROBE.replace("MODULE", json.dumps(module)), "language": "nodejs",
-             "timeout_ms": min(10000, int(app.limits_for(call.who).max_timeout * 1000))}
-    result = await app.execute(call.who, probe)
+             "timeout_ms": min(10000, int(call.quota.max_timeout * 1000))}
+    result = await s.runs.execute(call.who, call.quota, probe)
     found = result["stdout"].decode("utf-8", "replace").strip() if result["status"] == "ok" else None
     report: dict[str, Any] = {"module": module, "language": "nodejs", "importable": result["status"] == "ok",
                               "found": found, "searched": [], "extensions": [], "missing_libraries": {},
@@ -317,6 +316,11 @@ async def _root_why_node(app: App, call: Call, module: Any) -> dict[str, Any]:
     return protocol.ok(call.id, **report)
 
 
+def _environments(s: Services) -> list[dict[str, Any]]:
+    """Every environment, with how many runs and sessions use each now."""
+    return s.environments.list(in_use=[*s.runs.environments_in_use(), *s.sessions.environments_in_use()])
+
+
 def _last_line(data: bytes) -> str:
     lines = data.decode("utf-8", "replace").strip().splitlines()
     return lines[-1] if lines else ""
@@ -328,7 +332,8 @@ def _last_line(data: bytes) -> str:
 #   ADMIN   root and members of daemon.admin_group
 QUOTA, LISTED, ADMIN = "quota", "listed", "admin"
 INT, STR, BOOL = (int,), (str,), (bool,)
-MAX_NAME = 256  # longest string any operation's field takes (run's code and stdin are plan.py's)
+# Answers that mean "that request should not have been sent": a flood of them is rate-limited.
+REFUSALS = frozenset({errors.BAD_REQUEST, errors.UNKNOWN_OP, errors.FORBIDDEN, errors.NOT_FOUND})
 TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, int): "a name or a uid"}
 
 
@@ -378,7 +383,7 @@ def check_fields(op: Op, req: dict[Any, Any]) -> None:
             raise errors.bad_request(name, f"at most {MAX_NAME} characters, got {len(value)}")
 
 
-async def dispatch(app: App, call: Call) -> dict[str, Any]:
+async def dispatch(s: Services, call: Call) -> dict[str, Any]:
     name = call.req.get("op")
     if not isinstance(name, str):
         raise errors.bad_request("op", "required, a string naming the operation", known=sorted(HANDLERS))
@@ -387,9 +392,32 @@ async def dispatch(app: App, call: Call) -> dict[str, Any]:
         raise RequestError(errors.UNKNOWN_OP, f"unknown operation {name!r}", known=sorted(HANDLERS))
     check_fields(op, call.req)
     if not op.while_stopping:
-        app.check_available()
-    if op.access == ADMIN and not app.is_admin(call.who):
+        s.admin.check_available()
+    if op.access == ADMIN and not call.admin:
         raise errors.forbidden(f"{name} is for root and members of the admin group")
-    if op.access == LISTED and not app.is_admin(call.who):
-        app.limits_for(call.who)  # with deny_unlisted, an unlisted caller may do nothing
-    return await op.handler(app, call)
+    if op.access == LISTED and not call.admin:
+        call.quota  # noqa: B018 - with deny_unlisted, an unlisted caller may do nothing
+    return await op.handler(s, call)
+
+
+class Handlers:
+    """The server's front (``server.Front``): every request, with the services to call."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def serve(self, cred: PeerCred, req: dict[str, Any], interim: Interim) -> dict[str, Any]:
+        """One request: the caller, its quota (looked up once), the refusal rate, the operation."""
+        s = self.services
+        who = identify(cred)
+        limits = s.access.limits(who)
+        s.admission.check_refusals(who.uid, s.access.rate_limits(limits))
+        try:
+            return await dispatch(s, Call(who, limits, req, interim, s))
+        except RequestError as e:
+            if e.code in REFUSALS:
+                self.refused(who.uid)
+            raise
+
+    def refused(self, uid: int) -> None:
+        self.services.admin.refused(uid)

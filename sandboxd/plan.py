@@ -48,8 +48,8 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
     code = _code(req)
     language = _language(req, cfg)
     stdin = _stdin(req)
-    timeout_ms = _timeout(req, limits, cfg)
     max_timeout_ms = int(limits.max_timeout * 1000)
+    timeout_ms = _timeout(req, max_timeout_ms, cfg)
     cpu_ms = _int(req, "cpu_ms", timeout_ms, 1)
     if cpu_ms > max_timeout_ms:
         raise above("cpu_ms", cpu_ms, max_timeout_ms, "ms", "max_timeout")
@@ -117,8 +117,8 @@ def build_cell(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id:
     if stdin and language != "python3":
         raise bad_request("stdin", f"{language} sessions have no stdin of their own per exec: pass data in files")
     return CellPlan(run_id=run_id, code=_code(req), stdin=stdin, files=_files(req.get("files"), limits, cfg),
-                    timeout_ms=_timeout(req, limits, cfg), output_bytes=_max_output(req, limits, cfg),
-                    display=display)
+                    timeout_ms=_timeout(req, int(limits.max_timeout * 1000), cfg),
+                    output_bytes=_max_output(req, limits, cfg), display=display)
 
 
 def environment(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, language: str) -> str:
@@ -175,8 +175,7 @@ def _stdin(req: Mapping[str, Any]) -> bytes:
     return stdin
 
 
-def _timeout(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config) -> int:
-    max_timeout_ms = int(limits.max_timeout * 1000)
+def _timeout(req: Mapping[str, Any], max_timeout_ms: int, cfg: Config) -> int:
     timeout_ms = _int(req, "timeout_ms", min(int(cfg.limits.timeout * 1000), max_timeout_ms), 1)
     if timeout_ms > max_timeout_ms:
         raise above("timeout_ms", timeout_ms, max_timeout_ms, "ms", "max_timeout")

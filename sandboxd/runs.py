@@ -1,10 +1,12 @@
 """One run from request to record: plan, admission, the jail, usage; and the runs in flight.
 
-    plan.build (the request against the caller's quota) -> Admission.admit (concurrency,
-    queue, rate, CPU budget) -> Jail.run (a warm worker, one verdict) -> usage and log
+    plan.build (the request against the caller's quota) -> the environment serves ->
+    Admission.admit (concurrency, queue, rate, CPU budget) -> Jail.run (a warm worker,
+    one verdict) -> usage and log
 
 The table of runs in flight (run id -> caller, plan, worker) lives here, in the daemon:
-``jobs`` lists it and ``kill`` finds a run's worker in it.
+``jobs`` lists it, ``kill`` finds a run's worker in it, and a session's exec is entered
+in it too (``admitted``), so that it is admitted, charged and listed as a run is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from . import logs, plan
 from .config import Config, QuotaLimits
+from .environments import Environments
 from .jail.jail import Jail
 from .jail.policy.profiles import refusal_advice
 from .jail.spec.plans import RunPlan
@@ -36,7 +39,7 @@ class RunEntry:
     caller: Identity
     started: float  # time.monotonic() when admitted
     timeout_ms: int
-    memory_mb: int
+    memory_bytes: int
     network: bool
     language: str
     environment: str = ""
@@ -48,7 +51,7 @@ class RunEntry:
 
     @classmethod
     def for_plan(cls, run_id: str, caller: Identity, p: RunPlan) -> RunEntry:
-        return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes >> 20, p.network, p.language,
+        return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes, p.network, p.language,
                    p.environment)
 
     def bind(self, worker: Worker) -> None:
@@ -69,30 +72,24 @@ class RunEntry:
         return {"run_id": self.run_id, "caller_uid": self.caller.uid, "caller": self.caller.name,
                 "worker_pid": w.pid if w else None, "run_uid": w.slot.uid if w else None,
                 "age_ms": round((now - self.started) * 1000, 1), "timeout_ms": self.timeout_ms,
-                "memory_mb": self.memory_mb, "network": self.network, "language": self.language,
+                "memory_mb": self.memory_bytes >> 20, "network": self.network, "language": self.language,
                 "environment": self.environment or None, "session_id": self.session_id}
 
 
 class Runs:
-    def __init__(self, config: Config, jail: Jail, usage: UsageStore) -> None:
+    def __init__(self, config: Config, jail: Jail, admission: Admission, usage: UsageStore,
+                 environments: Environments) -> None:
         self.config = config
         self.jail = jail
+        self.admission = admission
         self.usage = usage
-        d = config.daemon
-        self.admission = Admission(d.workers, d.queue, d.queue_timeout, usage)
+        self.environments = environments
         self.running: dict[str, RunEntry] = {}
         self.started_at = time.time()
         self._seq = 0
-        # Raises (unavailable) unless the named environment serves ("": the base root always does).
-        self.environment_ready: Callable[[str], None] = lambda name: None
 
     def configure(self, config: Config) -> None:
         self.config = config
-        d = config.daemon
-        self.admission.configure(d.workers, d.queue, d.queue_timeout)
-
-    def use_store(self, usage: UsageStore) -> None:
-        self.usage = self.admission.usage = usage
 
     def new_run_id(self) -> str:
         self._seq += 1
@@ -106,7 +103,7 @@ class Runs:
         if discover:
             run_plan = replace(run_plan, discover=True)
         if run_plan.environment:
-            self.environment_ready(run_plan.environment)
+            self.environments.check_ready(run_plan.environment)
         entry = RunEntry.for_plan(run_id, who, run_plan)
 
         async def work() -> Result:
@@ -178,3 +175,14 @@ class Runs:
     def counts(self, uid: int) -> tuple[int, int]:
         """(running, queued) runs of ``uid``."""
         return self.admission.running_by_uid.get(uid, 0), self.admission.queued_by_uid.get(uid, 0)
+
+    def queued(self) -> int:
+        return len(self.admission.queue)
+
+    def in_flight(self) -> int:
+        """Runs and execs in sessions running now."""
+        return len(self.running)
+
+    def environments_in_use(self) -> list[str]:
+        """The environment of each run in flight (not of session execs: their sessions count)."""
+        return [entry.environment for entry in self.running.values() if not entry.session_id]

@@ -17,8 +17,7 @@ import collections
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import logs
 from .budget import SMALL, Budget
@@ -57,8 +56,13 @@ class RefusalLog:
             for key in [k for k, (t, _, _) in self.windows.items() if now - t > REFUSAL_LOG_WINDOW]:
                 del self.windows[key]
 
-Dispatch = Callable[[PeerCred, dict[str, Any], "Interim"], Awaitable[dict[str, Any]]]
-Refused = Callable[[int], None]  # a request of this uid was refused before it reached an operation
+
+class Front(Protocol):
+    """What the server hands requests to (``handlers.Handlers``)."""
+
+    async def serve(self, cred: PeerCred, req: dict[str, Any], interim: Interim) -> dict[str, Any]: ...
+    def refused(self, uid: int) -> None: ...  # a request of this uid was refused before it reached an operation
+
 CHUNK = 1 << 16
 ACCEPT_BATCH = 32  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE/ENFILE/ENOMEM
@@ -67,10 +71,9 @@ MAX_REQUEST_CONTAINERS = 64  # arrays and maps in one request (a run has 3)
 
 
 class Server:
-    def __init__(self, settings: DaemonSettings, dispatch: Dispatch, refused: Refused | None = None) -> None:
+    def __init__(self, settings: DaemonSettings) -> None:
         self.settings = settings
-        self.dispatch = dispatch
-        self.refused = refused or (lambda uid: None)
+        self.front: Front | None = None
         self.requests = Budget(settings.buffer_budget, settings.buffer_budget_per_uid)
         self.responses = Budget(settings.response_budget, settings.response_budget_per_uid)
         self.connections = 0
@@ -80,13 +83,19 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.refusals = RefusalLog()
 
+    def refused(self, uid: int) -> None:
+        if self.front is not None:
+            self.front.refused(uid)
+
     def log_refusal(self, uid: int, op: object, e: RequestError) -> None:
         self.refusals.log(uid, op, e, asyncio.get_running_loop().time())
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Accept on ``sock`` from now on, at most ACCEPT_BATCH connections a wake-up: a flood
-        of connects from one caller cannot keep the loop from everyone else's requests
-        (libuv's own accept loop, under uvloop, accepts until the backlog is empty)."""
+    async def serve(self, sock: socket.socket, front: Front) -> None:
+        """Accept on ``sock`` from now on and hand requests to ``front``, at most ACCEPT_BATCH
+        connections a wake-up: a flood of connects from one caller cannot keep the loop from
+        everyone else's requests (libuv's own accept loop, under uvloop, accepts until the
+        backlog is empty)."""
+        self.front = front
         sock.setblocking(False)
         self.listener = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_some)
@@ -315,7 +324,8 @@ class Connection:
         # are past that point).  Requests starting together are bounded by its quota instead.
         await self.server.responses.wait_room(self.cred.uid)
         try:
-            return await self.server.dispatch(self.cred, request, Interim(self, rid))
+            assert self.server.front is not None
+            return await self.server.front.serve(self.cred, request, Interim(self, rid))
         except RequestError as e:
             self.server.log_refusal(self.cred.uid, request.get("op"), e)
             return protocol.error(rid, e.code, e.message, **e.details)

@@ -26,15 +26,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import plan, quota
+from . import plan
+from .access import Access
 from .common import errors
 from .common.errors import RequestError
 from .config import Config, QuotaLimits
+from .environments import Environments
 from .jail.jail import Jail
 from .jail.workers.session import CellResult, Session, SessionFailed
 from .jail.workers.stream import EventSink
 from .peer import Identity
+from .quota import Admission
 from .runs import RunEntry, Runs
+from .usage import UsageStore
 
 log = logging.getLogger("sandboxd.session")
 SWEEP_SECONDS = 1.0
@@ -54,10 +58,15 @@ class Entry:
 
 
 class Sessions:
-    def __init__(self, config: Config, jail: Jail, runs: Runs) -> None:
+    def __init__(self, config: Config, jail: Jail, runs: Runs, admission: Admission, usage: UsageStore,
+                 access: Access, environments: Environments) -> None:
         self.config = config
         self.jail = jail
         self.runs = runs
+        self.admission = admission
+        self.usage = usage
+        self.access = access
+        self.environments = environments
         self.instance = secrets.token_hex(3)
         self.live: dict[str, Entry] = {}
         self.ended: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
@@ -77,7 +86,7 @@ class Sessions:
         session_id = f"s{self.instance}-{self._seq}-{secrets.token_hex(6)}"
         session_plan = plan.build_session(req, limits, self.config, session_id)
         if session_plan.environment:
-            self.runs.environment_ready(session_plan.environment)
+            self.environments.check_ready(session_plan.environment)
         mine = sum(1 for e in self.live.values() if e.owner.uid == who.uid) + self.opening[who.uid]
         if mine >= limits.sessions:
             raise RequestError(errors.QUOTA_EXCEEDED, f"you have {mine} sessions open; the limit is {limits.sessions}",
@@ -86,7 +95,7 @@ class Sessions:
         if len(self.live) + sum(self.opening.values()) >= cap:
             raise RequestError(errors.BUSY, f"the daemon has {cap} sessions open, its limit; retry later",
                                limit="daemon.sessions", retry_after_ms=1000)
-        self.runs.admission.check_budget(who.uid, limits)
+        self.admission.check_budget(who.uid, limits)
         self.opening[who.uid] += 1
         try:
             session = await self.jail.open_session(session_plan)
@@ -115,7 +124,7 @@ class Sessions:
         run_id = self.runs.new_run_id()
         cell = plan.build_cell(req, limits, self.config, run_id, session.plan.language)
         p = session.plan
-        run = RunEntry(run_id, who, time.monotonic(), cell.timeout_ms, p.memory_bytes >> 20, p.network, p.language,
+        run = RunEntry(run_id, who, time.monotonic(), cell.timeout_ms, p.memory_bytes, p.network, p.language,
                        p.environment, session_id=session_id, worker=session.worker,
                        on_kill=lambda: session.end("killed"))
         entry.run_id = run_id
@@ -160,7 +169,7 @@ class Sessions:
             self._sweeper.cancel()
 
     # -- what there is -----------------------------------------------------------------------
-    def list(self, who: Identity, admin: bool) -> list[dict[str, Any]]:
+    def listed(self, who: Identity, admin: bool) -> list[dict[str, Any]]:
         return [self.describe(sid, e) for sid, e in list(self.live.items()) if admin or e.owner.uid == who.uid]
 
     def describe(self, session_id: str, entry: Entry) -> dict[str, Any]:
@@ -169,6 +178,12 @@ class Sessions:
 
     def counts(self, uid: int) -> int:
         return sum(1 for e in self.live.values() if e.owner.uid == uid)
+
+    def open_count(self) -> int:
+        return len(self.live)
+
+    def environments_in_use(self) -> list[str]:
+        return [e.session.plan.environment for e in self.live.values()]
 
     def describe_all(self) -> dict[str, Any]:
         return {"open": len(self.live), "limit": self.config.daemon.sessions,
@@ -179,7 +194,7 @@ class Sessions:
         if not isinstance(session_id, str) or not session_id:
             raise errors.bad_request("session_id", "required, a string (from session_open)")
         entry = self.live.get(session_id)
-        admin = admin_too and self._is_admin(who)
+        admin = admin_too and self.access.is_admin(who)
         if entry is not None and (entry.owner.uid == who.uid or admin) and entry.session.alive:
             return session_id, entry
         details: dict[str, Any] = {"session_id": session_id[:64]}
@@ -195,9 +210,6 @@ class Sessions:
                 details["reason"] = "daemon_restarted"
         why = f" ({details['reason']})" if "reason" in details else ""
         raise RequestError(errors.NOT_FOUND, f"no session {session_id[:64]} of yours is open{why}", **details)
-
-    def _is_admin(self, who: Identity) -> bool:
-        return who.uid == 0 or who.in_group(self.config.daemon.admin_group)
 
     def _ended(self, session_id: str, fut: asyncio.Future[str]) -> None:
         entry = self.live.pop(session_id, None)
@@ -217,7 +229,7 @@ class Sessions:
         used = entry.session.cpu_used_ms()
         delta = used - entry.cpu_charged_ms
         if delta > 0:
-            self.runs.usage.charge(entry.owner.uid, delta, time.time())
+            self.usage.charge(entry.owner.uid, delta, time.time())
             entry.cpu_charged_ms = used
 
     async def _sweep_loop(self) -> None:
@@ -251,7 +263,7 @@ class Sessions:
                     s.end("cpu_limit")
 
     def _over_budget(self, entry: Entry) -> bool:
-        limits = quota.effective_limits(self.config.quotas, entry.owner) or entry.limits
+        limits = self.access.limits(entry.owner) or entry.limits
         if not limits.cpu_seconds_per_hour:
             return False
-        return self.runs.usage.cpu_last_hour(entry.owner.uid, time.time()) >= limits.cpu_seconds_per_hour * 1000
+        return self.usage.cpu_last_hour(entry.owner.uid, time.time()) >= limits.cpu_seconds_per_hour * 1000

@@ -97,6 +97,11 @@ class UsageStore:
         if path:
             self._open(path)
 
+    def open(self, path: str) -> None:
+        """Open (or create) the database at ``path`` and load what it holds."""
+        self.path = path
+        self._open(path)
+
     def _open(self, path: str) -> None:
         try:
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)

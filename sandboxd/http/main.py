@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import socket
 import sys
 
@@ -23,6 +22,7 @@ import uvicorn
 import uvloop
 
 from .. import __version__, logs
+from ..common.process import raise_nofile
 from ..systemd import Notifier
 from .app import build
 from .guard import protocol_class
@@ -55,12 +55,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=2048)
     sock.setblocking(False)
     return sock
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def serve(settings: Settings) -> int:
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               "have root's rights at the daemon; run it as the user sandboxd-http", file=sys.stderr)
         return EX_NOPERM
     logs.setup(settings.log_level, foreground=True, ident="sandboxd-http")
-    _raise_nofile()
+    raise_nofile()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(settings))
 

@@ -155,8 +155,17 @@ class Jail:
         if self.driver is not None:
             self.driver.close()
 
+    def fork_servers_alive(self) -> bool:
+        """Every stack's fork server is up (the watchdog pets systemd only then)."""
+        return bool(self.stacks) and all(stack.server.alive for stack in self.stacks.values())
+
     def running(self) -> int:
         return sum(1 for w in self.workers.live.values() if w.state == "running") if self.workers else 0
+
+    def root_layout(self, environment: str = "") -> tuple[str, list[str]] | None:
+        """(root directory, the runs' sys.path) of a stack, once it is built."""
+        stack = self.stacks.get(environment)
+        return None if stack is None else (stack.root.path, self.run_path(environment))
 
     # -- runs -----------------------------------------------------------------------------
     async def run(self, plan: RunPlan, bind: Callable[[Worker], None] | None = None,

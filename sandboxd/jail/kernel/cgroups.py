@@ -15,12 +15,13 @@ The worker joins its cgroups itself, first thing after fork, by writing ``0`` to
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
+
+from ...common.process import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +259,10 @@ class CgroupDriver:
         if not self.bases:
             return
         base = sorted(set(self.bases.values()))[0]
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(base)
+        if fd is None:
             raise CgroupInUse(f"another sandboxd is using the cgroup parent {base}; give each daemon its own "
-                              "jail.cgroup_parent") from None
+                              "jail.cgroup_parent")
         self._lock_fd = fd
 
     def _mkdir(self, base: str, d: str) -> None:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ...common.process import try_lock
 from . import netpolicy
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,10 @@ class Firewall:
             self._pool_lock = -1
 
     def _lock_pool(self) -> None:
-        fd = os.open(os.path.join(STATE, f"{self.table}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(os.path.join(STATE, f"{self.table}.lock"), create=True)
+        if fd is None:
             raise FirewallError(f"another sandboxd uses the address pool {self.pool}; give each daemon its own "
-                                "network.pool") from None
+                                "network.pool")
         self._pool_lock = fd
 
     def _check_pool(self) -> None:
