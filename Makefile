@@ -27,7 +27,7 @@ RUN_DIR := $(CURDIR)/run
 DEV_SOCKET := $(RUN_DIR)/sandboxd.sock
 PYTEST_ARGS ?=
 
-.PHONY: dev dev-tools run test test-slow lint typecheck unit bench profile fuzz soak e2e deb man-lint clean apt-deps
+.PHONY: dev dev-tools run test test-slow lint typecheck unit system bench profile fuzz soak e2e deb man-lint clean apt-deps
 
 # dev: what `make run` needs (Debian's packages, the venv with sandboxd in it); dev-tools adds
 # the test and lint tools for `make test`.
@@ -70,10 +70,15 @@ lint: dev-tools
 typecheck: dev-tools
 	$(VENV)/bin/mypy
 
+# unit: the tests that need neither root nor a daemon (tests/unit/), in seconds; system: the
+# rest, against real daemons, as root (about nine minutes on two cores).
 unit: dev-tools
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: lint typecheck man-lint unit
+system: dev-tools
+	$(VENV)/bin/pytest tests --ignore=tests/unit $(PYTEST_ARGS)
+
+test: lint typecheck man-lint unit system
 
 # Tests too slow for `make test` (pytest -m slow): rebuilds of the root back to back and at
 # once.

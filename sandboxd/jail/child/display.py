@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 from .contract import DISPLAY_DIR
 
 BACKEND = "sandboxd_display"
-MAX_FIGURES = 16
 _saved = [0]
 
 

@@ -73,7 +73,6 @@ class Session:
         worker.proc.request_w = -1
         self.out, self.err = worker.output_readers(1 << 20, None, self._overflow)
         self.cpu0 = worker.cgroup.cpu_usage_ns()
-        self.cpu_charged_ms = 0.0  # what the daemon has charged to the caller so far
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
         self.execs = 0

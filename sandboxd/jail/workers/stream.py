@@ -42,7 +42,6 @@ class Streamer:
         self.stalled = stalled
         self.pending: list[tuple[str, bytearray]] = []
         self.pending_bytes = 0
-        self.sent_bytes = 0
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
         self.waiting: asyncio.Task[None] | None = None
@@ -67,7 +66,6 @@ class Streamer:
             self.timer = None
         for stream, data in self.pending:
             self.sink.send({"event": "output", "stream": stream, "data": bytes(data)})
-            self.sent_bytes += len(data)
         self.pending.clear()
         self.pending_bytes = 0
         if self.sink.backlog() > HIGH_WATER and self.waiting is None:

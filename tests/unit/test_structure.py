@@ -12,7 +12,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "sandboxd"
+TESTS_DIR = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = TESTS_DIR.parent / "sandboxd"
+# What marks a test as needing root or a daemon: it belongs to the daemon tier (tests/), not here.
+DAEMON_TIER = ("require_root", "make_daemon", "DaemonProcess", "test_users", "call_as")
 
 
 def module_names(root: Path) -> dict[str, Path]:
@@ -160,3 +163,22 @@ def test_the_sandboxd_packages_have_no_cycles() -> None:
     assert "sandboxd.jail.workers" in packages and "sandboxd.jail" in packages["sandboxd"]
     cycle = find_cycle(packages)
     assert cycle is None, "package cycle: " + " -> ".join(cycle or [])
+
+
+def test_every_test_file_is_in_one_tier() -> None:
+    """tests/unit/ needs neither root nor a daemon (``make unit``); every other test file is
+    the daemon tier's (``make system``); none is both."""
+    unit = sorted((TESTS_DIR / "unit").glob("test_*.py"))
+    assert len(unit) >= 10
+    for path in unit:
+        if path.name == Path(__file__).name:
+            continue  # (this file names them)
+        text = path.read_text()
+        used = [name for name in DAEMON_TIER if name in text]
+        assert not used, f"{path.name} is a unit test file but uses {used}: it belongs in tests/"
+    system = sorted(TESTS_DIR.glob("test_*.py"))
+    assert {p.name for p in unit}.isdisjoint({p.name for p in system})
+    for path in system:
+        text = path.read_text()
+        assert any(name in text for name in (*DAEMON_TIER, "daemon")), \
+            f"{path.name} needs neither root nor a daemon: it belongs in tests/unit/"
