@@ -23,6 +23,8 @@ BENCH_PACKAGES := bubblewrap
 PROFILE_PACKAGES := linux-perf
 E2E_PACKAGES := debootstrap systemd-container qemu-system-x86 e2fsprogs
 DEV_TOOLS := ruff==0.8.4 mypy==1.13.0 pytest==8.3.4 hypothesis==6.122.3 types-PyYAML==6.0.12.20241230
+INIT := sandboxd/jail/child/sandboxd-init
+CC_INIT := gcc -O2 -static -s -Wall -Wextra -Werror
 RUN_DIR := $(CURDIR)/run
 DEV_SOCKET := $(RUN_DIR)/sandboxd.sock
 PYTEST_ARGS ?=
@@ -49,11 +51,17 @@ apt-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.stamp: pyproject.toml Makefile
+$(VENV)/.stamp: pyproject.toml Makefile $(INIT)
 	@$(MAKE) --no-print-directory apt-deps
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# sandboxd-init, a worker's pid 1 (a few pages of C, static: it is exec'd inside the jail's root,
+# which holds no loader of its own for it).  The Debian package builds the same file.
+$(INIT): sandboxd/jail/child/init.c
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="gcc libc6-dev"
+	$(CC_INIT) -o $@ $<
 
 run: dev
 	@mkdir -p $(RUN_DIR)
@@ -115,4 +123,4 @@ deb:
 	$(SYSPATH) packaging/build-deb.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(RUN_DIR)
+	rm -rf $(VENV) $(INIT) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(RUN_DIR)

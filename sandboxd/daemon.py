@@ -34,6 +34,7 @@ from .handlers import Handlers, Services
 from .jail.jail import Jail
 from .jail.kernel.cgroups import CgroupError
 from .jail.kernel.libc import set_name
+from .jail.workers.fsclient import InitMissing
 from .quota import Admission
 from .runs import Runs
 from .server import Server
@@ -147,7 +148,7 @@ class Daemon:
             await self.start()
         except Exception as e:  # noqa: BLE001 - any start-up failure: say why, exit non-zero
             log.error("cannot start: %s", e, exc_info=not isinstance(
-                e, (StartupError, listen.ListenError, selftest.SelfTestFailed, OSError, CgroupError)))
+                e, (StartupError, listen.ListenError, selftest.SelfTestFailed, OSError, CgroupError, InitMissing)))
             self.notifier.notify(status=f"failed: {e}")
             await self.jail.close()
             return EX_SOFTWARE

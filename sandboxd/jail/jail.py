@@ -37,7 +37,7 @@ from .root import contents, rootfs, template
 from .root.roots import Roots
 from .spec.plans import EnvLayer, RunPlan, SessionPlan
 from .spec.settings import JailSettings, environment_of, pool_key
-from .workers.fsclient import ForkServerClient, ForkServerError
+from .workers.fsclient import ForkServerClient, ForkServerError, locate_init
 from .workers.pool import Pool
 from .workers.session import Session, SessionFailed
 from .workers.stream import EventSink
@@ -60,6 +60,7 @@ class Jail:
         self.layers: dict[str, EnvLayer] = {}
         self.network: Network | None = None
         self.tasks = Tasks("jail")
+        self.init_path = ""  # sandboxd-init, found at start
         self._switching = asyncio.Lock()  # root rebuilds, environments and reconfigurations, one at a time
 
     @property
@@ -75,6 +76,7 @@ class Jail:
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, layers: Mapping[str, EnvLayer] | None = None) -> None:
         s = self.settings
+        self.init_path = locate_init()
         self.layers = dict(layers or {})
         roots = {"": self._ensure_root(None)}
         for name, layer in self.layers.items():
@@ -113,7 +115,8 @@ class Jail:
         template_fd = await template.build(root.path, s.root.python)
         root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            info = await server.start({**_init_message(s, layer), "root_id": mounts.root_id(root.path)},
+            info = await server.start({**_init_message(s, layer), "root_id": mounts.root_id(root.path),
+                                       "init": self.init_path},
                                       [root_fd, template_fd])
         except BaseException:
             await server.stop()

@@ -4,8 +4,10 @@ Starts a daemon with the bench's configuration, warms it up, then runs ``--concu
 clients in a closed loop for ``--seconds`` while ``perf record -a -g`` samples the whole
 machine.  Prints the runs per second, the machine's CPU per run (from /proc/stat, so it
 holds without perf too) and, from perf, the share of each process kind -- the daemon, the
-fork server, the supervisors (P, ``sbx-super``), the runners (R, ``sbx-runner``), the
-bench's own clients, the kernel -- with the top symbols of each.  Writes
+fork server, each worker's pid 1 while it sets up (``sbx-pid1``) and once it is
+``sandboxd-init`` (``sbx-init``), the runners (R, ``sbx-runner``) -- before the worker
+redesign, the supervisors (P, ``sbx-super``) -- the bench's own clients, the kernel --
+with the top symbols of each.  Writes
 ``--out``/profile.txt and perf.data.
 """
 
@@ -27,7 +29,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from bench import BENCH_CONFIG, closed_loop  # noqa: E402
 from harness import DaemonProcess, daemon_dir  # noqa: E402
 
-KINDS = {"sbx-super": "supervisor P", "sbx-runner": "runner R", "sbx-forkserver": "fork server",
+KINDS = {"sbx-super": "supervisor P", "sbx-pid1": "worker pid 1 (setup, then exec)",
+         "sbx-init": "sandboxd-init", "sbx-runner": "runner R", "sbx-forkserver": "fork server",
          "sbx-netns": "network setup", "sandboxd": "daemon"}
 
 

@@ -1,16 +1,26 @@
-"""The worker contract: everything the daemon, the fork server, P and R agree on.
+"""The worker contract: everything the daemon, the fork server, the worker's first process
+(pid 1) and the runner R agree on.
 
 A leaf module (it imports only the wire format): fd numbers, exit codes, the setup
 error, the step runner, the records that cross process boundaries and the handoff
 page.  Every other module of the worker imports its names from here.
 
-Descriptors.  The fork server hands P seven fds, which P's ``fds`` step places at
-``FD_STATUS`` .. ``FD_TEMPLATE``.  R gets fds 0-2 (the run's stdio), ``R_FD_REQUEST``
-(the daemon's request pipe, passed through P) and ``R_FD_LINK``, one end of the
-*link*, a SOCK_SEQPACKET pair between P and R.  On the link R first sends its step
-timings with the seccomp listener attached, then, just before user code, the byte
-``LINK_STARTED``: P's proof that setup is over (user code can write the handoff page,
-but it cannot un-send a byte, and it never holds the link: R closes it first).
+Processes.  The fork server forks the worker's first process into a new pid namespace:
+it is pid 1 there, does the worker's setup steps (``steps``), forks R and execs
+``sandboxd-init`` (a few pages of C), which reaps and reports R's end.  R, the one
+CPython of the run, does its own steps (``runner``) and waits for its request.
+
+Descriptors.  The fork server hands pid 1 its fds, placed by its ``fds`` step at
+``FD_STATUS`` .. ``FD_INIT`` and then ``FD_EXTRA``...  R gets fds 0-2 (the run's stdio),
+``R_FD_REQUEST`` (the daemon's request pipe) and ``R_FD_LINK``, its end of the *link*, a
+SOCK_SEQPACKET pair whose other end is the daemon's.  On the link R first sends
+``LINK_ARMED`` with its step timings and three fds attached (its seccomp listener, a
+pidfd of itself, the run's scratch filesystem), then ``LINK_READY`` (or, an exec
+runtime, ``LINK_WAITING`` once it waits), and just before user code ``LINK_STARTED``:
+the daemon's proof that setup is over (user code can write the handoff page, but it
+cannot un-send a byte, and a run never holds the link: R closes it first).  What comes
+on the link after ``LINK_STARTED`` (a session's cells, an exec runtime's end) is the
+run's word: it can only mislead its own report.
 """
 
 from __future__ import annotations
@@ -27,23 +37,34 @@ from typing import Any, Generic, TypeVar
 
 from ...common import protocol
 
-# P's descriptors after its "fds" step; then, from FD_EXTRA, the worker's network namespace
-# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).  FD_CONTROL:
-# the daemon's commands to P (CONTROL_INTERRUPT: SIGINT to R, the running cell of a session).
-FD_STATUS, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_CONTROL, FD_EXTRA = range(3, 12)
-CONTROL_INTERRUPT = b"I"
+# Pid 1's descriptors after its "fds" step; then, from FD_EXTRA, the worker's network namespace
+# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).  FD_STATUS
+# becomes sandboxd-init's report pipe (its fd 1); FD_INIT is sandboxd-init itself, exec'd
+# from this fd once R is forked; FD_LIFELINE reaches EOF when the fork server is gone.
+(FD_STATUS, FD_LINK, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_INIT,
+ FD_EXTRA) = range(3, 13)
 # R's descriptors after its "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
-LINK_STARTED = b"S"  # R -> P on the link: setup is over, user code is next
-LINK_WAITING = b"W"  # an exec runtime's bootstrap -> P: started, waiting for the request (ready)
-LINK_DONE = b"D"  # an exec runtime's bootstrap -> P, then the exit status: the code is done
-LINK_SESSION = b"O"  # a session's runner -> P: the session is open, cells may come (P reports it)
-LINK_CELL = b"C"  # a session's runner -> P, then a msgpack map: a cell is done (P reports it)
+RUNNER_PID = 2  # R, in its own pid namespace (pid 1 is sandboxd-init)
+LINK_ARMED = b"L"  # R -> daemon, msgpack timings + [listener, pidfd, scratch]: filter loaded, fds handed over
+LINK_READY = b"R"  # R -> daemon, msgpack: a forked runner waits for its request (ready)
+LINK_SETUP_ERROR = b"E"  # pid 1 or R -> daemon, msgpack SetupError: a step failed, the worker ends
+LINK_STARTED = b"S"  # R -> daemon: setup is over, user code is next
+LINK_WAITING = b"W"  # an exec runtime's bootstrap -> daemon: started, waiting for the request (ready)
+LINK_DONE = b"D"  # an exec runtime's bootstrap -> daemon, then the exit status: the code is done
+LINK_SESSION = b"O"  # a session's runner -> daemon: the session is open, cells may come
+LINK_CELL = b"C"  # a session's runner -> daemon, then a msgpack map (JSON from Node): a cell is done
 MAX_LINK_MESSAGE = 1 << 16
-DISPLAY_DIR = "/tmp/.display"  # a run's or cell's figures, as PNG files; P returns them with out/
+# In the run's scratch filesystem: its top (what the daemon holds an fd of) is hidden from the run
+# under /work; /work is its "work", /tmp its "tmp".
+HANDOFF_FILE = ".handoff"  # the handoff page (mapped by R; never reachable by the run's paths)
+OUT_DIR = "work/out"  # a run's out/, as the daemon finds it from the scratch's top
+DISPLAY_DIR = "/tmp/.display"  # a run's or cell's figures, as PNG files; returned with out/
+DISPLAY_FROM_TOP = "tmp/.display"
+INIT_REPORT = struct.Struct("=IiqqQ")  # sandboxd-init's record of R's end: magic, wstatus, utime, stime (us), maxrss
+INIT_MAGIC = 0x49584253
 
-EXIT_SETUP = 121  # a setup step failed (P: details in its setup_error frame; R: in the handoff page)
-MAX_STATUS_EXTRA = 1 << 20  # status frames: out/ files plus this much
+EXIT_SETUP = 121  # a setup step failed (details on the link, or in the handoff page)
 
 
 class Become(BaseException):
@@ -180,10 +201,8 @@ class ServerState:
     template_fd: int
     root_id: tuple[int, int]  # (st_dev, st_ino) of the root as the template sees it
     lifeline_fd: int
+    init_fd: int  # sandboxd-init, opened by the fork server
     filters: dict[str, bytes]
-    supervisor_filter: bytes
-    syscall_names: dict[int, str]
-    audit_arch: int
     cap_last: int
     run_path: tuple[str, ...]
     foreign_modules: tuple[str, ...]
@@ -207,9 +226,6 @@ class WorkerSpec:
     scratch_bytes: int
     scratch_inodes: int
     rlimits: Mapping[str, int]  # ceilings for the whole worker
-    out_max_bytes: int
-    out_max_files: int
-    discover: bool = False
     hostname: str = "sandbox"
     exec_argv: tuple[str, ...] = ()  # an exec runtime: R execs this once confined (empty: R is the fork)
 
@@ -236,12 +252,12 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class RunnerArgs:
-    """All R takes along from P (everything else of P's and the fork server's is dropped)."""
+    """All R takes along from pid 1 (everything else of its and the fork server's is dropped)."""
 
     filter: bytes  # R's own seccomp program
     base_env: dict[str, str]
     run_path: tuple[str, ...]
-    killed_when_done: bool  # with a cgroup, the supervisor ends R rather than waiting for its exit
+    scratch_fd: int  # the scratch filesystem's top, for the daemon (sent with LINK_ARMED)
     exec_argv: tuple[str, ...] = ()  # an exec runtime: what R becomes once confined
 
 
@@ -307,21 +323,23 @@ class Cell:
 
 
 class Handoff:
-    """A shared anonymous page between the supervisor and the runner (no fd involved).
+    """A page the runner shares with the daemon: a file at the top of the run's scratch
+    filesystem, which no path of the run reaches, mapped by R (no fd of it stays in the run).
 
     The runner writes its phase, the failing step with errno, the name of an uncaught
-    exception, when user code started and, when it is done, its exit status; the
-    supervisor reads it.  User code can scribble on it, which can only mislead its own
-    verdict (it could as well choose its own exit status); a setup failure it claims
-    after ``LINK_STARTED`` is not believed.
+    exception, when user code started and, when it is done, its exit status and the
+    time; the daemon reads it through its fd of the scratch's top.  User code can scribble
+    on it, which can only mislead its own verdict (it could as well choose its own exit
+    status); a setup failure it claims after ``LINK_STARTED`` is not believed.
     """
 
     LAYOUT = struct.Struct("=IiQ32s64s256s")
-    STATUS = struct.Struct("=i")  # the runner's exit status, after LAYOUT
+    STATUS = struct.Struct("=iQ")  # the runner's exit status and when it was done, after LAYOUT
     SETUP, WAITING, RUNNING, DONE = 0, 1, 2, 3
+    SIZE = 4096
 
     def __init__(self, buf: Any) -> None:
-        self.buf = buf  # mmap.mmap(-1, 4096) shared across fork
+        self.buf = buf  # R's MAP_SHARED mapping of the file; the daemon reads the file's bytes
 
     def write(self, phase: int, step: str = "", err: int = 0, exc: str = "", message: str = "",
               started_ns: int = 0) -> None:
@@ -337,7 +355,7 @@ class Handoff:
 
     def finish(self, exit_status: int) -> None:
         """The user's code is over and its output flushed; this is its exit status."""
-        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status)
+        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status, time.monotonic_ns())
         phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)
         self.LAYOUT.pack_into(self.buf, 0, self.DONE, err, started, step, exc, message)
 
@@ -346,6 +364,10 @@ class Handoff:
 
     def exit_status(self) -> int:
         return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[0]) & 0xFF
+
+    def done_ns(self) -> int:
+        """When ``finish`` was called (the runner's monotonic clock), 0 before."""
+        return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[1])
 
     def read(self) -> dict[str, Any]:
         phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)

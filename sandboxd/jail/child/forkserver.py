@@ -3,18 +3,20 @@
 The daemon starts it with ``exec`` (never a fork of itself), an empty environment
 and one SOCK_SEQPACKET socket, and sends it the root (a directory fd) and the root's
 template mount namespace (an fd: ``template`` makes it).  It prepares once -- one BPF
-program per profile, the supervisor's filter, the syscall-name table, the
-administrator's preload modules -- then freezes the GC and serves commands:
+program per profile, the syscall-name table (for the daemon, which names refused
+calls), ``sandboxd-init`` opened, the administrator's preload modules -- then freezes
+the GC and serves commands:
 
     {"op": "spawn", "spec": {...}}  -> {"ok": true, "pid": P}  + fds
-                                       [pidfd, status_r, request_w, stdin_w, stdout_r, stderr_r]
+                                       [pidfd, status_r, link, request_w, stdin_w, stdout_r, stderr_r]
     {"op": "template", "root": DIR} -> {"ok": true}   (after a root rebuild)
 
 and reports ``{"event": "reaped", "pid": P, "wstatus": S}`` when a worker's pid 1 has
 been reaped (then nothing of that run is left).  Each worker is forked straight into
 a new pid namespace (``unshare(CLONE_NEWPID)``, fork, ``setns`` back), so it is its
-run's pid 1.  When the daemon goes away (EOF) every worker is killed and the server
-exits; its own death is seen by workers through the lifeline pipe and PDEATHSIG.
+run's pid 1 (``steps``: it forks R and becomes ``sandboxd-init``).  When the daemon goes
+away (EOF) every worker is killed and the server exits; its own death is seen by
+workers through the lifeline pipe and PDEATHSIG.
 
 What the server knows never reaches a run: no host path passes through it (the root,
 its template and the cgroups come as fds), and a worker leaves the server's stack behind at fork
@@ -42,7 +44,7 @@ import msgpack
 from ..kernel import libc
 from ..policy import seccomp as sc
 from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
-from .steps import supervisor_main
+from .steps import worker_main
 
 MAX_MESSAGE = 1 << 20
 
@@ -60,6 +62,10 @@ class ForkServer:
     # -- preparation ------------------------------------------------------------------
     def prepare(self, init: dict[str, Any], root_fd: int, template_fd: int) -> dict[str, Any]:
         self.template_fd = os.dup(template_fd)
+        init_fd = os.open(init["init"], os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(init_fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+            raise ValueError(f"{init['init']} is not an executable file")
         filters = {key: sc.compile_profile(sc.Profile.from_wire(key, p), p["network"])
                    for key, p in init["profiles"].items()}
         run_path = run_sys_path(root_fd, init["python_path"])
@@ -72,10 +78,8 @@ class ForkServer:
             template_fd=self.template_fd,
             root_id=tuple(init["root_id"]),  # type: ignore[arg-type]
             lifeline_fd=self.lifeline_r,
+            init_fd=init_fd,
             filters=filters,
-            supervisor_filter=sc.compile_supervisor(),
-            syscall_names=sc.syscall_names(),
-            audit_arch=sc.native_audit_arch(),
             cap_last=cap_last,
             run_path=run_path,
             foreign_modules=foreign_modules(run_path, root_fd),
@@ -87,6 +91,8 @@ class ForkServer:
         return {
             "ok": True,
             "filters": {k: len(v) // 8 for k, v in filters.items()},
+            "syscall_names": sc.syscall_names(),
+            "audit_arch": sc.native_audit_arch(),
             "preloaded": preloaded,
             "preload_errors": preload_errors,
             "warmed_up": bool(init["warmup"]) and not warmup_error,
@@ -151,20 +157,21 @@ class ForkServer:
             self.sock.send(data)
 
     def spawn(self, spec: WorkerSpec, extra: list[int]) -> tuple[int, list[int]]:
-        """Fork P with the worker's pipes, then ``extra`` (its netns, its cgroup.procs files)."""
+        """Fork pid 1 with the worker's pipes, then ``extra`` (its netns, its cgroup.procs files)."""
         assert self.state is not None
         if len(extra) != spec.extra_fds():
             raise ValueError(f"spawn came with {len(extra)} fds, the spec needs {spec.extra_fds()}")
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        ctrl_r, ctrl_w = os.pipe2(os.O_CLOEXEC)
+        link_ours, link_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        control_r, control_w = os.pipe2(os.O_CLOEXEC)
-        child_fds = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, control_r,
-                     *extra]
-        ours = [status_r, ctrl_w, stdin_w, stdout_r, stderr_r, control_w]
-        per_worker = [status_w, ctrl_r, stdin_r, stdout_w, stderr_w, control_r]  # (the lifeline and template stay)
+        link_r, link_d = link_theirs.detach(), link_ours.detach()
+        child_fds = [status_w, link_r, request_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd,
+                     self.state.init_fd, *extra]
+        ours = [status_r, link_d, request_w, stdin_w, stdout_r, stderr_r]
+        per_worker = [status_w, link_r, request_r, stdin_r, stdout_w, stderr_w]  # (lifeline, template, init stay)
         try:
             libc.unshare(libc.CLONE_NEWPID)
             pid = -1
@@ -176,10 +183,11 @@ class ForkServer:
                 else:
                     libc.setns(self.own_pidns, libc.CLONE_NEWPID)
             if pid == 0:
-                raise Become(supervisor_main, spec, self.state, child_fds)
+                raise Become(worker_main, spec, self.state, child_fds)
         except BaseException:
-            for fd in ours:
-                os.close(fd)
+            if pid_is_parent():
+                for fd in ours:
+                    os.close(fd)
             raise
         finally:
             if pid_is_parent():

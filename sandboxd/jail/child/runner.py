@@ -1,15 +1,18 @@
 """R, the runner: its setup steps, seccomp last, then the wait for its one request.
 
-P forks R after its own steps (so R already has every namespace, the root, the scratch,
-the run's uid and rlimits).  R's steps, in order:
+Pid 1 forks R after its own steps (so R already has every namespace, the root, the
+scratch, the run's uid and rlimits).  R's steps, in order:
 
     stdio -> fds -> session -> no_new_privs -> prepare -> seccomp
 
 ``prepare`` is trusted interpreter housekeeping (a fresh environment, sys.path, stdio
 objects, a warm-up of the release path) done while no user input exists.  The filter
-is loaded last; its listener goes to P on the link with R's step timings.  Any step
-that raises writes the failure into the handoff page and ends R with ``EXIT_SETUP``;
-P reports it.  Then R is fully confined and waits for its request (``runtime``).
+is loaded last.  Then R arms the daemon: ``LINK_ARMED`` on the link with the steps'
+timings and three fds -- the filter's listener (the daemon answers refused calls from
+now on), a pidfd of R (for a session's interrupts), the scratch filesystem's top (for
+``out/`` and the handoff page) -- and says ``LINK_READY``.  Any step that raises sends
+``LINK_SETUP_ERROR`` naming it, writes it into the handoff page, and ends R with
+``EXIT_SETUP``.  Then R is fully confined and waits for its request (``runtime``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ from ..kernel import libc
 from . import runtime
 from .contract import (
     EXIT_SETUP,
+    FD_LINK,
     FD_REQUEST,
     FD_STDERR,
     FD_STDIN,
     FD_STDOUT,
+    LINK_ARMED,
+    LINK_READY,
+    LINK_SETUP_ERROR,
     R_FD_LINK,
     R_FD_REQUEST,
     Handoff,
@@ -45,11 +52,14 @@ from .contract import (
     run_steps,
 )
 
+R_FD_SCRATCH, R_FD_PIDFD = R_FD_LINK + 1, R_FD_LINK + 2  # until they are handed to the daemon
+
 
 @dataclass
 class Setup:
     args: RunnerArgs
-    link: int  # R's end of the link to P (placed at R_FD_LINK by the fds step)
+    link: int = FD_LINK  # R's end of the link (placed at R_FD_LINK by the fds step)
+    sock: socket.socket | None = None  # the link as a socket, made before the filter is loaded
     listener: int = -1  # the seccomp listener, once the filter is loaded
 
 
@@ -60,8 +70,13 @@ def stdio(s: Setup) -> None:
 
 
 def place_fds(s: Setup) -> None:
-    """Only the request pipe and the link remain above stdio."""
-    remap_fds([FD_REQUEST, s.link], R_FD_REQUEST)
+    """Only the request pipe, the link and (until they are handed over) the scratch and a
+    pidfd of R remain.  Everything arming needs is made here, before the filter: until the
+    daemon holds the listener, a refused call would wait for an answer nobody gives."""
+    pidfd = os.pidfd_open(os.getpid())
+    remap_fds([FD_REQUEST, FD_LINK, s.args.scratch_fd, pidfd], R_FD_REQUEST)
+    s.link = R_FD_LINK
+    s.sock = socket.socket(fileno=R_FD_LINK)
 
 
 def new_session(s: Setup) -> None:
@@ -128,36 +143,55 @@ RUNNER_STEPS: tuple[Step[Setup], ...] = (
 EXEC_RUNNER_STEPS = tuple(step for step in RUNNER_STEPS if step.name != "prepare")
 
 
-def runner_main(args: RunnerArgs, handoff: Handoff, link: int) -> NoReturn:
-    """Entry point of R, from a clean stack: it holds ``args`` and nothing of P's or the server's."""
+def runner_main(args: RunnerArgs, handoff: Handoff, timings: dict[str, int]) -> NoReturn:
+    """Entry point of R, from a clean stack: it holds ``args`` and nothing of pid 1's or the server's."""
     libc.set_name("sbx-runner")
-    setup = Setup(args, link)
+    setup = Setup(args)
     try:
-        timings = run_steps(EXEC_RUNNER_STEPS if args.exec_argv else RUNNER_STEPS, setup)
-        # Hand the listener to the supervisor; it answers refused calls from here on.
-        sock = socket.socket(fileno=R_FD_LINK)
-        try:
-            socket.send_fds(sock, [msgpack.packb(timings)], [setup.listener])
-        except OSError as e:
-            raise SetupError.from_os_error("listener", e) from e
-        finally:
-            sock.detach()  # kept: runtime says LINK_STARTED on it, then closes it
-        os.close(setup.listener)
+        own = run_steps(EXEC_RUNNER_STEPS if args.exec_argv else RUNNER_STEPS, setup)
+        armed = LINK_ARMED + msgpack.packb({**timings, **{f"runner.{k}": v for k, v in own.items()}})
+        assert setup.sock is not None
+        arm(setup.sock, armed, setup.listener)
     except SetupError as e:
-        handoff.setup_failed(e)
-        os._exit(EXIT_SETUP)
+        fail(setup.link, handoff, e)
     if args.exec_argv:
         exec_runtime(args, handoff)
-    runtime.serve_one(handoff, killed_when_done=args.killed_when_done)
+    try:
+        os.write(R_FD_LINK, LINK_READY)
+    except OSError as e:
+        fail(R_FD_LINK, handoff, SetupError.from_os_error("ready", e))
+    runtime.serve_one(handoff)
+
+
+def arm(sock: socket.socket, message: bytes, listener: int) -> None:
+    """Hand the daemon the listener, a pidfd of R and the scratch's top; none stays here."""
+    try:
+        socket.send_fds(sock, [message], [listener, R_FD_PIDFD, R_FD_SCRATCH])
+    except OSError as e:
+        raise SetupError.from_os_error("arm", e) from e
+    finally:
+        sock.detach()  # kept: runtime says LINK_STARTED on it, then closes it (a session keeps it)
+        for fd in (listener, R_FD_PIDFD, R_FD_SCRATCH):
+            os.close(fd)
+
+
+def fail(link: int, handoff: Handoff, error: SetupError) -> NoReturn:
+    handoff.setup_failed(error)
+    try:
+        os.write(link, LINK_SETUP_ERROR + msgpack.packb(error.to_dict()))
+    except OSError:
+        pass
+    os._exit(EXIT_SETUP)
 
 
 def exec_runtime(args: RunnerArgs, handoff: Handoff) -> NoReturn:
     """Become the runtime, confined: its bootstrap waits for the request on R_FD_REQUEST and
-    says LINK_STARTED on R_FD_LINK (both stay open across exec).  Until it says so, the
-    handoff page claims a setup failure of the step "runtime", believed only then."""
+    says LINK_WAITING, then LINK_STARTED, on R_FD_LINK (both stay open across exec).  Until it
+    says LINK_STARTED, the handoff page claims a setup failure of the step "runtime", believed
+    only then."""
     handoff.setup_failed(SetupError("runtime", 0, f"{args.exec_argv[0]} did not get to the run's code"))
     try:
         os.execve(args.exec_argv[0], list(args.exec_argv), dict(args.base_env))
     except OSError as e:
-        handoff.setup_failed(SetupError.from_os_error("exec", e))
+        fail(R_FD_LINK, handoff, SetupError.from_os_error("exec", e))
     os._exit(EXIT_SETUP)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import linecache
 import os
-import signal
 import sys
 import time
 from typing import NoReturn
@@ -59,7 +58,7 @@ def set_environment(request: RunRequest) -> None:
 
 
 def say_started(request: RunRequest) -> None:
-    """The supervisor's proof that setup is over: a setup failure the handoff page claims
+    """The daemon's proof that setup is over: a setup failure the handoff page claims
     after this (user code can write that page) is not believed."""
     os.write(R_FD_LINK, LINK_STARTED)
 
@@ -84,12 +83,8 @@ RELEASE_STEPS: tuple[Step[RunRequest], ...] = (
 )
 
 
-def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
-    """Wait for the request, apply it, run the code. Everything here is already confined.
-
-    ``killed_when_done``: after its code the runner tells the supervisor and waits to be
-    killed, rather than exiting (the supervisor needs a real exit only for rusage).
-    """
+def serve_one(handoff: Handoff) -> NoReturn:
+    """Wait for the request, apply it, run the code. Everything here is already confined."""
     handoff.write(Handoff.WAITING)
     try:
         request = read_request()
@@ -105,7 +100,7 @@ def serve_one(handoff: Handoff, killed_when_done: bool) -> NoReturn:
         os._exit(EXIT_SETUP)
     if request.session:
         cells.serve(handoff)
-    _execute(request.code, handoff, killed_when_done, request.display)
+    _execute(request.code, handoff, request.display)
 
 
 def read_request() -> RunRequest:
@@ -115,7 +110,7 @@ def read_request() -> RunRequest:
     return RunRequest.from_wire(frame)
 
 
-def _execute(code: str, handoff: Handoff, killed_when_done: bool, figures: bool) -> NoReturn:
+def _execute(code: str, handoff: Handoff, figures: bool) -> NoReturn:
     main = usercode.new_main().__dict__
     linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
     status = 0
@@ -131,15 +126,10 @@ def _execute(code: str, handoff: Handoff, killed_when_done: bool, figures: bool)
     if figures:
         display.save_open_figures()
     status = usercode.shutdown(status, main)
-    # Tell the supervisor at once and get out of its way: it kills the run and reports,
-    # and only then does the kernel tear this address space down (that teardown takes
-    # longer than everything else after the user's last statement).
+    # Tell the daemon at once and get out of its way: the page says done (and the status),
+    # then the run's streams close, and the daemon answers as soon as it has read both to
+    # their end -- without waiting for this address space to be torn down, which takes
+    # longer than everything else after the user's last statement.
     handoff.finish(status)
     os.closerange(0, 3)
-    try:
-        os.kill(1, signal.SIGUSR1)
-        while killed_when_done:
-            signal.pause()
-    except OSError:
-        pass
     os._exit(status)

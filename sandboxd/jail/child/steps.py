@@ -1,26 +1,32 @@
-"""P, the run's pid 1: its setup as an ordered list of named steps that fail closed.
+"""Pid 1 of a worker: its setup as an ordered list of named steps that fail closed, then R,
+then ``sandboxd-init``.
 
-Two processes make a worker.  The fork server forks P straight into a new pid
-namespace, so P is the run's pid 1 and reaper.  P's steps, in order:
+The fork server forks this process straight into a new pid namespace, so it is the run's
+pid 1.  Its steps, in order:
 
     fds -> signals -> cgroup -> namespaces -> scratch -> root -> credentials
         -> rlimits -> dumpable -> parent_death
 
-(the cgroup is joined before the mount namespace is entered, while the host's
-cgroupfs is still visible; the pid namespace already exists from the fork).  P then
-forks R, the runner (``runner``), whose own steps end with seccomp, and becomes the
-run's supervisor (``supervisor``).  Any step that raises ends P with a ``setup_error``
-frame on the status pipe naming the step and errno.  No path returns to fork-server
-code: everything ends in ``os._exit``.
+(the cgroup is joined before the mount namespace is entered, while the host's cgroupfs
+is still visible; the pid namespace already exists from the fork).  Everything the steps
+set up, R inherits: this process then forks R, the runner (``runner``, pid 2), whose own
+steps end with seccomp, and execs ``sandboxd-init`` from the fd the fork server opened --
+a static C program that reaps the namespace and reports R's wait status and rusage on the
+status pipe.  So the only CPython that lives through a run is R; this one is an
+interpreter for the few hundred microseconds of its steps, then a few pages of C.
+
+Any step that raises ends the process with a ``LINK_SETUP_ERROR`` message on the link
+naming the step and errno.  No path returns to fork-server code: everything ends in
+``os._exit`` or the exec.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import select
 import signal
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -29,15 +35,16 @@ import msgpack
 
 from ..kernel import credentials, libc, mounts
 from ..policy import limits
-from . import runner, supervisor
+from . import runner
 from .contract import (
     EXIT_SETUP,
-    FD_REQUEST,
+    FD_INIT,
+    FD_LIFELINE,
+    FD_LINK,
     FD_STATUS,
-    FD_STDERR,
-    FD_STDIN,
-    FD_STDOUT,
     FD_TEMPLATE,
+    HANDOFF_FILE,
+    LINK_SETUP_ERROR,
     Become,
     Handoff,
     RunnerArgs,
@@ -47,22 +54,31 @@ from .contract import (
     WorkerSpec,
     remap_fds,
     run_steps,
-    write_frame,
 )
 
+INIT_NAME = "sandboxd-init"
 
-@dataclass(frozen=True)
+
+@dataclass
 class Setup:
-    """What P's steps work from: the spec, the fork server's state, the fds it was given."""
+    """What the steps work from: the spec, the fork server's state, the fds it was given;
+    and what they make for R (the scratch's top, the handoff page)."""
 
     spec: WorkerSpec
     state: ServerState
     fds: Sequence[int]
+    scratch_fd: int = -1
+    handoff: Handoff | None = None
+    link: int = -1  # where a setup error is reported: the link, wherever it is now
+
+    def __post_init__(self) -> None:
+        self.link = self.fds[1]
 
 
 def place_fds(s: Setup) -> None:
-    """Only the worker's pipes remain, at FD_STATUS .. FD_TEMPLATE, then its cgroups."""
+    """Only the worker's pipes remain, at FD_STATUS .. FD_INIT, then its netns and cgroups."""
     remap_fds(s.fds, FD_STATUS)
+    s.link = FD_LINK
 
 
 def default_signals(s: Setup) -> None:
@@ -96,7 +112,15 @@ def enter_namespaces(s: Setup) -> None:
 
 
 def mount_scratch(s: Setup) -> None:
-    mounts.mount_scratch(s.spec.uid, s.spec.gid, s.spec.scratch_bytes, s.spec.scratch_inodes)
+    """The scratch filesystem, an fd of its top for the daemon, and in that top (which no path
+    of the run reaches) the handoff page, mapped here: R inherits the mapping, not an fd."""
+    s.scratch_fd = mounts.mount_scratch(s.spec.uid, s.spec.gid, s.spec.scratch_bytes, s.spec.scratch_inodes)
+    fd = os.open(HANDOFF_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=s.scratch_fd)
+    try:
+        os.ftruncate(fd, Handoff.SIZE)
+        s.handoff = Handoff(mmap.mmap(fd, Handoff.SIZE, mmap.MAP_SHARED))
+    finally:
+        os.close(fd)
 
 
 def enter_root(s: Setup) -> None:
@@ -121,10 +145,16 @@ def not_dumpable(s: Setup) -> None:
 
 
 def die_with_fork_server(s: Setup) -> None:
+    """PDEATHSIG (it survives the exec of sandboxd-init); a fork server already gone by now
+    shows as EOF on the lifeline, which closes the window before the prctl."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    ready, _, _ = select.select([FD_LIFELINE], [], [], 0)
+    if ready:
+        raise OSError(0, "the fork server is gone")
+    os.close(FD_LIFELINE)
 
 
-SUPERVISOR_STEPS: tuple[Step[Setup], ...] = (
+WORKER_STEPS: tuple[Step[Setup], ...] = (
     Step("fds", place_fds),
     Step("signals", default_signals),
     Step("cgroup", join_cgroup),
@@ -138,57 +168,44 @@ SUPERVISOR_STEPS: tuple[Step[Setup], ...] = (
 )
 
 
-def supervisor_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
-    """Entry point of P, from a clean stack after the fork server's fork. Never returns."""
+def worker_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
+    """Entry point of pid 1, from a clean stack after the fork server's fork. Never returns."""
+    setup = Setup(spec, state, fds)
     try:
-        libc.set_name("sbx-super")
-        timings = run_steps(SUPERVISOR_STEPS, Setup(spec, state, fds))
-        t0 = time.monotonic_ns()
-        forked = _fork_runner(spec, state)  # in R, this raises Become: R unwinds P's stack
-        timings["runner"] = (time.monotonic_ns() - t0) // 1000
-        timings.update({f"runner.{k}": v for k, v in forked.timings.items()})
-        supervisor.supervise(spec, state, forked.pid, forked.handoff, forked.listener, timings, forked.link)
+        libc.set_name("sbx-pid1")
+        timings = run_steps(WORKER_STEPS, setup)
+        assert setup.handoff is not None
+        args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, setup.scratch_fd,
+                          spec.exec_argv)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            raise SetupError.from_os_error("fork", e) from e
+        if pid == 0:
+            raise Become(runner.runner_main, args, setup.handoff, timings)  # R: unwinds this stack
+        exec_init(pid)
     except Become:
         raise
     except BaseException as e:  # noqa: BLE001 - report, never fall back
-        error = e if isinstance(e, SetupError) else SetupError.from_os_error("supervisor", e)
-        try:
-            write_frame(FD_STATUS, {"t": "setup_error", **error.to_dict()})
-        except BaseException:  # noqa: BLE001
-            pass
+        error = e if isinstance(e, SetupError) else SetupError.from_os_error("worker", e)
+        report_setup_error(setup.link, error)
         os._exit(EXIT_SETUP)
 
 
-@dataclass(frozen=True)
-class ForkedRunner:
-    pid: int
-    handoff: Handoff
-    listener: int  # R's seccomp listener; -1 if R died in setup (the handoff page says why)
-    timings: dict[str, int]
-    link: int  # P's end of the link: R says LINK_STARTED on it just before user code
-
-
-def _fork_runner(spec: WorkerSpec, state: ServerState) -> ForkedRunner:
-    handoff = Handoff(mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def exec_init(runner_pid: int) -> NoReturn:
+    """Become sandboxd-init: fd 1 its report pipe, R its one child to report."""
+    os.dup2(FD_STATUS, 1)
+    libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     try:
-        pid = os.fork()
+        os.execve(FD_INIT, [INIT_NAME, str(runner_pid)], {})
     except OSError as e:
-        raise SetupError.from_os_error("fork", e) from e
-    if pid == 0:
-        ours.close()
-        args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, bool(spec.cgroups),
-                          spec.exec_argv)
-        raise Become(runner.runner_main, args, handoff, theirs.detach())
-    theirs.close()
-    for fd in (FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR):
-        os.close(fd)
+        report_setup_error(FD_LINK, SetupError.from_os_error("init", e))
+    os._exit(EXIT_SETUP)
+
+
+def report_setup_error(fd: int, error: SetupError) -> None:
+    """A step failed: say which on the link (a SOCK_SEQPACKET message, whole or not at all)."""
     try:
-        msg, listener, _flags, _addr = socket.recv_fds(ours, 4096, 1)
-    except OSError:
-        msg, listener = b"", []
-    try:
-        timings = msgpack.unpackb(msg) if msg else {}
-    except ValueError:
-        timings = {}
-    return ForkedRunner(pid, handoff, listener[0] if listener else -1, timings, ours.detach())
+        os.write(fd, LINK_SETUP_ERROR + msgpack.packb(error.to_dict()))
+    except BaseException:  # noqa: BLE001 - the daemon then sees the worker end in setup
+        pass

@@ -181,3 +181,25 @@ def seccomp_load(bpf: bytes, new_listener: bool) -> int:
         ctypes.c_long(_nr("seccomp")), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(prog)
     )
     return _check(rc, f"seccomp(SET_MODE_FILTER, flags={flags:#x}, {len(bpf) // 8} instructions)")
+
+
+# openat2(2): resolve a path beneath a directory fd, never through a link or out of the mount
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_STRICTLY_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+_SYSCALL_NUMBERS["openat2"] = (437, 437)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE_STRICTLY_BENEATH) -> int:
+    """``path`` opened beneath ``dir_fd`` (by default: no link of any kind followed, no
+    ``..`` out of it, no other mount crossed), or OSError with the real errno."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    rc = _libc.syscall(ctypes.c_long(_nr("openat2")), ctypes.c_int(dir_fd), _b(path), ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(rc, f"openat2({dir_fd}, {path!r}, {flags:#x}, resolve={resolve:#x})")

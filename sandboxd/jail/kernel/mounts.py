@@ -14,8 +14,9 @@ the host (a lock on a shared /dev/null would be a channel between runs).
 
 Scratch is one tmpfs (size and inode caps) mounted at ``/work``; its subdirectories are
 bound onto ``/tmp``, ``/var/tmp``, ``/dev/shm`` and, last, ``/work`` itself, which hides
-the tmpfs's own top: all writable places share the caps, no mount point of the jail's
-own is left to list, and everything vanishes with the namespace.
+the tmpfs's own top: all writable places share the caps and no mount point of the jail's
+own is left to list.  The daemon holds an fd of the top (through it it reads ``out/`` and
+the handoff page); the filesystem goes when that fd is closed after the run.
 """
 
 from __future__ import annotations
@@ -68,10 +69,13 @@ def join_template(template_fd: int, unshare_flags: int) -> None:
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
 
 
-def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
+def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> int:
+    """Mount the worker's scratch; return an fd of its top (which the binds then hide: only
+    the fd reaches it, and it keeps the filesystem alive after the mount namespace is gone)."""
     private_dev = _private_dev()
     opts = f"size={size},nr_inodes={inodes},mode=0755,uid=0,gid=0"
     libc.mount("sandboxd-scratch", "/work", "tmpfs", SCRATCH_FLAGS, opts)
+    top = os.open("/work", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for sub, mode, _targets in SCRATCH_DIRS:
         path = os.path.join("/work", sub)
         os.mkdir(path, mode)
@@ -85,6 +89,7 @@ def mount_scratch(uid: int, gid: int, size: int, inodes: int) -> None:
             libc.mount(os.path.join("/work", sub), target, None, libc.MS_BIND)
     if private_dev:
         libc.mount(None, "/dev", None, libc.MS_REMOUNT | DEV_FLAGS | libc.MS_RDONLY)
+    return top
 
 
 def _private_dev() -> bool:

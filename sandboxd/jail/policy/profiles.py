@@ -192,14 +192,3 @@ def refusal_advice(name: str, network: bool) -> str:
         return "never allowed in the jail (an escape or kernel attack surface); no setting allows it"
     return (f"an admin can allow it for a language: sandboxctl syscalls FILE runs the program once and prints "
             f"the profiles.LANGUAGE.allow line for {name}")
-
-
-# The supervisor (the run's pid 1) after it has forked the runner: poll, reap,
-# answer notifications, collect out/ files, report, exit.  Anything else: EPERM.
-SUPERVISOR_ALLOW = (
-    "read", "write", "close", "poll", "ppoll", "ioctl", "wait4", "waitid", "kill", "exit_group", "exit",
-    "openat", "open", "getdents64", "getdents", "fstat", "newfstatat", "lstat", "stat", "statx", "lseek",
-    "brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "futex", "rt_sigaction", "rt_sigprocmask",
-    "rt_sigreturn", "sigaltstack", "clock_gettime", "getpid", "gettid", "fcntl", "getrandom",
-    "pidfd_open", "restart_syscall", "readlink", "readlinkat", "getcwd",
-)

@@ -5,9 +5,9 @@ Compilation uses libseccomp (Debian's ``python3-seccomp`` module ``seccomp``, or
 pair, exported as bytes.  The child installs those bytes with the raw ``seccomp(2)``
 call, so nothing is compiled after fork.
 
-Default action is ``SECCOMP_RET_USER_NOTIF``: a refused call waits for the run's
-supervisor, which records the syscall's name and answers ``EPERM`` (or, in discovery
-mode, lets it continue).  A foreign architecture (the 32-bit ABI) kills the process.
+Default action is ``SECCOMP_RET_USER_NOTIF``: a refused call waits until the daemon
+(``workers.denials``, holding the listener) records the syscall's name and answers
+``EPERM`` (or, in discovery mode, lets it continue).  A foreign architecture (the 32-bit ABI) kills the process.
 """
 
 from __future__ import annotations
@@ -155,17 +155,6 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
     _add(sc, f, sc.ALLOW, "mknod", sc.Arg(1, sc.MASKED_EQ, 0o170000, 0o010000))
     for family in (*profiles.LOCAL_FAMILIES, *(profiles.NETWORK_FAMILIES if network else ())):
         _add(sc, f, sc.ALLOW, "socket", sc.Arg(0, sc.EQ, int(family)))
-    return _export(f)
-
-
-def compile_supervisor() -> bytes:
-    """The supervisor's own filter: its short list, EPERM for anything else."""
-    sc = _backend()
-    f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
-    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
-    f.set_attr(sc.Attr.CTL_NNP, 0)
-    for name in profiles.SUPERVISOR_ALLOW:
-        _add(sc, f, sc.ALLOW, name)
     return _export(f)
 
 

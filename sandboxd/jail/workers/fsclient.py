@@ -2,7 +2,9 @@
 
 The server runs on the root's interpreter (``/usr/bin/python3`` by default) with an
 empty environment apart from the administrator's preload variables; it reports
-``{"event": "reaped", "pid", "wstatus"}`` when a worker's pid 1 is gone.
+``{"event": "reaped", "pid", "wstatus"}`` when a worker's pid 1 is gone (and with it,
+everything of the worker).  Workers' pid 1 becomes ``sandboxd-init`` (``locate_init``
+finds it: the package's, or one built beside the sources by ``make dev``).
 """
 
 from __future__ import annotations
@@ -18,19 +20,40 @@ from ..child.contract import WorkerSpec
 ForkServerError = HelperError
 
 
+INIT_NAME = "sandboxd-init"
+INSTALLED_INIT = "/usr/lib/sandboxd/sandboxd-init"  # the Debian package's
+BUILT_INIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "child", INIT_NAME)
+
+
+class InitMissing(Exception):
+    pass
+
+
+def locate_init(configured: str = "") -> str:
+    """sandboxd-init: the configured path, the package's, or the one ``make dev`` built."""
+    candidates = [configured] if configured else [INSTALLED_INIT, BUILT_INIT]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise InitMissing(f"{INIT_NAME} is missing (looked for {' and '.join(candidates)}): workers need it as their "
+                      "pid 1; `make dev` builds it from sandboxd/jail/child/init.c")
+
+
 @dataclass
 class SpawnedWorker:
+    """A worker's pid 1 as the fork server made it, and the daemon's ends of its pipes."""
+
     pid: int
     pidfd: int
-    status_r: int
+    status_r: int  # sandboxd-init's report of R's end, then EOF when it exits
+    link: int  # R's messages (SOCK_SEQPACKET), fds with the first
     request_w: int
     stdin_w: int
     stdout_r: int
     stderr_r: int
-    control_w: int
 
     def close(self) -> None:
-        for name in ("pidfd", "status_r", "request_w", "stdin_w", "stdout_r", "stderr_r", "control_w"):
+        for name in ("pidfd", "status_r", "link", "request_w", "stdin_w", "stdout_r", "stderr_r"):
             fd = getattr(self, name)
             if fd >= 0:
                 setattr(self, name, -1)

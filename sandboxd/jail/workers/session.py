@@ -6,7 +6,10 @@
     session.end("closed")                                # kill it; ``ended`` says when it is gone
 
 A session is a pooled worker confined exactly like a run's, whose runner serves
-cells instead of one request (``cells``).  Its stdout and stderr are read for its
+cells instead of one request (``cells``), and it asks its worker for what it needs
+through the worker's methods: the request pipe, the streams, R's reports of its cells
+on the link, what the cell left in the scratch filesystem, the refused calls since the
+last cell, the interrupt, the end.  Its stdout and stderr are read for its
 whole life; each cell takes what was written between its start and its report (the
 runner flushes before it reports, so nothing of the cell is left behind).  A cell
 that overruns its time or output is interrupted first and keeps the session if it
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -27,13 +31,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..child.contract import CONTROL_INTERRUPT, Cell, RunRequest, SetupError
+from ...common import protocol
+from ..child.contract import MAX_LINK_MESSAGE, Cell, RunRequest, SetupError
 from ..kernel.cgroups import CgroupStats
 from ..spec.plans import CellPlan, SessionPlan
+from .collect import Seen
 from .pipes import Writer
 from .stream import EventSink, Streamer
 from .verdict import CellObservation, Observation, Result, decide, decide_cell
-from .worker import DRAIN_GRACE, Worker, _cap_files, _figures
+from .worker import DRAIN_GRACE, Worker, _figures, cap_files
 
 log = logging.getLogger(__name__)
 INTERRUPT_GRACE = 1.0  # seconds an interrupted cell has to stop before its session is killed
@@ -69,10 +75,11 @@ class Session:
         self.worker = worker
         self.plan = plan
         self.loop = asyncio.get_running_loop()
-        self.request_w = worker.proc.request_w
-        worker.proc.request_w = -1
+        self.request_w = worker.take_request_pipe()
         self.out, self.err = worker.output_readers(1 << 20, None, self._overflow)
         self.cpu0 = worker.cgroup.cpu_usage_ns()
+        self.files_seen: Seen = {}  # out/ files returned so far (a cell returns what is new or changed)
+        self.figures_seen: set[str] = set()
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
         self.execs = 0
@@ -82,7 +89,6 @@ class Session:
         self.end_result: Result | None = None  # the verdict of the session's end, once over
         self.final: tuple[CgroupStats, float, dict[str, int] | None] | None = None  # its counters at the end
         self.ended: asyncio.Future[str] = self.loop.create_future()  # the reason, once everything is gone
-        worker.state = "session"
         worker.on_cell = self._reported
         self._watch = self.loop.create_task(self._watch_end())
 
@@ -94,11 +100,10 @@ class Session:
         request = RunRequest("", rlimits, plan.files, plan.env, session=True, display=plan.display)
         wire = worker.release(request, plan.memory_bytes, plan.pids)
         session = cls(worker, plan)
-        Writer(worker.proc.stdin_w, b"")  # cells bring their own stdin; programs they start read EOF
-        worker.proc.stdin_w = -1
+        worker.close_stdin()  # cells bring their own stdin; programs they start read EOF
         writer = Writer(session.request_w, wire, keep_open=True)
         try:
-            await asyncio.wait_for(asyncio.wait({worker.opened, worker.reported},
+            await asyncio.wait_for(asyncio.wait({worker.opened, worker.over},
                                                 return_when=asyncio.FIRST_COMPLETED), OPEN_TIMEOUT)
         except TimeoutError:
             session.end("sandbox_error")
@@ -135,13 +140,7 @@ class Session:
             return False
         if self.killed_for is None:
             self.killed_for = why
-        fd = self.worker.proc.control_w
-        if fd >= 0:
-            try:
-                os.set_blocking(fd, False)
-                os.write(fd, CONTROL_INTERRUPT)
-            except OSError:
-                pass  # full (P is not reading) or gone: the grace timer decides
+        self.worker.interrupt()  # gone already: the grace timer decides
         return True
 
     def cpu_used_ms(self) -> float:
@@ -162,17 +161,17 @@ class Session:
     async def _watch_end(self) -> None:
         """Once the worker's pid 1 reported (or died): take the verdict, release what is ours."""
         worker = self.worker
-        await worker.reported
+        await worker.over
         drained = asyncio.gather(self.out.done, self.err.done)
         done, _ = await asyncio.wait([drained], timeout=DRAIN_GRACE)
         if not done:
             self.out.finish()
             self.err.finish()
-        stats = worker.cgroup.stats()
-        status, extra = decide(Observation(worker.exit_frame, worker.setup_error, worker.killed_for, stats))
+        worker.end()  # R is over: nothing else of the session stays
+        stats = worker.stats()
+        status, extra = decide(worker.observation(stats))
         self.end_result = Result(status=status, **extra)
-        network = worker.network.counters(worker.lease) if worker.lease and worker.network else None
-        self.final = (stats, self.cpu_used_ms(), network)
+        self.final = (stats, self.cpu_used_ms(), worker.network_counters())
         worker.cpu_spent_ms = self.final[1]
         if self.request_w >= 0:
             os.close(self.request_w)
@@ -189,9 +188,28 @@ class Session:
         self.ended.set_result(reason)
 
     # -- cells ---------------------------------------------------------------------------
-    def _reported(self, frame: dict[str, Any]) -> None:
-        if self.cell is not None and not self.cell.done():
-            self.cell.set_result(frame)
+    def _reported(self, body: bytes) -> None:
+        """R says the running cell is done: what it says of it, and what it left (out/ files new
+        or changed since the last cell, figures, refused calls)."""
+        if self.cell is None or self.cell.done():
+            return
+        worker = self.worker
+        said = _said(body, worker.execs)
+        files: dict[str, bytes] = {}
+        truncated = False
+        figures: list[dict[str, object]] = []
+        if worker.scratch is not None:
+            files, truncated = worker.scratch.out_files(self.plan.out_files_count, self.plan.out_files_bytes,
+                                                        self.files_seen)
+            figures = worker.scratch.display(self.plan.out_files_bytes, self.figures_seen)
+        exit_code = said.get("exit_code")
+        self.cell.set_result({
+            "exception": _text(said.get("exception"), 128), "message": _text(said.get("message"), 4096),
+            "traceback": _text(said.get("traceback"), 1 << 15), "value": _text(said.get("value"), 1 << 15),
+            "exit_code": exit_code if isinstance(exit_code, int) and not isinstance(exit_code, bool) else None,
+            "interrupted": said.get("interrupted") is True,
+            "denied": worker.denials.since_last() if worker.denials else [],
+            "files": files, "files_truncated": truncated, "display": figures})
 
     def _overflow(self, why: str) -> None:
         self._stop_cell(why)
@@ -238,7 +256,7 @@ class Session:
         cell = self.cell = self.loop.create_future()
         cpu_before = self.cpu_used_ms()
         wire = Cell(plan.code, plan.stdin, plan.files, plan.display or self.plan.display).frame(
-            json_runtime=bool(worker.spec.exec_argv))
+            json_runtime=worker.execs)
         started = time.monotonic()
         writer = Writer(self.request_w, wire, keep_open=True)
         timers = [self.loop.call_later(plan.timeout_ms / 1000, self._stop_cell, "timeout")]
@@ -269,15 +287,14 @@ class Session:
         if self.final is not None:
             stats, _cpu, network = self.final
         else:
-            stats = worker.cgroup.stats()
-            network = worker.network.counters(worker.lease) if worker.lease and worker.network else None
+            stats = worker.stats()
+            network = worker.network_counters()
         if frame is None:
-            ended = Observation(worker.exit_frame, worker.setup_error, worker.killed_for, stats)
+            ended = worker.observation(stats)
         status, extra = decide_cell(CellObservation(frame, ended, self.killed_for))
         result = CellResult(status=status, stdout=stdout, stderr=stderr, stdout_truncated=stdout_truncated,
                             stderr_truncated=stderr_truncated, run_uid=worker.slot.uid,
-                            limits_enforced_by=worker.cgroup.driver.kind if worker.cgroup.driver.kind != "none"
-                            else "rlimit", session_id=self.plan.session_id, exec=seq,
+                            limits_enforced_by=worker.limits_enforced_by(), session_id=self.plan.session_id, exec=seq,
                             session_ended=frame is None, streamed=streamer is not None)
         for key, value in extra.items():
             setattr(result, key, value)
@@ -286,9 +303,9 @@ class Session:
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
         result.network = network
-        report = frame or worker.exit_frame or {}
+        report = frame or {"denied": worker.denials.since_last() if worker.denials else []}
         result.denied_syscalls = {d[0]: d[1] for d in report.get("denied", [])}
-        files, truncated = _cap_files(report.get("files") or {}, self.plan.out_files_count, self.plan.out_files_bytes)
+        files, truncated = cap_files(report.get("files") or {}, self.plan.out_files_count, self.plan.out_files_bytes)
         result.files = files
         result.files_truncated = truncated or bool(report.get("files_truncated"))
         result.display = _figures(report.get("display"))
@@ -320,3 +337,19 @@ def _joined(before: bytes, data: bytes, truncated: bool, cap: int) -> tuple[byte
         return data, truncated
     joined = before + data
     return joined[:cap], truncated or len(joined) > cap
+
+
+def _said(body: bytes, json_runtime: bool) -> dict[str, Any]:
+    """A cell's report as the runner sent it (its word: anything else reads as nothing)."""
+    try:
+        if json_runtime:  # an exec runtime's bootstrap speaks JSON
+            said = json.loads(body)
+        else:
+            said = protocol.decode_body(body, MAX_LINK_MESSAGE, max_items=16, max_containers=4)
+    except (protocol.ProtocolError, ValueError, RecursionError):
+        said = {}
+    return said if isinstance(said, dict) else {}
+
+
+def _text(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""

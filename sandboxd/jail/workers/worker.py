@@ -1,44 +1,86 @@
-"""One worker as the daemon sees it, and the execution of one plan on it.
+"""One worker as the daemon sees it -- its pipes, its state, its end -- and the execution of
+one plan on it.
 
-A worker is born confined and waits; ``execute`` tightens its cgroup to the plan,
-releases the request (code, files, env, rlimits) and stdin, reads stdout/stderr with
-a byte cap each, and ends the run by the parent's clock: wall timeout, CPU budget
-(polled from the cgroup) and output overflow all kill the worker's pid 1, which
-takes the whole pid namespace with it.  The verdict comes from ``verdict.decide``.
+A worker is two processes: ``sandboxd-init`` (pid 1 of its namespace, a few pages of C)
+and R, the runner, the one CPython of the run, born confined and waiting.  The daemon
+holds everything else a supervisor used to be: the link (R's messages and, with the
+first, R's seccomp listener, a pidfd of R and the scratch filesystem's top), the
+listener itself (``denials``: refused calls named and answered from this loop), the
+status pipe (sandboxd-init's record of R's wait status and rusage), the run's stdio, and
+a pidfd of pid 1, whose death takes the whole namespace with it.
+
+    starting -> ready -> running | session -> done -> exited
+
+``execute`` tightens the cgroup to the plan, releases the request (code, files, env,
+rlimits) and stdin, reads stdout/stderr with a byte cap each, and ends the run by the
+daemon's clock: wall timeout, CPU budget (polled from the cgroup) and output overflow
+all kill pid 1.  The run is over when sandboxd-init reports R's end -- or sooner, when R
+has written "done" on its handoff page and both streams have reached their end (then
+the answer does not wait for R's address space to be torn down).  Files the run left
+in ``out/`` are read through the scratch's fd once nothing of the run is left; the
+verdict comes from ``verdict.decide``.  A session is the same worker, serving cells
+(``session``) through the methods below.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from ...common import protocol
-from ..child.contract import MAX_STATUS_EXTRA, RunRequest, SetupError, WorkerSpec
-from ..kernel.cgroups import Limits, WorkerCgroup
+from ..child.contract import (
+    HANDOFF_FILE,
+    INIT_MAGIC,
+    INIT_REPORT,
+    LINK_ARMED,
+    LINK_CELL,
+    LINK_DONE,
+    LINK_READY,
+    LINK_SESSION,
+    LINK_SETUP_ERROR,
+    LINK_STARTED,
+    LINK_WAITING,
+    MAX_LINK_MESSAGE,
+    Handoff,
+    RunRequest,
+    SetupError,
+    WorkerSpec,
+)
+from ..kernel.cgroups import CgroupStats, Limits, WorkerCgroup
 from ..net.network import Lease, Network
 from ..policy.limits import RlimitPolicy
 from ..spec.plans import RunPlan
+from .collect import Scratch
+from .denials import Denials, SyscallNames
 from .fsclient import SpawnedWorker
-from .pipes import CappedReader, FrameReader, Writer
+from .pipes import CappedReader, Writer
 from .slots import Slot
 from .stream import EventSink, Streamer
 from .verdict import Observation, Result, decide
 
 log = logging.getLogger(__name__)
-DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its report
+DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its end
 CANCEL_GRACE = 1.0  # seconds a cancelled run is given to die before what it used is read
+GONE_GRACE = 5.0  # seconds to wait for the namespace to be empty before reading out/
 V8_OOM = b"JavaScript heap out of memory"  # what V8 prints when it dies at its heap limit
+LINK_MESSAGES_AFTER_START = 4096  # what a run may send on the link (cells, its end) before it is no longer read
+ARMED_FDS = 3  # listener, R's pidfd, the scratch's top
 
 
 class Worker:
     def __init__(self, spawned: SpawnedWorker, spec: WorkerSpec, slot: Slot, cgroup: WorkerCgroup,
-                 generation: int, cpus: float, rlimits: RlimitPolicy, network: Network | None = None,
-                 lease: Lease | None = None) -> None:
+                 generation: int, cpus: float, rlimits: RlimitPolicy, names: SyscallNames,
+                 network: Network | None = None, lease: Lease | None = None, discover: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.proc = spawned
         self.spec = spec
@@ -47,73 +89,181 @@ class Worker:
         self.generation = generation
         self.cpus = cpus
         self.rlimits = rlimits
+        self.names = names
         self.network, self.lease = network, lease
+        self.discover = discover
+        self.execs = bool(spec.exec_argv)  # an exec runtime (its bootstrap speaks JSON and says when it is done)
         self.state = "starting"
         self.plan: RunPlan | None = None
-        self.started: float | None = None
         self.setup_error: SetupError | None = None
-        self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.setup_us: dict[str, int] = {}  # how long each setup step took
-        self.exit_frame: dict[str, Any] | None = None
-        self.ready: asyncio.Future[None] = self.loop.create_future()
-        self.exited: asyncio.Future[None] = self.loop.create_future()  # the status pipe closed
-        self.reported: asyncio.Future[None] = self.loop.create_future()  # exit frame or closed: run over
-        self.reaped: asyncio.Future[int] = self.loop.create_future()
+        self.started = False  # LINK_STARTED came: user code runs from now on
+        self.done_status: int | None = None  # an exec runtime's word that its code is done, and how
+        self.init_report: dict[str, int] | None = None  # sandboxd-init's record of R's end
         self.killed_for: str | None = None
+        self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
+        self.runner_pidfd = -1
+        self.scratch: Scratch | None = None
+        self.denials: Denials | None = None
+        self.on_cell: Callable[[bytes], None] | None = None  # a session's cell reports
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.opened: asyncio.Future[None] = self.loop.create_future()  # a session's runner serves cells
+        self.over: asyncio.Future[None] = self.loop.create_future()  # R's end is known (or cannot be)
+        self.gone: asyncio.Future[int] = self.loop.create_future()  # pid 1 reaped: nothing of it is left
         self.idle = asyncio.Event()  # clear while a run is reading this worker's cgroup
         self.idle.set()
-        self.opened: asyncio.Future[None] = self.loop.create_future()  # a session's runner serves cells
-        self.on_cell: Callable[[dict[str, Any]], None] | None = None  # a session's cell reports
-        self.status = FrameReader(spawned.status_r, max_frame=spec.out_max_bytes + MAX_STATUS_EXTRA)
-        spawned.status_r = -1
-        self._pump = self.loop.create_task(self._read_status())
+        self._armed_at = 0
+        self._streams: tuple[CappedReader, CappedReader] | None = None
+        self._handoff: Handoff | None = None
+        self._fast_end = False  # the run may end on its page and its streams (a cgroup counts its CPU)
+        self._link_budget = LINK_MESSAGES_AFTER_START
+        self._status = bytearray()
+        self._link = socket.socket(fileno=spawned.link)
+        self._link.setblocking(False)
+        spawned.link = -1
+        os.set_blocking(spawned.status_r, False)
+        self.loop.add_reader(self._link.fileno(), self._link_readable)
+        self.loop.add_reader(spawned.status_r, self._status_readable)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    async def _read_status(self) -> None:
-        while (frame := await self.status.frames.get()) is not None:
-            kind = frame.get("t")
-            if kind == "ready":
+    # -- what the worker says ------------------------------------------------------------
+    def _link_readable(self) -> None:
+        for _ in range(64):  # a run sending as fast as we read cannot hold the loop
+            try:
+                data, anc, _flags, _addr = self._link.recvmsg(MAX_LINK_MESSAGE, socket.CMSG_SPACE(ARMED_FDS * 4))
+            except BlockingIOError:
+                return
+            except OSError:
+                data, anc = b"", []
+            fds = _fds(anc)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                self._link_closed()
+                return
+            try:
+                self._said(data[:1], data[1:], fds)
+            finally:
+                for fd in fds:
+                    if fd >= 0:
+                        os.close(fd)
+
+    def _said(self, kind: bytes, body: bytes, fds: list[int]) -> None:
+        """One message of R (or of its runtime's bootstrap).  Before LINK_STARTED it is setup's
+        word; after it, the run's: it can only mislead its own report, and only so much of it
+        is read.  Fds that come with any message but the first are closed, never kept."""
+        if self.started:
+            self._link_budget -= 1
+            if self._link_budget <= 0:
+                self._link_closed()  # a run flooding its link: what it still says is not read
+                return
+        if kind == LINK_ARMED and self.denials is None and len(fds) == ARMED_FDS and not self.started:
+            listener, pidfd, top = fds
+            fds[:] = [-1, -1, -1]
+            self.denials = Denials(listener, self.names, self.discover)
+            self.runner_pidfd = pidfd
+            self.scratch = Scratch(top, self.spec.uid, self.spec.gid)
+            self.setup_us = _timings(body)
+            self._armed_at = time.monotonic_ns()
+        elif kind in (LINK_READY, LINK_WAITING) and self.state == "starting" and self.denials is not None:
+            if (kind == LINK_WAITING) == self.execs:
+                if self.execs:
+                    self.setup_us["runtime"] = (time.monotonic_ns() - self._armed_at) // 1000
                 self.state = "ready"
-                setup = frame.get("setup_us")
-                self.setup_us = setup if isinstance(setup, dict) else {}
                 if not self.ready.done():
                     self.ready.set_result(None)
-            elif kind == "setup_error":
-                self.setup_error = SetupError.from_dict(frame)
-            elif kind == "session":
-                if not self.opened.done():
-                    self.opened.set_result(None)
-            elif kind == "cell":
-                if self.on_cell is not None:
-                    self.on_cell(frame)
-            elif kind == "exit":
-                self.exit_frame = frame
-                if not self.reported.done():
-                    self.reported.set_result(None)  # everything of the run is dead by now
-        if self.status.error:
-            log.error("worker %d: bad status frame: %s", self.pid, self.status.error)
-        if not self.ready.done():
-            handoff = (self.exit_frame or {}).get("handoff") or {}
-            if self.setup_error is None and handoff.get("step"):
-                self.setup_error = SetupError.from_dict(handoff)
-            self.ready.set_exception(self.setup_error or SetupError("worker", 0, "worker exited during setup"))
-            self.ready.exception()  # consumed here; waiters re-raise it
-        self.state = "exited"
-        self.exited.set_result(None)
-        if not self.reported.done():
-            self.reported.set_result(None)
+        elif kind == LINK_SETUP_ERROR and not self.started:
+            self.setup_error = SetupError.from_dict(_map(body))
+        elif kind == LINK_STARTED and self.state in ("running", "session"):
+            self.started = True
+            self._maybe_over()  # (its streams may have ended before this message was read)
+        elif not self.started:
+            return
+        elif kind == LINK_DONE and self.execs and self.state == "running" and body.isdigit():
+            self.done_status = int(body) & 0xFF
+            self._maybe_over()
+        elif kind == LINK_SESSION and self.state == "session":
+            if not self.opened.done():
+                self.opened.set_result(None)
+        elif kind == LINK_CELL and self.on_cell is not None:
+            self.on_cell(body)
+
+    def _link_closed(self) -> None:
+        if self._link.fileno() >= 0:
+            self.loop.remove_reader(self._link.fileno())
+            self._link.close()
+            self._maybe_over()
+
+    def _status_readable(self) -> None:
+        fd = self.proc.status_r
+        try:
+            chunk = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._status += chunk
+            if len(self._status) >= INIT_REPORT.size and self.init_report is None:
+                magic, wstatus, utime, stime, maxrss = INIT_REPORT.unpack_from(self._status)
+                if magic == INIT_MAGIC:
+                    self.init_report = {"wstatus": wstatus, "utime_us": utime, "stime_us": stime,
+                                        "maxrss_kb": maxrss}
+                    self._maybe_over()
+            return
+        self.loop.remove_reader(fd)  # sandboxd-init exited (or pid 1 never got to exec it)
+        os.close(fd)
+        self.proc.status_r = -1
+        self._maybe_over()
 
     def on_reaped(self, wstatus: int) -> None:
-        if not self.reaped.done():
-            self.reaped.set_result(wstatus)
+        """The fork server reaped pid 1: the namespace is empty, the run is over whatever it said."""
+        if not self.gone.done():
+            self.gone.set_result(wstatus)
+        self._maybe_over()
 
+    def _maybe_over(self) -> None:
+        """R's end is known when sandboxd-init reported it, when pid 1 is gone, or -- with a
+        cgroup counting the run's CPU -- when R's own word came: a forked runner's page says
+        done and both streams are at their end; an exec runtime said so on the link."""
+        if self.over.done():
+            return
+        ended = self.init_report is not None or self.proc.status_r < 0 or self.gone.done()
+        if not ended and self._fast_end and self.started:
+            if self.execs:
+                ended = self.done_status is not None
+            elif self._streams is not None and all(s.done.done() for s in self._streams):
+                ended = self.handoff().phase() == Handoff.DONE
+        if not ended:
+            return
+        if not self.ready.done():
+            self.ready.set_exception(self.setup_error or SetupError("worker", 0, "worker exited during setup"))
+            self.ready.exception()  # consumed here; waiters re-raise it
+        self.over.set_result(None)
+
+    def handoff(self) -> Handoff:
+        """R's handoff page, read through the scratch's fd (kept once R's end is known)."""
+        if self._handoff is not None:
+            return self._handoff
+        data = self.scratch.read_handoff(HANDOFF_FILE, Handoff.SIZE) if self.scratch else b"\0" * Handoff.SIZE
+        page = Handoff(bytearray(data))
+        if self.over.done():
+            self._handoff = page
+        return page
+
+    # -- what the daemon does to it ---------------------------------------------------------
     def kill(self, reason: str = "killed") -> None:
+        """Kill the run for ``reason`` (the first reason given is the one the verdict names)."""
         if self.killed_for is None:
             self.killed_for = reason
+        self.end()
+
+    def end(self) -> None:
+        """End everything of the worker: SIGKILL to its pid 1 takes the whole namespace."""
         if self.proc.pidfd < 0:
             return  # already reaped and cleaned up
         self.cgroup.unthrottle()
@@ -126,24 +276,49 @@ class Worker:
         if self.cgroup.driver.kind == "cgroup2":
             self.cgroup.kill()
 
+    def interrupt(self) -> bool:
+        """SIGINT to R (a KeyboardInterrupt in a session's running cell)."""
+        if self.runner_pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.runner_pidfd, signal.SIGINT)
+        except OSError:
+            return False
+        return True
+
     def close_fds(self) -> None:
+        """After the worker is gone: its fds, its scratch filesystem, its network namespace."""
+        self._link_closed()
+        if self.proc.status_r >= 0:
+            self.loop.remove_reader(self.proc.status_r)
         self.proc.close()
+        if self.denials is not None:
+            self.denials.close()
+        if self.scratch is not None and self.scratch.top >= 0:
+            os.close(self.scratch.top)
+            self.scratch.top = -1
+        if self.runner_pidfd >= 0:
+            os.close(self.runner_pidfd)
+            self.runner_pidfd = -1
         if self.lease is not None and self.network is not None:
             self.network.release(self.lease)
 
-    async def execute(self, plan: RunPlan, events: EventSink | None = None) -> Result:
-        self.idle.clear()
-        try:
-            return await self._execute(plan, events)
-        finally:
-            self.idle.set()
-
     def release(self, request: RunRequest, memory: int, pids: int) -> bytes:
         """Tighten the cgroup to the run (or session) and encode its request for the runtime."""
-        self.state = "running"
+        self.state = "session" if request.session else "running"
         if self.cgroup.driver.kind != "none":
             self.cgroup.set_limits(Limits(memory, pids + 1, self.cpus))
-        return request.to_json_frame() if self.spec.exec_argv else protocol.encode(request.to_wire())
+        return request.to_json_frame() if self.execs else protocol.encode(request.to_wire())
+
+    def take_request_pipe(self) -> int:
+        """The request pipe, for a session that writes its cells on it (its fd, now the caller's)."""
+        fd, self.proc.request_w = self.proc.request_w, -1
+        return fd
+
+    def close_stdin(self) -> None:
+        """A session's programs read EOF (cells bring their own stdin)."""
+        Writer(self.proc.stdin_w, b"")
+        self.proc.stdin_w = -1
 
     def output_readers(self, cap: int, streamer: Streamer | None, on_overflow: Callable[[str], None],
                        ) -> tuple[CappedReader, CappedReader]:
@@ -155,6 +330,52 @@ class Worker:
         self.proc.stdout_r = self.proc.stderr_r = -1
         return out, err
 
+    def stats(self) -> CgroupStats:
+        return self.cgroup.stats()
+
+    def network_counters(self) -> dict[str, int] | None:
+        return self.network.counters(self.lease) if self.lease is not None and self.network is not None else None
+
+    def limits_enforced_by(self) -> str:
+        return self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit"
+
+    def end_report(self) -> dict[str, Any] | None:
+        """What is known of R's end, as ``verdict.decide`` reads it (None: nothing, it was killed
+        or died without a word)."""
+        page = self.handoff()
+        report = self.init_report
+        if report is not None:
+            wstatus, usage = report["wstatus"], report
+        elif self.done_status is not None:
+            wstatus, usage = self.done_status << 8, None
+        elif self._fast_end and page.phase() == Handoff.DONE and self.started:
+            wstatus, usage = page.exit_status() << 8, None
+        else:
+            return None
+        return {"wstatus": wstatus,
+                "utime": usage["utime_us"] / 1e6 if usage else None,
+                "stime": usage["stime_us"] / 1e6 if usage else None,
+                "maxrss_kb": usage["maxrss_kb"] if usage else None,
+                "end_ns": page.done_ns() or None, "handoff": page.read(), "started": self.started,
+                "denied": self.denials.report() if self.denials else []}
+
+    def observation(self, stats: CgroupStats, runtime_oom: bool = False) -> Observation:
+        return Observation(self.end_report(), self.setup_error, self.killed_for, stats, runtime_oom=runtime_oom)
+
+    async def everything_gone(self, timeout: float = GONE_GRACE) -> None:
+        """Until pid 1 is reaped (the namespace is empty), ending it if need be."""
+        self.end()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.gone), timeout)
+
+    # -- a run --------------------------------------------------------------------------
+    async def execute(self, plan: RunPlan, events: EventSink | None = None) -> Result:
+        self.idle.clear()
+        try:
+            return await self._execute(plan, events)
+        finally:
+            self.idle.set()
+
     async def _execute(self, plan: RunPlan, events: EventSink | None) -> Result:
         self.plan = plan
         rlimits = self.rlimits.for_limits(memory=plan.memory_bytes, cpu_ms=plan.cpu_ms,
@@ -163,11 +384,15 @@ class Worker:
                              stream=events is not None)
         wire = self.release(request, plan.memory_bytes, plan.pids)
         cpu0 = self.cgroup.cpu_usage_ns()
+        self._fast_end = cpu0 is not None
         streamer = Streamer(events, [], lambda: self.kill("cancelled")) if events is not None else None
         out, err = self.output_readers(plan.output_bytes, streamer, self.kill)
+        self._streams = (out, err)
+        for reader in self._streams:
+            reader.done.add_done_callback(lambda _f: self._maybe_over())
         if streamer is not None:
             streamer.readers = [out, err]
-        self.started = time.monotonic()
+        started = time.monotonic()
         request_writer = Writer(self.proc.request_w, wire)
         stdin_writer = Writer(self.proc.stdin_w, plan.stdin)
         self.proc.request_w = self.proc.stdin_w = -1
@@ -175,11 +400,11 @@ class Worker:
         if cpu0 is not None and plan.cpu_ms < plan.timeout_ms * self.cpus:
             timers.append(self.loop.call_later(plan.cpu_ms / 1000 / self.cpus, self._cpu_check, plan, cpu0, timers))
         try:
-            await self.reported
-            # The runner closed its stdout and stderr before it reported, so normally both
-            # are at EOF already.  Processes it left behind may still hold them while they
-            # die (under load that took seconds for a fork bomb); what they wrote before the
-            # run ended is in the pipes: take it and stop waiting.
+            await self.over
+            # R closed its stdout and stderr before it ended, so normally both are at EOF
+            # already.  Processes it left behind may still hold them while they die (under
+            # load that took seconds for a fork bomb); what they wrote before the run ended
+            # is in the pipes: take it and stop waiting.
             drained = asyncio.gather(out.done, err.done)
             done, _ = await asyncio.wait([drained], timeout=DRAIN_GRACE)
             if not done:
@@ -194,8 +419,8 @@ class Worker:
             if streamer is not None:
                 streamer.close()
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(self.reported), CANCEL_GRACE)
-            self.cpu_spent_ms = self._cpu_since(cpu0, frame=self.exit_frame)
+                await asyncio.wait_for(asyncio.shield(self.over), CANCEL_GRACE)
+            self.cpu_spent_ms = self._cpu_since(cpu0)
             raise
         finally:
             for t in timers:
@@ -205,22 +430,32 @@ class Worker:
             out.close()
             err.close()
             self.state = "done"
-        wall = time.monotonic() - self.started
+        wall = time.monotonic() - started
+        # Nothing of the run may still be writing out/ while it is read; with nothing there the
+        # answer does not wait for the namespace to go (the kill follows within microseconds).
+        if self.scratch is not None and self.scratch.anything_to_collect():
+            await self.everything_gone()
+            files, truncated = self.scratch.out_files(plan.out_files_count, plan.out_files_bytes)
+            display = self.scratch.display(plan.out_files_bytes)
+        else:
+            self.end()
+            files, truncated, display = {}, False, []
         if streamer is not None:
             await streamer.finish()
             streamer.close()
         result = self._result(plan, out, err, cpu0, wall)
+        result.files, result.files_truncated, result.display = files, truncated, _figures(display)
         result.streamed = streamer is not None
         return result
 
-    def _cpu_since(self, cpu0: int | None, now_ns: int | None = None, frame: dict[str, Any] | None = None) -> float:
+    def _cpu_since(self, cpu0: int | None, now_ns: int | None = None) -> float:
         """CPU the run has used (ms): the cgroup's counter, else the runner's rusage."""
         if now_ns is None:
             now_ns = self.cgroup.cpu_usage_ns()
         if now_ns is not None and cpu0 is not None:
             return round((now_ns - cpu0) / 1e6, 3)
-        if frame and frame.get("utime") is not None:
-            return round(float(frame["utime"] + frame["stime"]) * 1000, 3)
+        if self.init_report is not None:
+            return round((self.init_report["utime_us"] + self.init_report["stime_us"]) / 1000, 3)
         return 0.0
 
     def _cpu_check(self, plan: RunPlan, cpu0: int, timers: list[asyncio.TimerHandle]) -> None:
@@ -237,41 +472,35 @@ class Worker:
     def _result(self, plan: RunPlan, out: CappedReader, err: CappedReader, cpu0: int | None,
                 wall: float) -> Result:
         stats = self.cgroup.stats()
-        frame = self.exit_frame
-        status, extra = decide(Observation(frame, self.setup_error, self.killed_for, stats,
-                                           runtime_oom=self.spec.exec_argv != () and V8_OOM in err.buf[-4096:]))
+        obs = self.observation(stats, runtime_oom=self.execs and V8_OOM in err.buf[-4096:])
+        status, extra = decide(obs)
         result = Result(status=status, stdout=bytes(out.buf), stderr=bytes(err.buf),
                         stdout_truncated=out.truncated, stderr_truncated=err.truncated,
-                        limits_enforced_by=self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit",
-                        run_uid=self.slot.uid)
+                        limits_enforced_by=self.limits_enforced_by(), run_uid=self.slot.uid)
         for key, value in extra.items():
             setattr(result, key, value)
-        handoff = (frame or {}).get("handoff") or {}
+        report = obs.exit_frame
+        handoff = (report or {}).get("handoff") or {}
         result.wall_ms = round(wall * 1000, 3)
-        if frame and handoff.get("started_ns") and frame.get("end_ns"):
-            inside = (frame["end_ns"] - handoff["started_ns"]) / 1e6  # the start is the run's word:
+        if report and handoff.get("started_ns") and report.get("end_ns"):
+            inside = (report["end_ns"] - handoff["started_ns"]) / 1e6  # the start is the run's word:
             if 0 <= inside <= result.wall_ms:  # believed only within what the daemon saw
                 result.wall_ms = round(inside, 3)
-        result.cpu_ms = self.cpu_spent_ms = self._cpu_since(cpu0, stats.cpu_usage_ns, frame)
+        result.cpu_ms = self.cpu_spent_ms = self._cpu_since(cpu0, stats.cpu_usage_ns)
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
-        elif frame:
-            result.memory_peak_kb = int(frame.get("maxrss_kb") or 0)
-        if self.lease is not None and self.network is not None:
-            result.network = self.network.counters(self.lease)
-        if frame:
-            result.denied_syscalls = {d[0]: d[1] for d in frame.get("denied", [])}
-            if plan.discover:
-                result.discovery = {"allowed": {d[0]: d[1] for d in frame.get("denied", []) if d[2]},
-                                    "refused": {d[0]: d[1] for d in frame.get("denied", []) if not d[2]}}
-            files, truncated = _cap_files(frame.get("files") or {}, plan.out_files_count, plan.out_files_bytes)
-            result.files = files
-            result.files_truncated = truncated or bool(frame.get("files_truncated"))
-            result.display = _figures(frame.get("display"))
+        elif report:
+            result.memory_peak_kb = int(report.get("maxrss_kb") or 0)
+        result.network = self.network_counters()
+        denied = self.denials.report() if self.denials else []
+        result.denied_syscalls = {d[0]: d[1] for d in denied}
+        if plan.discover:
+            result.discovery = {"allowed": {d[0]: d[1] for d in denied if d[2]},
+                                "refused": {d[0]: d[1] for d in denied if not d[2]}}
         return result
 
 
-def _cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
+def cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
     out: dict[str, bytes] = {}
     total = 0
     truncated = False
@@ -291,3 +520,25 @@ def _figures(raw: Any) -> list[dict[str, Any]]:
         return []
     return [{"mime": "image/png", "data": f["data"]} for f in raw
             if isinstance(f, dict) and isinstance(f.get("data"), bytes)]
+
+
+def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+def _map(body: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _timings(body: bytes) -> dict[str, int]:
+    return {str(k): v for k, v in _map(body).items() if isinstance(v, int)}

@@ -2,9 +2,10 @@
 
 A worker takes a uid slot, gets a cgroup with the pool's ceilings, and is spawned by
 the fork server from a ``WorkerSpec``.  After its pid 1 has been reaped (the fork
-server reports it) and the run's result has read the cgroup's counters, its cgroup is
-removed and only then its uid slot freed: a slot never goes back while anything of
-its last run may still be alive.
+server reports it: the namespace, and everything of the run, is gone) and the run's
+result has read the cgroup's counters, its fds are closed (the scratch filesystem and a
+network namespace go with them), its cgroup is removed and only then its uid slot
+freed: a slot never goes back while anything of its last run may still be alive.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..policy.limits import RlimitPolicy
 from ..root.rootfs import RootInfo
 from ..spec.plans import EnvLayer
 from ..spec.settings import JailSettings, environment_of
+from .denials import SyscallNames
 from .fsclient import ForkServerClient
 from .slots import SlotPool
 from .worker import Worker
@@ -45,6 +47,13 @@ class Stack:
     info: dict[str, Any]  # what the fork server said when it started (run_path, vsz_kb, preloaded...)
     identity: tuple[object, ...]  # what it was started from (JailSettings.server_identity)
     layer: EnvLayer | None = None
+    names: SyscallNames | None = None  # the fork server's table, for naming refused calls
+
+    def syscall_names(self) -> SyscallNames:
+        if self.names is None:
+            raw = self.info.get("syscall_names") or {}
+            self.names = SyscallNames({int(k): str(v) for k, v in raw.items()}, int(self.info.get("audit_arch", 0)))
+        return self.names
 
 
 class Workers:
@@ -107,9 +116,6 @@ class Workers:
             scratch_inodes=s.jail.scratch_inodes,
             rlimits=policy.for_limits(memory=s.max_memory, cpu_ms=s.max_cpu_ms, file_size=s.limits.file_size,
                                       nofile=s.limits.nofile, pids=s.limits.pids),
-            out_max_bytes=s.limits.out_files_size,
-            out_max_files=s.limits.out_files,
-            discover=discover,
             hostname=s.jail.hostname,
             exec_argv=exec_argv,
         )
@@ -125,7 +131,8 @@ class Workers:
         finally:
             for fd in cgroup_fds:
                 os.close(fd)
-        worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy, self.network, lease)
+        worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy, stack.syscall_names(),
+                        self.network, lease, discover=discover)
         worker.forkserver = server
         worker.ready.add_done_callback(
             lambda f: None if f.cancelled() or f.exception() else self.setup_samples.append(worker.setup_us))
@@ -148,12 +155,11 @@ class Workers:
         return any(w.generation < generation for w in self.live.values())
 
     async def _cleanup(self, worker: Worker) -> None:
-        await worker.exited
+        await worker.over
         try:
-            await asyncio.wait_for(asyncio.shield(worker.reaped), REAP_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(worker.gone), REAP_TIMEOUT)
         except TimeoutError:
-            log.warning("worker %d: not reaped %.0fs after its status pipe closed; killing its cgroup",
-                        worker.pid, REAP_TIMEOUT)
+            log.warning("worker %d: not reaped %.0fs after its run was over; killing it", worker.pid, REAP_TIMEOUT)
             worker.kill("killed")
         await worker.idle.wait()  # the run's result has read the cgroup's counters
         self.finish(worker)
