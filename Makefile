@@ -51,14 +51,14 @@ apt-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.stamp: pyproject.toml Makefile $(INIT)
+$(VENV)/.stamp: pyproject.toml setup.py Makefile $(INIT) sandboxd/jail/child/_spawn.c
 	@$(MAKE) --no-print-directory apt-deps
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-# sandboxd-init, a worker's pid 1 (a few pages of C, static: it is exec'd inside the jail's root,
-# which holds no loader of its own for it).  The Debian package builds the same file.
+# sandboxd-init, a worker's pid 1 (a few pages of C, static: it is exec'd for every worker, so no
+# loader and no shared libraries to map).  The Debian package builds the same file.
 $(INIT): sandboxd/jail/child/init.c
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="gcc libc6-dev"
 	$(CC_INIT) -o $@ $<

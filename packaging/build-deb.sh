@@ -7,7 +7,7 @@ cd "$top"
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' sandboxd/__init__.py)
 missing=""
-for p in debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian fakeroot; do
+for p in debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools gcc libc6-dev lintian fakeroot; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
@@ -22,8 +22,9 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$src"
 cp -r packaging/debian "$src/debian"
 rm -rf "$src/packaging"
 (cd "$src" && dpkg-buildpackage -us -uc -b)
-mv "$work"/sandboxd_"$version"_all.deb "$top/dist/"
+arch=$(dpkg --print-architecture)
+mv "$work"/sandboxd_"$version"_"$arch".deb "$top/dist/"
 mv "$work"/sandboxd_"$version"_*.buildinfo "$work"/sandboxd_"$version"_*.changes "$top/dist/" 2>/dev/null || true
-echo "built dist/sandboxd_${version}_all.deb"
-lintian --fail-on error,warning "$top/dist/sandboxd_${version}_all.deb"
+echo "built dist/sandboxd_${version}_${arch}.deb"
+lintian --fail-on error,warning "$top/dist/sandboxd_${version}_${arch}.deb"
 echo "lintian: no errors, no warnings"

@@ -30,7 +30,8 @@ from bench import BENCH_CONFIG, closed_loop  # noqa: E402
 from harness import DaemonProcess, daemon_dir  # noqa: E402
 
 KINDS = {"sbx-super": "supervisor P", "sbx-pid1": "worker pid 1 (setup, then exec)",
-         "sbx-init": "sandboxd-init", "sbx-runner": "runner R", "sbx-forkserver": "fork server",
+         "sbx-init": "sandboxd-init", "sandboxd-init": "sandboxd-init (its exec)", "sbx-runner": "runner R",
+         "sbx-forkserver": "fork server",
          "sbx-netns": "network setup", "sandboxd": "daemon"}
 
 

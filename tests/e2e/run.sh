@@ -49,7 +49,7 @@ in_container() {
 
 stage "build the package"
 make -s -C "$repo" deb | tail -3
-deb=$(ls -t "$repo"/dist/sandboxd_*_all.deb | head -1)
+deb=$(ls -t "$repo"/dist/sandboxd_*_"$(dpkg --print-architecture)".deb | head -1)
 echo "   $deb"
 
 stage "base root (cached in $cache)"

@@ -5,13 +5,14 @@ A leaf module (it imports only the wire format): fd numbers, exit codes, the set
 error, the step runner, the records that cross process boundaries and the handoff
 page.  Every other module of the worker imports its names from here.
 
-Processes.  The fork server forks the worker's first process into a new pid namespace:
-it is pid 1 there, does the worker's setup steps (``steps``), forks R and execs
-``sandboxd-init`` (a few pages of C), which reaps and reports R's end.  R, the one
-CPython of the run, does its own steps (``runner``) and waits for its request.
+Processes.  The fork server makes a worker's pid 1 and R with one copy of its address
+space (``_spawn``): pid 1 shares its memory for the moment it takes to fork R and exec
+``sandboxd-init`` (a few pages of C, which reaps and reports R's end); R, the one CPython
+of the run, does the worker's setup steps (``steps``) and its own (``runner``) and waits
+for its request.
 
-Descriptors.  The fork server hands pid 1 its fds, placed by its ``fds`` step at
-``FD_STATUS`` .. ``FD_INIT`` and then ``FD_EXTRA``...  R gets fds 0-2 (the run's stdio),
+Descriptors.  The fork server hands R its fds, placed by the ``fds`` step at ``FD_LINK``
+.. ``FD_SYNC`` and then ``FD_EXTRA``...  For user code R keeps fds 0-2 (the run's stdio),
 ``R_FD_REQUEST`` (the daemon's request pipe) and ``R_FD_LINK``, its end of the *link*, a
 SOCK_SEQPACKET pair whose other end is the daemon's.  On the link R first sends
 ``LINK_ARMED`` with its step timings and three fds attached (its seccomp listener, a
@@ -37,13 +38,13 @@ from typing import Any, Generic, TypeVar
 
 from ...common import protocol
 
-# Pid 1's descriptors after its "fds" step; then, from FD_EXTRA, the worker's network namespace
-# (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).  FD_STATUS
-# becomes sandboxd-init's report pipe (its fd 1); FD_INIT is sandboxd-init itself, exec'd
-# from this fd once R is forked; FD_LIFELINE reaches EOF when the fork server is gone.
-(FD_STATUS, FD_LINK, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_INIT,
- FD_EXTRA) = range(3, 13)
-# R's descriptors after its "fds" step (0-2 are the run's stdio).
+# R's descriptors after the worker's "fds" step; then, from FD_EXTRA, the worker's network
+# namespace (runs with network) and its cgroup.procs files (see netns_fd, cgroup_fds).
+# FD_SYNC says when pid 1 runs as the run's uid (one byte); FD_LIFELINE reaches EOF when the
+# fork server is gone.
+(FD_LINK, FD_REQUEST, FD_STDIN, FD_STDOUT, FD_STDERR, FD_LIFELINE, FD_TEMPLATE, FD_SYNC,
+ FD_EXTRA) = range(3, 12)
+# R's descriptors after its runner's "fds" step (0-2 are the run's stdio).
 R_FD_REQUEST, R_FD_LINK = 3, 4
 RUNNER_PID = 2  # R, in its own pid namespace (pid 1 is sandboxd-init)
 LINK_ARMED = b"L"  # R -> daemon, msgpack timings + [listener, pidfd, scratch]: filter loaded, fds handed over
@@ -201,7 +202,7 @@ class ServerState:
     template_fd: int
     root_id: tuple[int, int]  # (st_dev, st_ino) of the root as the template sees it
     lifeline_fd: int
-    init_fd: int  # sandboxd-init, opened by the fork server
+    init_fd: int  # sandboxd-init, opened by the fork server (pid 1 execs it from this fd)
     filters: dict[str, bytes]
     cap_last: int
     run_path: tuple[str, ...]
@@ -252,7 +253,7 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class RunnerArgs:
-    """All R takes along from pid 1 (everything else of its and the fork server's is dropped)."""
+    """All R's own steps take along (everything else of the fork server's is dropped)."""
 
     filter: bytes  # R's own seccomp program
     base_env: dict[str, str]

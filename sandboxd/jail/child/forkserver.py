@@ -12,9 +12,10 @@ the GC and serves commands:
     {"op": "template", "root": DIR} -> {"ok": true}   (after a root rebuild)
 
 and reports ``{"event": "reaped", "pid": P, "wstatus": S}`` when a worker's pid 1 has
-been reaped (then nothing of that run is left).  Each worker is forked straight into
-a new pid namespace (``unshare(CLONE_NEWPID)``, fork, ``setns`` back), so it is its
-run's pid 1 (``steps``: it forks R and becomes ``sandboxd-init``).  When the daemon goes
+been reaped (then nothing of that run is left).  Each worker is made straight into
+a new pid namespace (``unshare(CLONE_NEWPID)``, spawn, ``setns`` back), so pid 1 is its
+run's pid 1: ``_spawn`` makes it share the server's memory while it forks R and execs
+``sandboxd-init``, so a worker costs one copy of this address space, R's.  When the daemon goes
 away (EOF) every worker is killed and the server exits; its own death is seen by
 workers through the lifeline pipe and PDEATHSIG.
 
@@ -43,8 +44,9 @@ import msgpack
 
 from ..kernel import libc
 from ..policy import seccomp as sc
+from . import _spawn  # type: ignore[attr-defined]
 from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
-from .steps import worker_main
+from .runner import runner_main
 
 MAX_MESSAGE = 1 << 20
 
@@ -157,33 +159,34 @@ class ForkServer:
             self.sock.send(data)
 
     def spawn(self, spec: WorkerSpec, extra: list[int]) -> tuple[int, list[int]]:
-        """Fork pid 1 with the worker's pipes, then ``extra`` (its netns, its cgroup.procs files)."""
+        """Make pid 1 and R (``_spawn``) with the worker's pipes, then ``extra`` (its netns, its
+        cgroup.procs files) for R."""
         assert self.state is not None
         if len(extra) != spec.extra_fds():
             raise ValueError(f"spawn came with {len(extra)} fds, the spec needs {spec.extra_fds()}")
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
         link_ours, link_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         request_r, request_w = os.pipe2(os.O_CLOEXEC)
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
         link_r, link_d = link_theirs.detach(), link_ours.detach()
-        child_fds = [status_w, link_r, request_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd,
-                     self.state.init_fd, *extra]
+        runner_fds = [link_r, request_r, stdin_r, stdout_w, stderr_w, self.lifeline_r, self.template_fd, sync_r, *extra]
         ours = [status_r, link_d, request_w, stdin_w, stdout_r, stderr_r]
-        per_worker = [status_w, link_r, request_r, stdin_r, stdout_w, stderr_w]  # (lifeline, template, init stay)
+        per_worker = [status_w, sync_r, sync_w, link_r, request_r, stdin_r, stdout_w, stderr_w]
+        pid = -1
         try:
             libc.unshare(libc.CLONE_NEWPID)
-            pid = -1
             try:
-                pid = os.fork()
+                pid = _spawn.spawn(self.state.init_fd, status_w, sync_w, spec.uid, spec.gid)
             finally:
                 if pid == 0:
                     _ROLE[0] = "worker"
                 else:
                     libc.setns(self.own_pidns, libc.CLONE_NEWPID)
             if pid == 0:
-                raise Become(worker_main, spec, self.state, child_fds)
+                raise Become(runner_main, spec, self.state, runner_fds)
         except BaseException:
             if pid_is_parent():
                 for fd in ours:

@@ -1,7 +1,8 @@
-"""R, the runner: its setup steps, seccomp last, then the wait for its one request.
+"""R, the runner: the worker's steps, its own, seccomp last, then the wait for its one request.
 
-Pid 1 forks R after its own steps (so R already has every namespace, the root, the
-scratch, the run's uid and rlimits).  R's steps, in order:
+R starts as the fork server's copy, pid 2 of a new pid namespace, as root; it does the
+worker's confinement (``steps``: namespaces, cgroup, scratch, root, the run's uid,
+rlimits) and then its own steps, in order:
 
     stdio -> fds -> session -> no_new_privs -> prepare -> seccomp
 
@@ -23,6 +24,7 @@ import os
 import socket
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -30,7 +32,7 @@ import msgpack
 
 from ...common import protocol
 from ..kernel import libc
-from . import runtime
+from . import runtime, steps
 from .contract import (
     EXIT_SETUP,
     FD_LINK,
@@ -46,8 +48,10 @@ from .contract import (
     Handoff,
     RunnerArgs,
     RunRequest,
+    ServerState,
     SetupError,
     Step,
+    WorkerSpec,
     remap_fds,
     run_steps,
 )
@@ -143,9 +147,18 @@ RUNNER_STEPS: tuple[Step[Setup], ...] = (
 EXEC_RUNNER_STEPS = tuple(step for step in RUNNER_STEPS if step.name != "prepare")
 
 
-def runner_main(args: RunnerArgs, handoff: Handoff, timings: dict[str, int]) -> NoReturn:
-    """Entry point of R, from a clean stack: it holds ``args`` and nothing of pid 1's or the server's."""
+def runner_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoReturn:
+    """Entry point of R, from a clean stack: it holds its spec and fds, nothing else of the server's."""
     libc.set_name("sbx-runner")
+    worker = steps.Setup(spec, state, fds)
+    try:
+        timings = run_steps(steps.WORKER_STEPS, worker)
+    except SetupError as e:
+        fail(worker.link, worker.handoff, e)
+    assert worker.handoff is not None
+    handoff = worker.handoff
+    args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, worker.scratch_fd,
+                      spec.exec_argv)
     setup = Setup(args)
     try:
         own = run_steps(EXEC_RUNNER_STEPS if args.exec_argv else RUNNER_STEPS, setup)
@@ -175,8 +188,9 @@ def arm(sock: socket.socket, message: bytes, listener: int) -> None:
             os.close(fd)
 
 
-def fail(link: int, handoff: Handoff, error: SetupError) -> NoReturn:
-    handoff.setup_failed(error)
+def fail(link: int, handoff: Handoff | None, error: SetupError) -> NoReturn:
+    if handoff is not None:
+        handoff.setup_failed(error)
     try:
         os.write(link, LINK_SETUP_ERROR + msgpack.packb(error.to_dict()))
     except OSError:
