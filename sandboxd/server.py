@@ -202,8 +202,9 @@ class Connection:
         try:
             while True:
                 # A uid whose answers are not being taken gets nothing more read until they are.
-                async with asyncio.timeout(s.idle_timeout):
-                    await self.server.responses.wait_room(self.cred.uid)
+                if self.server.responses.crowded(self.cred.uid):
+                    async with asyncio.timeout(s.idle_timeout):
+                        await self.server.responses.wait_room(self.cred.uid)
                 try:
                     body = await self._next_body(watch)
                 except protocol.ProtocolError as e:  # frame_too_large: the stream cannot be trusted

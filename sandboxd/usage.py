@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 WINDOW = 3600.0
-FLUSH_DELAY = 0.002  # seconds between a usage event and its commit (see UsageStore._write)
+FLUSH_DELAY = 0.1  # seconds between a usage event and its commit (see UsageStore._write)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inflight (
     run_id TEXT PRIMARY KEY, uid INTEGER NOT NULL, started REAL NOT NULL);
@@ -141,10 +141,11 @@ class UsageStore:
         """Queue the statements; they are committed together FLUSH_DELAY later.
 
         The in-memory counters (what quotas are checked against) change at once.  The
-        database lags by a couple of milliseconds so that its commits (about 100 us each)
-        happen while runs execute rather than on their way in and out; a SIGKILL loses
-        at most those milliseconds of accounting.  Without an event loop (tools, tests)
-        they are committed immediately.
+        database lags by up to FLUSH_DELAY so that one commit (100-300 us of the loop's
+        CPU) serves every run of that window, not two per run: at 50 paced runs a second
+        that was a sixth of the daemon's CPU per run (measured, docs/performance.md).  A
+        SIGKILL loses at most that window of accounting; a clean stop commits it.  Without
+        an event loop (tools, tests) statements are committed immediately.
         """
         if self.db is None:
             return

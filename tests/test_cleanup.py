@@ -60,7 +60,7 @@ def test_200_runs_leave_nothing_behind(make_daemon: Any) -> None:
     pooled = sum(p["ready"] + p["starting"] for p in st["pool"]["profiles"].values())
     assert live == pooled, st["slots"]
     assert st["capacity"]["running"] == 0 and st["capacity"]["queued"] == 0
-    assert len(d.run_uid_processes()) <= 2 * live  # a supervisor and a runner per pooled worker
+    assert len(d.run_uid_processes()) <= 2 * live  # sandboxd-init and a runner per pooled worker
     assert len([p for p in cgroup_dirs() if os.path.basename(p).startswith("w")]) <= 4 * live
     assert host_mounts() == mounts_before  # every scratch mount lived in a worker's own namespace
 

@@ -182,7 +182,7 @@ console.log(JSON.stringify(open));
 """
     fds = json.loads(js(d, code)["stdout"])
     assert not [fd for fd, is_dir, is_file, _ in fds if is_dir or is_file], fds  # node's own pipes, epoll, eventfd
-    assert [fd for fd, _, _, is_socket in fds if is_socket] == [4]  # the link to its own supervisor
+    assert [fd for fd, _, _, is_socket in fds if is_socket] == [4]  # the link to the daemon
 
 
 def test_04_10_no_proc_no_signals_out(d: DaemonProcess) -> None:
@@ -194,8 +194,8 @@ for (const [pid, sig] of [[1, 'SIGKILL'], [-1, 'SIGKILL'], [1, 'SIGSTOP']]) {
 console.log(JSON.stringify(out));
 """
     r = js(d, code)
-    # pid 1 is the run's own supervisor, and in its namespace signals without a handler do not
-    # reach it: the kills "succeed" and do nothing (the report below is the supervisor's).
+    # pid 1 is the run's own init (sandboxd-init), and in its namespace signals without a handler do not
+    # reach it: the kills "succeed" and do nothing (the report below is init's).
     assert r["status"] == "ok", r
     found, pid, *signals = json.loads(r["stdout"])
     assert found is False and pid == 2 and signals == ["sent", "ESRCH", "sent"], r["stdout"]

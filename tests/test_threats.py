@@ -281,10 +281,10 @@ def test_10_signals_reach_only_the_run_itself(d: DaemonProcess) -> None:
     code = """
 import os, signal
 print(os.getpid(), os.getppid(), flush=True)
-os.kill(1, signal.SIGSTOP)     # its supervisor (pid 1 of its own namespace) ignores it
+os.kill(1, signal.SIGSTOP)     # its init (pid 1 of its own namespace) ignores it
 os.kill(1, signal.SIGKILL)
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE):
-    os.kill(1, sig)            # none of them ends the supervisor (SIGINT used to: KeyboardInterrupt)
+    os.kill(1, sig)            # none of them ends its init (SIGINT used to: KeyboardInterrupt)
 try:
     os.kill(-1, signal.SIGKILL)  # everything it may signal: in its own namespace that is nothing
 except ProcessLookupError:

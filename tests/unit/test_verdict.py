@@ -34,7 +34,7 @@ def running_page(exception: str = "") -> dict[str, Any]:
 
 def frame(wstatus: int, *, started: bool = True, denied: list[list[Any]] | None = None,
           handoff: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A supervisor ``exit`` frame."""
+    """A worker's end report."""
     return {"wstatus": wstatus, "started": started, "denied": denied or [],
             "handoff": running_page() if handoff is None else handoff}
 
@@ -111,11 +111,11 @@ def test_setup_phase_is_not_a_setup_error_when_the_daemon_killed_the_run() -> No
     assert status(obs(frame(killed(signal.SIGKILL), started=False, handoff=page), killed_for="timeout")) == "timeout"
 
 
-def test_no_exit_frame_and_no_oom_is_a_supervisor_failure() -> None:
+def test_no_end_report_and_no_oom_is_an_init_failure() -> None:
     st, extra = decide(obs(None))
     assert st == "sandbox_error"
-    assert extra["error"] == {"step": "supervisor", "errno": 0,
-                              "message": "the run's supervisor died without a report"}
+    assert extra["error"] == {"step": "init", "errno": 0,
+                              "message": "the worker's init ended without a report"}
 
 
 # --- output_limit ------------------------------------------------------------------------

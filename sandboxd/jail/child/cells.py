@@ -62,7 +62,7 @@ def serve(handoff: Handoff) -> NoReturn:
 
 def run_cell(cell: dict[str, Any], main: dict[str, Any], seq: int, handler: Any) -> tuple[dict[str, Any], Any]:
     """Run one cell in ``main`` with ``handler`` for SIGINT (KeyboardInterrupt, unless a cell
-    set its own); what the supervisor reports of it, and the handler it leaves."""
+    set its own); what the daemon reports of it, and the handler it leaves."""
     report: dict[str, Any] = {}
     filename = f"<cell {seq}>"
     code = cell.get("code")
@@ -94,6 +94,7 @@ def run_cell(cell: dict[str, Any], main: dict[str, Any], seq: int, handler: Any)
             report["interrupted"] = True
     if cell.get("display"):
         display.save_open_figures()
+    report["figures"] = display.saved()
     if not usercode.flush_stdio():
         report.setdefault("exception", "OSError")
         report.setdefault("message", "stdout could not be flushed")

@@ -1,4 +1,4 @@
-"""Figures a run or a cell shows, saved as PNG files for the supervisor to return.
+"""Figures a run or a cell shows, saved as PNG files for the daemon to return.
 
 With ``display: true`` the run's matplotlib backend is ``module://sandboxd_display``:
 a module this finder makes on demand from matplotlib's own Agg backend, whose
@@ -41,6 +41,12 @@ def save_open_figures() -> None:
             show()
         except Exception:  # noqa: BLE001 - a figure that cannot be drawn is the user's, not ours
             pass
+
+
+def saved() -> int:
+    """How many figures this process has saved so far (a cell's report says it: the daemon
+    looks for new ones only when the count moved)."""
+    return _saved[0]
 
 
 def show(*args: Any, **kwargs: Any) -> None:

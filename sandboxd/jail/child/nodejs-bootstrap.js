@@ -4,7 +4,7 @@
 // included: nothing here runs with more rights than the user's code will.  It waits for
 // one request on fd 3 (a 4-byte big-endian length, then JSON: code, input files in
 // base64, environment, argv), writes the files into /work, sets the environment, tells
-// the supervisor on fd 4 (the link) that setup is over ("S"), closes fd 3 and runs the
+// the daemon on fd 4 (the link) that setup is over ("S"), closes fd 3 and runs the
 // code as the CommonJS main module /work/main.js.  This module leaves the module cache
 // before that, and what it knows lives only in its closure.  The link stays: at exit the
 // bootstrap says "D" and the status on it (code can write there too, and mislead only its
@@ -186,7 +186,7 @@ process.on('uncaughtExceptionMonitor', () => { crashed = true; });
 main._compile(code, MAIN);
 main.loaded = true;
 // Registered after the code's own top level, so its exit listeners run (and print) first.
-// Then the supervisor ends the process at once: node's own teardown takes longer than a
+// Then the daemon ends the worker at once: node's own teardown takes longer than a
 // short run.  (After a crash, or if the code removes this listener, it is waited for.)
 process.on('exit', (status) => {
   if (crashed) return;

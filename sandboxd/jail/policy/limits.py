@@ -29,7 +29,7 @@ ALWAYS = {"core": 0, "memlock": 0, "msgqueue": 0, "rtprio": 0}
 def nproc_for(pids: int, cgroup: bool) -> int:
     """RLIMIT_NPROC for a run allowed ``pids`` tasks.
 
-    Without a pids cgroup it is the limit (the supervisor and the runner share the
+    Without a pids cgroup it is the limit (sandboxd-init and the runner share the
     run's uid).  With one it is only a backstop, far enough above: a fork bomb whose
     processes die as fast as they fork reaches RLIMIT_NPROC before pids.max at twice
     the limit in about one run in ten (measured), and that EAGAIN leaves no pids event

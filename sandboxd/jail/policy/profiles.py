@@ -1,7 +1,7 @@
 """The built-in syscall profiles, by name, so one list serves amd64 and arm64.
 
 A profile is an allowlist: anything else is refused with EPERM and reported by
-name (the supervisor answers the seccomp user notification).  Names that do not
+name (the daemon answers the seccomp user notification).  Names that do not
 exist on the running architecture (``fork`` on arm64, ``arch_prctl`` off x86) are
 skipped.  Administrators extend or narrow profiles in the config (``profiles:``).
 """

@@ -159,7 +159,7 @@ def compile_profile(profile: Profile, network: bool) -> bytes:
 
 
 def syscall_names() -> dict[int, str]:
-    """Native syscall number -> name, for reporting (the supervisor has no libseccomp calls)."""
+    """Native syscall number -> name, for reporting (the daemon's denial handler has no libseccomp calls)."""
     sc = _backend()
     out: dict[int, str] = {}
     for nr in range(1024):

@@ -80,6 +80,7 @@ class Session:
         self.cpu0 = worker.cgroup.cpu_usage_ns()
         self.files_seen: Seen = {}  # out/ files returned so far (a cell returns what is new or changed)
         self.figures_seen: set[str] = set()
+        self.figures_said = 0  # the runner's count of figures saved, at the last cell
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
         self.execs = 0
@@ -143,17 +144,21 @@ class Session:
         self.worker.interrupt()  # gone already: the grace timer decides
         return True
 
-    def cpu_used_ms(self) -> float:
+    def cpu_used_ms(self, now: int | None = None) -> float:
+        """CPU the session used so far (ms); ``now``: the cgroup's counter, if just read."""
         if self.final is not None:
             return self.final[1]
-        now = self.worker.cgroup.cpu_usage_ns()
+        if now is None:
+            now = self.worker.cgroup.cpu_usage_ns()
         if now is None or self.cpu0 is None:
             return 0.0
         return (now - self.cpu0) / 1e6
 
-    def check_cpu(self) -> bool:
+    def check_cpu(self, used_ms: float | None = None) -> bool:
         """End the session when it used up its own CPU budget; True if it did."""
-        if self.plan.cpu_ms and self.alive and self.cpu_used_ms() >= self.plan.cpu_ms:
+        if not self.plan.cpu_ms or not self.alive:
+            return False
+        if (self.cpu_used_ms() if used_ms is None else used_ms) >= self.plan.cpu_ms:
             self.end("cpu_limit")
             return True
         return False
@@ -198,10 +203,15 @@ class Session:
         files: dict[str, bytes] = {}
         truncated = False
         figures: list[dict[str, object]] = []
+        # Figures are looked for when the runner says it saved some (its word can only hide its
+        # own figures); a Node runner saves none.
+        saved = said.get("figures")
         if worker.scratch is not None:
             files, truncated = worker.scratch.out_files(self.plan.out_files_count, self.plan.out_files_bytes,
                                                         self.files_seen)
-            figures = worker.scratch.display(self.plan.out_files_bytes, self.figures_seen)
+            if isinstance(saved, int) and saved != self.figures_said:
+                figures = worker.scratch.display(self.plan.out_files_bytes, self.figures_seen)
+                self.figures_said = saved
         exit_code = said.get("exit_code")
         self.cell.set_result({
             "exception": _text(said.get("exception"), 128), "message": _text(said.get("message"), 4096),
@@ -229,10 +239,13 @@ class Session:
                      self.plan.session_id, INTERRUPT_GRACE, why)
             self.end("timeout" if why == "timeout" else "killed")
 
-    def _cpu_timer(self, timers: list[asyncio.TimerHandle]) -> None:
-        if self.check_cpu() or not self.busy or not self.plan.cpu_ms:
+    def _cpu_timer(self, timers: list[asyncio.TimerHandle], used_ms: float | None = None) -> None:
+        if not self.plan.cpu_ms:
             return
-        left = (self.plan.cpu_ms - self.cpu_used_ms()) / 1000 / self.worker.cpus
+        used = self.cpu_used_ms() if used_ms is None else used_ms
+        if self.check_cpu(used) or not self.busy:
+            return
+        left = (self.plan.cpu_ms - used) / 1000 / self.worker.cpus
         timers.append(self.loop.call_later(max(0.002, left), self._cpu_timer, timers))
 
     async def exec(self, plan: CellPlan, events: EventSink | None = None) -> CellResult:
@@ -260,7 +273,7 @@ class Session:
         started = time.monotonic()
         writer = Writer(self.request_w, wire, keep_open=True)
         timers = [self.loop.call_later(plan.timeout_ms / 1000, self._stop_cell, "timeout")]
-        self._cpu_timer(timers)
+        self._cpu_timer(timers, cpu_before)
         try:
             await asyncio.wait({cell, self.ended}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -286,8 +299,8 @@ class Session:
         ended = None
         if self.final is not None:
             stats, _cpu, network = self.final
-        else:
-            stats = worker.stats()
+        else:  # a cell that ended its session needs the counters that say why
+            stats = worker.stats() if frame is None else worker.cgroup.usage()
             network = worker.network_counters()
         if frame is None:
             ended = worker.observation(stats)
@@ -299,7 +312,7 @@ class Session:
         for key, value in extra.items():
             setattr(result, key, value)
         result.wall_ms = round(wall * 1000, 3)
-        result.cpu_ms = round(max(0.0, self.cpu_used_ms() - cpu_before), 3)
+        result.cpu_ms = round(max(0.0, self.cpu_used_ms(stats.cpu_usage_ns) - cpu_before), 3)
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
         result.network = network

@@ -1,7 +1,7 @@
 """One truthful verdict per run, from everything the parent observed.
 
-Inputs are the supervisor's ``exit`` frame (wait status, refused syscalls, the
-runner's handoff page), why the daemon killed the run if it did, and the cgroup's
+Inputs are the worker's end report (sandboxd-init's wait status and rusage, the
+refused syscalls, the runner's handoff page), why the daemon killed the run if it did, and the cgroup's
 counters.  Precedence, first match wins:
 
     sandbox_error   a setup step failed (which step, errno)
@@ -122,7 +122,7 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     if obs.exit_frame is None:
         if obs.cgroup.oom_kills:
             return "memory_limit", {"reason": "the kernel killed the run at its memory limit (OOM)"}
-        return _sandbox_error(SetupError("supervisor", 0, "the run's supervisor died without a report"))
+        return _sandbox_error(SetupError("init", 0, "the worker's init ended without a report"))
     if sig == signal.SIGSYS:
         return "blocked_syscall", {**extra, "blocked_syscall": first_denied or "foreign-architecture syscall",
                                    "reason": "killed for a system call outside the allowed ABI"}
@@ -157,7 +157,7 @@ def _signame(sig: int) -> str:
 class CellObservation:
     """What the daemon saw of one exec in a session."""
 
-    cell: dict[str, Any] | None  # the supervisor's report of the cell; None: the session ended first
+    cell: dict[str, Any] | None  # the runner's report of the cell; None: the session ended first
     ended: Observation | None = None  # the session's end, when it ended during the cell
     killed_for: str | None = None  # "timeout", "output:stdout", "output:stderr", "interrupted" (session_interrupt)
 

@@ -401,6 +401,8 @@ class Worker:
             timers.append(self.loop.call_later(plan.cpu_ms / 1000 / self.cpus, self._cpu_check, plan, cpu0, timers))
         try:
             await self.over
+            if self.done_status is not None:
+                self.end()  # an exec runtime said it is done: its own teardown is not the run's
             # R closed its stdout and stderr before it ended, so normally both are at EOF
             # already.  Processes it left behind may still hold them while they die (under
             # load that took seconds for a fork bomb); what they wrote before the run ended
