@@ -3,12 +3,11 @@
 Starts a daemon with the bench's configuration, warms it up, then runs ``--concurrency``
 clients in a closed loop for ``--seconds`` while ``perf record -a -g`` samples the whole
 machine.  Prints the runs per second, the machine's CPU per run (from /proc/stat, so it
-holds without perf too) and, from perf, the share of each process kind -- the daemon, the
-fork server, each worker's pid 1 while it sets up (``sbx-pid1``) and once it is
-``sandboxd-init`` (``sbx-init``), the runners (R, ``sbx-runner``) -- before the worker
-redesign, the supervisors (P, ``sbx-super``) -- the bench's own clients, the kernel --
-with the top symbols of each.  Writes
-``--out``/profile.txt and perf.data.
+holds without perf too) and, from perf, the share of each process kind among the busy
+samples -- the daemon, the fork server, each worker's pid 1 (it forks R, then is
+``sandboxd-init``), the runners (R, ``sbx-runner``), before the worker redesign the
+supervisors (P, ``sbx-super``), the bench's own clients, kernel threads -- with the top
+symbols of each.  Writes ``--out``/profile.txt and perf.data.
 """
 
 from __future__ import annotations
@@ -29,8 +28,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 from bench import BENCH_CONFIG, closed_loop  # noqa: E402
 from harness import DaemonProcess, daemon_dir  # noqa: E402
 
-KINDS = {"sbx-super": "supervisor P", "sbx-pid1": "worker pid 1 (setup, then exec)",
-         "sbx-init": "sandboxd-init", "sandboxd-init": "sandboxd-init (its exec)", "sbx-runner": "runner R",
+PID1 = "pid 1 (forks R, execs sandboxd-init)"
+KINDS = {"sbx-super": "supervisor P", "sbx-pid1": PID1, "sbx-init": PID1, "sandboxd-init": PID1,
+         "sbx-runner": "runner R",
          "sbx-forkserver": "fork server",
          "sbx-netns": "network setup", "sandboxd": "daemon"}
 
@@ -44,24 +44,30 @@ def busy_jiffies() -> tuple[int, int]:
 
 
 def kind_of(comm: str) -> str:
+    if comm == "swapper":
+        return "idle"
     if comm in KINDS:
         return KINDS[comm]
     if comm.startswith(("python", "profile.py")):
         return "bench clients"
-    if comm.startswith(("kworker", "ksoftirq", "rcu", "migration", "swapper")):
-        return "kernel threads / idle"
+    if comm.startswith(("kworker", "ksoftirq", "rcu", "migration")):
+        return "kernel threads"
     return f"other ({comm})"
 
 
 def perf_split(data: str) -> tuple[dict[str, float], str]:
-    """Share of samples per process kind, and perf's own report of the top symbols per comm."""
-    by_comm = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm",
-                              "-g", "none", "--percent-limit", "0.1"], capture_output=True, text=True, check=True)
+    """Share of samples per process kind, and perf's own report of the top symbols per comm.
+
+    Samples are counted by pid, under the pid's last name: a worker's pid 1 and R start as
+    copies of the fork server (named like it) and rename themselves; what they did before
+    is theirs, not the server's."""
+    by_pid = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "pid",
+                             "-g", "none", "--percent-limit", "0"], capture_output=True, text=True, check=True)
     shares: dict[str, float] = {}
-    for line in by_comm.stdout.splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+(\S.*?)\s*$", line)
+    for line in by_pid.stdout.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\d+):(\S.*?)\s*$", line)
         if m:
-            kind = kind_of(m.group(2))
+            kind = kind_of(m.group(3))
             shares[kind] = shares.get(kind, 0.0) + float(m.group(1))
     symbols = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm,dso,sym",
                               "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True, check=True)
@@ -108,9 +114,12 @@ def main() -> int:
     report = ""
     if perf is not None:
         shares, report = perf_split(data)
-        lines.append("share of samples, and CPU per run:")
+        idle = shares.pop("idle", 0.0)
+        busy_share = max(1e-9, sum(shares.values()))
+        lines.append(f"share of the busy samples ({idle:.1f} % of all were idle), and CPU per run:")
         for kind, share in sorted(shares.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {kind:28s} {share:5.1f} %  {share / 100 * cpu_ms_per_run:5.2f} ms")
+            part = share / busy_share
+            lines.append(f"  {kind:36s} {part * 100:5.1f} %  {part * cpu_ms_per_run:5.2f} ms")
     elif not args.no_perf:
         lines.append("perf is not installed: no per-process split (apt-get install linux-perf)")
     text = "\n".join(lines)
