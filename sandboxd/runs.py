@@ -11,10 +11,12 @@ in it too (``admitted``), so that it is admitted, charged and listed as a run is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from . import logs, plan
@@ -133,6 +135,8 @@ class Runs:
             del self.running[run_id]
             self.admission.release(who.uid)
             self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
+            if entry.worker is not None and entry.session_id is None:
+                entry.worker.settled.add_done_callback(partial(self._settled, who.uid, cpu_ms))
             wall_ms = (time.time() - started) * 1000
             if log.isEnabledFor(logging.INFO):  # the line and its fields are built for every run
                 self._log_run(entry, status, syscall, wall_ms, cpu_ms)
@@ -145,6 +149,12 @@ class Runs:
         if result.status == "sandbox_error":
             log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
         return record
+
+    def _settled(self, uid: int, charged_ms: float, settled: asyncio.Future[float]) -> None:
+        """The run's worker is gone: charge what its answer could not yet count (its last
+        time slice, what its other processes used while they were being ended)."""
+        if not settled.cancelled() and settled.result() > charged_ms:
+            self.usage.charge(uid, settled.result() - charged_ms, time.time())
 
     @staticmethod
     def _log_run(entry: RunEntry, status: str, syscall: str | None, wall_ms: float, cpu_ms: float) -> None:

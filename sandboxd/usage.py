@@ -226,7 +226,8 @@ class UsageStore:
                     ("UPDATE totals SET cpu_ms = cpu_ms + ? WHERE uid=?", (cpu_ms, uid)))
 
     def charge(self, uid: int, cpu_ms: float, now: float) -> None:
-        """CPU used outside any run (a session's background work between its execs)."""
+        """CPU not in a run's record: a session's background work between its execs, or what
+        a run used after its answer (its last time slice; its other processes' end)."""
         if cpu_ms <= 0:
             return
         u = self.uids[uid]

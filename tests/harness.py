@@ -28,6 +28,7 @@ REPO = os.path.dirname(HERE)
 UID_BLOCK = 64  # each test daemon its own run uids, as two daemons must never share them
 TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
+BUILD_UID_BASE = 879000  # + the daemon's uid block: above every block's run uids, below the bench's
 
 # sbx-http: the uid sandboxd-http runs as in tests (a client of the socket like any other).
 USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": [],
@@ -102,8 +103,9 @@ class DaemonProcess(Child):
         self._block_lock, block = claim_uid_block()
         first = TEST_UID_RANGE[0] + UID_BLOCK * block
         self.uid_range = (first, UID_BLOCK)
+        self.build_uid = BUILD_UID_BASE + block  # builds of two test daemons never share a uid either
         own = {"jail": {"cgroup_parent": f"{CGROUP_PARENT}-{DaemonProcess.count}",
-                        "run_uids": f"{first}-{first + UID_BLOCK - 1}"},
+                        "run_uids": f"{first}-{first + UID_BLOCK - 1}", "build_uid": self.build_uid},
                # each daemon its own address pool too (a /24: four addresses for each of its 64 uids)
                "network": {"pool": f"10.232.{block}.0/24"}}
         self.config = merge(merge(BASE_CONFIG, own), overrides or {})

@@ -14,6 +14,7 @@ interfaces).  ``Lab`` tears everything down on exit, also when the test failed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ HOST_SIDE = "203.0.113.1"
 PRIVATE = "10.99.0.2"
 METADATA = "169.254.169.254"
 ONE_MIB = 1 << 20
+LAB_LOCK = "/tmp/sandboxd-test-netlab.lock"
 
 SERVER = r"""
 import http.server, socketserver, sys, threading
@@ -61,8 +63,13 @@ class Lab:
         self.host_if, self.ns_if = f"tlab{n}h", f"tlab{n}n"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.dir = tempfile.mkdtemp(prefix="sandboxd-netlab-")
+        self._lock = -1
 
     def __enter__(self) -> Lab:
+        # The lab's addresses are fixed: one lab on the host at a time, whichever test run
+        # (another checkout's, a helper's) wants one; the lock goes with this process.
+        self._lock = os.open(LAB_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             self._up()
         except BaseException:
@@ -119,6 +126,9 @@ class Lab:
         sh("ip", "link", "del", self.host_if, check=False)
         sh("ip", "netns", "del", self.ns, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 if __name__ == "__main__":  # by hand: python3 tests/netlab.py, then curl 203.0.113.2

@@ -257,7 +257,7 @@ def test_package_code_runs_confined_in_the_build_jail(env_daemon: Any, wheelhous
         assert r["status"] == "ok", r
         seen_line, link_line = r["stdout"].decode().splitlines()
         seen = json.loads(seen_line)
-        assert (seen["uid"], seen["gid"]) == (879999, 879999)  # jail.build_uid: never root
+        assert (seen["uid"], seen["gid"]) == (d.build_uid, d.build_uid)  # jail.build_uid: never root
         for probe in ("read_shadow", "write_etc", "write_usr", "list_home", "list_root", "list_state",
                       "proc_1", "tcp_out", "unshare"):
             assert seen[probe].startswith("refused"), (probe, seen[probe])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from harness import DaemonProcess
+from harness import DaemonProcess, wait_until
 
 
 def run(daemon: DaemonProcess, code: str, **kw: Any) -> Any:
@@ -19,6 +20,19 @@ def test_hello_world(daemon: DaemonProcess) -> None:
     assert r["stderr"] == b""
     assert r["run_id"]
     assert r["wall_ms"] > 0 and r["cpu_ms"] > 0
+
+
+def test_a_run_within_one_time_slice_still_counts_its_cpu(daemon: DaemonProcess) -> None:
+    """A short run ends before the scheduler charges its slice to its cgroup (it did for 4 runs
+    in 5 paced ones): its answer counts the runner's own CPU, and its worker's end the rest."""
+    with daemon.client() as c:
+        before = c.usage()[0]["usage"]["cpu_ms_total"]
+        cpus = []
+        for _ in range(20):
+            cpus.append(c.run("print(1)")["cpu_ms"])
+            time.sleep(0.01)
+        assert min(cpus) > 0, cpus
+        assert wait_until(lambda: c.usage()[0]["usage"]["cpu_ms_total"] >= before + sum(cpus), 5)
 
 
 def test_stdout_and_stderr_are_separate(daemon: DaemonProcess) -> None:

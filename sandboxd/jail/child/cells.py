@@ -64,6 +64,7 @@ def run_cell(cell: dict[str, Any], main: dict[str, Any], seq: int, handler: Any)
     """Run one cell in ``main`` with ``handler`` for SIGINT (KeyboardInterrupt, unless a cell
     set its own); what the daemon reports of it, and the handler it leaves."""
     report: dict[str, Any] = {}
+    cpu0 = usercode.cpu_ns()
     filename = f"<cell {seq}>"
     code = cell.get("code")
     code = code if isinstance(code, str) else ""
@@ -95,6 +96,7 @@ def run_cell(cell: dict[str, Any], main: dict[str, Any], seq: int, handler: Any)
     if cell.get("display"):
         display.save_open_figures()
     report["figures"] = display.saved()
+    report["cpu_ns"] = usercode.cpu_ns() - cpu0
     if not usercode.flush_stdio():
         report.setdefault("exception", "OSError")
         report.setdefault("message", "stdout could not be flushed")

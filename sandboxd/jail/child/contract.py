@@ -328,14 +328,15 @@ class Handoff:
     filesystem, which no path of the run reaches, mapped by R (no fd of it stays in the run).
 
     The runner writes its phase, the failing step with errno, the name of an uncaught
-    exception, when user code started and, when it is done, its exit status and the
-    time; the daemon reads it through its fd of the scratch's top.  User code can scribble
+    exception, when user code started and, when it is done, its exit status, the time
+    and the CPU it used since its request came; the daemon reads it through its fd of
+    the scratch's top.  User code can scribble
     on it, which can only mislead its own verdict (it could as well choose its own exit
     status); a setup failure it claims after ``LINK_STARTED`` is not believed.
     """
 
     LAYOUT = struct.Struct("=IiQ32s64s256s")
-    STATUS = struct.Struct("=iQ")  # the runner's exit status and when it was done, after LAYOUT
+    STATUS = struct.Struct("=iQQ")  # the runner's exit status, when it was done, its CPU (ns): after LAYOUT
     SETUP, WAITING, RUNNING, DONE = 0, 1, 2, 3
     SIZE = 4096
 
@@ -354,9 +355,10 @@ class Handoff:
         phase, err, started, step, _old, message = self.LAYOUT.unpack_from(self.buf, 0)
         self.LAYOUT.pack_into(self.buf, 0, phase, err, started, step, exc.encode()[:64], message)
 
-    def finish(self, exit_status: int) -> None:
-        """The user's code is over and its output flushed; this is its exit status."""
-        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status, time.monotonic_ns())
+    def finish(self, exit_status: int, cpu_ns: int = 0) -> None:
+        """The user's code is over and its output flushed; this is its exit status, and the
+        CPU the runner used since its request came."""
+        self.STATUS.pack_into(self.buf, self.LAYOUT.size, exit_status, time.monotonic_ns(), max(0, cpu_ns))
         phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)
         self.LAYOUT.pack_into(self.buf, 0, self.DONE, err, started, step, exc, message)
 
@@ -369,6 +371,10 @@ class Handoff:
     def done_ns(self) -> int:
         """When ``finish`` was called (the runner's monotonic clock), 0 before."""
         return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[1])
+
+    def cpu_ns(self) -> int:
+        """The CPU the runner says it used for the run (0 before ``finish``)."""
+        return int(self.STATUS.unpack_from(self.buf, self.LAYOUT.size)[2])
 
     def read(self) -> dict[str, Any]:
         phase, err, started, step, exc, message = self.LAYOUT.unpack_from(self.buf, 0)

@@ -114,6 +114,7 @@ def _execute(code: str, handoff: Handoff, figures: bool) -> NoReturn:
     main = usercode.new_main().__dict__
     linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
     status = 0
+    cpu0 = usercode.cpu_ns()
     handoff.write(Handoff.RUNNING, started_ns=time.monotonic_ns())
     try:
         exec(compile(code, FILENAME, "exec"), main)
@@ -130,6 +131,6 @@ def _execute(code: str, handoff: Handoff, figures: bool) -> NoReturn:
     # then the run's streams close, and the daemon answers as soon as it has read both to
     # their end -- without waiting for this address space to be torn down, which takes
     # longer than everything else after the user's last statement.
-    handoff.finish(status)
+    handoff.finish(status, usercode.cpu_ns() - cpu0)
     os.closerange(0, 3)
     os._exit(status)

@@ -104,6 +104,11 @@ class Worker:
         self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
         self.runner_pidfd = -1
+        self.cpu0: int | None = None  # the cgroup's CPU counter when the run was released
+        # The run's CPU once nothing of it is left (ms): the scheduler charges a task's last
+        # time slice to its cgroup only when it is switched out, so what the answer says may
+        # lag by that slice; this is what the run is charged in the end (Runs.admitted).
+        self.settled: asyncio.Future[float] = self.loop.create_future()
         self.scratch: Scratch | None = None
         self.denials: Denials | None = None
         self.on_cell: Callable[[bytes], None] | None = None  # a session's cell reports
@@ -383,7 +388,7 @@ class Worker:
         request = RunRequest(plan.code, rlimits, plan.files, plan.env, display=plan.display,
                              stream=events is not None)
         wire = self.release(request, plan.memory_bytes, plan.pids)
-        cpu0 = self.cgroup.cpu_usage_ns()
+        cpu0 = self.cpu0 = self.cgroup.cpu_usage_ns()
         self._fast_end = cpu0 is not None
         streamer = Streamer(events, [], lambda: self.kill("cancelled")) if events is not None else None
         out, err = self.output_readers(plan.output_bytes, streamer, self.kill)
@@ -450,6 +455,11 @@ class Worker:
         result.streamed = streamer is not None
         return result
 
+    def settle(self) -> None:
+        """Every process of the worker is gone: its CPU is all in its cgroup now."""
+        if not self.settled.done():
+            self.settled.set_result(self._cpu_since(self.cpu0))
+
     def _cpu_since(self, cpu0: int | None, now_ns: int | None = None) -> float:
         """CPU the run has used (ms): the cgroup's counter, else the runner's rusage."""
         if now_ns is None:
@@ -489,6 +499,10 @@ class Worker:
             if 0 <= inside <= result.wall_ms:  # believed only within what the daemon saw
                 result.wall_ms = round(inside, 3)
         result.cpu_ms = self.cpu_spent_ms = self._cpu_since(cpu0, stats.cpu_usage_ns)
+        if report and report.get("utime") is None and not self.execs:
+            # Ended on R's word: the cgroup has not been charged R's last slice yet (a run
+            # that fits in one slice reads 0).  R's own count can only raise the figure.
+            result.cpu_ms = max(result.cpu_ms, round(self.handoff().cpu_ns() / 1e6, 3))
         if stats.memory_peak is not None:
             result.memory_peak_kb = stats.memory_peak // 1024
         elif report:

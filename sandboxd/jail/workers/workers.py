@@ -167,6 +167,7 @@ class Workers:
     def finish(self, worker: Worker, closing: bool = False) -> None:
         if self.live.pop(worker.pid, None) is None:
             return
+        worker.settle()  # its last CPU, read before its cgroup goes
         worker.close_fds()  # with a lease, the run's network namespace and interfaces go now
         if worker.cgroup.remove(timeout=2.0 if closing else 0.0):
             self.slots.release(worker.slot)
