@@ -193,7 +193,8 @@ def test_runs_import_their_environment_and_nothing_else(env_daemon: Any, wheelho
         assert r["stdout"].split()[1].startswith(b"0.")
         # Another version of the same package, side by side.
         assert c.run("import sbxpure; print(sbxpure.VERSION)", environment="two")["stdout"] == b"2.0\n"
-        # Its warm-up ran in its own fork server, after its preload; not in the default's.
+        # Its warm-up ran in its own workers (package code never runs in a fork server), after
+        # its preload; not in the default's.
         r = c.run("import sbxpure; print(sbxpure.WARMED)", environment="two")
         assert (r["status"], r["stdout"]) == ("ok", b"2.0\n"), r
         assert c.run("import sbxpure; print(hasattr(sbxpure, 'WARMED'))")["stdout"] == b"False\n"

@@ -109,10 +109,12 @@ class EnvironmentSettings:
     system_site_packages: bool = setting(False, sizes.boolean,
                                          "Whether the host's Debian dist-packages are visible to the environment's "
                                          "runs (pip then installs only what they lack).")
-    preload: tuple[str, ...] = setting((), sizes.name_list,
-                                       "Modules imported once in the environment's fork server, as jail.preload.")
-    warmup: str = setting("", sizes.python_code, "Python run once in the environment's fork server after its "
-                          "preload, as jail.warmup.")
+    preload: tuple[str, ...] = setting(
+        (), sizes.name_list, "Modules each worker of the environment imports itself, confined as its run is, "
+        "while it waits in the pool: package code never runs in a fork server (it runs as root). Costs each "
+        "worker the import's CPU and memory.")
+    warmup: str = setting("", sizes.python_code, "Python each worker of the environment runs after its preload, "
+                          "confined, as jail.warmup.")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from ..jail.builder import run as run_build
 from ..jail.builder.buildjail import BuildSpec
 from ..jail.jail import Jail
 from ..jail.spec.plans import EnvLayer
+from . import records
 from .takeover import installed, make_own, tree_size
 
 log = logging.getLogger("sandboxd.environments")
@@ -259,6 +260,9 @@ class Environments:
             await self._run_jail(st, partial, settings)
             self._report(st, "checking", {})
             removed = make_own(partial, uid)
+            clash = records.clashes(site_of(partial))
+            if clash:
+                raise RequestError(errors.BUILD_FAILED, records.describe(clash))
             packages = installed(site_of(partial))
             manifest = {"name": name, "digest": digest, "requirements": list(settings.requirements),
                         "packages": packages, "built_at": time.time(), "build_seconds": round(time.monotonic() - t0, 1),

@@ -382,15 +382,25 @@ class Jail:
             "workers": len(w.live) if w else 0,
             "running": self.running(),
             "fork_server": {
-                **{k: info.get(k) for k in ("preloaded", "preload_errors", "warmed_up", "run_path", "vsz_kb",
-                                            "filters")},
-                "environments": {name: {"root": st.root.build_id, "preloaded": st.info.get("preloaded"),
-                                        "warmed_up": st.info.get("warmed_up"),
-                                        "preload_errors": st.info.get("preload_errors")}
+                **_preload_status(info),
+                **{k: info.get(k) for k in ("run_path", "vsz_kb", "filters")},
+                "environments": {name: {"root": st.root.build_id, **_preload_status(st.info)}
                                  for name, st in self.stacks.items() if name},
             },
             "network": self.network.describe() if self.network else None,
         }
+
+
+def _preload_status(info: dict[str, Any]) -> dict[str, Any]:
+    """What a stack preloaded and where: in its fork server (trusted directories only) or in
+    each worker, confined (child/preload.py); the workers' part as the last ready one said."""
+    here = info.get("worker_preload") or {}
+    in_workers = list(info.get("preloaded_in_workers") or [])
+    return {"preloaded": [*(info.get("preloaded") or []), *(here.get("preloaded") or [])],
+            "preloaded_in_workers": in_workers,
+            "preload_errors": {**(info.get("preload_errors") or {}), **(here.get("errors") or {})},
+            "warmed_up": here.get("warmed_up") if info.get("warmup_in_workers") else info.get("warmed_up"),
+            "warmup_in_workers": bool(info.get("warmup_in_workers"))}
 
 
 def _init_message(s: JailSettings, layer: EnvLayer | None) -> dict[str, Any]:
@@ -399,4 +409,5 @@ def _init_message(s: JailSettings, layer: EnvLayer | None) -> dict[str, Any]:
         for net in (False, True):
             profiles[s.filter_key(lang, net)] = {**prof.to_wire(), "network": net}
     return {"profiles": profiles, "preload": list(s.preload(layer)), "warmup": s.warmup(layer),
+            "shared_preload": layer is None,  # an environment's packages never load in the fork server
             "python_path": list(s.python_path(layer)), "env": s.run_env()}

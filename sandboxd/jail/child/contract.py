@@ -208,6 +208,8 @@ class ServerState:
     run_path: tuple[str, ...]
     foreign_modules: tuple[str, ...]
     base_env: dict[str, str]
+    worker_preload: tuple[str, ...] = ()  # imported by each worker, confined (``preload``)
+    worker_warmup: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,8 @@ class RunnerArgs:
     run_path: tuple[str, ...]
     scratch_fd: int  # the scratch filesystem's top, for the daemon (sent with LINK_ARMED)
     exec_argv: tuple[str, ...] = ()  # an exec runtime: what R becomes once confined
+    preload: tuple[str, ...] = ()  # modules R imports once confined, before it says it is ready
+    warmup: str = ""
 
 
 @dataclass(frozen=True)

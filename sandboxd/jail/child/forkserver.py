@@ -26,25 +26,21 @@ its template and the cgroups come as fds), and a worker leaves the server's stac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
-import importlib
-import io
 import os
 import select
 import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 
 from ..kernel import libc
 from ..policy import seccomp as sc
-from . import _spawn  # type: ignore[attr-defined]
+from . import _spawn, preload  # type: ignore[attr-defined]
 from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
 from .runner import runner_main
 
@@ -70,11 +66,19 @@ class ForkServer:
             raise ValueError(f"{init['init']} is not an executable file")
         filters = {key: sc.compile_profile(sc.Profile.from_wire(key, p), p["network"])
                    for key, p in init["profiles"].items()}
-        run_path = run_sys_path(root_fd, init["python_path"])
-        preloaded, preload_errors = preload(init["preload"], run_path)
-        warmup_error = warm_up(init["warmup"], run_path)
+        own = own_sys_path(root_fd)
+        run_path = run_sys_path(own, init["python_path"])
+        trusted = preload.trusted_dirs(own)
+        shared, in_workers, preload_errors = preload.split(init["preload"], run_path, trusted)
+        if not init.get("shared_preload", False):  # an environment's: none of it here
+            shared, in_workers = [], [*shared, *in_workers]
+        preloaded, errors = preload.import_all(shared, trusted)
+        preload_errors.update(errors)
+        warmup, worker_warmup = (init["warmup"], "") if not in_workers and init.get("shared_preload") else \
+            ("", init["warmup"])
+        warmup_error = preload.warm_up(warmup, trusted)
         if warmup_error:
-            preload_errors["(warmup)"] = warmup_error
+            preload_errors[preload.WARMUP] = warmup_error
         cap_last = libc.cap_last_cap()
         self.state = ServerState(
             template_fd=self.template_fd,
@@ -86,6 +90,8 @@ class ForkServer:
             run_path=run_path,
             foreign_modules=foreign_modules(run_path, root_fd),
             base_env=dict(init["env"]),
+            worker_preload=tuple(in_workers),
+            worker_warmup=worker_warmup,
         )
         forget_foreign_modules(self.state.foreign_modules)
         gc.collect()
@@ -96,8 +102,10 @@ class ForkServer:
             "syscall_names": sc.syscall_names(),
             "audit_arch": sc.native_audit_arch(),
             "preloaded": preloaded,
+            "preloaded_in_workers": in_workers,
             "preload_errors": preload_errors,
-            "warmed_up": bool(init["warmup"]) and not warmup_error,
+            "warmed_up": bool(warmup) and not warmup_error,
+            "warmup_in_workers": bool(worker_warmup),
             "tasks": len(os.listdir("/proc/self/task")),
             "run_path": list(run_path),
             "vsz_kb": _status_kb("VmSize"),
@@ -236,11 +244,15 @@ def pid_is_parent() -> bool:
     return _ROLE[0] == "server"
 
 
-def run_sys_path(root_fd: int, extra: list[str]) -> tuple[str, ...]:
-    """The runs' sys.path: this interpreter's own entries that the root holds, with the
-    configured extras (an environment's site-packages first) before its site directories,
-    as a venv orders them: an environment's numpy wins over one in Debian's dist-packages."""
-    own = [p for p in sys.path[1:] if p.startswith("/") and _is_dir_in(root_fd, p)]
+def own_sys_path(root_fd: int) -> list[str]:
+    """This interpreter's own sys.path entries that the root holds."""
+    return [p for p in sys.path[1:] if p.startswith("/") and _is_dir_in(root_fd, p)]
+
+
+def run_sys_path(own: list[str], extra: list[str]) -> tuple[str, ...]:
+    """The runs' sys.path: the interpreter's own entries, with the configured extras (an
+    environment's site-packages first) before its site directories, as a venv orders them:
+    an environment's numpy wins over one in Debian's dist-packages."""
     std = [p for p in own if not p.rstrip("/").endswith(("dist-packages", "site-packages"))]
     site = [p for p in own if p not in std]
     return tuple(dict.fromkeys([*std, *extra, *site]))
@@ -251,49 +263,6 @@ def _is_dir_in(root_fd: int, path: str) -> bool:
         return stat.S_ISDIR(os.stat(path.lstrip("/") or ".", dir_fd=root_fd).st_mode)
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def _on_run_path(run_path: tuple[str, ...]) -> Iterator[None]:
-    """Administrator code (preload, warm-up) imports from the runs' sys.path, not the server's."""
-    saved = sys.path[:]
-    sys.path[:] = list(run_path)
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-def preload(modules: list[str], run_path: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """Import the administrator's preload modules from the root's own paths."""
-    done: list[str] = []
-    errors: dict[str, str] = {}
-    with _on_run_path(run_path):
-        for name in modules:
-            try:
-                importlib.import_module(name)
-                done.append(name)
-            except Exception as e:  # noqa: BLE001 - reported to the daemon, which logs it
-                cause = e.__cause__ or e.__context__  # what a package's own message hides
-                errors[name] = f"{type(e).__name__}: {e}" + (f" (from {type(cause).__name__}: {cause})"[:600]
-                                                               if cause is not None else "")
-    return done, errors
-
-
-def warm_up(code: str, run_path: tuple[str, ...]) -> str:
-    """Run the administrator's warm-up code once, before the image is frozen; its error, if any.
-
-    It runs with the runs' sys.path, in a namespace of its own that is dropped afterwards, with
-    its output discarded (the fork server's stdout is the daemon's log)."""
-    if not code:
-        return ""
-    try:
-        with _on_run_path(run_path), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            exec(compile(code, "<warmup>", "exec", dont_inherit=True), {"__name__": "__warmup__"})
-    except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, the server lives on
-        return f"{type(e).__name__}: {e}"[:600]
-    return ""
 
 
 def foreign_modules(run_path: tuple[str, ...], root_fd: int | None = None) -> tuple[str, ...]:

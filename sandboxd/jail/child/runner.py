@@ -32,7 +32,7 @@ import msgpack
 
 from ...common import protocol
 from ..kernel import libc
-from . import runtime, steps
+from . import preload, runtime, steps
 from .contract import (
     EXIT_SETUP,
     FD_LINK,
@@ -158,7 +158,7 @@ def runner_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoR
     assert worker.handoff is not None
     handoff = worker.handoff
     args = RunnerArgs(state.filters[spec.filter_key], state.base_env, state.run_path, worker.scratch_fd,
-                      spec.exec_argv)
+                      spec.exec_argv, state.worker_preload, state.worker_warmup)
     setup = Setup(args)
     try:
         own = run_steps(EXEC_RUNNER_STEPS if args.exec_argv else RUNNER_STEPS, setup)
@@ -169,8 +169,10 @@ def runner_main(spec: WorkerSpec, state: ServerState, fds: Sequence[int]) -> NoR
         fail(setup.link, handoff, e)
     if args.exec_argv:
         exec_runtime(args, handoff)
+    # Configured modules that the fork server may not import run here, confined (``preload``).
+    report = preload.in_worker(args.preload, args.warmup, args.run_path)
     try:
-        os.write(R_FD_LINK, LINK_READY)
+        os.write(R_FD_LINK, LINK_READY + (msgpack.packb(report) if report else b""))
     except OSError as e:
         fail(R_FD_LINK, handoff, SetupError.from_os_error("ready", e))
     runtime.serve_one(handoff)

@@ -89,13 +89,18 @@ class JailConfig:
     cpus: float = setting(1.0, sizes.float_range(0.01, 1024.0), "CPU bandwidth of one run, in CPUs.")
     address_space_slack: int = setting(4 << 30, sizes.byte_size,
                                        "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")
-    preload: tuple[str, ...] = setting((), sizes.name_list,
-                                       "Modules imported once in the fork server (administrator only).")
+    preload: tuple[str, ...] = setting(
+        (), sizes.name_list,
+        "Modules imported before the runs (administrator only): once in the fork server, shared by every "
+        "worker, when the module comes from the interpreter's own directories (the standard library, "
+        "Debian's dist-packages: writable by root alone); otherwise by each worker itself, confined as its "
+        "run is, while it waits in the pool (no code from an operator-added directory runs as root).")
     warmup: str = setting("", sizes.python_code,
-                          "Python run once in the fork server after preload, before its image is frozen "
-                          "(administrator only, as root): first calls whose setup every run would otherwise "
-                          "redo, e.g. numpy.linalg.det(numpy.eye(3)). Its output is discarded; an error is "
-                          "logged like a failed preload.")
+                          "Python run once after preload, in the fork server before its image is frozen when "
+                          "every preload module is shared (then with only the trusted directories on sys.path), "
+                          "else in each worker after its own preload: first calls whose setup every run would "
+                          "otherwise redo, e.g. numpy.linalg.det(numpy.eye(3)). Its output is discarded; an "
+                          "error is logged like a failed preload.")
     preload_env: dict[str, str] = setting(
         {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, sizes.str_map,
         "Environment for preloading and runs (keeps BLAS single-threaded so the fork server stays so).")

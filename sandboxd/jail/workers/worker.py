@@ -105,6 +105,7 @@ class Worker:
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
         self.runner_pidfd = -1
         self.cpu0: int | None = None  # the cgroup's CPU counter when the run was released
+        self.preload_report: dict[str, Any] = {}  # R's own preload and warm-up, if it had any
         # The run's CPU once nothing of it is left (ms): the scheduler charges a task's last
         # time slice to its cgroup only when it is switched out, so what the answer says may
         # lag by that slice; this is what the run is charged in the end (Runs.admitted).
@@ -176,6 +177,8 @@ class Worker:
             self._armed_at = time.monotonic_ns()
         elif kind in (LINK_READY, LINK_WAITING) and self.state == "starting" and self.denials is not None:
             if (kind == LINK_WAITING) == self.execs:
+                if body:  # what R preloaded itself, confined (child/preload.py)
+                    self.preload_report = _map(body)
                 if self.execs:
                     self.setup_us["runtime"] = (time.monotonic_ns() - self._armed_at) // 1000
                 self.state = "ready"

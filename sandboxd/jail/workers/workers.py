@@ -49,6 +49,19 @@ class Stack:
     layer: EnvLayer | None = None
     names: SyscallNames | None = None  # the fork server's table, for naming refused calls
 
+    def worker_preloaded(self, report: dict[str, Any]) -> None:
+        """What a worker of this stack preloaded itself, confined: kept for ``status``, its
+        errors logged when they are new."""
+        raw = report.get("errors")
+        errors: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        seen = self.info.get("worker_preload") or {}
+        self.info["worker_preload"] = {"preloaded": report.get("preloaded") or [], "errors": errors,
+                                       "warmed_up": report.get("warmed_up")}
+        if errors != seen.get("errors"):
+            for name, error in errors.items():
+                log.error("preload %s failed in a worker%s: %s", name, f" of environment {self.name}" if self.name
+                          else "", error)
+
     def syscall_names(self) -> SyscallNames:
         if self.names is None:
             raw = self.info.get("syscall_names") or {}
@@ -134,11 +147,15 @@ class Workers:
         worker = Worker(spawned, spec, slot, cgroup, self.generation, s.jail.cpus, policy, stack.syscall_names(),
                         self.network, lease, discover=discover)
         worker.forkserver = server
-        worker.ready.add_done_callback(
-            lambda f: None if f.cancelled() or f.exception() else self.setup_samples.append(worker.setup_us))
+        worker.ready.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._ready(stack, worker))
         self.live[worker.pid] = worker
         self.tasks.spawn(self._cleanup(worker))
         return worker
+
+    def _ready(self, stack: Stack, worker: Worker) -> None:
+        self.setup_samples.append(worker.setup_us)
+        if worker.preload_report:
+            stack.worker_preloaded(worker.preload_report)
 
     def on_reaped(self, pid: int, wstatus: int) -> None:
         worker = self.live.get(pid)
