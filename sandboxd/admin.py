@@ -142,7 +142,7 @@ class Admin:
         self.config = new
         d = new.daemon
         self.access.configure(new)
-        self.admission.configure(d.workers, d.queue, d.queue_timeout)
+        self.admission.configure(d.workers, d.queue, d.queue_timeout, d.reserved_workers)
         self.runs.configure(new)
         self.sessions.configure(new)
         self.server.configure(d)

@@ -63,7 +63,7 @@ class Daemon:
         d = config.daemon
         self.usage = UsageStore(None)  # opened once the state directory is ours
         self.access = Access(config)
-        self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage)
+        self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage, d.reserved_workers)
         self.jail = Jail(jail_settings(config, self.state_dir))
         self.environments = Environments(config, self.jail, self.state_dir)
         self.runs = Runs(config, self.jail, self.admission, self.usage, self.environments)

@@ -9,6 +9,13 @@ Admission is atomic because the daemon is one event loop: checks and counter upd
 happen without an ``await`` between them.  Rate and CPU budget give
 ``quota_exceeded`` with ``retry_after_ms``; a caller at its concurrency waits in the
 queue up to its ``queued`` limit; global capacity full and queue full gives ``busy``.
+
+Capacity is shared fairly.  A caller's fair share is ``capacity * weight / (the weights
+of the callers running or waiting, plus one for a caller yet to come)``; the last
+``reserved`` free workers go only to callers below theirs, so that no caller (a
+Dify bridge, two users filling their quotas with sleeps) can take every worker while
+others wait or are about to come.  The queue is served by need, not arrival: the waiter
+whose caller has the fewest running runs per weight first, then the oldest.
 """
 
 from __future__ import annotations
@@ -74,18 +81,22 @@ class _Waiter:
 class Admission:
     """Counts running and queued runs, globally and per uid."""
 
-    def __init__(self, capacity: int, queue_max: int, queue_timeout: float, usage: UsageStore) -> None:
+    def __init__(self, capacity: int, queue_max: int, queue_timeout: float, usage: UsageStore,
+                 reserved: int = 0) -> None:
         self.capacity = capacity
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
+        self.reserved = min(reserved, capacity - 1)
         self.usage = usage
+        self.weights: dict[int, float] = {}  # of the callers running or waiting
         self.running = 0
         self.running_by_uid: collections.Counter[int] = collections.Counter()
         self.queued_by_uid: collections.Counter[int] = collections.Counter()
         self.queue: collections.deque[_Waiter] = collections.deque()
 
-    def configure(self, capacity: int, queue_max: int, queue_timeout: float) -> None:
+    def configure(self, capacity: int, queue_max: int, queue_timeout: float, reserved: int = 0) -> None:
         self.capacity, self.queue_max, self.queue_timeout = capacity, queue_max, queue_timeout
+        self.reserved = min(reserved, capacity - 1)
         self._wake()
 
     def check_refusals(self, uid: int, limits: QuotaLimits) -> None:
@@ -119,21 +130,32 @@ class Admission:
                                    f"{limits.cpu_seconds_per_hour:g}", limit="cpu_seconds_per_hour",
                                    retry_after_ms=max(1, int((frees - now) * 1000)))
 
+    def share(self, uid: int, weight: float) -> float:
+        """``uid``'s fair share of the workers now (see the module's docstring)."""
+        others = sum(w for u, w in self.weights.items() if u != uid)
+        return self.capacity * weight / (others + weight + 1.0)
+
     def _can_start(self, uid: int, limits: QuotaLimits) -> bool:
-        return self.running < self.capacity and self.running_by_uid[uid] < limits.concurrent
+        held = self.running_by_uid[uid]
+        if self.running >= self.capacity or held >= limits.concurrent:
+            return False
+        return self.capacity - self.running > self.reserved or held < self.share(uid, limits.weight)
 
     async def admit(self, uid: int, limits: QuotaLimits) -> None:
         """Return when the run may start; raise ``RequestError`` when it may not."""
         self.check_budget(uid, limits)
+        self.weights[uid] = limits.weight
         if self._can_start(uid, limits) and not self.queued_by_uid[uid]:
             self._start(uid)  # nobody of this caller is waiting ahead: start now
             return
         if self.queued_by_uid[uid] >= limits.queued:
+            self._forget(uid)
             raise RequestError(errors.QUOTA_EXCEEDED,
                                f"{self.running_by_uid[uid]} runs running and {self.queued_by_uid[uid]} queued; "
                                f"the limits are {limits.concurrent} and {limits.queued}",
                                limit="queued", retry_after_ms=100)
         if len(self.queue) >= self.queue_max:
+            self._forget(uid)
             raise RequestError(errors.BUSY, f"all {self.capacity} workers are busy and the queue is full",
                                capacity=self.capacity, queued=len(self.queue))
         waiter = _Waiter(uid, limits, asyncio.get_running_loop().create_future())
@@ -161,8 +183,16 @@ class Admission:
         try:
             self.queue.remove(waiter)
             self.queued_by_uid[waiter.uid] -= 1
+            if self.queued_by_uid[waiter.uid] <= 0:
+                del self.queued_by_uid[waiter.uid]
         except ValueError:
             pass
+        self._forget(waiter.uid)
+
+    def _forget(self, uid: int) -> None:
+        """A caller neither running nor waiting no longer counts in the shares."""
+        if not self.running_by_uid.get(uid) and not self.queued_by_uid.get(uid):
+            self.weights.pop(uid, None)
 
     def _start(self, uid: int) -> None:
         self.running += 1
@@ -173,20 +203,29 @@ class Admission:
         self.running_by_uid[uid] -= 1
         if self.running_by_uid[uid] <= 0:
             del self.running_by_uid[uid]
+        self._forget(uid)
         self._wake()
 
     def _wake(self) -> None:
-        for waiter in list(self.queue):
-            if self.running >= self.capacity:
+        """Start waiters while workers are free: the neediest caller's oldest first."""
+        for waiter in [w for w in self.queue if w.future.done()]:
+            self._dequeue(waiter)
+        while self.running < self.capacity and self.queue:
+            best: _Waiter | None = None
+            best_need = 0.0
+            for waiter in self.queue:  # oldest first: ties go to the one that waited longest
+                if not self._can_start(waiter.uid, waiter.limits):
+                    continue
+                need = self.running_by_uid[waiter.uid] / waiter.limits.weight
+                if best is None or need < best_need:
+                    best, best_need = waiter, need
+            if best is None:
                 return
-            if waiter.future.done():
-                self._dequeue(waiter)
-                continue
-            if self.running_by_uid[waiter.uid] < waiter.limits.concurrent:
-                self._dequeue(waiter)
-                self._start(waiter.uid)
-                waiter.future.set_result(None)
+            self._dequeue(best)
+            self._start(best.uid)
+            self.weights[best.uid] = best.limits.weight
+            best.future.set_result(None)
 
     def describe(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "running": self.running, "queued": len(self.queue),
-                "queue_max": self.queue_max}
+                "queue_max": self.queue_max, "reserved": self.reserved}

@@ -272,8 +272,10 @@ def test_group_membership_is_read_per_request(make_daemon: Any, test_users: Any)
 
 
 def test_concurrency_cap_holds_under_50_parallel_requests(make_daemon: Any) -> None:
-    d: DaemonProcess = make_daemon({"daemon": {"workers": 4, "queue": 100}, "pool": {"min": 2, "max": 4},
-                     "quotas": {"default": {"concurrent": 50, "queued": 100}}})
+    # one caller, so no workers kept for others (daemon.reserved_workers): the cap alone is pinned
+    d: DaemonProcess = make_daemon({"daemon": {"workers": 4, "queue": 100, "reserved_workers": 0},
+                                    "pool": {"min": 2, "max": 4},
+                                    "quotas": {"default": {"concurrent": 50, "queued": 100}}})
     code = "import time\nt0 = time.monotonic(); time.sleep(0.2); print(t0, time.monotonic())"
 
     def one(_: int) -> Result:

@@ -188,7 +188,8 @@ def test_the_proxy_of_the_config_is_set_for_network_runs(make_daemon: Any, lab: 
 
 
 def test_concurrent_network_runs_work_and_cannot_reach_each_other(make_daemon: Any, lab: Lab) -> None:
-    netd: DaemonProcess = make_daemon({**NET, "daemon": {"workers": 32}, "quotas": {"default": {"concurrent": 32}}})
+    netd: DaemonProcess = make_daemon({**NET, "daemon": {"workers": 32, "reserved_workers": 0},
+                                       "quotas": {"default": {"concurrent": 32}}})
     pool = ipaddress.ip_network(netd.config["network"]["pool"])
     candidates = [str(pool.network_address + 4 * i + 2) for i in range(pool.num_addresses // 4)]
     code = f"""

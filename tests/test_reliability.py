@@ -144,7 +144,7 @@ def test_connection_flood_from_one_uid(make_daemon: Any) -> None:
 
 
 def test_sigkill_with_runs_in_flight_leaves_nothing_and_keeps_usage(make_daemon: Any) -> None:
-    d: DaemonProcess = make_daemon({"daemon": {"workers": 16}, "pool": {"min": 2, "max": 4}})
+    d: DaemonProcess = make_daemon({"daemon": {"workers": 16, "reserved_workers": 0}, "pool": {"min": 2, "max": 4}})
     with d.client() as c:
         for _ in range(5):
             c.run("pass")

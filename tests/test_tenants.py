@@ -981,3 +981,27 @@ def test_11_connections_reset_mid_run_and_mid_answer_log_no_tracebacks(make_daem
     log = d.log()
     assert "went away" in log  # the resets did come mid-run
     assert "Task exception was never retrieved" not in log and "Traceback" not in log, log[-5000:]
+
+
+# 9 -------------------------------------------------------------------------------------
+def test_09_two_tenants_filling_their_quotas_leave_workers_for_a_third(make_daemon: Any, connect: Connect) -> None:
+    """Under the shipped quota (4 at once, 16 queued) and 8 workers, bob and sbx-http fill their
+    quotas with long sleeps; alice's print(1) is answered at once, not after a sleep ends.
+    (Before: bob's 4 and sbx-http's 4 held all 8 workers; alice waited 20 s, or 30 and busy.)"""
+    shipped = {"concurrent": 4, "queued": 16}
+    d: DaemonProcess = make_daemon({"quotas": {"default": shipped}, "pool": {"min": 2, "max": 8}})
+    sleep = frame({"op": "run", "code": "import time\ntime.sleep(20)", "timeout_ms": 25000})
+    for user in ("sbx-bob", "sbx-http"):
+        for s in connect(user, d.socket, shipped["concurrent"] + shipped["queued"]):
+            s.sendall(sleep)
+    assert wait_until(lambda: len(jobs_of(d, uid_of("sbx-bob"))) + len(jobs_of(d, uid_of("sbx-http"))) >= 7, 20)
+    with d.client() as c:
+        st = c.status()
+    assert st["capacity"]["queued"] >= 2 * shipped["queued"], st["capacity"]  # both are waiting for more
+    walls = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        result = run_as(connect, d, "sbx-alice", "print(1)")
+        walls.append(time.monotonic() - t0)
+        assert (result["status"], result["stdout"]) == ("ok", b"1\n"), result
+    assert statistics.median(walls) < 1.0, walls

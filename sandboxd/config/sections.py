@@ -42,6 +42,12 @@ class DaemonSettings:
     workers: int = setting(8, sizes.int_range(1, 4096), "Global capacity: runs executing at once.")
     queue: int = setting(64, sizes.int_range(0, 100000), "Runs that may wait for capacity; beyond that: busy.")
     queue_timeout: float = setting(30.0, sizes.duration, "Longest a run waits in the queue before busy.")
+    reserved_workers: int = setting(2, sizes.int_range(0, 4096),
+                                    "The last free workers, kept for callers below their fair share: a caller "
+                                    "holding workers * its weight / (the weights of the callers running or "
+                                    "waiting, plus one for a caller yet to come) or more does not take them. So "
+                                    "one caller alone gets at most workers - this, and a newcomer starts at once "
+                                    "while others hold the rest (at most workers - 1 are ever kept).")
     sessions: int = setting(64, sizes.int_range(0, 100000),
                             "Sessions open at once, all callers (each holds a worker, a run uid and its memory); "
                             "beyond: busy.")
@@ -73,6 +79,9 @@ class DaemonSettings:
 @dataclass(frozen=True)
 class QuotaLimits:
     concurrent: int = setting(4, sizes.int_range(1, 100000), "Runs of this caller executing at once.")
+    weight: float = setting(1.0, sizes.float_range(0.01, 1000.0),
+                            "This caller's share of contended workers relative to others (daemon.reserved_workers; "
+                            "the queue serves the caller with the fewest running runs per weight first).")
     queued: int = setting(16, sizes.int_range(0, 100000), "Runs of this caller waiting; beyond: quota_exceeded.")
     runs_per_minute: int = setting(600, sizes.int_range(0, 10**9), "Runs started per minute (0: no limit).")
     cpu_seconds_per_hour: float = setting(3600.0, sizes.float_range(0, 10**9),

@@ -73,6 +73,74 @@ def test_admission_concurrency_queue_and_busy() -> None:
     asyncio.run(go())
 
 
+def test_one_caller_leaves_the_reserved_workers_to_others() -> None:
+    many = QuotaLimits(concurrent=8, queued=8)
+
+    async def go() -> None:
+        adm = Admission(capacity=8, queue_max=16, queue_timeout=5.0, usage=UsageStore(None), reserved=2)
+        for _ in range(6):
+            await adm.admit(1, many)
+        seventh = asyncio.ensure_future(adm.admit(1, many))  # alone, uid 1's share is 8 / 2 = 4: not the last 2
+        await asyncio.sleep(0)
+        assert adm.running_by_uid[1] == 6 and not seventh.done()
+        await asyncio.wait_for(adm.admit(2, many), 1)  # a newcomer starts at once
+        await asyncio.wait_for(adm.admit(3, many), 1)  # and another (share 8 / 4 = 2)
+        assert adm.running == 8 and not seventh.done()
+        adm.release(2)  # the freed worker is a reserved one: uid 1 (6 held, share 8 / 3) still waits
+        await asyncio.sleep(0)
+        assert not seventh.done()
+        await asyncio.wait_for(adm.admit(4, many), 1)  # while a newcomer gets it at once
+        adm.release(3)
+        adm.release(4)  # uid 1 alone again: it may hold workers - reserved = 6, which it does
+        await asyncio.sleep(0)
+        assert not seventh.done()
+        adm.release(1)  # one of its own ends: its waiting run takes the place
+        await asyncio.wait_for(seventh, 1)
+        assert adm.running_by_uid[1] == 6 and adm.running == 6
+
+    asyncio.run(go())
+
+
+def test_the_queue_serves_the_caller_with_fewest_runs_first() -> None:
+    four = QuotaLimits(concurrent=4, queued=8)
+
+    async def go() -> None:
+        adm = Admission(capacity=2, queue_max=16, queue_timeout=5.0, usage=UsageStore(None))
+        await adm.admit(1, four)
+        await adm.admit(1, four)
+        first = asyncio.ensure_future(adm.admit(1, four))  # queued first
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(adm.admit(2, four))  # queued after it
+        await asyncio.sleep(0)
+        adm.release(1)
+        await asyncio.wait_for(second, 1)  # uid 2 runs nothing: it goes first
+        assert not first.done()
+        adm.release(1)
+        await asyncio.wait_for(first, 1)
+        assert dict(adm.running_by_uid) == {1: 1, 2: 1}
+
+    asyncio.run(go())
+
+
+def test_weights_share_contended_workers() -> None:
+    async def go() -> None:
+        adm = Admission(capacity=6, queue_max=16, queue_timeout=5.0, usage=UsageStore(None), reserved=5)
+        heavy, light = QuotaLimits(concurrent=6, weight=4.0), QuotaLimits(concurrent=6)
+        assert adm.share(1, 4.0) == 6 * 4 / 5  # alone, with room for one to come
+        await adm.admit(1, heavy)
+        await adm.admit(2, light)
+        assert adm.share(1, 4.0) == 6 * 4 / 6 and adm.share(2, 1.0) == 6 / 6
+        for _ in range(3):
+            await asyncio.wait_for(adm.admit(1, heavy), 1)  # below 4 of 6
+        assert adm.running_by_uid[1] == 4
+        waiting = asyncio.ensure_future(adm.admit(1, heavy))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # at its share, and only reserved workers are left
+        waiting.cancel()
+
+    asyncio.run(go())
+
+
 def test_rate_limit_gives_retry_after() -> None:
     limits = effective_limits(POLICY, who("y", 3003, (), (1234,)))
     assert limits is not None
