@@ -26,6 +26,7 @@ import uvloop
 from . import __version__, listen, logs, selftest, uidcheck
 from .access import Access
 from .admin import Admin
+from .budget import Budget
 from .common.errors import RequestError
 from .common.process import raise_nofile, try_lock
 from .config import DEFAULT_CONFIG, Config, ConfigError, jail_settings, load
@@ -66,10 +67,11 @@ class Daemon:
         self.admission = Admission(d.workers, d.queue, d.queue_timeout, self.usage, d.reserved_workers)
         self.jail = Jail(jail_settings(config, self.state_dir))
         self.environments = Environments(config, self.jail, self.state_dir)
-        self.runs = Runs(config, self.jail, self.admission, self.usage, self.environments)
+        answers = Budget(d.response_budget, d.response_budget_per_uid)
+        self.runs = Runs(config, self.jail, self.admission, self.usage, self.environments, answers)
         self.sessions = Sessions(config, self.jail, self.runs, self.admission, self.usage, self.access,
                                  self.environments)
-        self.server = Server(d)
+        self.server = Server(d, answers)
         self.notifier = Notifier()
         self.admin = Admin(config, self.state_dir, self.access, self.usage, self.admission, self.jail,
                            self.environments, self.runs, self.sessions, self.server, self.notifier)

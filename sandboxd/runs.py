@@ -20,11 +20,14 @@ from functools import partial
 from typing import Any
 
 from . import logs, plan
+from .budget import Budget
+from .common import errors
+from .common.errors import RequestError
 from .config import Config, QuotaLimits
 from .environments import Environments
 from .jail.jail import Jail
 from .jail.policy.profiles import refusal_advice
-from .jail.spec.plans import RunPlan
+from .jail.spec.plans import RunPlan, answer_bound
 from .jail.workers.stream import EventSink
 from .jail.workers.verdict import Result
 from .jail.workers.worker import Worker
@@ -50,11 +53,12 @@ class RunEntry:
     killed: bool = False
     killed_by: Identity | None = None  # whose kill op (an owner's or an admin's)
     on_kill: Callable[[], None] | None = None  # a session's exec: killing it ends the session
+    answer_bytes: int = 0  # the most its answer can hold (held from the answers' budget meanwhile)
 
     @classmethod
     def for_plan(cls, run_id: str, caller: Identity, p: RunPlan) -> RunEntry:
         return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes, p.network, p.language,
-                   p.environment)
+                   p.environment, answer_bytes=answer_bound(p.output_bytes, p.out_files_bytes, p.display))
 
     def bind(self, worker: Worker) -> None:
         self.worker = worker
@@ -80,10 +84,11 @@ class RunEntry:
 
 class Runs:
     def __init__(self, config: Config, jail: Jail, admission: Admission, usage: UsageStore,
-                 environments: Environments) -> None:
+                 environments: Environments, answers: Budget) -> None:
         self.config = config
         self.jail = jail
         self.admission = admission
+        self.answers = answers  # the server's budget of answers not yet taken
         self.usage = usage
         self.environments = environments
         self.running: dict[str, RunEntry] = {}
@@ -118,7 +123,12 @@ class Runs:
         """Admission, the run table, usage and the log around one piece of work (a run or an
         exec in a session); ``spent`` says what it used if it is cancelled."""
         who, run_id = entry.caller, entry.run_id
-        await self.admission.admit(who.uid, limits)
+        await self._hold_answer(who.uid, entry.answer_bytes)
+        try:
+            await self.admission.admit(who.uid, limits)
+        except BaseException:
+            self.answers.give(who.uid, entry.answer_bytes)
+            raise
         started = time.time()
         entry.started = time.monotonic()
         self.running[run_id] = entry
@@ -133,6 +143,7 @@ class Runs:
             raise
         finally:
             del self.running[run_id]
+            self.answers.give(who.uid, entry.answer_bytes)  # the answer's own bytes are counted as it goes out
             self.admission.release(who.uid)
             self.usage.finished(run_id, who.uid, cpu_ms, status, time.time())
             if entry.worker is not None and entry.session_id is None:
@@ -149,6 +160,24 @@ class Runs:
         if result.status == "sandbox_error":
             log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
         return record
+
+    async def _hold_answer(self, uid: int, n: int) -> None:
+        """Count the answer's bytes before it is built: a caller whose answers not yet taken and
+        whose runs in flight could hold more than its share of the answers' budget waits (the
+        queue's time at most), then is told it is busy.  (Unread 24 MiB answers, pipelined, took
+        the daemon to 1 GB past a 128 MiB budget: they were counted only once written.)"""
+        if self.answers.fits(uid, n):
+            self.answers.take(uid, n)
+            return
+        try:
+            async with asyncio.timeout(self.config.daemon.queue_timeout):
+                await self.answers.reserve(uid, n)
+        except TimeoutError:
+            held = self.answers.held(uid)
+            raise RequestError(errors.BUSY, f"your answers not yet taken and your runs in flight may hold "
+                               f"{held} bytes, and this run's answer up to {n} more, past the "
+                               f"{self.answers.per_uid} the daemon keeps for one caller: read your answers, or ask "
+                               "for less max_output", retry_after_ms=1000) from None
 
     def _settled(self, uid: int, charged_ms: float, settled: asyncio.Future[float]) -> None:
         """The run's worker is gone: charge what its answer could not yet count (its last

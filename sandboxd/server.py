@@ -71,11 +71,12 @@ MAX_REQUEST_CONTAINERS = 64  # arrays and maps in one request (a run has 3)
 
 
 class Server:
-    def __init__(self, settings: DaemonSettings) -> None:
+    def __init__(self, settings: DaemonSettings, responses: Budget | None = None) -> None:
         self.settings = settings
         self.front: Front | None = None
         self.requests = Budget(settings.buffer_budget, settings.buffer_budget_per_uid)
-        self.responses = Budget(settings.response_budget, settings.response_budget_per_uid)
+        # answers written and not yet taken (and, held by Runs, those of runs in flight)
+        self.responses = responses or Budget(settings.response_budget, settings.response_budget_per_uid)
         self.connections = 0
         self.by_uid: collections.Counter[int] = collections.Counter()
         self.accepting = True

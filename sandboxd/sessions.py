@@ -33,6 +33,7 @@ from .common.errors import RequestError
 from .config import Config, QuotaLimits
 from .environments import Environments
 from .jail.jail import Jail
+from .jail.spec.plans import answer_bound
 from .jail.workers.session import CellResult, Session, SessionFailed
 from .jail.workers.stream import EventSink
 from .peer import Identity
@@ -126,7 +127,8 @@ class Sessions:
         p = session.plan
         run = RunEntry(run_id, who, time.monotonic(), cell.timeout_ms, p.memory_bytes, p.network, p.language,
                        p.environment, session_id=session_id, worker=session.worker,
-                       on_kill=lambda: session.end("killed"))
+                       on_kill=lambda: session.end("killed"),
+                       answer_bytes=answer_bound(cell.output_bytes, p.out_files_bytes, cell.display or p.display))
         entry.run_id = run_id
         charged = [0.0]  # the cell's CPU, charged with the exec as a run's is
 

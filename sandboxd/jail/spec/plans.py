@@ -57,6 +57,14 @@ class SessionPlan:
     environment: str = ""
 
 
+ANSWER_OVERHEAD = 64 << 10  # bytes of an answer beyond its output, files and figures
+
+
+def answer_bound(output_bytes: int, out_files_bytes: int, display: bool) -> int:
+    """The most bytes a run's (or a cell's) answer can hold: two streams, out/, figures."""
+    return 2 * output_bytes + out_files_bytes * (2 if display else 1) + ANSWER_OVERHEAD
+
+
 @dataclass(frozen=True)
 class CellPlan:
     """One exec in a session."""
