@@ -104,7 +104,9 @@ def build_session(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, sess
                        file_size_bytes=cfg.limits.file_size,
                        out_files_bytes=min(cfg.limits.out_files_size, limits.max_files_size),
                        out_files_count=cfg.limits.out_files, nofile=cfg.limits.nofile, network=network,
-                       display=display, environment=environment(req, limits, cfg, language))
+                       display=display, environment=environment(req, limits, cfg, language),
+                       cpus=cfg.jail.cpus, idle_cpus=cfg.jail.session_idle_cpus,
+                       output_bytes=min(cfg.limits.output, limits.max_output))
 
 
 def build_cell(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str, language: str) -> CellPlan:

@@ -472,3 +472,56 @@ def test_a_session_worker_holds_what_a_run_holds_and_no_more(daemon: DaemonProce
         assert (r["status"], r["blocked_syscall"]) == ("blocked_syscall", "chroot"), r
         assert r["denied_syscalls"] == {"chroot": 1}
         assert s.exec("1")["denied_syscalls"] == {}  # each exec reports its own
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_threads_left_spinning_between_execs_get_little_cpu_and_are_charged(daemon: DaemonProcess) -> None:
+    """A cell starts a thread that spins and leaves; between execs the session may use
+    jail.session_idle_cpus (0.05), not a whole CPU outside every run's limit."""
+    with daemon.client() as c:
+        s = c.session()
+        try:
+            s.exec("import threading\ndef spin():\n    while True:\n        pass\n"
+                   "threading.Thread(target=spin, daemon=True).start()")
+            sid = s.id
+            used = {x["session_id"]: x["cpu_used_ms"] for x in c.sessions()}[sid]
+            charged = c.usage()[0]["usage"]["cpu_ms_total"]
+            time.sleep(3.0)
+            spent = {x["session_id"]: x["cpu_used_ms"] for x in c.sessions()}[sid] - used
+            assert spent < 3000 * 0.05 * 2 + 100, f"{spent:.0f} ms of CPU in 3 s between execs"  # (was ~3000)
+            assert spent > 3000 * 0.05 * 0.3, spent  # throttled, not stopped
+            # and what it used is its owner's: the sweep charges it
+            assert wait_until(lambda: c.usage()[0]["usage"]["cpu_ms_total"] >= charged + spent * 0.9, 5)
+            assert s.exec("print(6 * 7)")["stdout"] == b"42\n"  # an exec runs at full speed again
+            r = s.exec("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass\n"
+                       "print('done')")
+            assert r["status"] == "ok" and r["wall_ms"] < 2000, r  # (at 5 % it would take 4 s)
+        finally:
+            s.close()
+
+
+def test_output_between_execs_is_kept_to_the_cap_then_not_read(daemon: DaemonProcess) -> None:
+    """A thread writing without end between execs used to cost the daemon half a CPU to read
+    and throw away; past the session's output cap its stream is no longer read."""
+    assert daemon.proc is not None
+    with daemon.client() as c:
+        s = c.session()
+        try:
+            s.exec("import sys, threading\ndef flood():\n    while True:\n        sys.stdout.write('x' * 65536)\n"
+                   "threading.Thread(target=flood, daemon=True).start()")
+            time.sleep(0.5)
+            before = _cpu_seconds(daemon.proc.pid)
+            time.sleep(3.0)
+            daemon_cpu = _cpu_seconds(daemon.proc.pid) - before
+            assert daemon_cpu < 0.3, f"the daemon spent {daemon_cpu:.2f} s of CPU in 3 s reading a flood"
+            r = s.exec("print('next')")
+            assert r["status"] in ("ok", "output_limit"), r  # (the flood goes on during the exec too)
+            # the flood's first MiB came with this exec; the rest was never read
+            assert r["stdout"].startswith(b"x" * 1000) and len(r["stdout"]) <= (1 << 20) + 4096, len(r["stdout"])
+        finally:
+            s.close()

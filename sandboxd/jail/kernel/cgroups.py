@@ -122,6 +122,14 @@ class WorkerCgroup:
         if self.driver.has_cpu:
             self._set_cpu(limits.cpu_quota, limits.active)
 
+    def set_cpu(self, cpus: float, active: bool) -> None:
+        """The CPU bandwidth (0: none) and weight of what runs in it now (a session between execs)."""
+        if self.driver.has_cpu:
+            try:
+                self._set_cpu(cpus, active)
+            except OSError as e:
+                log.warning("setting the CPU of %s: %s", self.dirs, e)
+
     def unthrottle(self) -> None:
         """Lift the CPU bandwidth limit of a run that is being killed.  Its tasks need CPU
         time to die: a fork bomb's 64 processes sharing one throttled CPU took over 10 s

@@ -55,6 +55,9 @@ class SessionPlan:
     network: bool = False
     display: bool = False
     environment: str = ""
+    cpus: float = 1.0  # CPU bandwidth while an exec runs
+    idle_cpus: float = 0.05  # and between execs
+    output_bytes: int = 1 << 20  # per stream, kept between execs (then the streams are not read)
 
 
 ANSWER_OVERHEAD = 64 << 10  # bytes of an answer beyond its output, files and figures

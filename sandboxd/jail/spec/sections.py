@@ -87,6 +87,10 @@ class JailConfig:
         True, sizes.boolean, "Remount cgroup2 with favordynmods (Linux 6.0+): a worker joins its cgroup in "
         "0.2 ms instead of 5 ms; fork/exit get slightly dearer host-wide. Global, so off leaves the mount alone.")
     cpus: float = setting(1.0, sizes.float_range(0.01, 1024.0), "CPU bandwidth of one run, in CPUs.")
+    session_idle_cpus: float = setting(0.05, sizes.float_range(0.01, 1024.0),
+                                       "CPU bandwidth of a session between its execs (threads and timers it left "
+                                       "running), in CPUs, at the lowest weight; what it uses is charged to its "
+                                       "owner.")
     address_space_slack: int = setting(4 << 30, sizes.byte_size,
                                        "RLIMIT_AS = interpreter size + memory limit + this (0 fails fast).")
     preload: tuple[str, ...] = setting(

@@ -71,6 +71,10 @@ class CappedReader:
             self.loop.add_reader(self.fd, self._readable)
         self.paused = False
 
+    def limit(self, cap: int, on_overflow: Callable[[], None] | None) -> None:
+        """Keep at most ``cap`` bytes from now on (what is kept stays), calling ``on_overflow``."""
+        self.cap, self.on_overflow = cap, on_overflow
+
     def take(self, cap: int, on_overflow: Callable[[], None] | None = None,
              sink: Callable[[bytes], None] | None = None) -> tuple[bytes, bool]:
         """What was read so far (and is in the pipe now) with its truncation; then start afresh."""

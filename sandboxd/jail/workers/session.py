@@ -11,7 +11,11 @@ through the worker's methods: the request pipe, the streams, R's reports of its 
 on the link, what the cell left in the scratch filesystem, the refused calls since the
 last cell, the interrupt, the end.  Its stdout and stderr are read for its
 whole life; each cell takes what was written between its start and its report (the
-runner flushes before it reports, so nothing of the cell is left behind).  A cell
+runner flushes before it reports, so nothing of the cell is left behind).  Between execs
+the session runs at ``idle_cpus`` and the lowest CPU weight, and what it writes is kept up
+to ``output_bytes`` a stream, then that stream is no longer read (its writers block)
+until the next exec: threads left running cost neither the daemon nor other runs more
+than that, and their CPU is charged to the owner (Sessions).  A cell
 that overruns its time or output is interrupted first and keeps the session if it
 stops within INTERRUPT_GRACE; otherwise the session is killed and the result says
 so (``session_ended``).  Ending is always a kill of the worker's pid 1: every
@@ -76,7 +80,7 @@ class Session:
         self.plan = plan
         self.loop = asyncio.get_running_loop()
         self.request_w = worker.take_request_pipe()
-        self.out, self.err = worker.output_readers(1 << 20, None, self._overflow)
+        self.out, self.err = worker.output_readers(plan.output_bytes, None, self._overflow)
         self.cpu0 = worker.cgroup.cpu_usage_ns()
         self.files_seen: Seen = {}  # out/ files returned so far (a cell returns what is new or changed)
         self.figures_seen: set[str] = set()
@@ -119,6 +123,7 @@ class Session:
                 status, extra = decide(Observation(None, error))
                 result = Result(status=status, **extra)
             raise SessionFailed(result)
+        session._between_execs()
         return session
 
     @property
@@ -223,7 +228,19 @@ class Session:
             "files": files, "files_truncated": truncated, "display": figures})
 
     def _overflow(self, why: str) -> None:
-        self._stop_cell(why)
+        if self.busy:
+            self._stop_cell(why)
+        else:  # between execs: stop reading that stream until the next exec
+            (self.out if why == "output:stdout" else self.err).pause()
+
+    def _between_execs(self) -> None:
+        """No cell runs: a small CPU bandwidth, and output kept up to a cap, then not read."""
+        self.worker.cgroup.set_cpu(self.plan.idle_cpus, active=False)
+        for name, reader in (("stdout", self.out), ("stderr", self.err)):
+            reader.limit(self.plan.output_bytes, self._overflow_of_idle(name))
+
+    def _overflow_of_idle(self, stream: str) -> Callable[[], None]:
+        return lambda: self._overflow(f"output:{stream}")
 
     def _overflow_of(self, stream: str) -> Callable[[], None]:
         return lambda: self._stop_cell(f"output:{stream}")
@@ -259,10 +276,13 @@ class Session:
         streamer: Streamer | None = None
         if events is not None:
             streamer = Streamer(events, [self.out, self.err], lambda: self._stop_cell("cancelled"))
+        worker.cgroup.set_cpu(self.plan.cpus, active=True)
         # What background work (threads, timers) wrote since the last cell comes with this one.
         before = [reader.take(plan.output_bytes, self._overflow_of(name),
                               streamer.sink_for(name) if streamer else None)[0][-plan.output_bytes:]
                   for name, reader in (("stdout", self.out), ("stderr", self.err))]
+        self.out.resume()  # (a stream past its cap between execs was no longer read)
+        self.err.resume()
         if streamer is not None:
             for name, data in zip(("stdout", "stderr"), before, strict=True):
                 if data:
@@ -294,6 +314,8 @@ class Session:
             await asyncio.shield(self.ended)
         stdout, stdout_truncated = _joined(before[0], *self.out.take(plan.output_bytes), plan.output_bytes)
         stderr, stderr_truncated = _joined(before[1], *self.err.take(plan.output_bytes), plan.output_bytes)
+        if self.alive:
+            self._between_execs()
         if streamer is not None:
             await streamer.finish()
             streamer.close()
