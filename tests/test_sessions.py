@@ -435,6 +435,11 @@ def test_matplotlib_figures_come_back_as_png(make_daemon: Any) -> None:
             assert (r["value"], r["display"]) == ("0", [])  # shown figures are closed
             r = s.exec("plt.plot([0, 1])")  # a figure left open comes back with its cell
             assert len(r["display"]) == 1
+        # more figures than a run returns: the first 16, and it says some were left out
+        r = c.run("import matplotlib.pyplot as plt\nfor i in range(17):\n    plt.figure(); plt.plot([i])",
+                  display=True, timeout_ms=30000)
+        assert r["status"] == "ok" and len(r["display"]) == 16 and r["display_truncated"] is True, r["status"]
+        assert c.run("print(1)", display=True)["display_truncated"] is False
 
 
 # -- Node.js ------------------------------------------------------------------------------------
@@ -525,3 +530,26 @@ def test_output_between_execs_is_kept_to_the_cap_then_not_read(daemon: DaemonPro
             assert r["stdout"].startswith(b"x" * 1000) and len(r["stdout"]) <= (1 << 20) + 4096, len(r["stdout"])
         finally:
             s.close()
+
+
+def test_an_exec_in_flight_when_its_session_ends_is_told_why(make_daemon: Any) -> None:
+    """Closing a session (or its max_lifetime) during an exec was reported as a sandbox_error
+    of the step "init", logged at ERROR: it is the session's end, and the answer says so."""
+    d: DaemonProcess = make_daemon({})
+    with d.client() as c:
+        s = c.session()
+        got: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: got.setdefault("r", s.exec("import time; time.sleep(10)")))
+        t.start()
+        with d.client() as other:  # (c is busy with the exec)
+            assert wait_until(lambda: any(j["session_id"] == s.id for j in other.jobs()), 10)
+            other.call("session_close", session_id=s.id)
+        t.join(15)
+        r = got["r"]
+        assert (r["status"], r["session_ended"]) == ("signaled", True), r
+        assert "the session was closed while the cell ran" in r["reason"], r["reason"]
+        s2 = c.session(max_lifetime_ms=1500)
+        r = s2.exec("import time; time.sleep(10)", timeout_ms=20000)
+        assert (r["status"], r["session_ended"]) == ("signaled", True), r
+        assert "max_lifetime" in r["reason"], r["reason"]
+    assert "sandbox error" not in d.log() and " ERROR " not in d.log(), d.log()[-2000:]

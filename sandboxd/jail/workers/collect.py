@@ -158,23 +158,28 @@ class Scratch:
             if seen is not None:
                 seen[rel] = (st.st_size, st.st_mtime_ns)
 
-    def display(self, max_bytes: int, seen: set[str] | None = None) -> list[dict[str, object]]:
-        """The figures the runtime saved (PNG files in DISPLAY_DIR, in order); with ``seen``
-        (a session's), only those not returned before, and ``seen`` is brought up to date."""
+    def display(self, max_bytes: int, seen: set[str] | None = None) -> tuple[list[dict[str, object]], bool]:
+        """The figures the runtime saved (PNG files in DISPLAY_DIR, in order), and whether some
+        were left out (past ``max_bytes`` or MAX_DISPLAY); with ``seen`` (a session's), only
+        those not returned before, and ``seen`` is brought up to date."""
         out: list[dict[str, object]] = []
         total = 0
+        truncated = False
         with self.directory(DISPLAY_FROM_TOP) as d:
             if d is None:
-                return out
+                return out, False
             try:
                 names = sorted(n for n in os.listdir(d) if n.endswith(".png") and (seen is None or n not in seen))
             except OSError:
-                return out
+                return out, True
+            truncated = len(names) > MAX_DISPLAY
             for name in names[:MAX_DISPLAY]:
                 data = self.read_file(d, name, max_bytes - total)
                 if seen is not None:
                     seen.add(name)
-                if data is not None:
+                if data is None:
+                    truncated = True
+                else:
                     out.append({"mime": "image/png", "data": data})
                     total += len(data)
-        return out
+        return out, truncated

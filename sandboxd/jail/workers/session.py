@@ -208,6 +208,7 @@ class Session:
         files: dict[str, bytes] = {}
         truncated = False
         figures: list[dict[str, object]] = []
+        figures_truncated = False
         # Figures are looked for when the runner says it saved some (its word can only hide its
         # own figures); a Node runner saves none.
         saved = said.get("figures")
@@ -215,7 +216,7 @@ class Session:
             files, truncated = worker.scratch.out_files(self.plan.out_files_count, self.plan.out_files_bytes,
                                                         self.files_seen)
             if isinstance(saved, int) and saved != self.figures_said:
-                figures = worker.scratch.display(self.plan.out_files_bytes, self.figures_seen)
+                figures, figures_truncated = worker.scratch.display(self.plan.out_files_bytes, self.figures_seen)
                 self.figures_said = saved
         exit_code = said.get("exit_code")
         self.cell.set_result({
@@ -225,7 +226,8 @@ class Session:
             "interrupted": said.get("interrupted") is True,
             "cpu_ns": said.get("cpu_ns") if isinstance(said.get("cpu_ns"), int) else 0,
             "denied": worker.denials.since_last() if worker.denials else [],
-            "files": files, "files_truncated": truncated, "display": figures})
+            "files": files, "files_truncated": truncated, "display": figures,
+            "display_truncated": figures_truncated})
 
     def _overflow(self, why: str) -> None:
         if self.busy:
@@ -347,6 +349,7 @@ class Session:
         result.files = files
         result.files_truncated = truncated or bool(report.get("files_truncated"))
         result.display = _figures(report.get("display"))
+        result.display_truncated = bool(report.get("display_truncated"))
         if frame is None:
             result.reason = f"{result.reason}; the session has ended" if result.reason else "the session has ended"
         return result

@@ -52,6 +52,7 @@ class Result:
     network: dict[str, int] | None = None  # runs with network: bytes and packets out and in
     reason: str = ""
     display: list[dict[str, Any]] = field(default_factory=list)  # figures: [{"mime": "image/png", "data": bin}]
+    display_truncated: bool = False  # figures left out (past the out/ size cap, or more than 64)
     streamed: bool = False  # the output also came as "output" events while the run ran
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +69,12 @@ class Observation:
     killed_for: str | None = None  # "timeout", "cpu", "output:stdout", "output:stderr", "cancelled", "killed"
     cgroup: CgroupStats = field(default_factory=CgroupStats)
     runtime_oom: bool = False  # the runtime said it died at its own memory limit (V8's heap)
+
+
+# Why a session was ended on purpose (Session.end), as a cell in flight is told.
+SESSION_ENDS = {"closed": "was closed", "max_lifetime": "reached its max_lifetime",
+                "idle_timeout": "was idle too long", "daemon_stopped": "ended as the daemon stopped",
+                "retired": "was retired"}
 
 
 def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
@@ -119,6 +126,9 @@ def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     if obs.killed_for in ("cancelled", "killed"):
         return "signaled", {**extra, "signal": signal.SIGKILL, "signal_name": "SIGKILL",
                             "reason": f"the run was {obs.killed_for}"}
+    if obs.killed_for in SESSION_ENDS:  # a session ended on purpose while its cell ran
+        return "signaled", {**extra, "signal": signal.SIGKILL, "signal_name": "SIGKILL",
+                            "reason": f"the session {SESSION_ENDS[obs.killed_for]} while the cell ran"}
     if obs.exit_frame is None:
         if obs.cgroup.oom_kills:
             return "memory_limit", {"reason": "the kernel killed the run at its memory limit (OOM)"}

@@ -446,15 +446,16 @@ class Worker:
         if self.scratch is not None and self.scratch.anything_to_collect():
             await self.everything_gone()
             files, truncated = self.scratch.out_files(plan.out_files_count, plan.out_files_bytes)
-            display = self.scratch.display(plan.out_files_bytes)
+            display, display_truncated = self.scratch.display(plan.out_files_bytes)
         else:
             self.end()
-            files, truncated, display = {}, False, []
+            files, truncated, display, display_truncated = {}, False, [], False
         if streamer is not None:
             await streamer.finish()
             streamer.close()
         result = self._result(plan, out, err, cpu0, wall)
         result.files, result.files_truncated, result.display = files, truncated, _figures(display)
+        result.display_truncated = display_truncated
         result.streamed = streamer is not None
         return result
 
