@@ -58,7 +58,7 @@ class RunEntry:
     @classmethod
     def for_plan(cls, run_id: str, caller: Identity, p: RunPlan) -> RunEntry:
         return cls(run_id, caller, time.monotonic(), p.timeout_ms, p.memory_bytes, p.network, p.language,
-                   p.environment, answer_bytes=answer_bound(p.output_bytes, p.out_files_bytes, p.display))
+                   p.environment, answer_bytes=answer_bound(p.output_bytes))
 
     def bind(self, worker: Worker) -> None:
         self.worker = worker
@@ -162,7 +162,7 @@ class Runs:
         return record
 
     async def _hold_answer(self, uid: int, n: int) -> None:
-        """Count the answer's bytes before it is built: a caller whose answers not yet taken and
+        """Count a run's output before its answer is built (answer_bound): a caller whose answers not yet taken and
         whose runs in flight could hold more than its share of the answers' budget waits (the
         queue's time at most), then is told it is busy.  (Unread 24 MiB answers, pipelined, took
         the daemon to 1 GB past a 128 MiB budget: they were counted only once written.)"""

@@ -128,7 +128,7 @@ class Sessions:
         run = RunEntry(run_id, who, time.monotonic(), cell.timeout_ms, p.memory_bytes, p.network, p.language,
                        p.environment, session_id=session_id, worker=session.worker,
                        on_kill=lambda: session.end("killed"),
-                       answer_bytes=answer_bound(cell.output_bytes, p.out_files_bytes, cell.display or p.display))
+                       answer_bytes=answer_bound(cell.output_bytes))
         entry.run_id = run_id
         charged = [0.0]  # the cell's CPU, charged with the exec as a run's is
 

@@ -316,3 +316,43 @@ def test_status_shows_the_network_and_its_policy(netd: DaemonProcess) -> None:
     net = st["network"]
     assert net["table"] == prefix_of(netd)[0] and net["pool"] == netd.config["network"]["pool"]
     assert net["dns"] == [PUBLIC] and "10.0.0.0/8" in net["default_deny"]
+
+
+def conntrack_entries_of(address: str) -> int:
+    with open("/proc/net/nf_conntrack", encoding="ascii") as f:
+        return sum(1 for line in f if f" src={address} " in line)
+
+
+def test_a_run_cannot_fill_the_hosts_conntrack_table(make_daemon: Any, lab: Lab) -> None:
+    """3,000 UDP flows to the lab's host from one run: the red team's 20,000 left 20,000 entries
+    in the table the host's own traffic shares, for minutes after the run.  A run may hold
+    network.max_connections_per_run of them; what it leaves is deleted with its address."""
+    require(os.path.exists("/proc/net/nf_conntrack"), "no /proc/net/nf_conntrack to count entries with")
+    d: DaemonProcess = make_daemon({**NET, "network": {**NET["network"], "max_connections_per_run": 200}})
+    code = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("{PUBLIC}", 9))
+me = s.getsockname()[0]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for port in range(20000, 23000):
+    try:
+        s.sendto(b"x", ("{PUBLIC}", port))
+    except OSError:
+        pass  # (a refusal may come back as ICMP on a later send)
+print(me, flush=True)
+time.sleep(2)
+"""
+    during: list[tuple[str, int]] = []
+
+    def arrived(stream: str, data: bytes) -> None:
+        if stream == "stdout" and not during:
+            address = data.decode().split()[0]
+            during.append((address, conntrack_entries_of(address)))
+
+    with d.client() as c:
+        r = c.run(code, network=True, on_output=arrived)
+    assert r["status"] == "ok", r
+    address, held = during[0]
+    assert held <= 200 + 2, f"one run held {held} conntrack entries"  # was 3,000
+    assert wait_until(lambda: conntrack_entries_of(address) == 0, 10), conntrack_entries_of(address)

@@ -40,9 +40,10 @@ def names(pool: str) -> tuple[str, str]:
 
 
 class Firewall:
-    def __init__(self, pool: str, policy: netpolicy.Policy) -> None:
+    def __init__(self, pool: str, policy: netpolicy.Policy, max_connections: int = 512) -> None:
         self.pool = pool
         self.policy = policy
+        self.max_connections = max_connections
         self.table, self.iface_prefix = names(pool)
         self.guard = False
         self._pool_lock = -1
@@ -75,7 +76,8 @@ class Firewall:
                             self.table)
             _touch(os.path.join(STATE, "users", self.table))
             self.guard = os.path.exists(os.path.join(STATE, "was_off"))
-        self._run(netpolicy.ruleset(self.table, self.iface_prefix, self.pool, self.policy, self.guard))
+        self._run(netpolicy.ruleset(self.table, self.iface_prefix, self.pool, self.policy, self.guard,
+                                    self.max_connections))
 
     def stop(self) -> None:
         try:
@@ -114,7 +116,7 @@ class Firewall:
     def describe(self) -> dict[str, Any]:
         sets = self.policy.sets()
         return {"table": self.table, "interfaces": self.iface_prefix + "*", "pool": self.pool,
-                "forwarding_guard": self.guard,
+                "forwarding_guard": self.guard, "max_connections_per_run": self.max_connections,
                 "allow": [str(n) for n in sets["allow4"] + sets["allow6"]],
                 "deny": [str(n) for n in self.policy.extra_deny],
                 "default_deny": dict(netpolicy.DEFAULT_DENY)}

@@ -16,6 +16,11 @@ python3-pyroute2) for netlink; the daemon and the fork server never import it.
 
     {"op": "init"}                                        -> {"ok": true}
     {"op": "make", "ifname": s, "host": a, "run": a}      -> {"ok": true} + the netns fd
+    {"op": "forget", "run": a}                            -> {"ok": true, "removed": n}
+
+``forget`` deletes the host's conntrack entries a run's address left (its connections
+and UDP flows outlive it by minutes in the table the host shares), before the address is
+given to another run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ class NetnsClient(HelperClient):
                 os.close(fd)
             raise HelperError(f"network namespace for {ifname}: {reply.get('error', 'no fd came back')}")
         return fds[0]
+
+    async def forget(self, run: str) -> int:
+        """Delete the conntrack entries whose original source is ``run``; how many there were."""
+        reply, fds = await self.call({"op": "forget", "run": run})
+        for fd in fds:
+            os.close(fd)
+        if not reply.get("ok"):
+            raise HelperError(f"conntrack entries of {run}: {reply.get('error')}")
+        return int(reply.get("removed", 0))
 
 
 # -- the helper process ------------------------------------------------------------------
@@ -100,6 +114,20 @@ class Maker:
             raise
         return ns
 
+    def forget(self, run: str) -> int:
+        from pyroute2 import Conntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        removed = 0
+        with Conntrack() as ct:
+            for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(saddr=run))):
+                try:
+                    ct.delete(entry)
+                    removed += 1
+                except Exception:  # noqa: BLE001 - gone meanwhile (it timed out)
+                    pass
+        return removed
+
     def remove_stale(self, prefix: str) -> int:
         """Delete host interfaces with ``prefix`` left by a daemon of this pool that was killed."""
         removed = 0
@@ -141,6 +169,8 @@ def main(argv: list[str]) -> None:
             if msg.get("op") == "init":
                 maker = Maker()
                 _reply(sock, {"ok": True, "stale_removed": maker.remove_stale(str(msg.get("prefix") or "\0"))})
+            elif msg.get("op") == "forget" and maker is not None:
+                _reply(sock, {"ok": True, "removed": maker.forget(str(msg["run"]))})
             elif msg.get("op") == "make" and maker is not None:
                 ns = maker.make(str(msg["ifname"]), str(msg["host"]), str(msg["run"]))
                 try:

@@ -102,8 +102,12 @@ REJECT = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
 ALL_RUNS = "sbx*"  # every sandboxd's run interfaces (the guard chain lets all of them pass)
 
 
-def ruleset(table: str, iface_prefix: str, pool: str, policy: Policy, guard: bool) -> list[dict[str, Any]]:
+def ruleset(table: str, iface_prefix: str, pool: str, policy: Policy, guard: bool,
+            max_connections: int = 512) -> list[dict[str, Any]]:
     """Commands that (re)create the daemon's table in one transaction.
+
+    ``max_connections``: conntrack entries one run's address may hold (``ct count`` over
+    a dynamic set keyed by the source); a new connection past it is rejected.
 
     ``guard``: the host did not forward before sandboxd turned forwarding on; then every
     forwarded packet that neither comes from nor goes to a run interface is dropped, so
@@ -132,6 +136,8 @@ def ruleset(table: str, iface_prefix: str, pool: str, policy: Policy, guard: boo
     def daddr(proto: str, set_name: str) -> dict[str, Any]:
         return _match({"payload": {"protocol": proto, "field": "daddr"}}, "@" + set_name)
 
+    cmds.append({"add": {"set": {"family": fam, "table": table, "name": "conns", "type": "ipv4_addr",
+                                 "size": 65535}}})
     chain("forward", type="filter", hook="forward", prio=-10, policy="accept")
     chain("from_run")
     chain("input", type="filter", hook="input", prio=-10, policy="accept")
@@ -139,6 +145,10 @@ def ruleset(table: str, iface_prefix: str, pool: str, policy: Policy, guard: boo
     rule("forward", _match(IIF, runs), {"jump": {"target": "from_run"}})
     rule("forward", _match(OIF, runs), REPLIES, {"accept": None})
     rule("forward", _match(OIF, runs), {"counter": None}, {"drop": None})  # nothing inbound
+    rule("from_run", _match(CT_STATE, "new", "in"),
+         {"set": {"op": "add", "elem": {"payload": {"protocol": "ip", "field": "saddr"}}, "set": "@conns",
+                  "stmt": [{"ct count": {"val": max_connections, "inv": True}}]}},
+         {"counter": None}, REJECT)  # too many connections of one run at once
     rule("from_run", _match(OIF, ALL_RUNS), {"counter": None}, REJECT)  # run to run
     rule("from_run", _match({"meta": {"key": "nfproto"}}, "ipv6"), {"counter": None}, REJECT)
     rule("from_run", daddr("ip", "allow4"), {"accept": None})

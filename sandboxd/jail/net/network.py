@@ -10,6 +10,7 @@ the host's end of its pair while the lease still holds the namespace.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -39,7 +40,8 @@ class Network:
         self.settings = settings
         self.python = python
         self.policy = netpolicy.Policy(settings.allow, settings.deny)
-        self.firewall = Firewall(settings.pool, self.policy)
+        self.firewall = Firewall(settings.pool, self.policy, settings.max_connections_per_run)
+        self.forgetting: set[asyncio.Task[None]] = set()  # conntrack clean-ups of released addresses
         self.blocks = netpolicy.Blocks(settings.pool)
         self.helper = NetnsClient(python, ENV)
         self.seq = 0
@@ -64,9 +66,11 @@ class Network:
         changes = []
         if settings.pool != self.settings.pool:
             changes.append("network.pool: applied at the next restart")
-        if (settings.allow, settings.deny) != (self.settings.allow, self.settings.deny):
+        if (settings.allow, settings.deny, settings.max_connections_per_run) != \
+                (self.settings.allow, self.settings.deny, self.settings.max_connections_per_run):
             self.policy = netpolicy.Policy(settings.allow, settings.deny)
             self.firewall.policy = self.policy
+            self.firewall.max_connections = settings.max_connections_per_run
             self.firewall.start()
             changes.append("network policy replaced")
         self.settings = dataclasses.replace(settings, pool=self.settings.pool)
@@ -86,11 +90,26 @@ class Network:
         return Lease(fd, ifname, block, host, run)
 
     def release(self, lease: Lease) -> None:
+        """The worker is gone: its namespace goes now; its addresses come back once the host's
+        conntrack entries of the run's address are deleted (a run's connections outlive it by
+        minutes, and the next run of that address would inherit their count)."""
         if lease.fd >= 0:
             os.close(lease.fd)
             lease.fd = -1
-            self.blocks.give(lease.block)
             self.live -= 1
+            task = asyncio.get_running_loop().create_task(self._forget(lease))
+            self.forgetting.add(task)
+            task.add_done_callback(self.forgetting.discard)
+
+    async def _forget(self, lease: Lease) -> None:
+        try:
+            removed = await self.helper.forget(lease.run)
+            if removed:
+                log.debug("deleted %d conntrack entries of %s", removed, lease.run)
+        except Exception as e:  # noqa: BLE001 - the address comes back all the same
+            log.warning("%s", e)
+        finally:
+            self.blocks.give(lease.block)
 
     def counters(self, lease: Lease) -> dict[str, int]:
         """Bytes and packets the run sent and received (the host's end sees them the other way)."""
@@ -106,6 +125,8 @@ class Network:
         return out
 
     async def close(self) -> None:
+        if self.forgetting:
+            await asyncio.wait(set(self.forgetting), timeout=5.0)
         await self.helper.stop()
         self.firewall.stop()
 

@@ -60,12 +60,14 @@ class SessionPlan:
     output_bytes: int = 1 << 20  # per stream, kept between execs (then the streams are not read)
 
 
-ANSWER_OVERHEAD = 64 << 10  # bytes of an answer beyond its output, files and figures
+ANSWER_OVERHEAD = 64 << 10  # bytes of an answer beyond its output
 
 
-def answer_bound(output_bytes: int, out_files_bytes: int, display: bool) -> int:
-    """The most bytes a run's (or a cell's) answer can hold: two streams, out/, figures."""
-    return 2 * output_bytes + out_files_bytes * (2 if display else 1) + ANSWER_OVERHEAD
+def answer_bound(output_bytes: int) -> int:
+    """What a run (or a cell) holds in the daemon while it runs: its two streams, each up to
+    its cap.  Its out/ files and figures (limits.out_files_size each) are read at its end
+    and counted when the answer is written."""
+    return 2 * output_bytes + ANSWER_OVERHEAD
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ class NetworkSettings:
     proxy: str = setting("", sizes.url, "HTTP_PROXY and HTTPS_PROXY of runs with network (an allowed destination), "
                          "e.g. http://10.0.0.9:3128; empty for none.")
     no_proxy: str = setting("", sizes.optional_text, "NO_PROXY of runs with network.")
+    max_connections_per_run: int = setting(
+        512, sizes.int_range(1, 1 << 20),
+        "Connections (conntrack entries: TCP, UDP flows, ICMP) one run with network may have at once in the "
+        "host's table, which the host's own traffic shares; new ones past it are refused. A run's entries are "
+        "deleted when its address is given back.")
 
 
 @dataclass(frozen=True)
