@@ -411,6 +411,48 @@ def test_a_hundred_open_connections_are_served(bridge: BridgeProcess) -> None:
             c.close()
 
 
+def slow_heads(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections from 127.0.0.1 that start a request head and never finish it (slowloris)."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/sandbox/run HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        socks.append(s)
+    return socks
+
+
+def still_open(s: socket.socket) -> bool:
+    """The bridge has neither answered nor closed this connection."""
+    s.setblocking(False)
+    try:
+        s.recv(1 << 16)  # its answer (408) or the end of the stream
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def test_slow_clients_without_a_key_do_not_lock_out_the_ones_with_it(daemon: DaemonProcess,
+                                                                     bridges: Callable[..., BridgeProcess]) -> None:
+    """The red team's lock-out, scaled down: more slow heads than max_connections, all from the
+    address the authenticated client uses too, held open for the whole test (header_timeout 60 s)."""
+    b = bridges(daemon.socket, {"MAX_REQUESTS": "100"}, {"max_connections": 256, "header_timeout": "60s"})
+    flood = slow_heads(b.port, 300)
+    try:
+        statuses = []
+        for i in range(30):  # each on a new connection, as a client does whose kept-alive ones expired
+            with dify_client(b.url) as c:
+                r = run(c, f"print({i})")
+                statuses.append(r.status_code if r.status_code != 200 else data_of(r)["stdout"] == f"{i}\n")
+        assert statuses == [True] * 30, f"{statuses.count(True)}/30 answered: {statuses}"
+        held = sum(still_open(s) for s in flood)
+        assert held <= 128, f"{held} slow heads of one address still held (max_pending_per_client 128)"
+    finally:
+        for s in flood:
+            s.close()
+
+
 def test_503_at_once_over_max_requests(small: BridgeProcess) -> None:
     answers: list[Any] = []
 

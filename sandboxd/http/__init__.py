@@ -3,6 +3,8 @@
 One module per job, in the order a request meets them:
 
     guard      slow and oversized clients (on top of uvicorn's parser)
+    gate       which connections stay open: pending heads apart, per client address, room kept for the key
+    keys       the API key, checked once for the routes and the gate
     app        routes, the API key, bodies; one answer per request
     service    admission (MAX_REQUESTS, MAX_WORKERS), the run, health, dependencies
     dify       Dify's wire format: the request, the envelope, the words of an error

@@ -7,14 +7,13 @@
     GET  /health                                          200 only when the daemon answers and is ready
     GET  /metrics                                         Prometheus text
 
-Keys are compared in constant time (``hmac.compare_digest``).  Errors carry no key, path
+Keys are compared in constant time (``keys``, the check the connection gate uses too).  Errors carry no key, path
 or traceback: an unexpected exception is logged and answered 500 with its type's name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from starlette.routing import Route
 
 from . import dify
 from .dify import Refusal
+from .keys import Keys
 from .metrics import CONTENT_TYPE, Metrics
 from .service import Answer, Bridge, refused
 from .settings import Settings
@@ -71,14 +71,10 @@ async def read_body(request: Request, cap: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def build(settings: Settings, bridge: Bridge, metrics: Metrics) -> Starlette:
-    key = settings.api_key.encode()
-
+def build(settings: Settings, bridge: Bridge, metrics: Metrics, keys: Keys) -> Starlette:
     def authorized(request: Request) -> bool:
-        if settings.no_auth:
-            return True
-        given = request.headers.get("x-api-key", "").encode("latin-1", "replace")
-        return hmac.compare_digest(given, key)
+        given = request.headers.get("x-api-key")
+        return keys.accepts(None if given is None else given.encode("latin-1", "replace"))
 
     def route(path: str, handler: Handler, methods: list[str], auth: bool = True) -> Route:
         async def endpoint(request: Request) -> Response:

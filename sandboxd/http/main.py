@@ -25,7 +25,9 @@ from .. import __version__, logs
 from ..common.process import raise_nofile
 from ..systemd import Notifier
 from .app import build
+from .gate import Gate
 from .guard import protocol_class
+from .keys import Keys
 from .metrics import Metrics
 from .service import Bridge
 from .settings import Settings, SettingsError, load
@@ -61,7 +63,12 @@ async def serve(settings: Settings) -> int:
     metrics = Metrics()
     upstream = Upstream(settings.socket, max_idle=settings.max_workers + 2)
     bridge = Bridge(settings, upstream, metrics)
-    app = build(settings, bridge, metrics)
+    keys = Keys(settings)
+    app = build(settings, bridge, metrics, keys)
+    gate = Gate(settings.max_connections, settings.reserved_connections, settings.max_pending_per_client,
+                count=metrics.shed)
+    metrics.watch(gate)
+    gate.start(asyncio.get_running_loop())
     try:
         sock = bind(*settings.listen)
     except OSError as e:
@@ -70,13 +77,15 @@ async def serve(settings: Settings) -> int:
     host, port = sock.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # log_level: uvicorn's loggers at NOTSET would wrap the app in its per-message trace logger;
-    # proxy_headers off: nothing in front of the bridge is trusted to say who the client is.
-    config = uvicorn.Config(app, http=protocol_class(settings.header_timeout, settings.write_timeout),
+    # proxy_headers off: nothing in front of the bridge is trusted to say who the client is;
+    # no limit_concurrency: it counts every open connection, a slow head as much as one with the key -- the
+    # gate (guard's protocol) does the counting instead.
+    config = uvicorn.Config(app, http=protocol_class(settings.header_timeout, settings.write_timeout, gate, keys),
                             lifespan="off", access_log=False, log_config=None, server_header=False,
                             log_level=max(logging.WARNING, logging.getLevelName(settings.log_level.upper())),
                             proxy_headers=False,
                             timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
-                            limit_concurrency=settings.max_connections, backlog=2048)
+                            backlog=2048)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():

@@ -4,6 +4,8 @@
     sandboxd_http_request_duration_seconds{route}    time to answer (histogram)
     sandboxd_http_runs_total{language,verdict}       runs the daemon answered, by its verdict
     sandboxd_http_in_flight                          /v1/sandbox/run requests running or waiting
+    sandboxd_http_connections{state}                 open connections: pending (first head not in), admitted
+    sandboxd_http_connections_shed_total{reason}     connections closed and heads refused to make room (gate.REASONS)
     sandboxd_daemon_up                               1 when the daemon answered status at the last scrape
     sandboxd_daemon_capacity / _running / _queued / _queue_max, sandboxd_daemon_pool_ready{profile},
     sandboxd_daemon_pool_hits_total / _misses_total  from the daemon's status, read at scrape time
@@ -15,11 +17,14 @@ the label set.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gate import Gate
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -63,10 +68,21 @@ class Metrics:
         self.runs = Counter("sandboxd_http_runs", "runs answered by sandboxd, by verdict", ["language", "verdict"],
                             registry=r)
         self.in_flight = Gauge("sandboxd_http_in_flight", "run requests running or waiting", registry=r)
+        self.connections = Gauge("sandboxd_http_connections", "open connections", ["state"], registry=r)
+        self.shed_total = Counter("sandboxd_http_connections_shed", "connections closed and request heads refused "
+                                  "to make room, by reason", ["reason"], registry=r)
         self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.daemon = DaemonCollector()
         r.register(self.daemon)
         ProcessCollector(registry=r)
+
+    def watch(self, gate: Gate) -> None:
+        """The gate's counts, read at scrape time."""
+        self.connections.labels("pending").set_function(lambda: len(gate.pending))
+        self.connections.labels("admitted").set_function(lambda: len(gate.admitted))
+
+    def shed(self, reason: str) -> None:
+        self.shed_total.labels(reason).inc()
 
     def answered(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)

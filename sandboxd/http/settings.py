@@ -93,7 +93,20 @@ class Settings:
                                    "is cut off.")
     keepalive_timeout: float = setting(75.0, sizes.duration, "An idle kept-alive connection is closed after "
                                        "this (longer than Dify's 5 s pool expiry, so the client closes first).")
-    max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Open connections; beyond it 503.")
+    max_connections: int = setting(1024, sizes.int_range(1, 1000000), "Connections that have sent a request "
+                                   "head; a head beyond them is answered 503. Connections still sending their "
+                                   "first head do not count here: as many again may be doing that, and beyond them "
+                                   "the oldest are closed (408), never one opened within the last 0.1 s.")
+    reserved_connections: int = setting(128, sizes.int_range(0, 999999), "Of max_connections, how many only "
+                                        "requests that carry the API key may take: clients without it (a flood, a "
+                                        "scanner) never take the last of them. A head without the key that finds "
+                                        "no room is answered 503; one with the key first closes an idle kept-alive "
+                                        "connection whose last request had none. Must be below max_connections.")
+    max_pending_per_client: int = setting(128, sizes.int_range(1, 1000000), "Connections of one client address "
+                                          "(an IPv4 address, an IPv6 /64) still sending their first request head; "
+                                          "beyond it that address's oldest are closed (408) every 0.1 s, never one "
+                                          "opened since the sweep before: a slow client shares its address with a "
+                                          "fast one without shutting it out.")
     log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"),
                              "Log verbosity; GIN_MODE=debug or DEBUG=true mean debug.")
 
@@ -169,6 +182,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
                       "without one")
     if settings.api_key and settings.no_auth:
         errors.append("both an API key and --no-auth: choose one")
+    if settings.reserved_connections >= settings.max_connections:
+        errors.append(f"reserved_connections: expected fewer than max_connections ({settings.max_connections}), "
+                      f"got {settings.reserved_connections}")
     if errors:
         raise SettingsError(errors)
     return settings
