@@ -17,6 +17,7 @@ from .common import sizes
 from .common.errors import RequestError, bad_request, forbidden
 from .common.hints import check_unknown
 from .config import ALIASES, LANGUAGES, Config, QuotaLimits
+from .jail.net.netpolicy import policy_of, unreachable_proxies
 from .jail.spec.plans import CellPlan, RunPlan, SessionPlan
 from .jail.spec.settings import DEFAULT_ENVIRONMENT
 from .quota import allows_environment
@@ -60,6 +61,7 @@ def build(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, run_id: str)
     env = _env(req.get("env"))
     if network:
         env = {**proxy_env(cfg), **env}
+        check_proxies(env, cfg)
     return RunPlan(
         run_id=run_id,
         code=code,
@@ -96,6 +98,7 @@ def build_session(req: Mapping[str, Any], limits: QuotaLimits, cfg: Config, sess
     env = _env(req.get("env"))
     if network:
         env = {**proxy_env(cfg), **env}
+        check_proxies(env, cfg)
     display = _flag(req, "display")
     if display and language != "python3":
         raise bad_request("display", f"figures come from matplotlib: python3 sessions only, not {language}")
@@ -280,6 +283,18 @@ def proxy_env(cfg: Config) -> dict[str, str]:
     if net.no_proxy:
         env["NO_PROXY"] = env["no_proxy"] = net.no_proxy
     return env
+
+
+def check_proxies(env: Mapping[str, str], cfg: Config) -> None:
+    """A run with network is given no proxy it may not reach (``network.proxy`` is checked with
+    the same function when the configuration is loaded; this is for the request's own ``env``,
+    e.g. sandboxd-http's HTTP_PROXY): ``forbidden``, naming the variable, its value and why."""
+    bad = unreachable_proxies(policy_of(cfg.network.allow, cfg.network.deny), env)
+    if bad:
+        name, value, why = bad[0]
+        raise forbidden(f"env: {name} is {value}, a proxy runs may not reach: {why} under the daemon's network "
+                        "policy; add it to network.allow in sandboxd.yaml, or run without network",
+                        field="env", variable=name, value=value, reason=why)
 
 
 def _env(raw: Any) -> dict[str, str]:

@@ -28,6 +28,8 @@ from bridge import KEY, BridgeProcess
 from conftest import require
 from harness import REPO, DaemonProcess, as_user, wait_until
 
+from sandboxd.client import SandboxdError
+
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -306,6 +308,42 @@ def test_network_refused_says_why_and_runs_go_on_without_it(small: BridgeProcess
         assert data_of(run(c, "print(6 * 7)", network=True))["stdout"] == "42\n"
         error = data_of(run(c, SOCKET, network=True))["error"]
         assert "does not allow network (quotas.users.sbx-http.network" in error, error
+
+
+PROXY = "http://127.0.0.1:3128"  # loopback, which no run may reach (and where nothing listens)
+PROXY_ENV = "import os\nprint(os.environ.get('HTTP_PROXY'), os.environ.get('https_proxy'))\n"
+
+
+def test_a_proxy_runs_may_not_reach_is_named_at_start_and_never_given_to_a_run(
+        daemon: DaemonProcess, bridges: Callable[..., BridgeProcess]) -> None:
+    b = bridges(daemon.socket, {"HTTP_PROXY": PROXY, "HTTPS_PROXY": "http://203.0.113.9:3128"})
+    assert wait_until(lambda: PROXY in b.log(), 30), b.log()
+    line = next(line for line in b.log().splitlines() if PROXY in line)
+    assert "WARNING" in line and "HTTP_PROXY" in line and "loopback" in line and "network.allow" in line, line
+    with dify_client(b.url) as c:
+        data = data_of(run(c, PROXY_ENV + SOCKET, network=True))
+    assert data["stdout"].startswith("None None\n"), data  # neither proxy: the run had no network
+    assert "this run had no network" in data["error"] and f"HTTP_PROXY {PROXY}" in data["error"], data
+    # The daemon refuses such a variable whoever sends it, with the same check as network.proxy.
+    with daemon.client() as admin, pytest.raises(SandboxdError) as e:
+        admin.run("print(1)", network=True, env={"HTTPS_PROXY": PROXY})
+    assert (e.value.code, e.value.details.get("field")) == ("forbidden", "env"), e.value
+    assert "HTTPS_PROXY" in e.value.message and "127.0.0.1 (loopback)" in e.value.message, e.value.message
+    with daemon.client() as admin:
+        # without network a run's variables are its own business: it has nothing to use them with
+        without = admin.run("import os\nprint(os.environ['HTTPS_PROXY'])\n", network=False,
+                            env={"HTTPS_PROXY": PROXY})
+    assert without.stdout == f"{PROXY}\n".encode(), without
+
+
+def test_a_proxy_runs_may_reach_is_given_to_runs_with_network(daemon: DaemonProcess,
+                                                              bridges: Callable[..., BridgeProcess]) -> None:
+    allowed = "http://203.0.113.9:3128"  # a documentation address: public as far as the policy can tell
+    b = bridges(daemon.socket, {"HTTP_PROXY": allowed, "HTTPS_PROXY": allowed})
+    with dify_client(b.url) as c:
+        assert data_of(run(c, PROXY_ENV, network=True))["stdout"] == f"{allowed} {allowed}\n"
+        assert data_of(run(c, PROXY_ENV, network=False))["stdout"] == "None None\n"
+    assert allowed not in b.log()  # nothing to warn about
 
 
 # -- bad requests ----------------------------------------------------------------------------------------

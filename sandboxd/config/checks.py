@@ -78,9 +78,8 @@ def _environment_checks(cfg: Config, errors: list[str], warnings: list[str]) -> 
 
 def _network_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
     import ipaddress
-    import urllib.parse
 
-    from ..jail.net.netpolicy import Policy
+    from ..jail.net.netpolicy import Policy, proxy_refusal
 
     net = cfg.network
     pool = ipaddress.ip_network(net.pool)
@@ -95,14 +94,8 @@ def _network_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None
         if server != "host" and (why := policy.refusal(server)):
             errors.append(f"network.dns: runs may not reach {server} ({why}); add it to network.allow or use a "
                           "resolver they may reach")
-    if net.proxy:
-        host = urllib.parse.urlsplit(net.proxy).hostname or ""
-        try:
-            why = policy.refusal(host)
-        except ValueError:
-            why = None  # a name: resolved when runs use it
-        if why:
-            errors.append(f"network.proxy: runs may not reach {host} ({why}); add it to network.allow")
+    if net.proxy and (why := proxy_refusal(policy, net.proxy)):
+        errors.append(f"network.proxy: runs may not reach {why}; add it to network.allow")
 
 
 def _exists(table: str, name: str) -> bool:

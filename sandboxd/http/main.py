@@ -120,6 +120,13 @@ async def _first_hello(bridge: Bridge) -> None:
              "allowed" if quota.get("network") else "not allowed")
     if bridge.settings.enable_network and not quota.get("network"):
         log.warning("ENABLE_NETWORK is on but %s: runs go without network", bridge.network_refusal)
+    elif bridge.settings.enable_network and bridge.proxy_env:
+        status, _ = await bridge.status()
+        problems = bridge.proxy_problems(status)
+        for problem in problems:
+            log.warning("%s: runs asking for network go without it until it is reachable", problem)
+        if problems:
+            bridge.refuse_network("; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,13 @@ at once) and ``max_workers`` sent to the daemon at once (the rest wait at most
 bridge's ``enable_network`` allows it and the daemon's quota for this uid does; when the
 quota refuses it the run goes ahead without network (so Dify, which always asks, works
 with any configuration) and a failure at a socket call says why there was none.
+
+``HTTP_PROXY``/``HTTPS_PROXY`` become the variables of runs with network, checked as the
+daemon's ``network.proxy`` is (``netpolicy.proxy_refusal``): at start against the policy the
+daemon's ``status`` reports (a warning naming the variable and its value), and by the daemon
+itself on every run, which refuses a proxy its runs may not reach (``forbidden``, field
+``env``).  Either way runs then go without network rather than without the proxy: the
+operator's proxy is never bypassed, and code that needs no network still works.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client import SandboxdError
+from ..jail.net.netpolicy import Policy, unreachable_proxies
 from . import dify
 from .dify import Refusal
 from .metrics import Metrics
@@ -65,12 +73,33 @@ class Bridge:
         self.slots = asyncio.Semaphore(settings.max_workers)
         self.user = user_name()
         self.network_refused_at = -NETWORK_REFUSAL_TTL
+        self.network_refused_why = ""
         self._status: tuple[float, dict[str, Any] | None, str] = (-STATUS_TTL, None, "")
         self._hello: tuple[float, dict[str, Any] | None] = (-HELLO_TTL, None)
         self.timeout_ms = int(settings.worker_timeout * 1000)
         proxies = {"HTTP_PROXY": settings.http_proxy, "HTTPS_PROXY": settings.https_proxy}
         self.proxy_env = {k: v for name, value in proxies.items() if value
                           for k, v in ((name, value), (name.lower(), value))}
+
+    def proxy_problems(self, status: dict[str, Any] | None) -> list[str]:
+        """What is wrong with HTTP_PROXY/HTTPS_PROXY under the network policy ``status`` reports
+        (none when the daemon gives runs no network at all: then no run gets them)."""
+        net = (status or {}).get("network")
+        if not self.proxy_env or not isinstance(net, dict):
+            return []
+        policy = Policy(net.get("allow") or (), net.get("deny") or ())
+        return [self._proxy_words(name, value, why) for name, value, why in unreachable_proxies(policy, self.proxy_env)
+                if name.isupper()]
+
+    @staticmethod
+    def _proxy_words(name: str, value: str, why: str) -> str:
+        return (f"{name.upper()} {value} (sandboxd-http's {name.lower()}) is a proxy runs may not reach: {why} under "
+                "sandboxd's network policy; add it to network.allow in sandboxd.yaml or unset it")
+
+    def refuse_network(self, why: str) -> None:
+        """Runs go without network for NETWORK_REFUSAL_TTL, saying ``why``; then it is asked again."""
+        self.network_refused_at = time.monotonic()
+        self.network_refused_why = why
 
     # -- /v1/sandbox/run ----------------------------------------------------------------------
     async def run(self, body: bytes) -> Answer:
@@ -106,7 +135,7 @@ class Bridge:
         if not self.settings.enable_network:
             return False, "ENABLE_NETWORK is off in sandboxd-http"
         if time.monotonic() - self.network_refused_at < NETWORK_REFUSAL_TTL:
-            return False, self.network_refusal
+            return False, self.network_refused_why
         return True, ""
 
     @property
@@ -128,8 +157,15 @@ class Bridge:
                 if e.code == "forbidden" and e.details.get("field") == "network" and network:
                     log.warning("the daemon refuses network to user %s: runs go without it (%s)", self.user,
                                 self.network_refusal)
-                    self.network_refused_at = time.monotonic()
+                    self.refuse_network(self.network_refusal)
                     network, why_not = False, self.network_refusal
+                    continue
+                if e.code == "forbidden" and e.details.get("field") == "env" and network and self.proxy_env:
+                    why = self._proxy_words(str(e.details.get("variable")), str(e.details.get("value")),
+                                            str(e.details.get("reason")))
+                    log.warning("%s: runs go without network", why)
+                    self.refuse_network(why)
+                    network, why_not = False, why
                     continue
                 return self._daemon_error(e, "run")
             except Unreachable as e:

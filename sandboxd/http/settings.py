@@ -80,10 +80,13 @@ class Settings:
     enable_preload: bool = setting(False, sizes.boolean, "Run a request's preload: inside the jail, unprivileged, "
                                    "in the same run, before the code (line numbers stay the code's own). "
                                    "Otherwise it is ignored, as dify-sandbox does.", ("ENABLE_PRELOAD",))
-    http_proxy: str = setting("", sizes.url, "HTTP_PROXY (and http_proxy) of runs with network. The daemon's "
-                              "network policy must let runs reach the proxy (network.allow).", ("HTTP_PROXY",))
-    https_proxy: str = setting("", sizes.url, "HTTPS_PROXY (and https_proxy) of runs with network.",
-                               ("HTTPS_PROXY",))
+    http_proxy: str = setting("", sizes.url, "HTTP_PROXY (and http_proxy) of runs with network. Checked as the "
+                              "daemon's network.proxy is: a proxy runs may not reach under its network policy "
+                              "(loopback, private networks, unless network.allow opens them) is named in a warning "
+                              "at start and refused by the daemon; runs then go without network, never without "
+                              "the proxy. A host name is not checked (runs resolve it).", ("HTTP_PROXY",))
+    https_proxy: str = setting("", sizes.url, "HTTPS_PROXY (and https_proxy) of runs with network; checked as "
+                               "http_proxy is.", ("HTTPS_PROXY",))
     max_body: int = setting(8 << 20, sizes.byte_size, "Largest request body; beyond it 413.")
     header_timeout: float = setting(10.0, sizes.duration, "The request line and headers must arrive within this "
                                     "of the connection opening (or of the first byte of the next request on a "

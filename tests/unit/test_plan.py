@@ -67,3 +67,25 @@ def test_over_quota_is_forbidden_never_capped() -> None:
 def test_text_stdin_and_files_are_utf8() -> None:
     p = build(stdin="héllo", files={"a.txt": "ü"})
     assert p.stdin == "héllo".encode() and p.files == {"a.txt": "ü".encode()}
+
+
+def test_a_proxy_runs_may_not_reach_is_refused_by_the_check_network_proxy_has() -> None:
+    """Hardening item 10: a run's own proxy variables pass the same check as network.proxy."""
+    import dataclasses
+
+    from sandboxd.config import ConfigError
+
+    with_network = dataclasses.replace(LIMITS, network=True)
+    req = {"op": "run", "code": "print(1)", "network": True, "env": {"https_proxy": "http://127.0.0.1:3128"}}
+    with pytest.raises(RequestError) as e:
+        plan.build(req, with_network, CFG, "r")
+    assert (e.value.code, e.value.details["field"], e.value.details["variable"]) == ("forbidden", "env", "https_proxy")
+    assert "127.0.0.1 (loopback)" in e.value.message and "network.allow" in e.value.message
+    assert plan.build({**req, "network": False}, with_network, CFG, "r").env == req["env"]  # no network: its own
+    opened = parse({"network": {"allow": ["127.0.0.1/32"]}})
+    assert plan.build(req, with_network, opened, "r").env["https_proxy"] == "http://127.0.0.1:3128"
+    named = {**req, "env": {"HTTP_PROXY": "http://proxy.example:3128"}}  # a name: runs resolve it
+    assert plan.build(named, with_network, CFG, "r").env["HTTP_PROXY"] == "http://proxy.example:3128"
+    with pytest.raises(ConfigError) as c:
+        parse({"network": {"proxy": "http://10.0.0.9:3128"}})
+    assert any("network.proxy: runs may not reach 10.0.0.9 (RFC 1918 private)" in m for m in c.value.errors)

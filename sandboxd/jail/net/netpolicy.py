@@ -21,8 +21,10 @@ table all the same, so allowing IPv6 later cannot open the equivalents by mistak
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -82,6 +84,36 @@ class Policy:
                 out[f"{name}{version}"] = list(ipaddress.collapse_addresses(  # type: ignore[type-var]
                     n for n in nets if n.version == version))
         return out
+
+
+# The variables programs take a proxy from (both spellings: programs read either).
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+@functools.lru_cache(maxsize=8)
+def policy_of(allow: tuple[str, ...], deny: tuple[str, ...]) -> Policy:
+    """The Policy of these lists, made once (a run's plan asks for it on every run with network)."""
+    return Policy(allow, deny)
+
+
+def proxy_refusal(policy: Policy, url: str) -> str | None:
+    """Why runs may not reach the proxy at ``url``: ``"127.0.0.1 (loopback)"``; None when they
+    may, or when its host is a name (resolved when a run uses it, by the run's resolver).
+
+    The one check of a proxy runs are given, wherever it was set: ``network.proxy``
+    (config.checks), a run's own variables (plan), sandboxd-http's HTTP_PROXY/HTTPS_PROXY."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        why = policy.refusal(host)
+    except ValueError:
+        return None
+    return f"{host} ({why})" if why else None
+
+
+def unreachable_proxies(policy: Policy, env: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(variable, value, why) of each proxy variable in ``env`` that runs may not reach."""
+    return [(name, env[name], why) for name in PROXY_VARIABLES
+            if env.get(name) and (why := proxy_refusal(policy, env[name]))]
 
 
 # -- the ruleset, as libnftables JSON -----------------------------------------------------
