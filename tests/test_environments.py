@@ -13,7 +13,9 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -28,7 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import require, require_root
-from harness import ENVS_BASE, REPO, DaemonProcess, configured_index, wait_until
+from harness import ENVS_BASE, REPO, DaemonProcess, as_user, configured_index, wait_until
 
 from sandboxd.client import SandboxdError
 
@@ -124,15 +126,38 @@ def add_pth_wheel(house: str) -> None:
 
 
 def add_hook_sdist(house: str, state_dir: str) -> None:
-    setup_py = HOOK_SETUP.replace("STATE", repr(state_dir))
-    data = {"sbxhook-1.0/setup.py": setup_py, "sbxhook-1.0/sbxhook/__init__.py": "from ._seen import SEEN\n",
-            "sbxhook-1.0/PKG-INFO": "Metadata-Version: 1.0\nName: sbxhook\nVersion: 1.0\n"}
-    with tarfile.open(os.path.join(house, "sbxhook-1.0.tar.gz"), "w:gz") as tar:
-        for name, text in data.items():
+    add_sdist(house, "sbxhook", HOOK_SETUP.replace("STATE", repr(state_dir)), "from ._seen import SEEN\n")
+
+
+def add_sdist(house: str, name: str, setup_py: str, init: str = "") -> None:
+    """A source distribution NAME 1.0 in ``house``: its setup.py (package code that runs in the
+    build jail, as the build uid) and its package's ``__init__.py``."""
+    data = {f"{name}-1.0/setup.py": setup_py, f"{name}-1.0/{name}/__init__.py": init,
+            f"{name}-1.0/PKG-INFO": f"Metadata-Version: 1.0\nName: {name}\nVersion: 1.0\n"}
+    with tarfile.open(os.path.join(house, f"{name}-1.0.tar.gz"), "w:gz") as tar:
+        for path, text in data.items():
             raw = text.encode()
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(path)
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
+
+
+@pytest.fixture
+def sdists() -> Iterator[Any]:
+    """A wheelhouse of the test's own for source distributions it makes (removed afterwards)."""
+    house = tempfile.mkdtemp(prefix="sbx-sdists-")
+    os.chmod(house, 0o755)
+
+    def add(name: str, setup_py: str, init: str = "") -> str:
+        add_sdist(house, name, setup_py, init)
+        return house
+
+    yield add
+    shutil.rmtree(house, ignore_errors=True)
+
+
+def sdist_env(house: str, *requirements: str) -> dict[str, Any]:
+    return {"requirements": list(requirements), "find_links": [house], "only_binary": False}
 
 
 @pytest.fixture
@@ -269,6 +294,204 @@ def test_package_code_runs_confined_in_the_build_jail(env_daemon: Any, wheelhous
         assert not Path(envs["default"]["site"], "leak").exists()
     finally:
         shutil.rmtree(house, ignore_errors=True)
+
+
+# -- what a build leaves, and what it may take ------------------------------------------------------
+# setup.py of a package that leaves, in its environment, what a red team's did: a directory and a
+# file anyone may write (the fork server imports from this tree, as root), set-id bits, ACLs that
+# grant a host user what the mode does not (a default one on the environment's top too, which
+# files the daemon writes there later would inherit).
+LEFTOVERS_SETUP = textwrap.dedent("""\
+    import os, struct, sysconfig
+    from setuptools import setup
+    paths = sysconfig.get_paths()
+    site, top = paths["purelib"], paths["data"]
+    def acl(named):
+        entries = [(0x01, 7, -1), (0x02, named, ALICE), (0x04, 5, -1), (0x10, 7, -1), (0x20, 5, -1)]
+        return struct.pack("<I", 2) + b"".join(struct.pack("<HHi", t, p, i) for t, p, i in entries)
+    def chmod(path, mode):
+        os.chmod(path, mode)
+        return path
+    d = os.path.join(site, "sbxleft_open")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "__init__.py"), "w") as f:
+        f.write("PLANTED = False\\n")
+    chmod(os.path.join(d, "__init__.py"), 0o666)
+    chmod(d, 0o777)
+    os.makedirs(os.path.join(site, "sbxleft_setgid"), exist_ok=True)
+    chmod(os.path.join(site, "sbxleft_setgid"), 0o3777)
+    open(os.path.join(site, "sbxleft_setuid"), "w").close()
+    chmod(os.path.join(site, "sbxleft_setuid"), 0o6755)
+    with open(os.path.join(site, "sbxleft_acl.py"), "w") as f:
+        f.write("X = 1\\n")
+    os.setxattr(os.path.join(site, "sbxleft_acl.py"), "system.posix_acl_access", acl(7))
+    os.setxattr(top, "system.posix_acl_default", acl(7))
+    setup(name="sbxleft", version="1.0", packages=["sbxleft"])
+    """)
+# What a host user (not root, not the build uid) tries on a built environment.
+HOST_USER_TRIES = textwrap.dedent("""\
+    import json, os, sys
+    site, top = sys.argv[1], sys.argv[2]
+    tried = {}
+    def attempt(name, fn):
+        try:
+            fn()
+            tried[name] = "ok"
+        except OSError as e:
+            tried[name] = type(e).__name__
+    attempt("plant_in_open_dir", lambda: open(os.path.join(site, "sbxleft_open", "evil.py"), "x").close())
+    attempt("write_open_file", lambda: open(os.path.join(site, "sbxleft_open", "__init__.py"), "a").close())
+    attempt("write_acl_file", lambda: open(os.path.join(site, "sbxleft_acl.py"), "a").close())
+    attempt("plant_in_top", lambda: open(os.path.join(top, "evil.py"), "x").close())
+    attempt("write_manifest", lambda: open(os.path.join(top, "sandboxd-environment.json"), "a").close())
+    print(json.dumps(tried))
+    """)
+
+
+def tree_problems(top: str) -> list[str]:
+    """Entries under ``top`` (``top`` too) that are not root's, are writable by group or others,
+    carry set-id or sticky bits, or an ACL."""
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(top):  # each directory as it is walked, top first
+        links = [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]  # not walked
+        for path in [dirpath, *(os.path.join(dirpath, n) for n in [*filenames, *links])]:
+            st = os.lstat(path)
+            if (st.st_uid, st.st_gid) != (0, 0):
+                problems.append(f"{path}: owner {st.st_uid}:{st.st_gid}")
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if st.st_mode & 0o7022:
+                problems.append(f"{path}: mode {stat.S_IMODE(st.st_mode):o}")
+            acls = [a for a in os.listxattr(path, follow_symlinks=False) if a.startswith("system.posix_acl")]
+            if acls:
+                problems.append(f"{path}: {', '.join(acls)}")
+    return sorted(set(problems))
+
+
+def test_a_build_leaves_nothing_a_host_user_can_write(env_daemon: Any, sdists: Any) -> None:
+    """Item 7: everything a build leaves is root's, without group or other write, set-id bits
+    or ACLs, whatever the package made of its modes: no host user can plant code in the tree
+    the environment's fork server imports from as root."""
+    alice = pwd.getpwnam("sbx-alice").pw_uid
+    house = sdists("sbxleft", LEFTOVERS_SETUP.replace("ALICE", str(alice)))
+    d: DaemonProcess = env_daemon({"default": sdist_env(house, "sbxleft")})
+    entry = ready(d, "default")["default"]
+    assert entry["state"] == "ready", entry["error"]
+    site = Path(entry["site"])
+    top = site.parents[2]
+    assert (site / "sbxleft_open" / "__init__.py").exists() and (site / "sbxleft_acl.py").exists()
+    helper = Path(d.dir, "host_user_tries.py")
+    helper.write_text(HOST_USER_TRIES)
+    helper.chmod(0o644)
+    p = subprocess.run(["/usr/bin/python3", "-I", str(helper), str(site), str(top)], capture_output=True, text=True,
+                       timeout=60, cwd="/", **as_user("sbx-alice"))
+    tried = json.loads(p.stdout)
+    assert all(v == "PermissionError" for v in tried.values()), tried
+    assert tree_problems(str(top)) == []
+    assert d.run("import sbxleft_open; print(sbxleft_open.PLANTED)")["stdout"] == b"False\n"
+    # A build an older sandboxd took over (another digest, no takeover version in its manifest,
+    # modes as the build left them) is normalised at start, before it serves again, and rebuilt.
+    assert d.stop() == 0
+    manifest = top / "sandboxd-environment.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "takeover"}))
+    (site / "sbxleft_open").chmod(0o777)
+    old = top.with_name(top.name.replace(entry["build"].split("-")[1], "0" * 12))
+    top.rename(old)
+    d.start()
+    assert tree_problems(str(old)) == [] and "taken over by an older sandboxd" in d.log()
+    with d.client() as c:
+        def rebuilt_entry() -> dict[str, Any] | None:
+            return next((e for e in c.call("environments")["environments"]
+                         if e["state"] == "ready" and e["build"] != entry["build"]), None)
+
+        rebuilt = wait_until(rebuilt_entry, 180, 0.5)
+    assert rebuilt and tree_problems(str(Path(rebuilt["site"]).parents[2])) == []
+
+
+SPARSE_SETUP = textwrap.dedent("""\
+    import os, sysconfig
+    from setuptools import setup
+    with open(os.path.join(sysconfig.get_paths()["purelib"], "sbxsparse.bin"), "wb") as f:
+        f.truncate(1 << 30)
+    setup(name="sbxsparse", version="1.0", packages=["sbxsparse"])
+    """)
+
+
+def test_a_sparse_file_of_a_build_stays_sparse_in_its_root(env_daemon: Any, sdists: Any) -> None:
+    """Item 7: a 1 GiB sparse file (no block allocated) that a package leaves takes no space in
+    the environment's root either, which copies files (root.hard_links off, the default)."""
+    d: DaemonProcess = env_daemon({"default": sdist_env(sdists("sbxsparse", SPARSE_SETUP), "sbxsparse")},
+                                  root={"hard_links": False})
+    entry = ready(d, "default")["default"]
+    assert entry["state"] == "ready", entry["error"]
+    source = os.stat(Path(entry["site"], "sbxsparse.bin"))
+    assert source.st_size == 1 << 30 and source.st_blocks == 0  # what the build left: a hole
+    env_root = next(p for p in Path(d.state_dir, "roots", "environments", "default").glob("root-*") if p.is_dir())
+    copy = os.stat(str(env_root) + entry["site"] + "/sbxsparse.bin")
+    assert copy.st_ino != source.st_ino and copy.st_size == 1 << 30
+    assert copy.st_blocks * 512 < 1 << 20, f"{copy.st_blocks * 512} bytes allocated for a copy of a hole"
+    r = d.run(f"f = open({entry['site'] + '/sbxsparse.bin'!r}, 'rb'); f.seek((1 << 30) - 4); print(f.read())")
+    assert r["stdout"] == b"b'\\x00\\x00\\x00\\x00'\n", r
+
+
+# setup.py of a package that says where its build runs and how many processes it may start.
+CGROUP_PROBE_SETUP = textwrap.dedent("""\
+    import json, os, signal
+    from setuptools import setup
+    seen = {"cgroup": open("/proc/self/cgroup").read()}
+    children = []
+    try:
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:
+                signal.pause()
+                os._exit(0)
+            children.append(pid)
+    except OSError as e:
+        seen["fork_error"] = type(e).__name__
+    seen["forks"] = len(children)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with open("sbxcg/_seen.py", "w") as f:
+        f.write("SEEN = " + json.dumps(seen) + "\\n")
+    setup(name="sbxcg", version="1.0", packages=["sbxcg"])
+    """)
+# setup.py of a package that takes 2 GiB while it builds.
+HOG_SETUP = textwrap.dedent("""\
+    from setuptools import setup
+    hog = b"\\x01" * (2 << 30)
+    setup(name="sbxhog", version="1.0", packages=["sbxhog"])
+    """)
+
+
+def test_a_build_runs_in_a_cgroup_of_its_own_and_stops_at_its_limits(env_daemon: Any, sdists: Any) -> None:
+    """Item 7: each build has a cgroup of its own (not the daemon's), with jail.build_memory_max
+    and jail.build_pids; a build that reaches its memory limit fails saying so, and its cgroup
+    goes with it."""
+    sdists("sbxcg", CGROUP_PROBE_SETUP, "from ._seen import SEEN\n")
+    house = sdists("sbxhog", HOG_SETUP)
+    d: DaemonProcess = env_daemon({"hog": sdist_env(house, "sbxhog"), "probe": sdist_env(house, "sbxcg")},
+                                  jail={"build_memory_max": "512M", "build_pids": 64})
+    envs = ready(d, "hog", "probe")
+    hog = envs["hog"]
+    assert hog["state"] == "failed", hog
+    assert "jail.build_memory_max" in hog["error"]["message"] and "512.0 MiB" in hog["error"]["message"], hog["error"]
+    assert hog["error"]["limit"] == "jail.build_memory_max"
+    assert envs["probe"]["state"] == "ready", envs["probe"]["error"]
+    assert 0 < envs["probe"]["build_memory_peak_bytes"] < 512 << 20  # its cgroup's peak, for tuning the limit
+    r = d.run("import json, sbxcg; print(json.dumps(sbxcg.SEEN))", environment="probe")
+    assert r["status"] == "ok", r
+    seen = json.loads(r["stdout"])
+    parent = d.config["jail"]["cgroup_parent"]
+    lines = [ln.split(":", 2) for ln in seen["cgroup"].splitlines()]
+    memory = next(path for _, controllers, path in lines if "memory" in controllers.split(",") or controllers == "")
+    assert f"/{parent}/build-" in memory, seen["cgroup"]  # not the daemon's own cgroup
+    assert seen.get("fork_error") == "BlockingIOError" and seen["forks"] < 64, seen  # jail.build_pids
+    with d.client() as c:
+        bases = c.status()["cgroup"]["bases"]
+    left = [os.path.join(b, n) for b in bases.values() for n in os.listdir(b) if n.startswith("build-")]
+    assert left == []  # each build's cgroup went with it
 
 
 # -- building, failing, keeping --------------------------------------------------------------------

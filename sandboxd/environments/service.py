@@ -43,7 +43,7 @@ from ..jail.builder.buildjail import BuildSpec
 from ..jail.jail import Jail
 from ..jail.spec.plans import EnvLayer
 from . import records
-from .takeover import installed, make_own, tree_size
+from .takeover import TAKEOVER_VERSION, installed, make_own, tree_size
 
 log = logging.getLogger("sandboxd.environments")
 MANIFEST = "sandboxd-environment.json"
@@ -83,8 +83,10 @@ def site_of(path: str) -> str:
 
 
 def digest_of(settings: EnvironmentSettings, python: str) -> str:
-    """What decides whether a build is still good: the settings, the interpreter, the wheelhouses."""
+    """What decides whether a build is still good: the settings, the interpreter, the
+    wheelhouses, and how builds are taken over (a tree an older takeover left is rebuilt)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    h.update(f"takeover {TAKEOVER_VERSION}".encode())
     try:
         h.update(os.path.realpath(python).encode() + str(os.stat(python).st_mtime_ns).encode())
     except OSError:
@@ -121,6 +123,17 @@ class Environments:
             builds = found.get(name, [])
             current = [b for b in builds if b.digest == st.digest]
             st.serving = (current or builds)[0] if (current or builds) else None
+            if st.serving is not None and st.serving.manifest.get("takeover", 1) < TAKEOVER_VERSION:
+                # An older daemon's build (modes as the build left them): normalised before it
+                # serves again, and rebuilt in the background (its digest is not current).
+                try:
+                    make_own(st.serving.path)
+                    log.warning("environment %s: build %s was taken over by an older sandboxd: its modes are "
+                                "normalised now, and it is rebuilt", name, os.path.basename(st.serving.path))
+                except OSError as e:
+                    log.error("environment %s: build %s cannot be normalised (%s): it does not serve",
+                              name, os.path.basename(st.serving.path), e)
+                    st.serving = None
             if st.serving is not None:
                 out[name] = st.serving.layer(st.settings)
                 log.info("environment %s: %s build %s", name, "reusing" if current else "serving the previous",
@@ -229,7 +242,8 @@ class Environments:
             try:
                 built = await self._build_locked(name, st)
             except RequestError as e:
-                st.error = {"message": e.message, "log": e.details.get("log", []), "at": time.time()}
+                st.error = {"message": e.message, "log": e.details.get("log", []), "at": time.time(),
+                            **({"limit": e.details["limit"]} if "limit" in e.details else {})}
                 log.error("environment %s: build failed: %s", name, e.message)
                 self._report(st, "failed", {"message": e.message})
                 raise
@@ -251,26 +265,40 @@ class Environments:
         cfg = self.config
         settings, digest = st.settings, st.digest
         final = os.path.join(self.base, f"{name}-{digest}-{time.strftime('%Y%m%dT%H%M%S')}{os.urandom(2).hex()}")
+        # The venv is built in a directory of root's that nobody else may enter: whatever modes
+        # the build gives its tree, no host user can reach into it -- to plant a file, or to
+        # open one and keep it -- before it is taken over and moved out, its modes normalised.
         partial = final + ".partial"
+        venv = os.path.join(partial, os.path.basename(final))
         uid = cfg.jail.build_uid
-        os.makedirs(partial, mode=0o755)
-        os.chown(partial, uid, uid)
+        os.mkdir(partial, mode=0o700)
+        os.chmod(partial, 0o700)  # whatever the umask
+        os.mkdir(venv, mode=0o755)
+        os.chown(venv, uid, uid)
         t0 = time.monotonic()
         try:
-            await self._run_jail(st, partial, settings)
+            usage = await self._run_jail(st, venv, settings)
             self._report(st, "checking", {})
-            removed = make_own(partial, uid)
-            clash = records.clashes(site_of(partial))
+            removed = make_own(venv)
+            clash = records.clashes(site_of(venv))
             if clash:
                 raise RequestError(errors.BUILD_FAILED, records.describe(clash))
-            packages = installed(site_of(partial))
+            packages = installed(site_of(venv))
             manifest = {"name": name, "digest": digest, "requirements": list(settings.requirements),
                         "packages": packages, "built_at": time.time(), "build_seconds": round(time.monotonic() - t0, 1),
-                        "size_bytes": tree_size(partial), "removed": removed[:20],
+                        "size_bytes": tree_size(venv), "removed": removed[:20],
+                        "build_memory_peak_bytes": usage.get("memory_peak"), "takeover": TAKEOVER_VERSION,
                         "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
-            with open(os.path.join(partial, MANIFEST), "w", encoding="utf-8") as f:
+            path = os.path.join(venv, MANIFEST)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # the build's own "manifest": not a word of it is taken
+            elif os.path.lexists(path):
+                os.unlink(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1)
-            os.rename(partial, final)
+            os.rename(venv, final)
+            os.rmdir(partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -284,7 +312,8 @@ class Environments:
             raise
         return built
 
-    async def _run_jail(self, st: State, venv: str, settings: EnvironmentSettings) -> None:
+    async def _run_jail(self, st: State, venv: str, settings: EnvironmentSettings) -> dict[str, Any]:
+        """Build ``venv`` in the build jail; what the build used (``run_build.build``'s answer)."""
         cfg = self.config
         if run_build.needs_network(settings.index_url, settings.extra_index_urls) and self.jail.network is None:
             raise RequestError(errors.UNAVAILABLE, "this environment needs its index, and network for runs is not "
@@ -296,9 +325,12 @@ class Environments:
                          only_binary=settings.only_binary, system_site_packages=settings.system_site_packages,
                          memory=cfg.jail.build_memory, proxy=cfg.network.proxy)
         try:
-            await self.jail.build_environment(spec, lambda stage, info: self._report(st, stage, info))
+            return await self.jail.build_environment(spec, lambda stage, info: self._report(st, stage, info))
         except run_build.BuildFailed as e:
-            raise RequestError(errors.BUILD_FAILED, e.message, log=e.log) from None
+            details: dict[str, Any] = {"log": e.log}
+            if e.limit:
+                details["limit"] = e.limit
+            raise RequestError(errors.BUILD_FAILED, e.message, **details) from None
 
     def _scan(self) -> dict[str, list[Built]]:
         """Finished builds on disk, newest first per name."""
@@ -340,6 +372,7 @@ class Environments:
         return {"name": name, "state": state, "build": os.path.basename(b.path) if b else None,
                 "requirements": list(st.settings.requirements), "packages": m.get("packages", []),
                 "size_bytes": m.get("size_bytes"), "build_seconds": m.get("build_seconds"),
+                "build_memory_peak_bytes": m.get("build_memory_peak_bytes"),
                 "built_at": m.get("built_at"), "python": m.get("python"), "site": site_of(b.path) if b else None,
                 "preload": list(st.settings.preload), "system_site_packages": st.settings.system_site_packages,
                 "error": st.error, "stage": st.stage if state == "building" else None}

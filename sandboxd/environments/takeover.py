@@ -3,38 +3,79 @@ what may stay in it, who owns it, and what it holds (the distributions' metadata
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
+TAKEOVER_VERSION = 2  # 2: modes normalised, owner-set attributes removed (1 kept the build's modes)
+DIR_MODE, FILE_MODE, EXEC_MODE = 0o755, 0o644, 0o755
+# What a file's owner may set without privilege (security.capability needs CAP_SETFCAP, and
+# chown clears it; security labels are the host's LSM's and stay).
+OWNER_XATTRS = ("user.", "system.posix_acl_")
 
-def make_own(top: str, build_uid: int) -> list[str]:
+
+def make_own(top: str) -> list[str]:
     """As root, trusting nothing of what the build left: links that lead out of ``top`` and
-    everything but files, directories and links go; what the build uid owns becomes root's,
-    set-id bits dropped.  Returns what was removed (relative paths)."""
+    everything but files, directories and links go; the rest (``top`` too) becomes root's,
+    with normalised modes -- directories 0755, files 0644, or 0755 when any execute bit was
+    set: no group or other write, no set-id or sticky bits -- and none of the extended
+    attributes an unprivileged owner can set (an ACL grants what the mode does not; a
+    default ACL on a directory would reach the files the daemon writes there later).  The
+    build is over (its pid namespace is gone) and the tree lies in a directory only root
+    can enter, so nothing changes it under this walk.  Returns what was removed (relative
+    paths)."""
     removed = []
     real_top = os.path.realpath(top)
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(top, follow_symlinks=False):
+        gone = []
         for name in [*dirnames, *filenames]:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                target = os.path.realpath(path)
-                if not (target == real_top or target.startswith(real_top + "/")):
-                    os.unlink(path)
-                    removed.append(os.path.relpath(path, top))
-                    if name in dirnames:
-                        dirnames.remove(name)
+                target = os.path.realpath(os.path.join(dirpath, name))
+                if target == real_top or target.startswith(real_top + "/"):
+                    os.chown(name, 0, 0, dir_fd=dirfd, follow_symlinks=False)
                     continue
-            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                os.unlink(path)
-                removed.append(os.path.relpath(path, top))
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                _normalise_at(dirfd, name, st)
                 continue
-            if st.st_uid == build_uid:
-                os.lchown(path, 0, 0)
-                if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
-    os.lchown(top, 0, 0)
+            os.unlink(name, dir_fd=dirfd)
+            removed.append(os.path.relpath(os.path.join(dirpath, name), top))
+            gone.append(name)
+        dirnames[:] = [n for n in dirnames if n not in gone]
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _normalise(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
     return removed
+
+
+def _normalise_at(dirfd: int, name: str, seen: os.stat_result) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+            raise OSError(f"{name} changed while the build was being taken over")
+        _normalise(fd, st)
+    finally:
+        os.close(fd)
+
+
+def _normalise(fd: int, st: os.stat_result) -> None:
+    """Root's, its mode normalised, no extended attributes (``fd``: a file or directory)."""
+    try:
+        attrs = os.listxattr(fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        attrs = []  # a filesystem without extended attributes
+    for attr in attrs:
+        if attr.startswith(OWNER_XATTRS):
+            os.removexattr(fd, attr)
+    os.fchown(fd, 0, 0)
+    mode = DIR_MODE if stat.S_ISDIR(st.st_mode) else EXEC_MODE if st.st_mode & 0o111 else FILE_MODE
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.fchmod(fd, mode)
 
 
 def installed(site: str) -> list[dict[str, str]]:

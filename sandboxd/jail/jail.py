@@ -226,10 +226,13 @@ class Jail:
         return worker, key, one_off
 
     # -- roots, environments and configuration -------------------------------------------------
-    async def build_environment(self, spec: BuildSpec, progress: Callable[[str, dict[str, Any]], None]) -> None:
-        """Run an environment's build jail (pip as the build uid, confined); BuildFailed if it fails."""
-        await run_build.build(spec, self.settings.root.python, self.settings.jail.build_timeout, self.network,
-                              progress)
+    async def build_environment(self, spec: BuildSpec,
+                                progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+        """Run an environment's build jail (pip as the build uid, confined, in a cgroup of its
+        own); what it used; BuildFailed if it fails."""
+        j = self.settings.jail
+        return await run_build.build(spec, self.settings.root.python, j.build_timeout, self.network, progress,
+                                     self.driver, run_build.BuildLimits(j.build_memory_max, j.build_pids))
 
     async def rebuild_root(self, force: bool = False, progress: rootfs.Progress | None = None) -> rootfs.RootInfo:
         """Rebuild the base root and every environment's (they hold the base root too)."""

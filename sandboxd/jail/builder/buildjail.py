@@ -1,6 +1,7 @@
 """The build jail: pip installs an environment as an unprivileged uid in namespaces of its own.
 
-``buildjail.main([SPEC.json])`` (started by ``run.build`` through the launcher, as root): a new
+``buildjail.main([SPEC.json])`` (started by ``run.build`` through the launcher, as root) joins
+the build's own cgroup (memory and pids limits, made by the daemon), then makes a new
 mount, pid, IPC, UTS and network namespace (an empty one, or the one the daemon made
 ready for a build that reaches an index through the runs' egress policy), then its
 steps, in order:
@@ -76,6 +77,7 @@ class BuildSpec:
     memory: int = 4 << 30
     netns_fd: int = -1  # a network namespace to join (made ready by the daemon); -1: none, an empty one
     proxy: str = ""
+    cgroup_procs: list[str] = field(default_factory=list)  # the build's cgroup(s): joined before anything else
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -276,9 +278,25 @@ def build(spec: BuildSpec) -> int:
     return 0
 
 
+def join_cgroup(spec: BuildSpec) -> None:
+    """Into the build's own cgroup(s), first: every process of the build is born in it, and
+    what the build takes counts against its limits, not the daemon's."""
+    for path in spec.cgroup_procs:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
 def main(argv: list[str]) -> NoReturn:
     spec = BuildSpec.load(argv[0])
     t0 = time.monotonic()
+    try:
+        join_cgroup(spec)
+    except OSError as e:
+        say("error", message=f"build jail: joining its cgroup: {e}", log=[])
+        os._exit(1)
     flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
     try:
         if spec.network:

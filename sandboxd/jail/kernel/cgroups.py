@@ -113,12 +113,7 @@ class WorkerCgroup:
             self.written[path] = value
 
     def set_limits(self, limits: Limits) -> None:
-        if self.driver.kind == "cgroup2":
-            self._set("memory", "memory.max", str(limits.memory))
-            self._set("pids", "pids.max", str(limits.pids))
-        elif self.driver.kind == "cgroup1":
-            self._set_v1_memory(limits.memory)
-            self._set("pids", "pids.max", str(limits.pids))
+        self.set_memory_and_pids(limits.memory, limits.pids)
         if self.driver.has_cpu:
             self._set_cpu(limits.cpu_quota, limits.active)
 
@@ -129,6 +124,14 @@ class WorkerCgroup:
                 self._set_cpu(cpus, active)
             except OSError as e:
                 log.warning("setting the CPU of %s: %s", self.dirs, e)
+
+    def set_memory_and_pids(self, memory: int, pids: int) -> None:
+        if self.driver.kind == "cgroup2":
+            self._set("memory", "memory.max", str(memory))
+            self._set("pids", "pids.max", str(pids))
+        elif self.driver.kind == "cgroup1":
+            self._set_v1_memory(memory)
+            self._set("pids", "pids.max", str(pids))
 
     def unthrottle(self) -> None:
         """Lift the CPU bandwidth limit of a run that is being killed.  Its tasks need CPU
@@ -300,11 +303,42 @@ class CgroupDriver:
         needs that is not read as a difference anyway."""
         if self.kind == "none":
             return WorkerCgroup(self, {})
+        cg = self._make(name, self.bases, slot)
+        try:
+            self._no_swap(cg)
+            cg.set_limits(limits)
+        except BaseException:
+            cg.remove()
+            raise
+        return cg
+
+    def create_build(self, name: str, memory: int, pids: int) -> WorkerCgroup:
+        """The cgroup of one environment build: memory (swap off) and pids, and on v1 no
+        cpu or cpuacct group (the build's CPU stays the daemon's).  On v2 the kernel kills
+        the whole build at once when it reaches its memory limit (``memory.oom.group``); on
+        v1 it kills the largest process, which ends the build as well (the caller fails a
+        build with any OOM kill).  Its directories are removed as a worker's are."""
+        if self.kind == "none":
+            return WorkerCgroup(self, {})
+        keys = ("v2",) if self.kind == "cgroup2" else ("memory", "pids")
+        cg = self._make(name, {k: b for k, b in self.bases.items() if k in keys}, None)
+        try:
+            self._no_swap(cg)
+            cg.set_memory_and_pids(memory, pids)
+            group = os.path.join(cg.dirs.get("v2", ""), "memory.oom.group")
+            if self.kind == "cgroup2" and os.path.exists(group):
+                write_control(group, "1")
+        except BaseException:
+            cg.remove()
+            raise
+        return cg
+
+    def _make(self, name: str, bases: dict[str, str], slot: int | None) -> WorkerCgroup:
         self._seq += 1
         dirs: dict[str, str] = {}
         kept: set[str] = set()
-        for key, base in self.bases.items():
-            if self.kind == "cgroup1" and key in SLOT_SCOPED:
+        for key, base in bases.items():
+            if self.kind == "cgroup1" and key in SLOT_SCOPED and slot is not None:
                 d = os.path.join(base, f"slot{slot}")
                 if not os.path.isdir(d):
                     self._mkdir(base, d)
@@ -314,21 +348,17 @@ class CgroupDriver:
                 if d not in dirs.values():
                     self._mkdir(base, d)
             dirs[key] = d
-        cg = WorkerCgroup(self, dirs, frozenset(kept))
-        try:
-            if self.kind == "cgroup1":
-                swappiness = os.path.join(dirs["memory"], "memory.swappiness")
-                if os.path.exists(swappiness):
-                    write_control(swappiness, "0")
-            else:
-                swap = os.path.join(dirs["v2"], "memory.swap.max")
-                if os.path.exists(swap):
-                    write_control(swap, "0")
-            cg.set_limits(limits)
-        except BaseException:
-            cg.remove()
-            raise
-        return cg
+        return WorkerCgroup(self, dirs, frozenset(kept))
+
+    def _no_swap(self, cg: WorkerCgroup) -> None:
+        if self.kind == "cgroup1":
+            swappiness = os.path.join(cg.dirs["memory"], "memory.swappiness")
+            if os.path.exists(swappiness):
+                write_control(swappiness, "0")
+        else:
+            swap = os.path.join(cg.dirs["v2"], "memory.swap.max")
+            if os.path.exists(swap):
+                write_control(swap, "0")
 
     def cleanup_stale(self) -> list[str]:
         """Kill and remove worker cgroups left by an earlier daemon. Returns what was removed."""

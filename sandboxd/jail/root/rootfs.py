@@ -17,6 +17,7 @@ read the host's paths), lets an unchanged configuration reuse the root.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -200,13 +201,7 @@ def _copy(src: str, dest: str, mode: int) -> None:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             st = os.fstat(fd)
-            size = st.st_size
-            offset = 0
-            while offset < size:  # sendfile works across filesystems (copy_file_range may not)
-                n = os.sendfile(out, fd, offset, size - offset)
-                if n == 0:
-                    break
-                offset += n
+            copy_data(fd, out, st.st_size)
             os.fchown(out, 0, 0)
             os.fchmod(out, _safe_mode(mode) | 0o444)
             # The source's mtime is what a .pyc beside it records: a copy with a new one makes
@@ -217,6 +212,34 @@ def _copy(src: str, dest: str, mode: int) -> None:
             os.close(out)
     finally:
         os.close(fd)
+
+
+def copy_data(src: int, dest: int, size: int) -> None:
+    """The first ``size`` bytes of ``src`` into the empty ``dest``, holes kept holes: only the
+    ranges SEEK_DATA finds are written (with sendfile, which works across filesystems, where
+    copy_file_range may not), and the file is extended to ``size`` at the end.  A sparse
+    file of 1 GiB with nothing in it (a package's, say) costs no block in each root that
+    copies it, as it costs none where it came from; written densely, each copy cost 1 GiB.
+    A filesystem that does not know holes reports the whole file as data."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        os.lseek(dest, start, os.SEEK_SET)
+        while start < end:
+            n = os.sendfile(dest, src, start, end - start)
+            if n == 0:  # the source shrank under us: what there was is copied
+                break
+            start += n
+        offset = end
+    os.ftruncate(dest, size)
 
 
 def _write_file(path: str, content: bytes, mode: int) -> None:

@@ -112,7 +112,14 @@ class JailConfig:
                              "uid and gid environment builds run as (pip runs package code): no user or group may "
                              "use it, and it is not a run uid.")
     build_timeout: float = setting(900.0, sizes.duration, "Longest an environment build may take.")
-    build_memory: int = setting(4 << 30, sizes.byte_size, "Address space of an environment build's processes.")
+    build_memory: int = setting(4 << 30, sizes.byte_size,
+                                "Address space (RLIMIT_AS) of each process of an environment build.")
+    build_memory_max: int = setting(
+        2 << 30, sizes.byte_size, "Memory of an environment build as a whole, swap off, in a cgroup of its own "
+        "(its processes and the files it writes in its /tmp, a tmpfs): a build that reaches it is killed and "
+        "fails saying so. Without cgroups (jail.cgroup: none) only build_memory applies.")
+    build_pids: int = setting(512, sizes.int_range(16, 100000),
+                              "Processes and threads an environment build may have at once (its cgroup's pids.max).")
 
 
 @dataclass(frozen=True)
