@@ -38,13 +38,18 @@ def for_terminal(data: bytes) -> bytes:
 
 
 def safe_text(text: str) -> str:
+    """``text`` with every control and format character (C0, C1, bidi overrides...) but
+    newlines and tabs written as a visible escape: ``\x1b]0;x\x07`` shows as those
+    characters, and sets no title.  Idempotent: what it returns it returns unchanged."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    """Columns padded to their widest cell, each cell escaped first (so escapes cannot skew
+    the columns, or slip through a caller that prints the table as it is)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else safe_text(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -22,8 +22,8 @@ HISTORY = os.path.expanduser("~/.sandboxctl_history")
 
 
 class Output(Protocol):
-    def write(self, stream: Any, data: bytes) -> None: ...  # a run's bytes, made safe for a terminal
-    def shown(self, text: str, stream: Any) -> str: ...  # the daemon's text, made safe for a terminal
+    def write(self, stream: Any, data: bytes) -> None: ...  # a run's output: escaped on a terminal unless --raw
+    def shown(self, text: str) -> str: ...  # sandboxctl's own text (it quotes runs): always escaped
 
 
 def complete(source: str, language: str) -> bool:
@@ -54,7 +54,7 @@ class Repl:
 
     def loop(self) -> int:
         readline = _readline()
-        print(f"sandboxd session {self.session.id} ({self.language}); Ctrl-C interrupts, Ctrl-D leaves",
+        print(self.out.shown(f"sandboxd session {self.session.id} ({self.language}); Ctrl-C interrupts, Ctrl-D leaves"),
               file=sys.stderr)
         try:
             while True:
@@ -112,16 +112,16 @@ class Repl:
                 continue
             if not frame.get("ok"):
                 err = frame.get("error") or {}
-                print(self.out.shown(f"error: {err.get('code')}: {err.get('message')}", sys.stderr), file=sys.stderr)
+                print(self.out.shown(f"error: {err.get('code')}: {err.get('message')}"), file=sys.stderr)
                 return err.get("code") != "not_found"
             return self._shown(frame["result"])
 
     def _shown(self, result: dict[str, Any]) -> bool:
         if result.get("value") is not None:
-            print(self.out.shown(str(result["value"]), sys.stdout))
+            self.out.write(sys.stdout, (str(result["value"]) + "\n").encode("utf-8", "backslashreplace"))
         status = result.get("status")
         if status not in ("ok", "exception", "interrupted"):
-            print(self.out.shown(f"[{status}: {result.get('reason')}]", sys.stderr), file=sys.stderr)
+            print(self.out.shown(f"[{status}: {result.get('reason')}]"), file=sys.stderr)
         if result.get("session_ended"):
             print("the session has ended", file=sys.stderr)
             return False

@@ -4,10 +4,12 @@ socket, ready when it sends READY=1 on its NOTIFY_SOCKET."""
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import grp
 import os
 import pwd
+import select
 import signal
 import socket
 import struct
@@ -239,6 +241,40 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
     while not (value := condition()) and time.monotonic() < deadline:
         time.sleep(interval)
     return value
+
+
+def on_a_terminal(cmd: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, bytes]:
+    """Run ``cmd`` with a pseudo-terminal as its stdin, stdout and stderr; everything it wrote."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd="/",
+                                start_new_session=True)
+    finally:
+        os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([master], [], [], 0.5)
+            if not readable:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError as e:  # EIO: the terminal's last writer closed it
+                if e.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return proc.returncode, out
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes | None:

@@ -267,6 +267,17 @@ def test_syscalls_discovery(daemon: DaemonProcess) -> None:
     assert p.returncode == 0 and "refused and survived: flock x1" in p.stderr.decode(), p.stderr
 
 
+def test_what_runs_say_reaches_sandboxctl_reports_escaped_even_when_piped(daemon: DaemonProcess) -> None:
+    """Threat 28: a run's stderr that `syscalls` quotes in its report reaches the terminal escaped,
+    piped or not (ssh host sandboxctl ..., a pager); the run's own output stays byte-exact in a pipe."""
+    code = 'import sys; sys.stderr.write("\\x1b]0;pwned\\x07\\n"); print("\\x1b[2J")'
+    p = ctl(daemon, "syscalls", "-c", code)
+    assert p.returncode == 0 and b"\\x1b]0;pwned\\x07" in p.stdout, p.stdout
+    assert b"\x1b" not in p.stdout + p.stderr and b"\x07" not in p.stdout + p.stderr, p.stdout
+    p = ctl(daemon, "run", "-c", code)
+    assert p.stdout == b"\x1b[2J\n" and p.stderr.startswith(b"\x1b]0;pwned\x07\n"), p  # exact: it is the run's
+
+
 def test_root_why(make_daemon: Any) -> None:
     require(os.path.isdir(NUMPY_DIR), "python3-numpy is not installed (make dev installs it)")
     d: DaemonProcess = make_daemon({"root": {"extra_paths": [NUMPY_DIR],

@@ -494,6 +494,50 @@ def test_a_build_runs_in_a_cgroup_of_its_own_and_stops_at_its_limits(env_daemon:
     assert left == []  # each build's cgroup went with it
 
 
+# -- what sandboxctl shows of packages ---------------------------------------------------------------
+# Terminal escapes a package can put where sandboxctl prints: a distribution's name and version
+# (METADATA of a .dist-info it plants), and the error its module raises on import.
+OSC52_SRC, TITLE_SRC = r"\x1b]52;c;cHduZWQ=\x07\x1b[2J", r"\x1b]0;pwned\x07"  # clipboard, screen; title
+OSC52, TITLE = (x.encode().decode("unicode_escape") for x in (OSC52_SRC, TITLE_SRC))
+ANSI_SETUP = textwrap.dedent(f"""\
+    import os, sysconfig
+    from setuptools import setup
+    info = os.path.join(sysconfig.get_paths()["purelib"], "sbxansi_meta-1.0.dist-info")
+    os.makedirs(info, exist_ok=True)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\\nName: sbx{OSC52_SRC}ansi\\nVersion: 1.0{TITLE_SRC}\\n\\n")
+    setup(name="sbxansi", version="1.0", packages=["sbxansi"])
+    """)
+ANSI_INIT = f'raise ImportError("not today{TITLE_SRC}")\n'
+
+
+def test_package_strings_reach_sandboxctl_escaped(env_daemon: Any, sdists: Any) -> None:
+    """Item 8 (threat 28): what a package says of itself reaches an administrator's terminal
+    only escaped -- on a terminal, and as much when sandboxctl's output is piped (ssh host
+    sandboxctl ..., a pager, watch): the terminal at the far end of a pipe is a terminal too."""
+    from harness import on_a_terminal
+
+    d: DaemonProcess = env_daemon({"default": sdist_env(sdists("sbxansi", ANSI_SETUP, ANSI_INIT), "sbxansi")})
+    entry = ready(d, "default")["default"]
+    assert entry["state"] == "ready", entry["error"]
+    assert {"name": f"sbx{OSC52}ansi", "version": f"1.0{TITLE}"} in entry["packages"]  # the data is kept as is
+    env = dict(os.environ, SANDBOXD_SOCKET=d.socket)
+    for args in (["env", "list"], ["root", "why", "sbxansi"]):
+        cmd = [sys.executable, "-m", "sandboxd.ctl", *args]
+        p = subprocess.run(cmd, capture_output=True, cwd=REPO, env=env, timeout=120)
+        rc, tty = on_a_terminal(cmd, dict(env, PYTHONPATH=REPO))
+        for out in (p.stdout + p.stderr, tty):
+            assert b"\x1b" not in out and b"\x07" not in out, (args, out)
+        if args == ["env", "list"]:
+            assert p.returncode == 0 and b"sbx\\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jansi==1.0\\x1b]0;pwned\\x07" in p.stdout
+        else:
+            assert b"not today\\x1b]0;pwned\\x07" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "sandboxd.ctl", "env", "list", "--json"], capture_output=True, cwd=REPO,
+                       env=env, timeout=60)
+    assert b"\x1b" not in p.stdout and f"sbx{OSC52}ansi" in [x["name"] for e in json.loads(p.stdout)["environments"]
+                                                              for x in e["packages"]]
+
+
 # -- building, failing, keeping --------------------------------------------------------------------
 def test_a_failed_build_keeps_the_previous_one_serving(env_daemon: Any, wheelhouse: str) -> None:
     d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})

@@ -16,7 +16,6 @@ can drive dozens of them with exact timing.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -36,7 +35,7 @@ from typing import Any, Protocol
 
 import msgpack
 import pytest
-from harness import REPO, DaemonProcess, as_user, recv_frame, rss_kb, run_uid_processes, wait_until
+from harness import REPO, DaemonProcess, as_user, on_a_terminal, recv_frame, rss_kb, run_uid_processes, wait_until
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 << 20  # the daemon's default max_frame
@@ -881,40 +880,6 @@ def ctl_command(d: DaemonProcess, *args: str) -> tuple[list[str], dict[str, str]
     """sandboxctl of this tree (PYTHONPATH: the package next to these tests, as the daemon's)."""
     return ([os.path.join(REPO, ".venv", "bin", "sandboxctl"), "--socket", d.socket, *args],
             dict(os.environ, PYTHONPATH=REPO))
-
-
-def on_a_terminal(cmd: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, bytes]:
-    """Run ``cmd`` with a pseudo-terminal as its stdin, stdout and stderr; everything it wrote."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd="/",
-                                start_new_session=True)
-    finally:
-        os.close(slave)
-    out = b""
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([master], [], [], 0.5)
-            if not readable:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(master, 1 << 16)
-            except OSError as e:  # EIO: the terminal's last writer closed it
-                if e.errno != errno.EIO:
-                    raise
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    return proc.returncode, out
 
 
 def test_09_run_output_reaches_an_admin_terminal_escaped(daemon: DaemonProcess) -> None:

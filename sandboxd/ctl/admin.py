@@ -82,7 +82,7 @@ class AdminCommands(Base):
                 print(render.to_json({**failure("bad_config", f"{len(e.errors)} errors in {e.path}",
                                                 file=e.path, errors=e.located)}))
             else:
-                print(message)
+                print(self.shown(message))  # it quotes the file, which may be anyone's
             return EXIT_FAILED
         self.out({"file": cfg.path, "warnings": list(cfg.warnings)},
                  lambda: "\n".join([f"{cfg.path}: ok", *(f"warning: {w}" for w in cfg.warnings)]))
@@ -102,7 +102,7 @@ class AdminCommands(Base):
             elif stage == "collected":
                 sys.stderr.write(f"collected {p.get('entries')} entries, {p.get('libraries')} libraries\n")
             else:
-                sys.stderr.write(f"{stage}\n")
+                sys.stderr.write(self.shown(f"{stage}") + "\n")
             sys.stderr.flush()
 
         reply = self.client.call("rebuild_root", progress=progress, force=not self.args.if_changed)
@@ -154,7 +154,7 @@ class AdminCommands(Base):
             said = p.get("detail") or p.get("message")
             detail = f": {said}" if said else ""
             if stage != last[0] or detail:
-                sys.stderr.write(self.shown(f"{stage}{detail}", sys.stderr)[:200] + "\n")
+                sys.stderr.write(self.shown(f"{stage}{detail}")[:200] + "\n")
                 sys.stderr.flush()
             last[0] = stage
 

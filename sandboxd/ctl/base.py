@@ -91,14 +91,18 @@ class Base:
         return self._client
 
     def out(self, data: Any, human: Callable[[], str]) -> None:
-        print(render.to_json(envelope(data)) if self.args.json else self.shown(human(), sys.stdout))
+        print(render.to_json(envelope(data)) if self.args.json else self.shown(human()))
 
-    def shown(self, text: str, stream: Any) -> str:
-        """Text from the daemon (which can carry a run's bytes) made safe for a terminal."""
-        return text if getattr(self.args, "raw", False) or not stream.isatty() else render.safe_text(text)
+    def shown(self, text: str) -> str:
+        """sandboxctl's own text -- tables, verdicts, reports, messages -- made safe for a
+        terminal, always: it quotes what packages and runs said (a distribution's name, a
+        run's stderr, an import's error), and a pipe does not mean no terminal (ssh host
+        sandboxctl ..., a pager, watch).  --json is the exact form for scripts."""
+        return render.safe_text(text)
 
     def write(self, stream: Any, data: bytes) -> None:
-        """A run's own bytes: exact when piped or with --raw, escaped on a terminal."""
+        """A run's own output (stdout, stderr, a cell's value): exact when piped (it is the
+        program's answer: sandboxctl run prog.py > out.bin) or with --raw, escaped on a terminal."""
         if not getattr(self.args, "raw", False) and stream.isatty():
             data = render.for_terminal(data)
         stream.buffer.write(data)
@@ -180,8 +184,8 @@ class Base:
                 self.write(sys.stdout, result.get("stdout") or b"")
                 self.write(sys.stderr, result.get("stderr") or b"")
             if result.get("value") is not None:
-                print(self.shown(str(result["value"]), sys.stdout))
-            sys.stderr.write(self.shown(render.verdict_line(result), sys.stderr) + "\n")
+                self.write(sys.stdout, (str(result["value"]) + "\n").encode("utf-8", "backslashreplace"))
+            sys.stderr.write(self.shown(render.verdict_line(result)) + "\n")
         if self.args.out and (result.get("files") or result.get("display")):
             save_files(self.args.out, {**result.get("files", {}),
                                        **{f"display-{i + 1}.png": d["data"]
@@ -285,7 +289,8 @@ def save_files(directory: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         target = os.path.realpath(os.path.join(base, name))
         if not target.startswith(base + os.sep):
-            print(f"sandboxctl: skipping {name!r}: it would land outside {directory}", file=sys.stderr)
+            print(render.safe_text(f"sandboxctl: skipping {name!r}: it would land outside {directory}"),
+                  file=sys.stderr)
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:

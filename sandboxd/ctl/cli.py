@@ -90,7 +90,8 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--language", "-l", help="python3 (the default) or nodejs (javascript)")
         r.add_argument("--environment", "-E", help="the Python environment to run in (default: default, if any)")
         r.add_argument("--raw", action="store_true", help="write the run's output to a terminal as it is "
-                       "(by default control characters are shown escaped there; piped output is always exact)")
+                       "(by default control characters are shown escaped there; piped output is always exact; "
+                       "sandboxctl's own lines are always escaped)")
         if name == "run":
             r.add_argument("--meta", metavar="FILE", help="write the verdict to FILE as isolate's key:value lines")
             r.add_argument("--out", help="save the files the run left in out/ (and its figures) into this directory")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(render.to_json(failure(code, message, **details)))
         else:
-            print(ctl.shown(f"sandboxctl: {message}", sys.stderr), file=sys.stderr)
+            print(ctl.shown(f"sandboxctl: {message}"), file=sys.stderr)
         return status
 
     try:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(render.to_json(failure(e.code, e.message, **e.details)))
         else:
-            print(ctl.shown(f"sandboxctl: {text}", sys.stderr), file=sys.stderr)
+            print(ctl.shown(f"sandboxctl: {text}"), file=sys.stderr)
         return ERROR_EXITS.get(e.code, EXIT_ERROR)
     except OSError as e:
         if e.filename:  # a file named on the command line (socket errors carry no file name)
