@@ -54,6 +54,23 @@ check "fork bomb" pids_limit --timeout 20 -c 'import os
 while True:
     os.fork()'
 check "a normal run afterwards" ok -c 'print(1)'
+# An environment build runs in a cgroup of its own (v2: build-NAME.N under the daemon's parent,
+# memory.oom.group): one that reaches jail.build_memory_max is killed and fails naming it, and
+# its cgroup goes with it.  16M is less than pip needs to start, so no package is needed.
+cp /etc/sandboxd/sandboxd.yaml /root/sandboxd.yaml.before-builds
+mkdir -p /srv/sbx-wheels && chmod 0755 /srv/sbx-wheels
+cat >>/etc/sandboxd/sandboxd.yaml <<'YAML'
+jail: {build_memory_max: 16M}
+environments: {tiny: {requirements: [sbxnothing], find_links: [/srv/sbx-wheels]}}
+YAML
+systemctl restart sandboxd.service
+built=$(timeout 600 sandboxctl env build tiny 2>&1)
+fact "a build at its memory limit fails naming it" yes \
+    "$(printf '%s' "$built" | grep -q 'killed at its memory limit, jail.build_memory_max' && echo yes || echo "no: $built")"
+fact "no build cgroup left" 0 "$(find $service -name 'build-*' -type d | wc -l)"
+cp /root/sandboxd.yaml.before-builds /etc/sandboxd/sandboxd.yaml
+systemctl restart sandboxd.service
+check "a normal run after the builds" ok -c 'print(1)'
 # Under the installed unit (no container filter here), calls that systemd's ProtectKernelLogs,
 # ProtectKernelModules and ProtectClock would refuse are refused by the jail, by name
 # (syslog 103 and init_module 175 are x86_64 numbers, like this VM).
