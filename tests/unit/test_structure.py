@@ -1,4 +1,5 @@
-"""The sandboxd package's import graph has no cycles, between modules or between packages.
+"""The sandboxd package's import graph has no cycles, between modules or between packages,
+and no module is over 450 lines.
 
 Every module is parsed (never imported); an import anywhere in a module counts, even
 inside a function, except under ``if TYPE_CHECKING:``, which never runs.  A package's
@@ -182,3 +183,12 @@ def test_every_test_file_is_in_one_tier() -> None:
         text = path.read_text()
         assert any(name in text for name in (*DAEMON_TIER, "daemon")), \
             f"{path.name} needs neither root nor a daemon: it belongs in tests/unit/"
+
+
+MAX_MODULE_LINES = 450  # past this a module has more than one job: split it by concern
+
+
+def test_no_module_is_over_its_size() -> None:
+    over = {name: n for name, path in module_names(PACKAGE_DIR).items()
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"

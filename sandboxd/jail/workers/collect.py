@@ -18,6 +18,7 @@ import contextlib
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 from ..child.contract import DISPLAY_FROM_TOP, OUT_DIR
 from ..kernel import libc
@@ -183,3 +184,26 @@ class Scratch:
                     out.append({"mime": "image/png", "data": data})
                     total += len(data)
         return out, truncated
+
+
+def cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
+    """Files by name, as many as fit both caps (and whether some were left out)."""
+    out: dict[str, bytes] = {}
+    total = 0
+    truncated = False
+    for name in sorted(files):
+        data = files[name]
+        if len(out) >= max_count or total + len(data) > max_bytes:
+            truncated = True
+            continue
+        out[name] = data
+        total += len(data)
+    return out, truncated
+
+
+def as_figures(raw: Any) -> list[dict[str, Any]]:
+    """The figures of a report, as the protocol shows them: [{"mime": "image/png", "data": bin}]."""
+    if not isinstance(raw, list):
+        return []
+    return [{"mime": "image/png", "data": f["data"]} for f in raw
+            if isinstance(f, dict) and isinstance(f.get("data"), bytes)]

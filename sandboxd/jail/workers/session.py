@@ -39,11 +39,11 @@ from ...common import protocol
 from ..child.contract import MAX_LINK_MESSAGE, Cell, RunRequest, SetupError
 from ..kernel.cgroups import CgroupStats
 from ..spec.plans import CellPlan, SessionPlan
-from .collect import Seen
+from .collect import Seen, as_figures, cap_files
 from .pipes import Writer
 from .stream import EventSink, Streamer
 from .verdict import CellObservation, Observation, Result, decide, decide_cell
-from .worker import DRAIN_GRACE, Worker, _figures, cap_files
+from .worker import DRAIN_GRACE, Worker
 
 log = logging.getLogger(__name__)
 INTERRUPT_GRACE = 1.0  # seconds an interrupted cell has to stop before its session is killed
@@ -178,7 +178,7 @@ class Session:
             self.out.finish()
             self.err.finish()
         worker.end()  # R is over: nothing else of the session stays
-        stats = worker.stats()
+        stats = worker.cgroup.stats()
         status, extra = decide(worker.observation(stats))
         self.end_result = Result(status=status, **extra)
         self.final = (stats, self.cpu_used_ms(), worker.network_counters())
@@ -325,7 +325,7 @@ class Session:
         if self.final is not None:
             stats, _cpu, network = self.final
         else:  # a cell that ended its session needs the counters that say why
-            stats = worker.stats() if frame is None else worker.cgroup.usage()
+            stats = worker.cgroup.stats() if frame is None else worker.cgroup.usage()
             network = worker.network_counters()
         if frame is None:
             ended = worker.observation(stats)
@@ -348,7 +348,7 @@ class Session:
         files, truncated = cap_files(report.get("files") or {}, self.plan.out_files_count, self.plan.out_files_bytes)
         result.files = files
         result.files_truncated = truncated or bool(report.get("files_truncated"))
-        result.display = _figures(report.get("display"))
+        result.display = as_figures(report.get("display"))
         result.display_truncated = bool(report.get("display_truncated"))
         if frame is None:
             result.reason = f"{result.reason}; the session has ended" if result.reason else "the session has ended"

@@ -77,6 +77,27 @@ SESSION_ENDS = {"closed": "was closed", "max_lifetime": "reached its max_lifetim
                 "retired": "was retired"}
 
 
+def end_report(init_report: dict[str, int] | None, done_status: int | None, page_status: int | None,
+               page: Handoff, started: bool, denied: list[Any]) -> dict[str, Any] | None:
+    """The exit frame ``decide`` reads, from what is known of R's end: sandboxd-init's record
+    (wait status and rusage), else an exec runtime's word that it is done, else R's handoff
+    page saying done (``page_status``, believed only where a cgroup counts the run); None when
+    nothing is known (it was killed, or died without a word)."""
+    if init_report is not None:
+        wstatus, usage = init_report["wstatus"], init_report
+    elif done_status is not None:
+        wstatus, usage = done_status << 8, None
+    elif page_status is not None:
+        wstatus, usage = page_status << 8, None
+    else:
+        return None
+    return {"wstatus": wstatus,
+            "utime": usage["utime_us"] / 1e6 if usage else None,
+            "stime": usage["stime_us"] / 1e6 if usage else None,
+            "maxrss_kb": usage["maxrss_kb"] if usage else None,
+            "end_ns": page.done_ns() or None, "handoff": page.read(), "started": started, "denied": denied}
+
+
 def decide(obs: Observation) -> tuple[str, dict[str, Any]]:
     """Return (status, extra fields) for the observation."""
     frame = obs.exit_frame or {}

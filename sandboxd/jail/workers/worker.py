@@ -24,24 +24,18 @@ verdict comes from ``verdict.decide``.  A session is the same worker, serving ce
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from ...common import protocol
 from ..child.contract import (
     HANDOFF_FILE,
-    INIT_MAGIC,
-    INIT_REPORT,
     LINK_ARMED,
     LINK_CELL,
     LINK_DONE,
@@ -50,7 +44,6 @@ from ..child.contract import (
     LINK_SETUP_ERROR,
     LINK_STARTED,
     LINK_WAITING,
-    MAX_LINK_MESSAGE,
     Handoff,
     RunRequest,
     SetupError,
@@ -60,13 +53,14 @@ from ..kernel.cgroups import CgroupStats, Limits, WorkerCgroup
 from ..net.network import Lease, Network
 from ..policy.limits import RlimitPolicy
 from ..spec.plans import RunPlan
-from .collect import Scratch
+from .collect import Scratch, as_figures
 from .denials import Denials, SyscallNames
 from .fsclient import SpawnedWorker
+from .link import MAX_FDS, InitStatus, Link, decode_map, decode_timings
 from .pipes import CappedReader, Writer
 from .slots import Slot
 from .stream import EventSink, Streamer
-from .verdict import Observation, Result, decide
+from .verdict import Observation, Result, decide, end_report
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE = 0.2  # seconds the run's pipes may stay open after its end
@@ -74,7 +68,6 @@ CANCEL_GRACE = 1.0  # seconds a cancelled run is given to die before what it use
 GONE_GRACE = 5.0  # seconds to wait for the namespace to be empty before reading out/
 V8_OOM = b"JavaScript heap out of memory"  # what V8 prints when it dies at its heap limit
 LINK_MESSAGES_AFTER_START = 4096  # what a run may send on the link (cells, its end) before it is no longer read
-ARMED_FDS = 3  # listener, R's pidfd, the scratch's top
 
 
 class Worker:
@@ -99,7 +92,6 @@ class Worker:
         self.setup_us: dict[str, int] = {}  # how long each setup step took
         self.started = False  # LINK_STARTED came: user code runs from now on
         self.done_status: int | None = None  # an exec runtime's word that its code is done, and how
-        self.init_report: dict[str, int] | None = None  # sandboxd-init's record of R's end
         self.killed_for: str | None = None
         self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.forkserver: object = None  # which fork server made it (reload drains old ones)
@@ -124,40 +116,20 @@ class Worker:
         self._handoff: Handoff | None = None
         self._fast_end = False  # the run may end on its page and its streams (a cgroup counts its CPU)
         self._link_budget = LINK_MESSAGES_AFTER_START
-        self._status = bytearray()
-        self._link = socket.socket(fileno=spawned.link)
-        self._link.setblocking(False)
-        spawned.link = -1
-        os.set_blocking(spawned.status_r, False)
-        self.loop.add_reader(self._link.fileno(), self._link_readable)
-        self.loop.add_reader(spawned.status_r, self._status_readable)
+        self._link = Link(self.loop, spawned.link, self._said, self._maybe_over)
+        self._status = InitStatus(self.loop, spawned.status_r, self._maybe_over)
+        spawned.link = spawned.status_r = -1  # (theirs now)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    # -- what the worker says ------------------------------------------------------------
-    def _link_readable(self) -> None:
-        for _ in range(64):  # a run sending as fast as we read cannot hold the loop
-            try:
-                data, anc, _flags, _addr = self._link.recvmsg(MAX_LINK_MESSAGE, socket.CMSG_SPACE(ARMED_FDS * 4))
-            except BlockingIOError:
-                return
-            except OSError:
-                data, anc = b"", []
-            fds = _fds(anc)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                self._link_closed()
-                return
-            try:
-                self._said(data[:1], data[1:], fds)
-            finally:
-                for fd in fds:
-                    if fd >= 0:
-                        os.close(fd)
+    @property
+    def init_report(self) -> dict[str, int] | None:
+        """sandboxd-init's record of R's end (wait status and rusage), once it came."""
+        return self._status.report
 
+    # -- what the worker says ------------------------------------------------------------
     def _said(self, kind: bytes, body: bytes, fds: list[int]) -> None:
         """One message of R (or of its runtime's bootstrap).  Before LINK_STARTED it is setup's
         word; after it, the run's: it can only mislead its own report, and only so much of it
@@ -165,27 +137,27 @@ class Worker:
         if self.started:
             self._link_budget -= 1
             if self._link_budget <= 0:
-                self._link_closed()  # a run flooding its link: what it still says is not read
+                self._link.close()  # a run flooding its link: what it still says is not read
                 return
-        if kind == LINK_ARMED and self.denials is None and len(fds) == ARMED_FDS and not self.started:
+        if kind == LINK_ARMED and self.denials is None and len(fds) == MAX_FDS and not self.started:
             listener, pidfd, top = fds
             fds[:] = [-1, -1, -1]
             self.denials = Denials(listener, self.names, self.discover)
             self.runner_pidfd = pidfd
             self.scratch = Scratch(top, self.spec.uid, self.spec.gid)
-            self.setup_us = _timings(body)
+            self.setup_us = decode_timings(body)
             self._armed_at = time.monotonic_ns()
         elif kind in (LINK_READY, LINK_WAITING) and self.state == "starting" and self.denials is not None:
             if (kind == LINK_WAITING) == self.execs:
                 if body:  # what R preloaded itself, confined (child/preload.py)
-                    self.preload_report = _map(body)
+                    self.preload_report = decode_map(body)
                 if self.execs:
                     self.setup_us["runtime"] = (time.monotonic_ns() - self._armed_at) // 1000
                 self.state = "ready"
                 if not self.ready.done():
                     self.ready.set_result(None)
         elif kind == LINK_SETUP_ERROR and not self.started:
-            self.setup_error = SetupError.from_dict(_map(body))
+            self.setup_error = SetupError.from_dict(decode_map(body))
         elif kind == LINK_STARTED and self.state in ("running", "session"):
             self.started = True
             self._maybe_over()  # (its streams may have ended before this message was read)
@@ -200,34 +172,6 @@ class Worker:
         elif kind == LINK_CELL and self.on_cell is not None:
             self.on_cell(body)
 
-    def _link_closed(self) -> None:
-        if self._link.fileno() >= 0:
-            self.loop.remove_reader(self._link.fileno())
-            self._link.close()
-            self._maybe_over()
-
-    def _status_readable(self) -> None:
-        fd = self.proc.status_r
-        try:
-            chunk = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if chunk:
-            self._status += chunk
-            if len(self._status) >= INIT_REPORT.size and self.init_report is None:
-                magic, wstatus, utime, stime, maxrss = INIT_REPORT.unpack_from(self._status)
-                if magic == INIT_MAGIC:
-                    self.init_report = {"wstatus": wstatus, "utime_us": utime, "stime_us": stime,
-                                        "maxrss_kb": maxrss}
-                    self._maybe_over()
-            return
-        self.loop.remove_reader(fd)  # sandboxd-init exited (or pid 1 never got to exec it)
-        os.close(fd)
-        self.proc.status_r = -1
-        self._maybe_over()
-
     def on_reaped(self, wstatus: int) -> None:
         """The fork server reaped pid 1: the namespace is empty, the run is over whatever it said."""
         if not self.gone.done():
@@ -240,7 +184,7 @@ class Worker:
         done and both streams are at their end; an exec runtime said so on the link."""
         if self.over.done():
             return
-        ended = self.init_report is not None or self.proc.status_r < 0 or self.gone.done()
+        ended = self.init_report is not None or self._status.fd < 0 or self.gone.done()
         if not ended and self._fast_end and self.started:
             if self.execs:
                 ended = self.done_status is not None
@@ -296,9 +240,8 @@ class Worker:
 
     def close_fds(self) -> None:
         """After the worker is gone: its fds, its scratch filesystem, its network namespace."""
-        self._link_closed()
-        if self.proc.status_r >= 0:
-            self.loop.remove_reader(self.proc.status_r)
+        self._link.close()
+        self._status.close()
         self.proc.close()
         if self.denials is not None:
             self.denials.close()
@@ -338,9 +281,6 @@ class Worker:
         self.proc.stdout_r = self.proc.stderr_r = -1
         return out, err
 
-    def stats(self) -> CgroupStats:
-        return self.cgroup.stats()
-
     def network_counters(self) -> dict[str, int] | None:
         return self.network.counters(self.lease) if self.lease is not None and self.network is not None else None
 
@@ -348,24 +288,11 @@ class Worker:
         return self.cgroup.driver.kind if self.cgroup.driver.kind != "none" else "rlimit"
 
     def end_report(self) -> dict[str, Any] | None:
-        """What is known of R's end, as ``verdict.decide`` reads it (None: nothing, it was killed
-        or died without a word)."""
+        """What is known of R's end, as ``verdict.decide`` reads it (None: nothing)."""
         page = self.handoff()
-        report = self.init_report
-        if report is not None:
-            wstatus, usage = report["wstatus"], report
-        elif self.done_status is not None:
-            wstatus, usage = self.done_status << 8, None
-        elif self._fast_end and page.phase() == Handoff.DONE and self.started:
-            wstatus, usage = page.exit_status() << 8, None
-        else:
-            return None
-        return {"wstatus": wstatus,
-                "utime": usage["utime_us"] / 1e6 if usage else None,
-                "stime": usage["stime_us"] / 1e6 if usage else None,
-                "maxrss_kb": usage["maxrss_kb"] if usage else None,
-                "end_ns": page.done_ns() or None, "handoff": page.read(), "started": self.started,
-                "denied": self.denials.report() if self.denials else []}
+        said = page.exit_status() if self._fast_end and self.started and page.phase() == Handoff.DONE else None
+        return end_report(self.init_report, self.done_status, said, page, self.started,
+                          self.denials.report() if self.denials else [])
 
     def observation(self, stats: CgroupStats, runtime_oom: bool = False) -> Observation:
         return Observation(self.end_report(), self.setup_error, self.killed_for, stats, runtime_oom=runtime_oom)
@@ -454,7 +381,7 @@ class Worker:
             await streamer.finish()
             streamer.close()
         result = self._result(plan, out, err, cpu0, wall)
-        result.files, result.files_truncated, result.display = files, truncated, _figures(display)
+        result.files, result.files_truncated, result.display = files, truncated, as_figures(display)
         result.display_truncated = display_truncated
         result.streamed = streamer is not None
         return result
@@ -519,46 +446,3 @@ class Worker:
                                 "refused": {d[0]: d[1] for d in denied if not d[2]}}
         return result
 
-
-def cap_files(files: dict[str, bytes], max_count: int, max_bytes: int) -> tuple[dict[str, bytes], bool]:
-    out: dict[str, bytes] = {}
-    total = 0
-    truncated = False
-    for name in sorted(files):
-        data = files[name]
-        if len(out) >= max_count or total + len(data) > max_bytes:
-            truncated = True
-            continue
-        out[name] = data
-        total += len(data)
-    return out, truncated
-
-
-def _figures(raw: Any) -> list[dict[str, Any]]:
-    """The figures of a report, as the protocol shows them: [{"mime": "image/png", "data": bin}]."""
-    if not isinstance(raw, list):
-        return []
-    return [{"mime": "image/png", "data": f["data"]} for f in raw
-            if isinstance(f, dict) and isinstance(f.get("data"), bytes)]
-
-
-def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
-
-
-def _map(body: bytes) -> dict[str, Any]:
-    try:
-        value = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _timings(body: bytes) -> dict[str, int]:
-    return {str(k): v for k, v in _map(body).items() if isinstance(v, int)}
