@@ -107,7 +107,7 @@ class HelperClient:
             except OSError as e:
                 log.error("%s socket: %s", self.name, e)
                 data, anc = b"", []
-            fds = _fds(anc)
+            fds = received_fds(anc)
             if not data:
                 self._lost()
                 return
@@ -152,7 +152,8 @@ class HelperClient:
             self.proc.wait()
 
 
-def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message carried (now the receiver's to close)."""
     fds: list[int] = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

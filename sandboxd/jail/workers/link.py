@@ -11,7 +11,6 @@ it reads: that is the worker's state machine (worker.py).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -20,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from ...common.launch import received_fds
 from ..child.contract import INIT_MAGIC, INIT_REPORT, MAX_LINK_MESSAGE
 
 MAX_FDS = 3  # what the link's first message carries: listener, R's pidfd, the scratch's top
@@ -107,16 +107,6 @@ class InitStatus:
             self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
-
-
-def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
 
 
 def decode_map(body: bytes) -> dict[str, Any]:
