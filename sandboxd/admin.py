@@ -1,9 +1,21 @@
-"""The daemon as its operators see it: status, usage, reload, root rebuilds, shutdown state.
+"""The daemon as its operators see it: status, usage, reload, root rebuilds, drain, shutdown state.
 
-    admin.status(who, admin)      health, root, capacity, pools, your usage (admins: everyone's)
+    admin.status(who, admin)      health, readiness, root, capacity, pools, your usage (admins: everyone's)
     admin.usage_of(uid)           a uid's usage against its quota
     await admin.reload()          re-read the file; apply what can change without a restart
     await admin.rebuild_root()    the base root and every environment's, rebuilt
+    admin.drain(who) / undrain()  take no new work (runs, sessions) while what is in flight goes on
+
+Draining is for a node behind a load balancer (docs/fleet.md): ``run`` and ``session_open``
+are answered ``unavailable`` (details ``draining: true``: retry elsewhere, nothing started),
+while runs in flight, execs in open sessions and everything else go on, and ``status`` says
+``draining`` and ``ready: false`` so that the balancer sends nothing new.  The state is kept
+in the state directory (``draining``): a daemon restarted by an upgrade comes back drained,
+and takes work again only when an operator says ``undrain``.
+
+Ready (``status``'s ``ready`` and ``not_ready``): not stopping, not draining, a root built,
+the self-test not failed, warm workers made (or runs running), and the environment
+``default``, when the configuration declares one, has a build that serves.
 
 Reload validates the new file first (a bad one is rejected and the running configuration
 kept), then hands each service its part: the jail (roots, fork servers, pools), the
@@ -13,6 +25,7 @@ need a restart (the socket, the state directory, uid ranges) are reported as suc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -37,6 +50,8 @@ from .usage import UsageStore
 
 log = logging.getLogger("sandboxd")
 FIXED_DAEMON = ("socket", "socket_group", "socket_mode", "state_dir", "pid_file")  # need a restart
+DRAIN_FILE = "draining"  # in the state directory: present while the node is drained
+SERVING = ("ready", "outdated", "building")  # environment states with a build (a rebuild keeps the old one serving)
 
 
 class Admin:
@@ -53,11 +68,19 @@ class Admin:
         self.socket_path = config.daemon.socket
         self.self_test: dict[str, Any] = {"enabled": config.daemon.self_test}
         self.last_reload: dict[str, Any] | None = None
+        self.drain_path = os.path.join(state_dir, DRAIN_FILE)
+        self.drained = self._drained_since()
 
     # -- what requests see ----------------------------------------------------------------
     def check_available(self) -> None:
         if self.stopping:
             raise RequestError(errors.UNAVAILABLE, "the daemon is shutting down")
+
+    def check_accepting(self, op: str) -> None:
+        """New work (``op`` starts a run or a session) is refused while draining."""
+        if self.drained is not None:
+            raise RequestError(errors.UNAVAILABLE, f"this sandboxd is draining: {op} is for another node "
+                               "(sandboxctl undrain ends it)", draining=True)
 
     def refused(self, uid: int) -> None:
         """A request of ``uid`` was refused before it did anything: it counts against the caller."""
@@ -80,20 +103,45 @@ class Admin:
         """(root directory, the runs' sys.path) of a stack, once it is built."""
         return self.jail.root_layout(environment)
 
+    def not_ready(self, jail: dict[str, Any], environments: dict[str, str]) -> list[str]:
+        """Why this daemon should get no new work now (empty: ready)."""
+        why = []
+        if self.stopping:
+            why.append("sandboxd is stopping")
+        if self.drained is not None:
+            why.append("sandboxd is draining (sandboxctl undrain)")
+        if not jail["root"]:
+            why.append("sandboxd has no root yet")
+        if self.self_test.get("passed") is False:
+            why.append("sandboxd's self-test failed")
+        profiles = (jail["pool"] or {}).get("profiles") or {}
+        if not jail["running"] and not any(p.get("ready") for p in profiles.values()):
+            why.append("no warm worker yet")
+        state = environments.get("default")
+        if state is not None and state not in SERVING:
+            why.append(f"the environment default is {state}: no build of it serves")
+        return why
+
     def status(self, who: Identity, admin: bool) -> dict[str, Any]:
         now = time.time()
         usage = self.usage
         jail = self.jail.describe()
+        environments = {e["name"]: e["state"] for e in self.environments.list()}
+        not_ready = self.not_ready(jail, environments)
         out: dict[str, Any] = {
             "server": "sandboxd",
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(now - self.started, 3),
             "stopping": self.stopping,
+            "draining": self.drained is not None,
+            "draining_since": self.drained,
+            "ready": not not_ready,
+            "not_ready": not_ready,
             "root": jail["root"],
             "capacity": self.admission.describe(),
             "sessions": self.sessions.describe_all(),
-            "environments": {e["name"]: e["state"] for e in self.environments.list()},
+            "environments": environments,
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "network": jail["network"],
@@ -113,6 +161,41 @@ class Admin:
         return out
 
     # -- changes ------------------------------------------------------------------------------
+    def _drained_since(self) -> float | None:
+        try:
+            return os.stat(self.drain_path).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def drain(self, who: Identity) -> dict[str, Any]:
+        """Take no new work until ``undrain``; kept across restarts (the state directory's file)."""
+        if self.drained is None:
+            with open(self.drain_path, "w", encoding="utf-8") as f:
+                f.write(f"drained by uid {who.uid} ({who.name}) at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+            self.drained = self._drained_since() or time.time()
+            log.info("draining (by uid %d, %s): new runs and sessions are refused, %d runs in flight and %d "
+                     "sessions go on", who.uid, who.name, self.runs.in_flight(), self.sessions.open_count())
+            self.notifier.notify(status=self.state_words())
+        return self.drain_state()
+
+    def undrain(self, who: Identity) -> dict[str, Any]:
+        if self.drained is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.drain_path)
+            self.drained = None
+            log.info("undrained (by uid %d, %s): taking new work", who.uid, who.name)
+            self.notifier.notify(status=self.state_words())
+        return self.drain_state()
+
+    def state_words(self) -> str:
+        """systemd's STATUS= once started."""
+        return f"{'draining' if self.drained is not None else 'ready'} on {self.socket_path}"
+
+    def drain_state(self) -> dict[str, Any]:
+        running, queued = self.admission.running, len(self.admission.queue)
+        return {"draining": self.drained is not None, "draining_since": self.drained, "running": running,
+                "queued": queued, "in_flight": self.runs.in_flight(), "sessions": self.sessions.open_count()}
+
     async def rebuild_root(self, force: bool, progress: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
         return (await self.jail.rebuild_root(force=force, progress=progress)).summary()
 
@@ -151,5 +234,5 @@ class Admin:
             log.warning("config: %s", warning)
         self.last_reload = {"at": time.time(), "ok": True, "changes": changes}
         log.info("configuration reloaded: %s", "; ".join(changes) or "no changes")
-        self.notifier.notify(ready=1, status=f"ready on {self.socket_path}")
+        self.notifier.notify(ready=1, status=self.state_words())
         return changes

@@ -117,7 +117,10 @@ class Daemon:
         log.info("sandboxd %s ready on %s (root %s, cgroup %s, %d workers)", __version__, self.socket_path,
                  root.build_id if root else "?", self.jail.driver.kind if self.jail.driver else "?",
                  self.config.daemon.workers)
-        self.notifier.notify(ready=1, status=f"ready on {self.socket_path}")
+        if self.admin.drained is not None:
+            log.warning("draining (since the state directory says so): new runs and sessions are refused until "
+                        "sandboxctl undrain")
+        self.notifier.notify(ready=1, status=self.admin.state_words())
 
     async def run_self_test(self) -> None:
         """Probe the jail with code that must fail; refuse to start if any escape works."""

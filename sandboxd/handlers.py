@@ -17,6 +17,8 @@
     syscalls       admin       run code in discovery mode: which syscalls the profile lacks
     environments   anyone      the Python environments: packages, state, size, use
     build_environment admin    (re)build an environment (progress frames)
+    drain          admin       take no new runs or sessions (what is in flight goes on)
+    undrain        admin       take new work again
 """
 
 from __future__ import annotations
@@ -222,6 +224,14 @@ async def op_build_environment(s: Services, call: Call) -> dict[str, Any]:
     return protocol.ok(call.id, environment=env)
 
 
+async def op_drain(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, **s.admin.drain(call.who))
+
+
+async def op_undrain(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, **s.admin.undrain(call.who))
+
+
 async def op_syscalls(s: Services, call: Call) -> dict[str, Any]:
     """Run the code once with calls outside the profile recorded and let through (except the
     never-allowed ones, refused as always), inside the same confinement otherwise."""
@@ -344,15 +354,16 @@ class Op:
     # The fields it takes, with their types; None where plan.py checks them (run, syscalls, sessions).
     fields: dict[str, tuple[type, ...]] | None = None
     while_stopping: bool = False  # answered during shutdown (status says it is stopping)
+    new_work: bool = False  # starts a run or a session: refused while draining
 
 
 HANDLERS: dict[str, Op] = {
     "hello": Op(QUOTA, op_hello, {}),
-    "run": Op(QUOTA, op_run),
+    "run": Op(QUOTA, op_run, new_work=True),
     "status": Op(LISTED, op_status, {}, while_stopping=True),
     "usage": Op(LISTED, op_usage, {"uid": INT, "user": (str, int), "all": BOOL}),
     "kill": Op(LISTED, op_kill, {"run_id": STR, "session_id": STR}),
-    "session_open": Op(QUOTA, op_session_open),
+    "session_open": Op(QUOTA, op_session_open, new_work=True),
     "session_exec": Op(QUOTA, op_session_exec),
     "session_interrupt": Op(LISTED, op_session_interrupt, {"session_id": STR}),
     "session_close": Op(LISTED, op_session_close, {"session_id": STR}),
@@ -364,6 +375,8 @@ HANDLERS: dict[str, Op] = {
     "syscalls": Op(ADMIN, op_syscalls),
     "environments": Op(LISTED, op_environments, {}),
     "build_environment": Op(ADMIN, op_build_environment, {"name": STR, "progress": BOOL, "force": BOOL}),
+    "drain": Op(ADMIN, op_drain, {}),
+    "undrain": Op(ADMIN, op_undrain, {}),
 }
 
 
@@ -397,6 +410,8 @@ async def dispatch(s: Services, call: Call) -> dict[str, Any]:
         raise errors.forbidden(f"{name} is for root and members of the admin group")
     if op.access == LISTED and not call.admin:
         call.quota  # noqa: B018 - with deny_unlisted, an unlisted caller may do nothing
+    if op.new_work:
+        s.admin.check_accepting(name)
     return await op.handler(s, call)
 
 

@@ -1,6 +1,6 @@
 """A real sandboxd-http for tests and the benchmark: started as an unprivileged test user
-on 127.0.0.1 with a free port, ready when it sends READY=1 (with the port) on its
-NOTIFY_SOCKET."""
+on 127.0.0.1 with a free port, ready when it sends READY=1 (with the port, and the agent-check's
+when it has one) on its NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class BridgeProcess(Child):
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.port = 0
+        self.agent_port = 0  # with agent_listen: the agent-check's port
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "sandboxd.http", "--socket", self.daemon_socket, "--listen", "127.0.0.1:0",
@@ -61,6 +62,8 @@ class BridgeProcess(Child):
                 m = re.search(r"STATUS=listening on 127\.0\.0\.1:(\d+)", msg)
                 if "READY=1" in msg.split("\n") and m:
                     self.port = int(m.group(1))
+                    agent = re.search(r"agent-check on 127\.0\.0\.1:(\d+)", msg)
+                    self.agent_port = int(agent.group(1)) if agent else 0
                     self.url = f"http://127.0.0.1:{self.port}"
                     return self
         finally:

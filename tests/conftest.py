@@ -16,11 +16,12 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bridge import BridgeProcess
 from harness import CGROUP_PARENT, HERE, USERS, DaemonProcess, as_user, daemon_dir, ensure_test_users, merge
 
 MUST_WORK = os.environ.get("SANDBOXD_MUST_WORK") == "1"
@@ -119,3 +120,25 @@ def make_daemon(test_users: Any) -> Iterator[Any]:
     for d in started:
         d.close()
         shutil.rmtree(d.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bridges(test_users: Any) -> Iterator[Callable[..., BridgeProcess]]:
+    """Start sandboxd-http processes (as sbx-http) for a daemon's socket; all are stopped afterwards."""
+    started: list[BridgeProcess] = []
+
+    def start(daemon_socket: str, env: dict[str, str] | None = None, config: dict[str, Any] | None = None,
+              **kw: Any) -> BridgeProcess:
+        b = BridgeProcess(daemon_socket, env, **kw)
+        if config is not None:
+            path = os.path.join(b.dir, "http.yaml")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"http": config}, f)  # JSON is YAML
+            os.chmod(path, 0o644)
+            b.args = (*b.args, "--config", path)
+        started.append(b)
+        return b.start()
+
+    yield start
+    for b in started:
+        b.close()

@@ -117,27 +117,6 @@ def result_of(data: dict[str, Any]) -> str:
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bridges(test_users: Any) -> Iterator[Callable[..., BridgeProcess]]:
-    started: list[BridgeProcess] = []
-
-    def start(daemon_socket: str, env: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-              **kw: Any) -> BridgeProcess:
-        b = BridgeProcess(daemon_socket, env, **kw)
-        if config is not None:
-            path = os.path.join(b.dir, "http.yaml")
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"http": config}, f)  # JSON is YAML
-            os.chmod(path, 0o644)
-            b.args = (*b.args, "--config", path)
-        started.append(b)
-        return b.start()
-
-    yield start
-    for b in started:
-        b.close()
-
-
-@pytest.fixture(scope="module")
 def bridge(daemon: DaemonProcess, bridges: Callable[..., BridgeProcess]) -> BridgeProcess:
     """The bridge Dify would talk to: preload on, room for 32 clients, 1 s slow-client limits."""
     return bridges(daemon.socket, {"ENABLE_PRELOAD": "true", "MAX_WORKERS": "16", "MAX_REQUESTS": "100"}, SLOW)
@@ -542,8 +521,10 @@ def test_health_follows_the_daemon(make_daemon: Any, bridges: Callable[..., Brid
 
     code, reason = health()
     assert code == 503 and "not reachable" in reason and d.socket not in reason
-    with dify_client(b.url) as c:
-        assert "not reachable" in refused(run(c, "print(1)"), 502)
+    with dify_client(b.url) as c:  # refused before it started: retryable anywhere, so 503
+        r = run(c, "print(1)")
+        assert "not reachable" in refused(r, 503) and "nothing was started" in r.json()["message"]
+        assert r.headers["Retry-After"] == "1"
     # a socket that accepts and never answers: a daemon still starting behind socket activation
     fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     fake.bind(d.socket)
@@ -561,7 +542,7 @@ def test_health_follows_the_daemon(make_daemon: Any, bridges: Callable[..., Brid
     d.stop()
     assert wait_until(lambda: health()[0] == 503, 15)
     with dify_client(b.url) as c:
-        assert refused(run(c, "print(1)"), 502)
+        assert "nothing was started" in refused(run(c, "print(1)"), 503)
 
 
 # -- metrics --------------------------------------------------------------------------------------------------

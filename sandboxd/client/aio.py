@@ -100,6 +100,8 @@ class AsyncClient:
     environments = method(ops.environments)
     build_environment = method(ops.build_environment)
     reload = method(ops.reload)
+    drain = method(ops.drain)
+    undrain = method(ops.undrain)
     sessions = method(ops.sessions)
 
     async def session(self, **options: Any) -> AsyncSession:

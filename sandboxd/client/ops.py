@@ -291,6 +291,16 @@ def reload() -> Request[list[str]]:
     return Request("reload", {}, key("changes"))
 
 
+def drain() -> Request[dict[str, Any]]:
+    """Take no new runs or sessions (admin); what is in flight goes on.  The drain state and counts."""
+    return Request("drain", {}, whole)
+
+
+def undrain() -> Request[dict[str, Any]]:
+    """Take new work again (admin)."""
+    return Request("undrain", {}, whole)
+
+
 def sessions() -> Request[list[dict[str, Any]]]:
     """Your open sessions (admins: everyone's)."""
     return Request("sessions", {}, key("sessions"))

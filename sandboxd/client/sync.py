@@ -78,6 +78,8 @@ class Client:
     environments = method(ops.environments)
     build_environment = method(ops.build_environment)
     reload = method(ops.reload)
+    drain = method(ops.drain)
+    undrain = method(ops.undrain)
     sessions = method(ops.sessions)
 
     def session(self, **options: Any) -> Session:

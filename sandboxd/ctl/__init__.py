@@ -4,7 +4,7 @@
     base       exit statuses, argument types, output for scripts and for terminals
     runs       run, syscalls, root why, jobs, kill
     sessions   session open/exec/close/interrupt/list, repl
-    admin      status, usage, reload, check-config, rebuild-root, env list/build
+    admin      status, usage, reload, drain, undrain, check-config, rebuild-root, env list/build
 """
 
 from .cli import main, parser

@@ -1,8 +1,9 @@
-"""sandboxctl's commands about the daemon: status, usage, reload, config, the root, environments."""
+"""sandboxctl's commands about the daemon: status, usage, reload, drain, config, the root, environments."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from .. import render
@@ -19,7 +20,8 @@ class AdminCommands(Base):
             you = st.get("you") or {}
             lines = [
                 f"sandboxd {st['version']}, pid {st['pid']}, up {render.duration(st['uptime_s'])}"
-                + ("  (STOPPING)" if st.get("stopping") else ""),
+                + ("  (STOPPING)" if st.get("stopping") else "  (DRAINING)" if st.get("draining") else ""),
+                "ready      " + ("yes" if st.get("ready") else "no: " + "; ".join(st.get("not_ready") or ["?"])),
                 f"root       {root.get('path')}",
                 f"           build {root.get('build_id')}, {root.get('files')} files "
                 f"({render.size(root.get('bytes'))}), {root.get('libraries')} libraries resolved"
@@ -70,6 +72,42 @@ class AdminCommands(Base):
     def reload(self) -> int:
         reply = self.client.call("reload")
         self.out(reply, lambda: "reloaded: " + ("; ".join(reply["changes"]) or "no changes"))
+        return EXIT_OK
+
+    def drain(self) -> int:
+        """Drain; with --wait, until no run is in flight or queued (and, with --sessions, none is open)."""
+        reply = self.client.drain()
+        wait = self.args.wait
+        deadline = time.monotonic() + (wait or 0)
+        busy = self._busy(reply)
+        while wait and busy and time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = self.client.status()
+            cap, sessions = st.get("capacity") or {}, st.get("sessions") or {}
+            reply = {**reply, "draining": st.get("draining"), "running": cap.get("running"),
+                     "queued": cap.get("queued"), "sessions": sessions.get("open")}
+            busy = self._busy(reply)
+        reply = {**reply, "idle": not busy}
+
+        def human() -> str:
+            head = "draining" if reply.get("draining") else "not draining (undrained meanwhile)"
+            counts = (f"{reply.get('running')} runs running, {reply.get('queued')} queued, "
+                      f"{reply.get('sessions')} sessions open")
+            if wait and busy:
+                return f"{head}: still {counts} after {render.duration(wait)}"
+            return f"{head}: {counts}"
+
+        self.out(reply, human)
+        return EXIT_FAILED if wait and busy else EXIT_OK
+
+    def _busy(self, counts: dict[str, Any]) -> bool:
+        keys = ("running", "queued", "sessions") if self.args.sessions else ("running", "queued")
+        return any(counts.get(k) for k in keys)
+
+    def undrain(self) -> int:
+        reply = self.client.undrain()
+        self.out(reply, lambda: f"taking new work ({reply.get('running')} runs running, "
+                 f"{reply.get('sessions')} sessions open)")
         return EXIT_OK
 
     def check_config(self) -> int:

@@ -68,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("user", nargs="?", help="user name or uid (default: you)")
     u.add_argument("--all", action="store_true", help="every user the daemon has seen (admin)")
     add("reload", "re-read the daemon's configuration (admin)", "reload")
+    dr = add("drain", "take no new runs or sessions; what is in flight goes on (admin, docs/fleet.md)", "drain")
+    dr.add_argument("--wait", type=seconds, metavar="DURATION",
+                    help="then wait up to this long (5m, 300) for no run in flight or queued; exit 1 if some remain")
+    dr.add_argument("--sessions", action="store_true", help="with --wait: wait for open sessions to end too")
+    add("undrain", "take new work again after drain (admin)", "undrain")
     add("check-config", "validate a configuration file without touching the daemon", "check_config").add_argument(
         "file", nargs="?", help=f"default {DEFAULT_CONFIG}")
     add("rebuild-root", "rebuild the root from the configured paths (admin)", "rebuild_root").add_argument(

@@ -5,7 +5,12 @@
     POST /v1/sandbox/dependencies/update      X-Api-Key   rebuild it (the bridge's uid must be a sandboxd admin)
     GET  /v1/sandbox/dependencies/refresh     X-Api-Key   rebuild it and list its packages
     GET  /health                                          200 only when the daemon answers and is ready
+    GET  /health/live, /health/ready, /capacity           for load balancers (``sandboxd.fleet.routes``)
     GET  /metrics                                         Prometheus text
+
+While the bridge drains, requests to the API routes are answered 503 (nothing started,
+``Connection: close``); those in flight are tracked (``fleet.node.Drain``), and a run cut off
+when the drain grace ran out is answered 502.
 
 Keys are compared in constant time (``keys``, the check the connection gate uses too).  Errors carry no key, path
 or traceback: an unexpected exception is logged and answered 500 with its type's name.
@@ -14,6 +19,7 @@ or traceback: an unexpected exception is logged and answered 500 with its type's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,11 +32,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..fleet import routes as fleet_routes
+from ..fleet.node import Node
 from . import dify
 from .dify import Refusal
 from .keys import Keys
 from .metrics import CONTENT_TYPE, Metrics
-from .service import Answer, Bridge, refused
+from .service import Answer, Bridge, draining, refused
 from .settings import Settings
 
 log = logging.getLogger("sandboxd.http")
@@ -71,28 +79,42 @@ async def read_body(request: Request, cap: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def build(settings: Settings, bridge: Bridge, metrics: Metrics, keys: Keys) -> Starlette:
+def build(settings: Settings, bridge: Bridge, metrics: Metrics, keys: Keys, node: Node | None = None) -> Starlette:
     def authorized(request: Request) -> bool:
         given = request.headers.get("x-api-key")
         return keys.accepts(None if given is None else given.encode("latin-1", "replace"))
 
-    def route(path: str, handler: Handler, methods: list[str], auth: bool = True) -> Route:
+    drain = bridge.drain
+
+    def route(path: str, handler: Handler, methods: list[str], auth: bool = True, work: bool = True) -> Route:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
-            try:
-                if auth and not authorized(request):
-                    answer = refused(Refusal(401, "unauthorized: missing or wrong X-Api-Key"))
-                else:
-                    answer = await handler(request)
-            except Refusal as r:
-                answer = refused(r)
-                if r.status in (408, 413):  # the rest of the body is not read: no next request to find
+            with drain.track() if work else contextlib.nullcontext():
+                try:
+                    if auth and not authorized(request):
+                        answer = refused(Refusal(401, "unauthorized: missing or wrong X-Api-Key"))
+                    elif work and drain.draining:
+                        answer = refused(draining())
+                        answer.headers["Connection"] = "close"
+                    else:
+                        answer = await handler(request)
+                except Refusal as r:
+                    answer = refused(r)
+                    if r.status in (408, 413):  # the rest of the body is not read: no next request to find
+                        answer.headers["Connection"] = "close"
+                except ClientDisconnect:
+                    answer = refused(Refusal(400, "the client went away"))
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not drain.cut or task is None:
+                        raise  # the server is going away without a drain: nobody to answer
+                    task.uncancel()
+                    answer = refused(Refusal(502, f"sandboxd-http stopped: its drain grace of "
+                                             f"{settings.drain_grace:g} s ran out before this request was done"))
                     answer.headers["Connection"] = "close"
-            except ClientDisconnect:
-                answer = refused(Refusal(400, "the client went away"))
-            except Exception as e:  # one answer per request, whatever went wrong
-                log.exception("%s %s failed", request.method, path)
-                answer = refused(Refusal(500, f"internal error in sandboxd-http ({type(e).__name__}); see its log"))
+                except Exception as e:  # one answer per request, whatever went wrong
+                    log.exception("%s %s failed", request.method, path)
+                    answer = refused(Refusal(500, f"internal error in sandboxd-http ({type(e).__name__}); see its log"))
             metrics.answered(path, answer.status, time.perf_counter() - started)
             return respond(answer)
 
@@ -142,8 +164,9 @@ def build(settings: Settings, bridge: Bridge, metrics: Metrics, keys: Keys) -> S
         route("/v1/sandbox/dependencies", dependencies, ["GET"]),
         route("/v1/sandbox/dependencies/update", update, ["POST"]),
         route("/v1/sandbox/dependencies/refresh", refresh, ["GET"]),
-        route("/health", health, ["GET"], auth=False),
+        route("/health", health, ["GET"], auth=False, work=False),
         Route("/metrics", prometheus, methods=["GET"]),
+        *fleet_routes.routes(node or Node(bridge.status, bridge.checks, drain), metrics.answered),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {404: not_found, 405: not_found}
     return Starlette(routes=routes, exception_handlers=handlers)

@@ -194,12 +194,15 @@ def daemon_refusal(code: str, message: str, details: dict[str, Any]) -> Refusal:
     words = {
         "busy": "sandboxd is busy (every worker running, its queue full); retry",
         "quota_exceeded": f"the quota of the bridge's user is used up ({details.get('limit', 'limit')}); retry",
-        "unavailable": "sandboxd is shutting down; retry",
+        "unavailable": ("sandboxd is draining: nothing was started; retry on another node" if details.get("draining")
+                        else "sandboxd is unavailable; retry"),
         "unknown_op": "this sandboxd does not have that operation (an older version)",
         "forbidden": "sandboxd refused the bridge's user",
     }.get(code, f"sandboxd answered {code}")
+    if not isinstance(retry, (int, float)):
+        retry = 1000 if status == 503 else None  # every 503 is retryable: it says when
     return Refusal(status, f"{words}: {message}" if message else words,
-                   retry_after=retry / 1000 if isinstance(retry, (int, float)) else None)
+                   retry_after=retry / 1000 if retry is not None else None)
 
 
 def environment_for(environments: list[dict[str, Any]], language: str) -> dict[str, Any] | None:

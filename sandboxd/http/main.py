@@ -4,8 +4,11 @@
 
 It holds no privileges and refuses to run as root: it talks to the daemon as its own
 uid, whose quota (``quotas.users.sandboxd-http``) is what every Dify request shares.
-Start-up: settings (file, environment, command line), bind, serve; READY=1 (sd_notify)
-once listening.  SIGTERM/SIGINT stop accepting and let requests in flight finish.
+Start-up: settings (file, environment, command line), bind, serve, the agent-check port
+(``agent_listen``); READY=1 (sd_notify) once listening.  SIGTERM/SIGINT drain: /health/ready
+turns 503 and the agent says ``drain`` at once, new requests are answered 503, those in
+flight get ``drain_grace`` to finish (then are cut off, 502), and only then does the server
+stop accepting and exit.  A second signal stops at once.  The handler only enqueues.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -23,6 +27,8 @@ import uvloop
 
 from .. import __version__, logs
 from ..common.process import raise_nofile
+from ..fleet.agent import Agent
+from ..fleet.node import Drain, Node
 from ..systemd import Notifier
 from .app import build
 from .gate import Gate
@@ -30,7 +36,7 @@ from .guard import protocol_class
 from .keys import Keys
 from .metrics import Metrics
 from .service import Bridge
-from .settings import Settings, SettingsError, load
+from .settings import Settings, SettingsError, listen_address, load
 from .upstream import Upstream
 
 log = logging.getLogger("sandboxd.http")
@@ -59,12 +65,42 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):  # type: ignore[misc]
+    """uvicorn's server, whose SIGTERM and SIGINT are ours (they queue a drain)."""
+
+    signals: asyncio.Queue[str]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig.name)
+
+
+async def drain_on_signal(server: Server, bridge: Bridge, notifier: Notifier) -> None:
+    """The first signal drains, then stops the server; a second stops it at once."""
+    first = await server.signals.get()
+    grace = bridge.settings.drain_grace
+    bridge.begin_drain(f"{first}; {bridge.drain.in_flight} requests in flight get {grace:g} s")
+    notifier.notify(stopping=1, status="draining")
+    settle = asyncio.create_task(bridge.drain.settle(grace))
+    again = asyncio.create_task(server.signals.get())
+    await asyncio.wait((settle, again), return_when=asyncio.FIRST_COMPLETED)
+    if again.done():
+        log.info("%s again: stopping now", again.result())
+        server.force_exit = True
+    again.cancel()
+    settle.cancel()
+    server.should_exit = True
+
+
 async def serve(settings: Settings) -> int:
     metrics = Metrics()
     upstream = Upstream(settings.socket, max_idle=settings.max_workers + 2)
-    bridge = Bridge(settings, upstream, metrics)
+    drain = Drain()
+    bridge = Bridge(settings, upstream, metrics, drain)
     keys = Keys(settings)
-    app = build(settings, bridge, metrics, keys)
+    node = Node(bridge.status, bridge.checks, drain)
+    app = build(settings, bridge, metrics, keys, node)
     gate = Gate(settings.max_connections, settings.reserved_connections, settings.max_pending_per_client,
                 count=metrics.shed)
     metrics.watch(gate)
@@ -86,8 +122,21 @@ async def serve(settings: Settings) -> int:
                             proxy_headers=False,
                             timeout_keep_alive=settings.keepalive_timeout,  # type: ignore[arg-type]
                             backlog=2048)
-    server = uvicorn.Server(config)
+    server = Server(config)
+    server.signals = asyncio.Queue()
+    notifier = Notifier()
+    agent, agent_where = None, ""
+    if settings.agent_listen:
+        agent = Agent(node, *listen_address(settings.agent_listen))
+        try:
+            agent_where = await agent.start()
+        except OSError as e:
+            log.error("cannot listen for the agent-check on %s: %s", settings.agent_listen, e.strerror or e)
+            sock.close()
+            return EX_CONFIG
+        log.info("agent-check on %s", agent_where)
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    draining = asyncio.create_task(drain_on_signal(server, bridge, notifier))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
@@ -96,15 +145,19 @@ async def serve(settings: Settings) -> int:
                  settings.max_workers, settings.max_requests, settings.worker_timeout,
                  "on" if settings.enable_network else "off", "on" if settings.enable_preload else "off",
                  "off" if settings.no_auth else "key")
-        Notifier().notify(ready=1, status=f"listening on {where}")
+        notifier.notify(ready=1, status=f"listening on {where}" + (f", agent-check on {agent_where}" if agent else ""))
         greeting = asyncio.create_task(_first_hello(bridge))
     try:
         await task
         if server.started:
             greeting.cancel()
     finally:
+        draining.cancel()
+        if agent is not None:
+            await agent.close()
         with contextlib.suppress(Exception):
             await upstream.close()
+    log.info("sandboxd-http stopped")
     return 0
 
 

@@ -1,9 +1,18 @@
-"""What each route does, apart from HTTP: admission, the run, health, dependencies.
+"""What each route does, apart from HTTP: admission, the run, health, drain, dependencies.
 
 Every method returns an ``Answer`` (status, Dify body, headers): exactly one per request,
 whatever happened.  Admission is two counters: ``max_requests`` in flight (beyond it 503
 at once) and ``max_workers`` sent to the daemon at once (the rest wait at most
-``queue_timeout``, then 503).  ``enable_network`` maps to the run's ``network`` when the
+``queue_timeout``, then 503).
+
+Which failures are retryable: 503 means nothing was started -- the bridge or the daemon
+refused, is draining, or the daemon could not be reached or never got the request -- so a
+balancer or Dify may send the request to any node again.  A run that went out and got no
+answer (the daemon died with it) is 502, and no answer in time 504: either may have run.
+While the bridge drains (SIGTERM) new requests and those waiting for a slot are 503 at
+once; runs in flight finish within ``drain_grace`` or are cut off with 502.
+
+``enable_network`` maps to the run's ``network`` when the
 bridge's ``enable_network`` allows it and the daemon's quota for this uid does; when the
 quota refuses it the run goes ahead without network (so Dify, which always asks, works
 with any configuration) and a failure at a socket call says why there was none.
@@ -27,11 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client import SandboxdError
+from ..fleet.node import Drain
 from ..jail.net.netpolicy import Policy, unreachable_proxies
 from . import dify
 from .dify import Refusal
 from .metrics import Metrics
 from .settings import Settings
+from .slots import Refused, Slots
 from .upstream import Unreachable, Upstream
 
 log = logging.getLogger("sandboxd.http")
@@ -64,13 +75,19 @@ def user_name() -> str:
         return str(os.getuid())
 
 
+def draining() -> Refusal:
+    return Refusal(503, "sandboxd-http is draining (stopping): nothing was started; retry on another node",
+                   retry_after=1)
+
+
 class Bridge:
-    def __init__(self, settings: Settings, upstream: Upstream, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, upstream: Upstream, metrics: Metrics, drain: Drain | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.metrics = metrics
+        self.drain = drain or Drain()
         self.in_flight = 0
-        self.slots = asyncio.Semaphore(settings.max_workers)
+        self.slots = Slots(settings.max_workers)
         self.user = user_name()
         self.network_refused_at = -NETWORK_REFUSAL_TTL
         self.network_refused_why = ""
@@ -96,6 +113,13 @@ class Bridge:
         return (f"{name.upper()} {value} (sandboxd-http's {name.lower()}) is a proxy runs may not reach: {why} under "
                 "sandboxd's network policy; add it to network.allow in sandboxd.yaml or unset it")
 
+    def begin_drain(self, why: str) -> None:
+        """No new work from now on: requests waiting for a slot are answered 503 at once."""
+        self.drain.begin(why)
+        waiting = self.slots.refuse_waiters()
+        if waiting:
+            log.info("draining: %d requests waiting for a worker answered 503 (nothing was started)", waiting)
+
     def refuse_network(self, why: str) -> None:
         """Runs go without network for NETWORK_REFUSAL_TTL, saying ``why``; then it is asked again."""
         self.network_refused_at = time.monotonic()
@@ -108,6 +132,8 @@ class Bridge:
         except Refusal as r:
             return refused(r)
         s = self.settings
+        if self.drain.draining:
+            return refused(draining())
         if self.in_flight >= s.max_requests:
             return refused(Refusal(503, f"too many requests: {self.in_flight} in flight (MAX_REQUESTS "
                                    f"{s.max_requests}); retry", retry_after=1))
@@ -120,6 +146,8 @@ class Bridge:
             except TimeoutError:
                 return refused(Refusal(503, f"busy: all {s.max_workers} workers (MAX_WORKERS) stayed busy for "
                                        f"{s.queue_timeout:g} s; retry", retry_after=1))
+            except Refused:
+                return refused(draining())
             try:
                 return await self._run(ask)
             finally:
@@ -183,6 +211,9 @@ class Bridge:
         return refused(r)
 
     def _unreachable(self, e: Unreachable) -> Answer:
+        """503 when the request never reached the daemon (retry anywhere); else 504 or 502 (it may have run)."""
+        if not e.sent:
+            return refused(Refusal(503, f"{e.message}; nothing was started", retry_after=1))
         return refused(Refusal(504 if e.timed_out else 502, e.message, retry_after=1))
 
     # -- /health ------------------------------------------------------------------------------
@@ -223,19 +254,26 @@ class Bridge:
             problems.append("sandboxd has no root yet")
         if not ((st.get("runtimes") or {}).get("python3") or {}).get("available", True):
             problems.append("python3 runs are not available")
-        hello = await self.hello()
-        quota = (hello or {}).get("quota") or {}
-        if hello is None:
-            problems.append(f"sandboxd does not answer hello for user {self.user}")
-        elif quota.get("max_timeout_ms") is not None and self.timeout_ms > quota["max_timeout_ms"]:
-            problems.append(f"WORKER_TIMEOUT {self.settings.worker_timeout:g} s is above the quota of user "
-                            f"{self.user} (max_timeout {quota['max_timeout_ms'] / 1000:g} s): every run is refused")
+        problems += await self.checks(st)
         if problems:
             return Answer(503, {"status": "unavailable", "reason": "; ".join(problems)})
         capacity = st.get("capacity") or {}
+        quota = (await self.hello() or {}).get("quota") or {}
         return Answer(200, {"status": "ok", "sandboxd": st.get("version"), "capacity": capacity,
                             "user": self.user, "network": bool(quota.get("network")) and self.settings.enable_network,
                             "preload": self.settings.enable_preload})
+
+    async def checks(self, st: dict[str, Any]) -> list[str]:
+        """What only the bridge knows is wrong (its uid's quota against its settings): for /health
+        and readiness (``fleet.Node``)."""
+        hello = await self.hello()
+        quota = (hello or {}).get("quota") or {}
+        if hello is None:
+            return [f"sandboxd does not answer hello for user {self.user}"]
+        if quota.get("max_timeout_ms") is not None and self.timeout_ms > quota["max_timeout_ms"]:
+            return [f"WORKER_TIMEOUT {self.settings.worker_timeout:g} s is above the quota of user {self.user} "
+                    f"(max_timeout {quota['max_timeout_ms'] / 1000:g} s): every run is refused"]
+        return []
 
     # -- /v1/sandbox/dependencies ---------------------------------------------------------------
     async def _environments(self) -> list[dict[str, Any]]:

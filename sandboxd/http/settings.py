@@ -43,6 +43,14 @@ def listen_address(value: Any) -> tuple[str, int]:
     return host, int(port)
 
 
+def optional_listen(value: Any) -> str:
+    """HOST:PORT, or empty for none"""
+    if value in ("", None):
+        return ""
+    host, port = listen_address(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def api_key(value: Any) -> str:
     if not isinstance(value, str) or "\n" in value or len(value) > 4096:
         raise ValueError("a string (one line)")
@@ -110,6 +118,14 @@ class Settings:
                                           "beyond it that address's oldest are closed (408) every 0.1 s, never one "
                                           "opened since the sweep before: a slow client shares its address with a "
                                           "fast one without shutting it out.")
+    agent_listen: str = setting("", optional_listen, "Where HAProxy's agent-check is answered (HOST:PORT; none by "
+                                "default): one line per connection, up ready N% (N the free share of the daemon's "
+                                "workers), drain or down, from the numbers /capacity shows (docs/fleet.md). Bind it "
+                                "where only the balancer reaches.", ("SANDBOXD_HTTP_AGENT_LISTEN",))
+    drain_grace: float = setting(30.0, sizes.duration, "On SIGTERM (systemctl stop) /health/ready turns 503 and the "
+                                 "agent says drain at once, new requests are answered 503 (retryable: nothing was "
+                                 "started), and the runs in flight get this long to finish; those still running "
+                                 "then are cut off (502) and the process exits.")
     log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"),
                              "Log verbosity; GIN_MODE=debug or DEBUG=true mean debug.")
 
@@ -185,6 +201,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
                       "without one")
     if settings.api_key and settings.no_auth:
         errors.append("both an API key and --no-auth: choose one")
+    if settings.agent_listen and listen_address(settings.agent_listen) == settings.listen and settings.listen[1]:
+        errors.append(f"agent_listen: expected another address than listen's, got {settings.agent_listen}")
     if settings.reserved_connections >= settings.max_connections:
         errors.append(f"reserved_connections: expected fewer than max_connections ({settings.max_connections}), "
                       f"got {settings.reserved_connections}")

@@ -7,6 +7,10 @@ run still in flight.  A request that never went out (the daemon had closed an id
 connection, e.g. across a restart) is sent again once on a new connection; one that went
 out is never sent twice.  Every call has a deadline, so a daemon that does not answer
 costs at most that long, never a hang.
+
+``Unreachable.sent`` says whether the request may have reached the daemon: a request that
+never went out (no socket, refused, no connection in time, closed before it was written)
+did nothing and may be sent anywhere else; one that went out and got no answer may have run.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ IDLE_EXPIRY = 60.0  # far below the daemon's idle_timeout (5 min): it never clos
 class Unreachable(Exception):
     """The daemon could not be asked (no socket, refused, gone mid-request, no answer in time)."""
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, sent: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.timed_out = timed_out
+        self.sent = sent  # the request went out: it may have run
 
 
 class Upstream:
@@ -93,10 +98,11 @@ class Upstream:
                 raise Unreachable(f"sandboxd closed the connection ({e})") from None
             except TimeoutError:
                 self._discard(client)
-                raise Unreachable(f"sandboxd did not answer {op} within {deadline:g} s", timed_out=True) from None
+                raise Unreachable(f"sandboxd did not answer {op} within {deadline:g} s", timed_out=True,
+                                  sent=True) from None
             except (OSError, EOFError) as e:
                 self._discard(client)
-                raise Unreachable(f"sandboxd closed the connection during {op} ({e})") from None
+                raise Unreachable(f"sandboxd closed the connection during {op} ({e})", sent=True) from None
             except BaseException:
                 self._discard(client)  # cancelled (the server is stopping), or a decoding error
                 raise
