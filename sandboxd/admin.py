@@ -14,7 +14,7 @@ in the state directory (``draining``): a daemon restarted by an upgrade comes ba
 and takes work again only when an operator says ``undrain``.
 
 Ready (``status``'s ``ready`` and ``not_ready``): not stopping, not draining, a root built,
-the self-test not failed, warm workers made (or runs running), and the environment
+the self-test not failed, the pool warm (a worker made since start), and the environment
 ``default``, when the configuration declares one, has a build that serves.
 
 Reload validates the new file first (a bad one is rejected and the running configuration
@@ -114,8 +114,11 @@ class Admin:
             why.append("sandboxd has no root yet")
         if self.self_test.get("passed") is False:
             why.append("sandboxd's self-test failed")
-        profiles = (jail["pool"] or {}).get("profiles") or {}
-        if not jail["running"] and not any(p.get("ready") for p in profiles.values()):
+        pool = jail["pool"] or {}
+        # Warm once the pool has made a worker: under load ready and running may both be 0 for an
+        # instant (a run just ended, its successor starting), which must not flap the node.
+        if not jail["running"] and not pool.get("hits") and not pool.get("misses") and \
+                not any(p.get("ready") for p in (pool.get("profiles") or {}).values()):
             why.append("no warm worker yet")
         state = environments.get("default")
         if state is not None and state not in SERVING:

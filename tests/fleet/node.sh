@@ -42,7 +42,7 @@ since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1
 case $1 in
 install)
     t0=$(now)
-    apt-get install -y -q --no-download "$deb" >/tmp/apt.log 2>&1 || { tail -20 /tmp/apt.log; exit 1; }
+    dpkg -i "$deb" >/tmp/apt.log 2>&1 || { tail -20 /tmp/apt.log; exit 1; }
     (umask 077 && printf 'API_KEY=%s\nSANDBOXD_HTTP_LISTEN=0.0.0.0:8194\nSANDBOXD_HTTP_AGENT_LISTEN=0.0.0.0:8195\n' \
         "$2" >/etc/sandboxd/sandboxd-http.env)
     systemctl enable --now --quiet sandboxd-http.service
@@ -54,7 +54,7 @@ upgrade)
     sandboxctl drain --wait 120s >/dev/null
     echo "drained, runs finished: $(since "$t0") s"
     t1=$(now)
-    apt-get install -y -q --reinstall --no-download "$deb" >/tmp/apt.log 2>&1 || { tail -20 /tmp/apt.log; exit 1; }
+    dpkg -i "$deb" >/tmp/apt.log 2>&1 || { tail -20 /tmp/apt.log; exit 1; }
     systemctl restart sandboxd.service sandboxd-http.service
     echo "reinstalled and restarted: $(since "$t1") s"
     # still drained after the restart (the state directory says so): nothing comes here until undrain

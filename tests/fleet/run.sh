@@ -121,7 +121,12 @@ for i in $(seq "$count"); do
         sleep 0.1
     done
     state=$(timeout 180 nsenter -t "${leader[$i]}" -a systemctl is-system-running --wait || true)
-    [ "$state" = running ] || { in_node "$i" systemctl --failed --no-pager || true; echo "node $i: $state"; exit 1; }
+    if [ "$state" != running ]; then
+        in_node "$i" systemctl --failed --no-pager || true
+        in_node "$i" journalctl -b --no-pager -p warning | tail -20 || true
+        echo "node $i: $state"
+        exit 1
+    fi
     echo "   node$i: $state in $(python3 -c "import time; print(round(time.time() - $(cat "$d/booted-at"), 1))") s"
 done
 
