@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 LB = "172.31.228.1"
-DIFY_PORT, AGENT_PORT = 8194, 8195
+DIFY_PORT = 8194
 TOTAL, CONCURRENCY = 600, 16
 NODE_PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 

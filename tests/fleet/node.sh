@@ -43,7 +43,7 @@ case $1 in
 install)
     t0=$(now)
     dpkg -i "$deb" >/tmp/apt.log 2>&1 || { tail -20 /tmp/apt.log; exit 1; }
-    (umask 077 && printf 'API_KEY=%s\nSANDBOXD_HTTP_LISTEN=0.0.0.0:8194\nSANDBOXD_HTTP_AGENT_LISTEN=0.0.0.0:8195\n' \
+    (umask 077 && printf 'API_KEY=%s\nSANDBOXD_HTTP_LISTEN=0.0.0.0:8194\nSANDBOXD_HTTP_AGENT_LISTEN=0.0.0.0:8196\n' \
         "$2" >/etc/sandboxd/sandboxd-http.env)
     systemctl enable --now --quiet sandboxd-http.service
     ready 180 || { journalctl -u sandboxd -u sandboxd-http --no-pager | tail -20; exit 1; }

@@ -8,7 +8,7 @@
 #     each node NS-nI a veth on it (172.31.228.1I); nothing is added to the host's namespace;
 #  3. boot each node with systemd-nspawn (the e2e way, on an overlay of the cached root, in its
 #     namespace) and install the .deb there (node.sh): sandboxd-http on 0.0.0.0:8194 with its
-#     agent-check on 8195, the daemon socket-activated;
+#     agent-check on 8196, the daemon socket-activated;
 #  4. in NS-lb, load.py renders docs/examples/haproxy.cfg for the three nodes, runs HAProxy,
 #     drives the load and the scenario, checks, and prints the `fleet:` line.
 #
