@@ -23,12 +23,8 @@ npid=
 start_all=$(date +%s)
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
-stage_start=0
-stage() {
-    [ "$stage_start" = 0 ] || printf '   (%d s)\n' $(($(date +%s) - stage_start))
-    stage_start=$(date +%s)
-    [ $# = 0 ] || printf '\n== %s\n' "$*"
-}
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 
 cleanup() {
     if [ -n "$npid" ] && kill -0 "$npid" 2>/dev/null; then
@@ -63,25 +59,12 @@ install -m 0644 "$here/e2e-v2.service" "$root/etc/systemd/system/e2e-v2.service"
 echo "   $base -> $root"
 
 stage "boot under systemd-nspawn"
-systemd-nspawn -b -D "$root" --register=no --keep-unit --console=passive \
-    -M "sandboxd-e2e-$$" >"$work/nspawn.log" 2>&1 &
-npid=$!
-leader=
-for _ in $(seq 100); do
-    leader=$(pgrep -P "$npid" -x systemd || true)
-    [ -z "$leader" ] || break
-    sleep 0.1
-done
-[ -n "$leader" ] || { cat "$work/nspawn.log"; echo "the container did not start"; exit 1; }
-# Asked before the container's manager has its private socket, systemctl fails at once with
-# "Failed to connect to bus" (on a slower machine, every time): wait for the socket first.
-for _ in $(seq 1200); do
-    [ -S "/proc/$leader/root/run/systemd/private" ] && break
-    kill -0 "$leader" 2>/dev/null || break
-    sleep 0.1
-done
-[ -S "/proc/$leader/root/run/systemd/private" ] || { cat "$work/nspawn.log"; echo "no systemd manager socket"; exit 1; }
-state=$(timeout 120 nsenter -t "$leader" -a systemctl is-system-running --wait || true)
+up=0
+boot "$root" "sandboxd-e2e-$$" "$work/nspawn.log" || up=$?
+npid=$booted_pid  # (stopped by cleanup, up or not)
+leader=$booted_leader
+[ "$up" = 0 ] || exit 1
+state=$(system_state "$leader")
 echo "   system: $state"
 [ "$state" = running ] || { in_container systemctl --failed --no-pager || true; exit 1; }
 

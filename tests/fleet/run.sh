@@ -29,12 +29,8 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 declare -a npid leader
 start_all=$(date +%s)
 
-stage_start=0
-stage() {
-    [ "$stage_start" = 0 ] || printf '   (%d s)\n' $(($(date +%s) - stage_start))
-    stage_start=$(date +%s)
-    [ $# = 0 ] || printf '\n== %s\n' "$*"
-}
+# shellcheck source=../e2e/lib.sh
+. "$here/../e2e/lib.sh"
 
 cleanup() {
     local i
@@ -102,25 +98,15 @@ for i in $(seq "$count"); do
     cp "$deb" "$d/root/root/sandboxd.deb"
     install -m 0755 "$here/node.sh" "$d/root/root/node.sh"
     date +%s.%N >"$d/booted-at"
-    systemd-nspawn -b -D "$d/root" --register=no --keep-unit --console=passive -M "$tag-n$i" \
-        --network-namespace-path="/run/netns/$tag-n$i" >"$d/nspawn.log" 2>&1 &
-    npid[$i]=$!
+    up=0
+    boot "$d/root" "$tag-n$i" "$d/nspawn.log" --network-namespace-path="/run/netns/$tag-n$i" || up=$?
+    npid[$i]=$booted_pid  # (stopped by cleanup, up or not)
+    leader[$i]=$booted_leader
+    [ "$up" = 0 ] || exit 1
 done
 for i in $(seq "$count"); do
     d=$work/n$i
-    leader[$i]=
-    for _ in $(seq 200); do
-        leader[$i]=$(pgrep -P "${npid[$i]}" -x systemd || true)
-        [ -z "${leader[$i]}" ] || break
-        sleep 0.1
-    done
-    [ -n "${leader[$i]}" ] || { cat "$d/nspawn.log"; echo "node $i did not start"; exit 1; }
-    for _ in $(seq 1200); do
-        [ -S "/proc/${leader[$i]}/root/run/systemd/private" ] && break
-        kill -0 "${leader[$i]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    state=$(timeout 180 nsenter -t "${leader[$i]}" -a systemctl is-system-running --wait || true)
+    state=$(system_state "${leader[$i]}")
     if [ "$state" != running ]; then
         in_node "$i" systemctl --failed --no-pager || true
         in_node "$i" journalctl -b --no-pager -p warning | tail -20 || true
