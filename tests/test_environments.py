@@ -581,7 +581,7 @@ def test_a_rebuild_while_runs_are_in_flight_loses_none(env_daemon: Any, wheelhou
     d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
     first = ready(d, "default")["default"]
     statuses: list[str] = []
-    odd: list[dict[str, Any]] = []  # (what a run that was not ok said, for the message)
+    odd: list[Any] = []  # (what a run that was not ok said, for the message)
     stop = threading.Event()
 
     def load() -> None:
