@@ -7,17 +7,18 @@ VPY := $(VENV)/bin/python
 SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # Runtime dependencies come from Debian (the .deb depends on the same packages): what `make
 # run` installs.  starlette, uvicorn (with uvloop and httptools) and prometheus-client are
-# sandboxd-http's; jinja2 goes into the default root (Dify's template node); python3-venv (with
-# its pip wheel) builds environments; python3-systemd sends the journal its fields.
+# sandboxd-http's; jinja2 (Dify's template node), requests and httpx (what dify-sandbox's image
+# ships for code nodes) go into the default root; python3-venv (with its pip wheel) builds
+# environments; python3-systemd sends the journal its fields.
 APT_PACKAGES := python3-msgpack python3-yaml python3-seccomp python3-daemon python3-sdnotify \
 	python3-nftables python3-pyroute2 \
 	python3-starlette python3-uvicorn python3-uvloop python3-httptools python3-prometheus-client \
-	python3-jinja2 python3-venv python3-systemd nftables iproute2
+	python3-jinja2 python3-requests python3-httpx python3-venv python3-systemd nftables iproute2
 # What `make test` adds: numpy for the preload tests and benchmark, matplotlib for the figure
-# tests (and the benchmark's plot), httpx (Dify's HTTP client) for the sandboxd-http tests,
-# mandoc for the man pages, dnsmasq-base for the network tests' own test hosts; gcc,
-# python3-dev, setuptools, wheel and libyaml make the environment tests' wheelhouse.
-TEST_PACKAGES := python3-numpy python3-matplotlib python3-httpx mandoc dnsmasq-base \
+# tests (and the benchmark's plot), mandoc for the man pages, dnsmasq-base for the network
+# tests' own test hosts; gcc, python3-dev, setuptools, wheel and libyaml make the environment
+# tests' wheelhouse.  (httpx, Dify's HTTP client in the sandboxd-http tests, is a runtime one.)
+TEST_PACKAGES := python3-numpy python3-matplotlib mandoc dnsmasq-base \
 	gcc python3-dev python3-pip python3-setuptools python3-wheel libyaml-0-2
 BENCH_PACKAGES := bubblewrap
 PROFILE_PACKAGES := linux-perf

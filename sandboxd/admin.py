@@ -51,7 +51,6 @@ from .usage import UsageStore
 log = logging.getLogger("sandboxd")
 FIXED_DAEMON = ("socket", "socket_group", "socket_mode", "state_dir", "pid_file")  # need a restart
 DRAIN_FILE = "draining"  # in the state directory: present while the node is drained
-SERVING = ("ready", "outdated", "building")  # environment states with a build (a rebuild keeps the old one serving)
 
 
 class Admin:
@@ -103,7 +102,7 @@ class Admin:
         """(root directory, the runs' sys.path) of a stack, once it is built."""
         return self.jail.root_layout(environment)
 
-    def not_ready(self, jail: dict[str, Any], environments: dict[str, str]) -> list[str]:
+    def not_ready(self, jail: dict[str, Any], environments: dict[str, str], serving: list[str]) -> list[str]:
         """Why this daemon should get no new work now (empty: ready)."""
         why = []
         if self.stopping:
@@ -121,16 +120,22 @@ class Admin:
                 not any(p.get("ready") for p in (pool.get("profiles") or {}).values()):
             why.append("no warm worker yet")
         state = environments.get("default")
-        if state is not None and state not in SERVING:
+        if state is not None and "default" not in serving:
             why.append(f"the environment default is {state}: no build of it serves")
         return why
+
+    def limits(self) -> dict[str, Any]:
+        """What this daemon allows every caller, for ``hello`` (``quota.daemon_limits``)."""
+        return quota.daemon_limits(self.config.daemon)
 
     def status(self, who: Identity, admin: bool) -> dict[str, Any]:
         now = time.time()
         usage = self.usage
         jail = self.jail.describe()
-        environments = {e["name"]: e["state"] for e in self.environments.list()}
-        not_ready = self.not_ready(jail, environments)
+        listed = self.environments.list()
+        environments = {e["name"]: e["state"] for e in listed}
+        serving = [e["name"] for e in listed if e["build"] is not None]  # "building" may be a first build
+        not_ready = self.not_ready(jail, environments, serving)
         out: dict[str, Any] = {
             "server": "sandboxd",
             "version": __version__,
@@ -145,6 +150,7 @@ class Admin:
             "capacity": self.admission.describe(),
             "sessions": self.sessions.describe_all(),
             "environments": environments,
+            "serving_environments": serving,
             "pool": {**jail["pool"], "setup_us": jail["setup_us"]},
             "cgroup": jail["cgroup"],
             "network": jail["network"],

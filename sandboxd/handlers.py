@@ -103,7 +103,8 @@ Handler = Callable[[Services, Call], Awaitable[dict[str, Any]]]
 async def op_hello(s: Services, call: Call) -> dict[str, Any]:
     who = call.who
     return protocol.ok(call.id, server="sandboxd", version=__version__, protocol=protocol.PROTOCOL_VERSION,
-                       uid=who.uid, user=who.name, admin=call.admin, quota=quota.limits_dict(call.quota))
+                       uid=who.uid, user=who.name, admin=call.admin, quota=quota.limits_dict(call.quota),
+                       daemon=s.admin.limits())
 
 
 async def op_run(s: Services, call: Call) -> dict[str, Any]:

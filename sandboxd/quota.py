@@ -30,7 +30,7 @@ from typing import Any
 from .common import errors
 from .common.declare import declared
 from .common.errors import RequestError
-from .config import QuotaLimits, QuotaPolicy
+from .config import DaemonSettings, QuotaLimits, QuotaPolicy
 from .peer import Identity
 from .usage import UsageStore
 
@@ -51,6 +51,14 @@ def effective_limits(policy: QuotaPolicy, who: Identity) -> QuotaLimits | None:
     if user is not None:
         values.update(user)
     return QuotaLimits(**values)
+
+
+def daemon_limits(d: DaemonSettings) -> dict[str, Any]:
+    """What the daemon allows every caller, as ``hello`` says it: a client sizes its requests by it
+    (sandboxd-http refuses to start with settings these make fail)."""
+    return {"max_frame": d.max_frame, "workers": d.workers, "reserved_workers": min(d.reserved_workers, d.workers - 1),
+            "queue_timeout_ms": int(d.queue_timeout * 1000), "read_timeout_ms": int(d.read_timeout * 1000),
+            "buffer_budget_per_uid": d.buffer_budget_per_uid, "response_budget_per_uid": d.response_budget_per_uid}
 
 
 def most_generous(values: list[Any]) -> Any:

@@ -49,6 +49,18 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
+def shipped_config(users: dict[str, str] | None = None) -> dict[str, Any]:
+    """etc/sandboxd/sandboxd.yaml as the package installs it, with the test's socket group and
+    admin group, and ``users`` renamed (e.g. sandboxd-http -> sbx-http, the tests' bridge user)."""
+    with open(os.path.join(REPO, "etc", "sandboxd", "sandboxd.yaml"), encoding="utf-8") as f:
+        cfg: dict[str, Any] = yaml.safe_load(f) or {}
+    entries = cfg.get("quotas", {}).get("users", {})
+    for old, new in (users or {}).items():
+        entries[new] = entries.pop(old)
+    return merge(cfg, {"daemon": {"socket_group": "sbx-clients", "admin_group": "sbx-admins",
+                                  "shutdown_grace": "5s"}})
+
+
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -94,7 +106,10 @@ class DaemonProcess(Child):
 
     count = 0
 
-    def __init__(self, workdir: str, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: str, overrides: dict[str, Any] | None = None,
+                 base: dict[str, Any] | None = None) -> None:
+        """``base``: the configuration under ``overrides`` (BASE_CONFIG unless given, e.g. the
+        shipped file's); the daemon's own cgroup parent, uids and pool are added either way."""
         self.dir = workdir
         self.socket = os.path.join(workdir, "sandboxd.sock")
         self.state_dir = os.path.join(workdir, "state")
@@ -110,7 +125,7 @@ class DaemonProcess(Child):
                         "run_uids": f"{first}-{first + UID_BLOCK - 1}", "build_uid": self.build_uid},
                # each daemon its own address pool too (a /24: four addresses for each of its 64 uids)
                "network": {"pool": f"10.232.{block}.0/24"}}
-        self.config = merge(merge(BASE_CONFIG, own), overrides or {})
+        self.config = merge(merge(BASE_CONFIG if base is None else base, own), overrides or {})
         self.write_config(self.config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.wrapper: list[str] = []  # a command the daemon is started under (e.g. setpriv)

@@ -52,16 +52,17 @@ def respond(answer: Answer) -> Response:
     return Response(body, answer.status, headers=answer.headers, media_type=JSON)
 
 
-async def read_body(request: Request, cap: int, timeout: float) -> bytes:
-    """The whole body, at most ``cap`` bytes, arrived within ``timeout`` seconds.
+async def read_body(request: Request, cap: int, timeout: float, setting: str = "") -> bytes:
+    """The whole body, at most ``cap`` bytes (the ``setting`` that says so), arrived within ``timeout`` seconds.
 
     A body over the cap is read on (and dropped) for up to ``DRAIN`` more bytes before the
     413, so that a client still writing it reads the answer instead of a reset connection.
     """
     length = request.headers.get("content-length")
+    too_large = f"the body is larger than {cap} bytes" + (f" ({setting} of sandboxd-http)" if setting else "")
     if length is not None and (not length.isdigit() or int(length) > cap + DRAIN):
-        raise Refusal(413 if length.isdigit() else 400, f"the body is larger than {cap} bytes"
-                      if length.isdigit() else "Content-Length is not a number")
+        raise Refusal(413 if length.isdigit() else 400, too_large if length.isdigit() else
+                      "Content-Length is not a number")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -75,7 +76,7 @@ async def read_body(request: Request, cap: int, timeout: float) -> bytes:
     except TimeoutError:
         raise Refusal(408, f"the body did not arrive within {timeout:g} s") from None
     if size > cap:
-        raise Refusal(413, f"the body is larger than {cap} bytes")
+        raise Refusal(413, too_large)
     return b"".join(chunks)
 
 
@@ -121,7 +122,7 @@ def build(settings: Settings, bridge: Bridge, metrics: Metrics, keys: Keys, node
         return Route(path, endpoint, methods=methods)
 
     async def run(request: Request) -> Answer:
-        body = await read_body(request, settings.max_body, settings.body_timeout)
+        body = await read_body(request, bridge.max_body, settings.body_timeout, "max_body")
         answer = await bridge.run(body)
         if answer.verdict:
             metrics.runs.labels(answer.language, answer.verdict).inc()

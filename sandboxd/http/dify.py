@@ -33,7 +33,9 @@ DAEMON_ERRORS = {
     "forbidden": 403,       # the bridge's uid may not do this (its quota, or not an admin)
     "bad_request": 400,
     "not_found": 404,
+    "frame_too_large": 413,  # a request past the daemon's daemon.max_frame
 }
+DEFAULT_ENVIRONMENT = "default"  # the daemon's environment a python3 run that names none gets
 
 
 class Refusal(Exception):
@@ -83,10 +85,8 @@ def parse_run(body: bytes) -> RunAsk:
         shown = language if isinstance(language, str) and len(language) <= 64 else type(language).__name__
         raise bad_request(f"unsupported language {shown!r}: expected python3 or nodejs")
     code = req.get("code")
-    if not isinstance(code, str):
-        raise bad_request("code: required, a string")
-    if not code.strip():
-        raise bad_request("code: empty")
+    if not isinstance(code, str) or not code:  # only blanks run, and print nothing, as in dify-sandbox
+        raise bad_request("code: required, a string" if not isinstance(code, str) else "code: empty")
     preload = req.get("preload")
     if preload is None:
         preload = ""
@@ -198,6 +198,7 @@ def daemon_refusal(code: str, message: str, details: dict[str, Any]) -> Refusal:
                         else "sandboxd is unavailable; retry"),
         "unknown_op": "this sandboxd does not have that operation (an older version)",
         "forbidden": "sandboxd refused the bridge's user",
+        "frame_too_large": "the request is larger than sandboxd takes (its daemon.max_frame)",
     }.get(code, f"sandboxd answered {code}")
     if not isinstance(retry, (int, float)):
         retry = 1000 if status == 503 else None  # every 503 is retryable: it says when
@@ -210,7 +211,7 @@ def environment_for(environments: list[dict[str, Any]], language: str) -> dict[s
     python3 (what a run that names none gets); none for nodejs, whose packages are the root's."""
     if language != "python3":
         return None
-    return next((env for env in environments if env.get("name") == "default"), None)
+    return next((env for env in environments if env.get("name") == DEFAULT_ENVIRONMENT), None)
 
 
 def dependencies(env: dict[str, Any] | None) -> list[dict[str, str]]:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -30,6 +31,7 @@ from ..common.process import raise_nofile
 from ..fleet.agent import Agent
 from ..fleet.node import Drain, Node
 from ..systemd import Notifier
+from . import bounds
 from .app import build
 from .gate import Gate
 from .guard import protocol_class
@@ -42,6 +44,8 @@ from .upstream import Upstream
 log = logging.getLogger("sandboxd.http")
 EX_CONFIG = 78
 EX_NOPERM = 77
+STARTUP_HELLO = 10.0  # at start, how long the daemon may take to answer hello before the bridge serves without it
+HELLO_RETRY = 2.0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +102,12 @@ async def serve(settings: Settings) -> int:
     upstream = Upstream(settings.socket, max_idle=settings.max_workers + 2)
     drain = Drain()
     bridge = Bridge(settings, upstream, metrics, drain)
+    # Settings the daemon would refuse on every run keep the bridge from starting, when the daemon
+    # answers in time; one that answers later is asked again until it does (_greet).
+    hello = await bridge.hello(STARTUP_HELLO)
+    if hello is not None and not _bounds_hold(bridge):
+        await upstream.close()
+        return EX_CONFIG
     keys = Keys(settings)
     node = Node(bridge.status, bridge.checks, drain)
     app = build(settings, bridge, metrics, keys, node)
@@ -140,16 +150,21 @@ async def serve(settings: Settings) -> int:
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
-        log.info("sandboxd-http %s listening on %s for sandboxd at %s as user %s (%d workers, %d requests, "
-                 "timeout %g s, network %s, preload %s, auth %s)", __version__, where, settings.socket, bridge.user,
-                 settings.max_workers, settings.max_requests, settings.worker_timeout,
-                 "on" if settings.enable_network else "off", "on" if settings.enable_preload else "off",
-                 "off" if settings.no_auth else "key")
+        use = bridge.bounds.values
+        log.info("sandboxd-http %s listening on %s for sandboxd at %s as user %s (%d workers, %d requests; runs of "
+                 "%g s, %s of memory, %s of output a stream, bodies up to %s; network %s, preload %s, auth %s)",
+                 __version__, where, settings.socket, bridge.user, settings.max_workers, settings.max_requests,
+                 use["timeout_ms"] / 1000, bounds.size(use["memory"]), bounds.size(use["max_output"]),
+                 bounds.size(use["max_body"]), "on" if settings.enable_network else "off",
+                 "on" if settings.enable_preload else "off", "off" if settings.no_auth else "key")
         notifier.notify(ready=1, status=f"listening on {where}" + (f", agent-check on {agent_where}" if agent else ""))
-        greeting = asyncio.create_task(_first_hello(bridge))
+        greeting = asyncio.create_task(_greet(bridge, server, hello))
     try:
         await task
         if server.started:
+            if greeting.done() and not greeting.cancelled() and greeting.exception() is None \
+                    and greeting.result() is False:
+                return EX_CONFIG
             greeting.cancel()
     finally:
         draining.cancel()
@@ -161,12 +176,26 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-async def _first_hello(bridge: Bridge) -> None:
-    """Say at start-up what the daemon thinks of this uid (the runs' quota, network)."""
-    hello = await bridge.hello()
+def _bounds_hold(bridge: Bridge) -> bool:
+    """Log what the daemon's first answer says of the settings; False when runs would be refused."""
+    found = bridge.bounds
+    for error in found.errors:
+        log.error("%s: not starting", error)
+    for warning in found.warnings:
+        log.warning("%s", warning)
+    return not found.errors
+
+
+async def _greet(bridge: Bridge, server: uvicorn.Server, hello: dict[str, Any] | None) -> bool:
+    """Say what the daemon thinks of this uid (the runs' quota, network), asking until it answers;
+    False (and the server told to stop: exit status 78) when that first answer refuses the settings."""
     if hello is None:
         log.warning("sandboxd does not answer yet at %s: /health says 503 until it does", bridge.settings.socket)
-        return
+        while (hello := await bridge.hello()) is None:
+            await asyncio.sleep(HELLO_RETRY)
+        if not _bounds_hold(bridge):
+            server.should_exit = True
+            return False
     quota = hello.get("quota") or {}
     log.info("sandboxd %s: user %s may run %s at once, timeouts up to %g s, network %s", hello.get("version"),
              bridge.user, quota.get("concurrent"), (quota.get("max_timeout_ms") or 0) / 1000,
@@ -180,6 +209,7 @@ async def _first_hello(bridge: Bridge) -> None:
             log.warning("%s: runs asking for network go without it until it is reachable", problem)
         if problems:
             bridge.refuse_network("; ".join(problems))
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

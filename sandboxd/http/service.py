@@ -38,7 +38,7 @@ from typing import Any
 from ..client import SandboxdError
 from ..fleet.node import Drain
 from ..jail.net.netpolicy import Policy, unreachable_proxies
-from . import dify
+from . import bounds, dify
 from .dify import Refusal
 from .metrics import Metrics
 from .settings import Settings
@@ -52,6 +52,7 @@ STATUS_TTL = 0.5
 HELLO_TTL = 30.0
 NETWORK_REFUSAL_TTL = 30.0  # after the quota refused network, ask again this much later
 BUILD_DEADLINE = 900.0
+SERVING = ("ready", "outdated")  # with a daemon that does not list serving_environments: states that serve
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Bridge:
         self.network_refused_why = ""
         self._status: tuple[float, dict[str, Any] | None, str] = (-STATUS_TTL, None, "")
         self._hello: tuple[float, dict[str, Any] | None] = (-HELLO_TTL, None)
-        self.timeout_ms = int(settings.worker_timeout * 1000)
+        self.bounds = bounds.Bounds(bounds.values_of(settings))  # what runs get: settings, or the daemon's limits
         proxies = {"HTTP_PROXY": settings.http_proxy, "HTTPS_PROXY": settings.https_proxy}
         self.proxy_env = {k: v for name, value in proxies.items() if value
                           for k, v in ((name, value), (name.lower(), value))}
@@ -175,12 +176,14 @@ class Bridge:
         code = dify.with_preload(ask.language, ask.code, ask.preload if self.settings.enable_preload else "")
         network, why_not = self._network(ask)
         for _ in range(2):
-            fields: dict[str, Any] = {"code": code, "language": ask.language, "timeout_ms": self.timeout_ms,
+            use = self.bounds.values
+            fields: dict[str, Any] = {"code": code, "language": ask.language, "timeout_ms": int(use["timeout_ms"]),
+                                      "memory_mb": int(use["memory"]) >> 20, "max_output": int(use["max_output"]),
                                       "network": network}
             if network and self.proxy_env:
                 fields["env"] = self.proxy_env
             try:
-                answer = await self.upstream.call("run", self.settings.worker_timeout + DAEMON_SLACK, **fields)
+                answer = await self.upstream.call("run", use["timeout_ms"] / 1000 + DAEMON_SLACK, **fields)
             except SandboxdError as e:
                 if e.code == "forbidden" and e.details.get("field") == "network" and network:
                     log.warning("the daemon refuses network to user %s: runs go without it (%s)", self.user,
@@ -199,7 +202,7 @@ class Bridge:
             except Unreachable as e:
                 return self._unreachable(e)
             result = answer["result"]
-            data = dify.run_data(result, dify.Context(self.settings.worker_timeout, network, why_not))
+            data = dify.run_data(result, dify.Context(use["timeout_ms"] / 1000, network, why_not))
             log.debug("run %s %s %s exit %s", result.get("run_id"), ask.language, result.get("status"),
                       data["exit_code"])
             return Answer(200, dify.success(data), verdict=str(result.get("status")), language=ask.language)
@@ -231,15 +234,22 @@ class Bridge:
         self._status = (time.monotonic(), st, why)
         return st, why
 
-    async def hello(self) -> dict[str, Any] | None:
+    async def hello(self, deadline: float = HEALTH_DEADLINE) -> dict[str, Any] | None:
+        """The daemon's ``hello`` for this uid (its quota and limits, cached), or None without an answer."""
         at, hello = self._hello
         if hello is None or time.monotonic() - at >= HELLO_TTL:
             try:
-                hello = await self.upstream.call("hello", HEALTH_DEADLINE)
+                hello = await self.upstream.call("hello", deadline)
             except (Unreachable, SandboxdError):
                 return None
             self._hello = (time.monotonic(), hello)
+            self.bounds = bounds.check(self.settings, self.user, hello)
         return hello
+
+    @property
+    def max_body(self) -> int:
+        """The largest body taken: max_body, or what the daemon's frame holds when the default is above it."""
+        return int(self.bounds.values["max_body"])
 
     async def health(self) -> Answer:
         st, why = await self.status()
@@ -254,6 +264,13 @@ class Bridge:
             problems.append("sandboxd has no root yet")
         if not ((st.get("runtimes") or {}).get("python3") or {}).get("available", True):
             problems.append("python3 runs are not available")
+        environments = st.get("environments") or {}
+        serving = st.get("serving_environments", [n for n, state in environments.items() if state in SERVING])
+        if dify.DEFAULT_ENVIRONMENT in environments and dify.DEFAULT_ENVIRONMENT not in serving:
+            state = environments[dify.DEFAULT_ENVIRONMENT]
+            problems.append(f"sandboxd's environment {dify.DEFAULT_ENVIRONMENT}, which python3 runs get, is {state} "
+                            "and no build of it serves yet" + (" (sandboxctl env list says why)"
+                                                               if state == "failed" else ""))
         problems += await self.checks(st)
         if problems:
             return Answer(503, {"status": "unavailable", "reason": "; ".join(problems)})
@@ -266,14 +283,9 @@ class Bridge:
     async def checks(self, st: dict[str, Any]) -> list[str]:
         """What only the bridge knows is wrong (its uid's quota against its settings): for /health
         and readiness (``fleet.Node``)."""
-        hello = await self.hello()
-        quota = (hello or {}).get("quota") or {}
-        if hello is None:
+        if await self.hello() is None:
             return [f"sandboxd does not answer hello for user {self.user}"]
-        if quota.get("max_timeout_ms") is not None and self.timeout_ms > quota["max_timeout_ms"]:
-            return [f"WORKER_TIMEOUT {self.settings.worker_timeout:g} s is above the quota of user {self.user} "
-                    f"(max_timeout {quota['max_timeout_ms'] / 1000:g} s): every run is refused"]
-        return []
+        return list(self.bounds.errors)
 
     # -- /v1/sandbox/dependencies ---------------------------------------------------------------
     async def _environments(self) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from ..common import declare, sizes
 from ..common.declare import setting
 
 DEFAULT_LISTEN = "127.0.0.1:8194"
+MIN_MEMORY = 16 << 20  # the daemon's smallest memory_mb
 PORT = "SANDBOX_PORT"  # dify-sandbox's port alone; the host stays what the listen setting says
 
 
@@ -70,11 +71,24 @@ class Settings:
                           "The daemon's socket (connected to as this process's own uid).", ("SANDBOXD_SOCKET",))
     no_auth: bool = setting(False, sizes.boolean, "Serve without a key (--no-auth): only behind something that "
                             "authenticates.")
-    worker_timeout: float = setting(15.0, sizes.duration, "Wall-clock limit of each run (what Dify's compose "
-                                    "file sets). It must not exceed the quota's max_timeout: /health says so "
-                                    "when it does.", ("WORKER_TIMEOUT",))
-    max_workers: int = setting(8, sizes.int_range(1, 1024), "Runs sent to the daemon at once; further requests "
-                               "wait (queue_timeout) for one to finish.", ("MAX_WORKERS",))
+    worker_timeout: float = setting(15.0, sizes.duration, "Wall-clock limit of each run: what Dify's compose file "
+                                    "sets, well within the 60 s Dify waits for an answer (its "
+                                    "CODE_EXECUTION_READ_TIMEOUT). Above the quota's max_timeout the bridge does "
+                                    "not start.", ("WORKER_TIMEOUT",))
+    memory: int = setting(1 << 30, sizes.byte_size, "Memory limit of each run (dify-sandbox has none): room for "
+                          "pandas on a file of Dify's upload limit (15 MB), and for the runner's copies of an input "
+                          "of max_body. Runs at once times this is what Dify's runs may take of the host. Above the "
+                          "quota's max_memory the bridge does not start.", ("SANDBOXD_HTTP_MEMORY",))
+    max_output: int = setting(8 << 20, sizes.byte_size, "stdout and stderr cap of each run, each: one string at "
+                              "Dify's CODE_MAX_STRING_LENGTH (400,000 characters) as its Python wrapper prints it "
+                              "(json.dumps escapes a character to 6 bytes, 12 outside the BMP: 4.8 MB) with room "
+                              "to spare. Above the quota's max_output the bridge does not start.",
+                              ("SANDBOXD_HTTP_MAX_OUTPUT",))
+    max_workers: int = setting(6, sizes.int_range(1, 1024), "Runs sent to the daemon at once; further requests "
+                               "wait (queue_timeout) for one to finish. 6: what one caller alone gets of the "
+                               "daemon's 8 workers (daemon.reserved_workers keeps 2 for others); more wait in the "
+                               "daemon's queue. Above the quota's concurrent plus queued the bridge does not start.",
+                               ("MAX_WORKERS",))
     max_requests: int = setting(50, sizes.int_range(1, 100000), "Requests in flight, running and waiting; "
                                 "beyond it 503 at once.", ("MAX_REQUESTS",))
     queue_timeout: float = setting(30.0, sizes.duration, "Longest a request waits for one of max_workers "
@@ -95,7 +109,10 @@ class Settings:
                               "the proxy. A host name is not checked (runs resolve it).", ("HTTP_PROXY",))
     https_proxy: str = setting("", sizes.url, "HTTPS_PROXY (and https_proxy) of runs with network; checked as "
                                "http_proxy is.", ("HTTPS_PROXY",))
-    max_body: int = setting(8 << 20, sizes.byte_size, "Largest request body; beyond it 413.")
+    max_body: int = setting(24 << 20, sizes.byte_size, "Largest request body; beyond it 413. Dify puts a node's "
+                            "inputs into the code, base64-encoded (4/3 as large): the text of a document at Dify's "
+                            "upload limit (15 MB) is 20 MB of body. Beyond the daemon's max_frame (less 64 KiB) "
+                            "the bridge does not start.", ("SANDBOXD_HTTP_MAX_BODY",))
     header_timeout: float = setting(10.0, sizes.duration, "The request line and headers must arrive within this "
                                     "of the connection opening (or of the first byte of the next request on a "
                                     "kept-alive connection): 408 otherwise. More than 64 KiB of them: 431.")
@@ -128,6 +145,10 @@ class Settings:
                                  "then are cut off (502) and the process exits.")
     log_level: str = setting("info", sizes.choice("debug", "info", "warning", "error"),
                              "Log verbosity; GIN_MODE=debug or DEBUG=true mean debug.")
+
+    # The settings given in the file, the environment or on the command line (not defaults): a given
+    # value the daemon refuses keeps the bridge from starting; a default just gets the daemon's limit.
+    given: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
 
     @property
     def listen_text(self) -> str:
@@ -195,7 +216,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     port = values.pop(PORT, None)
     if port is not None and "listen" not in (overrides or {}):
         values["listen"] = (values.get("listen", Settings().listen)[0], port)
-    settings = Settings(**values)
+    settings = Settings(**values, given=frozenset(values))
     if not settings.api_key and not settings.no_auth:
         errors.append("no API key: set API_KEY (or api_key in the --config file), or pass --no-auth to serve "
                       "without one")
@@ -203,6 +224,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         errors.append("both an API key and --no-auth: choose one")
     if settings.agent_listen and listen_address(settings.agent_listen) == settings.listen and settings.listen[1]:
         errors.append(f"agent_listen: expected another address than listen's, got {settings.agent_listen}")
+    if settings.memory < MIN_MEMORY:
+        errors.append(f"memory: expected at least {MIN_MEMORY >> 20}M (the daemon's least), got {settings.memory}")
     if settings.reserved_connections >= settings.max_connections:
         errors.append(f"reserved_connections: expected fewer than max_connections ({settings.max_connections}), "
                       f"got {settings.reserved_connections}")

@@ -48,12 +48,21 @@ SECTION_DOCS = {
 }
 
 
-# The one entry the shipped file has (not a default): the uid of sandboxd-http(8), whose quota
-# every Dify user shares.
-BRIDGE_QUOTA = "{concurrent: 8, queued: 64, runs_per_minute: 6000, cpu_seconds_per_hour: 14400}"
+# What the shipped file sets (not defaults): the profile of sandboxd-http(8), whose quota every
+# Dify user shares, sized from Dify's own limits (docs/http.md says why each number).  The quota
+# restates max_timeout, max_memory and max_output, which the bridge's settings need, so that they
+# stay what they are if the defaults change.
+BRIDGE_DAEMON = (
+    ("max_frame", "32M", "a request of sandboxd-http's max_body (24M) and its other fields"),
+    ("buffer_budget_per_uid", "160M", "its six runs' requests held at once (6 x 24M)"),
+)
+BRIDGE_QUOTA = ("{concurrent: 6, queued: 64, runs_per_minute: 6000, cpu_seconds_per_hour: 0, max_timeout: 60s,\n"
+                "                   max_memory: 1G, max_output: 8M}")
 BRIDGE_QUOTA_DOC = ("sandboxd-http (the dify-sandbox API, sandboxd-http(8)) runs every Dify request as this one "
-                    "user: room for Dify's concurrent nodes. Add network: true to give runs that ask for it "
-                    "(Dify always does) the policed network; without it they run without network.")
+                    "user: 6 at once (what one caller gets of 8 workers, 2 being reserved), Dify's 60 s wait at "
+                    "most, 1G and 8M of output a run, no CPU budget (dify-sandbox has none). Add network: true to "
+                    "give runs that ask for it (Dify always does) the policed network; without it they run "
+                    "without network.")
 
 
 def _fmt_size(n: int) -> str:
@@ -133,6 +142,10 @@ def render_yaml() -> str:
         "# environments:                 # Python packages runs may import, built by the daemon",
         "#   default: {requirements: [numpy==1.26.4, pandas==2.1.4], index_url: https://pypi.org/simple,",
         "#             preload: [numpy]}",
+        "",
+        f"# {SECTION_DOCS['daemon']} For sandboxd-http:",
+        "daemon:",
+        *[f"  {key + ':':<22} {value:<5} # {why}" for key, value, why in BRIDGE_DAEMON],
         "",
         f"# {SECTION_DOCS['quotas']}",
         *[f"# {line}" for line in textwrap.wrap(BRIDGE_QUOTA_DOC, 98)],

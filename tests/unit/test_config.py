@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,46 @@ def test_shipped_file_and_man_page_match_the_declarations() -> None:
                               f"{REPO}/man/sandboxd-http.8"]) == 0
     cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
     defaults = parse({})
-    for section in ("daemon", "root", "jail", "pool", "limits", "profiles", "runtimes", "network"):
+    for section in ("root", "jail", "pool", "limits", "profiles", "runtimes", "network"):
         assert getattr(cfg, section) == getattr(defaults, section), section
-    # A slim conffile: no default restated, no path of one Python release.
+    # A slim conffile: no path of one Python release, nothing but sandboxd-http's profile (sandboxd-http(8)):
+    # the daemon's frame and request budget its max_body needs, and the quota every Dify request shares.
     text = Path(REPO, "etc", "sandboxd", "sandboxd.yaml").read_text(encoding="utf-8")
-    assert "python3.1" not in text and len([ln for ln in text.splitlines() if not ln.startswith("#")]) < 8
-    # the one entry that is not a default: the quota every Dify request shares (sandboxd-http(8))
+    assert "python3.1" not in text and len([ln for ln in text.splitlines() if ln and not ln.startswith("#")]) < 10
+    assert cfg.daemon == dataclasses.replace(defaults.daemon, max_frame=32 << 20, buffer_budget_per_uid=160 << 20)
     assert (cfg.quotas.default, cfg.quotas.groups, cfg.quotas.deny_unlisted) == (
         defaults.quotas.default, defaults.quotas.groups, defaults.quotas.deny_unlisted)
-    assert cfg.quotas.users == {"sandboxd-http": {"concurrent": 8, "queued": 64, "runs_per_minute": 6000,
-                                                  "cpu_seconds_per_hour": 14400.0}}
+    assert cfg.quotas.users == {"sandboxd-http": {
+        "concurrent": 6, "queued": 64, "runs_per_minute": 6000, "cpu_seconds_per_hour": 0.0, "max_timeout": 60.0,
+        "max_memory": 1 << 30, "max_output": 8 << 20}}
+
+
+def test_the_bridges_defaults_fit_the_shipped_profile_without_waiting() -> None:
+    """sandboxd-http with nothing set but its key, against the shipped sandboxd.yaml: nothing it
+    would refuse at start, and nothing that waits (its runs at once, their requests and answers
+    within what the daemon holds for one uid)."""
+    from sandboxd import quota
+    from sandboxd.http import bounds
+    from sandboxd.http.settings import Settings
+    from sandboxd.peer import Identity
+
+    cfg = load(f"{REPO}/etc/sandboxd/sandboxd.yaml")
+    limits = quota.effective_limits(cfg.quotas, Identity(999, 999, 1, "sandboxd-http", (999,), ("sandboxd-http",)))
+    assert limits is not None
+    hello = {"quota": quota.limits_dict(limits), "daemon": quota.daemon_limits(cfg.daemon)}
+    found = bounds.check(Settings(api_key="k"), "sandboxd-http", hello)
+    assert (found.errors, found.warnings) == ([], [])
+    # The same bridge with MAX_WORKERS=8, against a daemon on its defaults (a sandboxd.yaml kept from an older
+    # release): its default max_body gets what a frame holds; 2 of 8 runs wait for a worker; 8 such bodies,
+    # and 8 answers of 2 x 8M, do not fit one uid's budgets.  Given, that max_body keeps it from starting.
+    older = {"quota": quota.limits_dict(limits), "daemon": quota.daemon_limits(parse({}).daemon)}
+    tight = bounds.check(Settings(api_key="k", max_workers=8), "sandboxd-http", older)
+    assert tight.errors == [] and tight.values["max_body"] == (16 << 20) - bounds.FRAME_SLACK
+    assert ["(its default)" in tight.warnings[0] and "daemon.max_frame" in tight.warnings[0],
+            "runs beyond 6" in tight.warnings[1], "buffer_budget_per_uid" in tight.warnings[2],
+            "response_budget_per_uid" in tight.warnings[3]] == [True] * 4, tight.warnings
+    given = bounds.check(Settings(api_key="k", given=frozenset({"max_body"})), "sandboxd-http", older)
+    assert [e.split(" ")[0] for e in given.errors] == ["max_body"] and "daemon.max_frame" in given.errors[0]
 
 
 def test_error_names_file_key_and_expected_form() -> None:

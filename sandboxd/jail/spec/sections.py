@@ -44,6 +44,11 @@ DEFAULT_ROOT_PATHS = (
     # interpreter's own sys.path has /usr/lib/python3/dist-packages, so runs import them as on the host.
     "/usr/lib/python3/dist-packages/jinja2",
     "/usr/lib/python3/dist-packages/markupsafe",
+    # dify-sandbox's image ships requests and httpx (code nodes call APIs with them when they have
+    # network): Debian's python3-requests and python3-httpx, with what they import.
+    *(f"/usr/lib/python3/dist-packages/{name}" for name in (
+        "requests", "urllib3", "idna", "certifi", "charset_normalizer", "six.py",
+        "httpx", "httpcore", "h11", "anyio", "sniffio", "rfc3986")),
 )
 SCRATCH_PATHS = ("/work", "/var/tmp", "/dev/shm")  # in every run, its own scratch space covers these
 DEFAULT_ROOT_EXCLUDE = tuple(
