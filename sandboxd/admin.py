@@ -37,7 +37,7 @@ from . import __version__, quota
 from .access import Access
 from .common import errors
 from .common.errors import RequestError
-from .config import Config, ConfigError, jail_settings, load
+from .config import Config, ConfigError, environments_dir_problem, jail_settings, load
 from .environments import Environments
 from .jail.jail import Jail
 from .peer import Identity
@@ -212,6 +212,8 @@ class Admin:
         self.notifier.notify(reloading=1, status="reloading")
         try:
             new = load(self.config.path)
+            if problem := environments_dir_problem(new, self.state_dir):  # under the --state-dir this daemon has
+                raise ConfigError(self.config.path, [problem])
         except ConfigError as e:
             self.last_reload = {"at": time.time(), "ok": False, "errors": e.errors}
             self.notifier.notify(ready=1, status="reload rejected; running with the previous configuration")

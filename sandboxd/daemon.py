@@ -29,7 +29,7 @@ from .admin import Admin
 from .budget import Budget
 from .common.errors import RequestError
 from .common.process import raise_nofile, try_lock
-from .config import DEFAULT_CONFIG, Config, ConfigError, jail_settings, load
+from .config import DEFAULT_CONFIG, Config, ConfigError, environments_dir_problem, jail_settings, load
 from .environments import Environments
 from .handlers import Handlers, Services
 from .jail.jail import Jail
@@ -104,7 +104,7 @@ class Daemon:
         for problem in uidcheck.overlaps(first, count):
             log.warning("jail.run_uids %d-%d overlaps: %s; runs and that user could reach each other",
                         first, first + count - 1, problem)
-        await self.jail.start(self.environments.layers())
+        self.environments.not_served(await self.jail.start(self.environments.layers()))
         if self.config.daemon.self_test:
             self.notifier.notify(status="self-test")
             await self.run_self_test()
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config)
     except ConfigError as e:
         print(f"sandboxd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if problem := environments_dir_problem(cfg, args.state_dir):  # the file's own are checked by load
+        print(f"sandboxd: {problem}", file=sys.stderr)
         return EX_CONFIG
     if os.geteuid() != 0:
         print("sandboxd: must run as root (it creates namespaces, mounts and cgroups)", file=sys.stderr)

@@ -110,7 +110,7 @@ class Runs:
         if discover:
             run_plan = replace(run_plan, discover=True)
         if run_plan.environment:
-            self.environments.check_ready(run_plan.environment)
+            await self.environments.wait_ready(run_plan.environment)
         entry = RunEntry.for_plan(run_id, who, run_plan)
 
         async def work() -> Result:

@@ -87,7 +87,7 @@ class Sessions:
         session_id = f"s{self.instance}-{self._seq}-{secrets.token_hex(6)}"
         session_plan = plan.build_session(req, limits, self.config, session_id)
         if session_plan.environment:
-            self.environments.check_ready(session_plan.environment)
+            await self.environments.wait_ready(session_plan.environment)
         mine = sum(1 for e in self.live.values() if e.owner.uid == who.uid) + self.opening[who.uid]
         if mine >= limits.sessions:
             raise RequestError(errors.QUOTA_EXCEEDED, f"you have {mine} sessions open; the limit is {limits.sessions}",

@@ -171,8 +171,8 @@ def env_daemon(make_daemon: Any, wheelhouse: str) -> Iterator[Any]:
         envs = tempfile.mkdtemp(prefix="envs-", dir=ENVS_BASE)
         os.chmod(envs, 0o755)
         made.append(envs)
-        d: DaemonProcess = make_daemon({"daemon": {"environments_dir": envs}, "environments": environments,
-                                        **overrides}, start=start)
+        daemon = {"environments_dir": envs, **overrides.pop("daemon", {})}
+        d: DaemonProcess = make_daemon({"daemon": daemon, "environments": environments, **overrides}, start=start)
         return d
 
     yield start
@@ -561,6 +561,112 @@ def test_a_failed_build_keeps_the_previous_one_serving(env_daemon: Any, wheelhou
     p = subprocess.run([sys.executable, "-m", "sandboxd.ctl", "env", "list"], capture_output=True, cwd=REPO,
                        env=dict(os.environ, SANDBOXD_SOCKET=d.socket), timeout=60)
     assert b"outdated" in p.stdout and b"last build failed" in p.stdout, p.stdout
+
+
+# A build that waits for the test: its setup.py (in the build jail, where the wheelhouse is bound
+# read-only at its own path) goes on once the file GO exists there.
+GATED_SETUP = textwrap.dedent("""\
+    import os, time
+    from setuptools import setup
+    for _ in range(3000):
+        if os.path.exists(GO):
+            break
+        time.sleep(0.1)
+    setup(name="sbxgated", version="1.0", packages=["sbxgated"])
+    """)
+
+
+def gated_house(sdists: Any) -> tuple[str, str]:
+    """A wheelhouse with sbxgated, whose build waits for the returned file to exist (written twice:
+    its setup.py names a file in the wheelhouse, whose path the first write gives)."""
+    house = sdists("sbxgated", "", "VERSION = 'gated'\n")
+    go = os.path.join(house, "go")
+    add_sdist(house, "sbxgated", GATED_SETUP.replace("GO", repr(go)), "VERSION = 'gated'\n")
+    return house, go
+
+
+def environment(d: DaemonProcess, name: str) -> dict[str, Any]:
+    with d.client() as c:
+        entry: dict[str, Any] = next(e for e in c.call("environments")["environments"] if e["name"] == name)
+        return entry
+
+
+def test_runs_wait_for_the_first_build_of_their_environment(env_daemon: Any, sdists: Any) -> None:
+    """A run that finds its environment's first build under way waits for it (as it would for a
+    worker), and sandboxd-http's /health is not ready until the environment serves."""
+    import httpx
+    from bridge import BridgeProcess
+
+    house, go = gated_house(sdists)
+    d: DaemonProcess = env_daemon({"default": sdist_env(house, "sbxgated")}, daemon={"environment_wait": "10m"})
+    assert environment(d, "default")["state"] == "building"
+    with BridgeProcess(d.socket) as b:
+        health = httpx.get(b.url + "/health", trust_env=False)
+        assert health.status_code == 503 and "environment default" in health.json()["reason"] and \
+            "building" in health.json()["reason"], health.text
+        results: list[Any] = []
+        t = threading.Thread(target=lambda: results.append(d.run("import sbxgated; print(sbxgated.VERSION)")))
+        t.start()
+        try:
+            assert wait_until(lambda: environment(d, "default")["waiting"] == 1, 60), environment(d, "default")
+        finally:
+            Path(go).touch()
+            t.join(300)
+        assert results and (results[0]["status"], results[0]["stdout"]) == ("ok", b"gated\n"), results
+        assert environment(d, "default")["waiting"] == 0
+        assert wait_until(lambda: httpx.get(b.url + "/health", trust_env=False).status_code == 200, 30)
+
+
+def test_a_run_that_waits_its_limit_says_how_long_the_build_has_run(env_daemon: Any, sdists: Any) -> None:
+    """Environment b's build waits for a's (one at a time): a run for b says how long since b's build
+    was asked for (it said the host's uptime: the clock started at 0) and what it waits for."""
+    house, go = gated_house(sdists)
+    d: DaemonProcess = env_daemon({"a": sdist_env(house, "sbxgated"), "b": sdist_env(house, "sbxgated")},
+                                  daemon={"environment_wait": "1s"})
+    try:
+        with d.client() as c:
+            with pytest.raises(SandboxdError) as e:
+                c.run("print(1)", environment="b")
+            uptime = c.call("status")["uptime_s"]
+        assert e.value.code == "unavailable" and "daemon.environment_wait" in e.value.message, e.value
+        assert "waiting for another build" in e.value.message, e.value
+        building_for = int(e.value.message.split("being built (for ")[1].split("s,")[0])
+        assert building_for <= uptime + 1, (e.value.message, uptime)  # counted from the build, not from 0
+    finally:
+        Path(go).touch()
+
+
+def test_a_state_dir_whose_environments_no_root_can_hold_is_refused(make_daemon: Any, wheelhouse: str) -> None:
+    """--state-dir under /tmp (as every test daemon's is): environments would go under it, and
+    their site-packages never into a root -- runs got ModuleNotFoundError from a 'ready' one."""
+    d: DaemonProcess = make_daemon({"environments": {"default": house_env(wheelhouse, "sbxpure==1.0")}}, start=False)
+    with pytest.raises(RuntimeError):
+        d.start(timeout=30)
+    assert d.proc is not None and d.proc.wait(30) == 78
+    assert f"--state-dir {d.state_dir} (environments go to {d.state_dir}/environments)" in d.log()
+    assert "is under /tmp" in d.log() and "daemon.environments_dir" in d.log()
+
+
+def test_an_environment_whose_site_packages_cannot_join_its_root_never_serves(env_daemon: Any,
+                                                                              wheelhouse: str) -> None:
+    """A build served by a daemon whose root.exclude then covers it (at start), and a build that
+    the exclude covers from the first (a rebuild): neither serves; both say why."""
+    from sandboxd.config import DEFAULT_ROOT_EXCLUDE
+
+    d: DaemonProcess = env_daemon({"default": house_env(wheelhouse, "sbxpure==1.0")})
+    assert ready(d, "default")["default"]["state"] == "ready"
+    assert d.run("import sbxpure; print(sbxpure.VERSION)")["stdout"] == b"1.0\n"
+    assert d.stop() == 0
+    envs = d.config["daemon"]["environments_dir"]
+    d.write_config(dict(d.config, root={**d.config.get("root", {}),
+                                        "exclude": [*DEFAULT_ROOT_EXCLUDE, envs + "/*"]}))
+    d.start()
+    entry = ready(d, "default")["default"]
+    assert entry["state"] == "failed" and "excluded by root.exclude" in entry["error"]["message"], entry
+    with d.client() as c, pytest.raises(SandboxdError) as e:
+        c.run("import sbxpure")
+    assert e.value.code == "unavailable" and "excluded by root.exclude" in e.value.message, e.value
+    assert "does not serve" in d.log()
 
 
 def test_a_restart_reuses_the_build(env_daemon: Any, wheelhouse: str) -> None:

@@ -20,7 +20,7 @@ from ..jail.spec.sections import (
     RootSettings,
     RuntimeSettings,
 )
-from .checks import environments_dir
+from .checks import environments_dir, environments_dir_problem
 from .jail import jail_settings
 from .load import ConfigError, load, parse
 from .sections import (
@@ -38,5 +38,6 @@ __all__ = [
     "ALIASES", "DEFAULT_CONFIG", "DEFAULT_ROOT_EXCLUDE", "DEFAULT_ROOT_PATHS", "LANGUAGES", "RUNTIME_DEFAULTS",
     "SECTIONS", "Config", "ConfigError", "DaemonSettings", "EnvironmentSettings", "JailConfig", "LimitsSettings",
     "NetworkSettings", "PoolSettings", "ProfileSettings", "QuotaLimits", "QuotaPolicy", "RootSettings",
-    "RuntimeSettings", "all_quota_maxima", "environments_dir", "jail_settings", "load", "parse",
+    "RuntimeSettings", "all_quota_maxima", "environments_dir", "environments_dir_problem", "jail_settings", "load",
+    "parse",
 ]

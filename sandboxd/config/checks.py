@@ -16,6 +16,33 @@ def environments_dir(cfg: Config, state_dir: str | None = None) -> str:
     return cfg.daemon.environments_dir or os.path.join(state_dir or cfg.daemon.state_dir, "environments")
 
 
+def environments_dir_problem(cfg: Config, state_dir: str | None = None) -> str | None:
+    """Why environments could not live where they would (None when they can, or there are none).
+
+    Their site-packages go into roots at the same path: never under a place no root holds (/tmp,
+    /home, ...) or that a run's scratch space covers, links followed.  ``state_dir`` is the
+    daemon's --state-dir, under which they go unless daemon.environments_dir says otherwise."""
+    if not cfg.environments:
+        return None
+    where = environments_dir(cfg, state_dir)
+    real = os.path.realpath(where)
+    place = next((p for p in (os.path.normpath(where), real) if forbidden_prefix(p)), None)
+    prefix = forbidden_prefix(place) if place else next(
+        (p for p in SCRATCH_PATHS if under(os.path.normpath(where), p) or under(real, p)), None)
+    if prefix is None:
+        return None
+    if cfg.daemon.environments_dir:
+        source = "daemon.environments_dir"
+    elif state_dir and state_dir != cfg.daemon.state_dir:
+        source = f"--state-dir {state_dir} (environments go to {where})"
+    else:
+        source = f"daemon.state_dir {cfg.daemon.state_dir} (environments go to {where})"
+    shown = where if where == real else f"{where} ({real})"
+    return (f"{source}: {shown} is under {prefix}; environments go into roots at the same path, and nothing there "
+            "ever does (or a run's scratch space covers it there): set daemon.environments_dir elsewhere, e.g. "
+            "/var/lib/sandboxd/environments")
+
+
 def cross_checks(cfg: Config, errors: list[str], warnings: list[str]) -> None:
     from ..jail.policy.seccomp import unknown_syscalls
 
@@ -59,14 +86,10 @@ def _environment_checks(cfg: Config, errors: list[str], warnings: list[str]) -> 
     if first <= cfg.jail.build_uid < first + count:
         errors.append(f"jail.build_uid: {cfg.jail.build_uid} is one of jail.run_uids: builds and runs must never "
                       "share a uid")
-    where = environments_dir(cfg)
     if cfg.daemon.environments_dir and not cfg.daemon.environments_dir.startswith("/"):
         errors.append(f"daemon.environments_dir: expected an absolute path, got {cfg.daemon.environments_dir!r}")
-    elif cfg.environments and (prefix := forbidden_prefix(os.path.normpath(where)) or next(
-            (p for p in SCRATCH_PATHS if under(os.path.normpath(where), p)), None)):
-        errors.append(f"daemon.environments_dir: {where} is under {prefix}; environments go into roots at the same "
-                      "path, and nothing there ever does (or a run's scratch space covers it there): set it elsewhere, "
-                      "e.g. /var/lib/sandboxd/environments")
+    elif problem := environments_dir_problem(cfg):
+        errors.append(problem)
     for table, entries in (("users", cfg.quotas.users), ("groups", cfg.quotas.groups), ("", {"default": {
             "environments": cfg.quotas.default.environments}})):
         for name, limits in entries.items():

@@ -42,6 +42,9 @@ class DaemonSettings:
     workers: int = setting(8, sizes.int_range(1, 4096), "Global capacity: runs executing at once.")
     queue: int = setting(64, sizes.int_range(0, 100000), "Runs that may wait for capacity; beyond that: busy.")
     queue_timeout: float = setting(30.0, sizes.duration, "Longest a run waits in the queue before busy.")
+    environment_wait: float = setting(30.0, sizes.duration,
+                                      "Longest a run or session waits for the first build of its environment (one "
+                                      "that has never served) before unavailable; it then waits for a worker too.")
     reserved_workers: int = setting(2, sizes.int_range(0, 4096),
                                     "The last free workers, kept for callers below their fair share: a caller "
                                     "holding workers * its weight / (the weights of the callers running or "

@@ -74,6 +74,7 @@ class State:
     build_started: float = 0.0
     stage: str = ""
     error: dict[str, Any] | None = None
+    waiting: int = 0  # runs and sessions waiting for its first build
     watchers: list[Progress] = field(default_factory=list)
 
 
@@ -143,6 +144,14 @@ class Environments:
                 shutil.rmtree(os.path.join(self.base, leftover), ignore_errors=True)
         return out
 
+    def not_served(self, refused: dict[str, str]) -> None:
+        """At start: builds the jail could not make a root of (name -> why) do not serve; they are
+        built again (start_builds), and fail the same way while the cause stays."""
+        for name, why in refused.items():
+            st = self.states[name]
+            st.serving = None
+            st.error = {"message": why, "log": [], "at": time.time()}
+
     def start_builds(self) -> None:
         """Build, in the background, every environment with no build of its current settings."""
         for name, st in self.states.items():
@@ -183,6 +192,22 @@ class Environments:
                 pass
 
     # -- what runs ask --------------------------------------------------------------------------
+    async def wait_ready(self, name: str) -> None:
+        """Return once ``name`` serves: a run (or session) that finds its first build under way waits
+        for it, as it would for a worker, at most daemon.environment_wait; else ``unavailable``, why."""
+        st = self.states.get(name)
+        building = None if st is None or st.serving is not None else st.building
+        if st is not None and building is not None and not building.done():
+            st.waiting += 1
+            try:
+                async with asyncio.timeout(self.config.daemon.environment_wait):
+                    await asyncio.wait({building})  # neither cancels the build nor raises its failure
+            except TimeoutError:
+                pass
+            finally:
+                st.waiting -= 1
+        self.check_ready(name)
+
     def check_ready(self, name: str) -> None:
         """Raise ``unavailable`` (with why) unless ``name`` serves."""
         st = self.states.get(name)
@@ -190,8 +215,10 @@ class Environments:
             raise errors.bad_request("environment", f"no environment {name!r} here", known=sorted(self.states))
         if st.serving is None:
             if st.building is not None and not st.building.done():
+                wait = self.config.daemon.environment_wait
                 raise RequestError(errors.UNAVAILABLE, f"environment {name} is being built (for "
-                                   f"{time.monotonic() - st.build_started:.0f}s, {st.stage or 'starting'}); retry",
+                                   f"{time.monotonic() - st.build_started:.0f}s, {st.stage or 'starting'}); runs "
+                                   f"wait {wait:g}s for it (daemon.environment_wait); retry",
                                    environment=name, retry_after_ms=2000)
             why = (st.error or {}).get("message", "it has not been built")
             raise RequestError(errors.UNAVAILABLE, f"environment {name} cannot serve: {why}", environment=name)
@@ -203,6 +230,7 @@ class Environments:
             return st.building
         task = asyncio.get_running_loop().create_task(self._build(name, force))
         st.building = task
+        st.build_started, st.stage = time.monotonic(), "waiting for another build"  # one at a time
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # seen: reported below
@@ -237,7 +265,7 @@ class Environments:
     async def _build(self, name: str, force: bool) -> Built:
         st = self.states[name]
         async with self._lock:
-            st.build_started = time.monotonic()
+            st.stage = "starting"
             st.error = None
             try:
                 built = await self._build_locked(name, st)
@@ -375,7 +403,7 @@ class Environments:
                 "build_memory_peak_bytes": m.get("build_memory_peak_bytes"),
                 "built_at": m.get("built_at"), "python": m.get("python"), "site": site_of(b.path) if b else None,
                 "preload": list(st.settings.preload), "system_site_packages": st.settings.system_site_packages,
-                "error": st.error, "stage": st.stage if state == "building" else None}
+                "error": st.error, "stage": st.stage if state == "building" else None, "waiting": st.waiting}
 
     def list(self, in_use: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Every environment; ``in_use``: the environment of each run and session there is now."""

@@ -74,13 +74,21 @@ class Jail:
         return Roots(base if not environment else f"{base}/environments/{environment}")
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def start(self, layers: Mapping[str, EnvLayer] | None = None) -> None:
+    async def start(self, layers: Mapping[str, EnvLayer] | None = None) -> dict[str, str]:
+        """Build (or reuse) the roots and start serving; the environments whose root could not be
+        made (their name -> why), which do not serve."""
         s = self.settings
         self.init_path = locate_init()
         self.layers = dict(layers or {})
         roots = {"": self._ensure_root(None)}
-        for name, layer in self.layers.items():
-            roots[name] = self._ensure_root(layer)
+        refused: dict[str, str] = {}
+        for name, layer in list(self.layers.items()):
+            try:
+                roots[name] = self._ensure_root(layer)
+            except rootfs.RootError as e:
+                log.error("environment %s: build %s does not serve: %s", name, layer.build_id, e)
+                refused[name] = str(e)
+                del self.layers[name]
         self.driver = cgroup_detect.detect(s.jail.cgroup_parent, s.jail.cgroup)
         if self.driver.kind != "none" and s.jail.cgroup_favordynmods:
             log.info("cgroup: %s", cgroup_detect.favor_dynamic_modifications())
@@ -99,6 +107,7 @@ class Jail:
             self.stacks[name] = await self._stack(s, info, self.layers.get(name))
         self.pool = Pool(self.workers.make, self.workers.retire, s.pool_sizes(self.layers))
         self.pool.start()
+        return refused
 
     def _ensure_root(self, layer: EnvLayer | None) -> rootfs.RootInfo:
         """At start (nothing to serve yet): reuse or build the root in this process."""

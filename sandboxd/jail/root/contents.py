@@ -29,8 +29,11 @@ BOOTSTRAP_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "chi
 def root_spec(s: JailSettings, layer: EnvLayer | None = None) -> RootSpec:
     """The base root's spec, or with ``layer`` its environment's: the base root and the
     environment's site-packages (and Debian's dist-packages if it sees them)."""
+    # An environment's site-packages is required as the interpreter is: a root without it would
+    # serve the environment's runs without its packages.
+    required = (s.root.python, *((layer.site,) if layer else ()))
     return RootSpec((*root_paths(s), *layer_paths(layer)), s.root.exclude, generated_files(s),
-                    required=(s.root.python,), hard_links=s.root.hard_links)
+                    required=required, hard_links=s.root.hard_links)
 
 
 def root_paths(s: JailSettings) -> tuple[str, ...]:

@@ -92,6 +92,10 @@ class Inventory:
                 self.warnings.append(f"{path}: configured path does not exist, skipped")
                 continue
             self.add(path, recursive=True)
+            if path in self.spec.required and os.path.realpath(path) not in self.entries:
+                why = next((w for w in reversed(self.warnings) if w.startswith(os.path.realpath(path))), "")
+                raise RootError(f"{path}: required, and it cannot go into the root: "
+                                f"{why or 'excluded by root.exclude'}")
         self._add_libraries(resolver or LibraryResolver())
         return self
 
