@@ -8,6 +8,7 @@ resolver, never the uplink.
 from __future__ import annotations
 
 import concurrent.futures
+import fnmatch
 import ipaddress
 import os
 import signal
@@ -214,6 +215,38 @@ print(ok, reached)
         ok, reached = r["stdout"].decode().split(" ", 1)
         assert ok == "True", r
         assert len(eval(reached)) <= 1, reached
+
+
+def test_only_interfaces_named_as_runs_are_taken_for_runs(netd: DaemonProcess) -> None:
+    """The rules of every sandboxd match run interfaces by name: an interface of the host's own
+    (sbx0 here, which the earlier "sbx*" matched) must never be one of them."""
+    import json
+
+    from sandboxd.jail.net.netpolicy import RUNS_PREFIX, SEQUENCE
+
+    table, prefix = prefix_of(netd)
+    assert prefix.startswith(RUNS_PREFIX) and len(f"{prefix}{SEQUENCE - 1:x}") <= 15  # IFNAMSIZ - 1
+    assert netd.run("import socket; socket.socket()", network=True)["status"] == "ok"
+    assert interfaces(prefix) and all(i.startswith(RUNS_PREFIX) for i in interfaces(prefix))
+    listed = subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True,
+                            check=True).stdout
+    matched: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            match = node.get("match")
+            if isinstance(match, dict) and match.get("left") in ({"meta": {"key": "iifname"}},
+                                                                 {"meta": {"key": "oifname"}}):
+                matched.append(match["right"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(listed))
+    assert matched and all(isinstance(n, str) and n.startswith(RUNS_PREFIX) for n in matched), matched
+    assert not any(fnmatch.fnmatchcase("sbx0", n) for n in matched), matched
 
 
 # -- nothing left behind ------------------------------------------------------------------

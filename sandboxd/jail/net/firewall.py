@@ -34,9 +34,10 @@ class FirewallError(Exception):
 
 
 def names(pool: str) -> tuple[str, str]:
-    """(nftables table, interface prefix) of the daemon using ``pool``: distinct per pool."""
+    """(nftables table, interface prefix) of the daemon using ``pool``: distinct per pool, and every
+    sandboxd's interface prefix starts with ``netpolicy.RUNS_PREFIX``."""
     tag = hashlib.sha256(pool.encode()).hexdigest()[:4]
-    return f"sandboxd_{tag}", f"sbx{tag}"
+    return f"sandboxd_{tag}", f"{netpolicy.RUNS_PREFIX}{tag}"
 
 
 class Firewall:

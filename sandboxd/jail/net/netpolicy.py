@@ -131,7 +131,13 @@ OIF = {"meta": {"key": "oifname"}}
 CT_STATE = {"ct": {"key": "state"}}
 REPLIES = _match(CT_STATE, {"set": ["established", "related"]}, "in")  # ct state { established, related }
 REJECT = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
-ALL_RUNS = "sbx*"  # every sandboxd's run interfaces (the guard chain lets all of them pass)
+# Every sandboxd's run interfaces (the guard chain lets all of them pass, run-to-run is refused between
+# any two): host interfaces named RUNS_PREFIX + 4 hex digits of the pool + up to 6 of a sequence (15
+# characters, IFNAMSIZ less one).  "sbxd-" rather than the earlier "sbx", which an interface of the
+# host's own (sbx0, say) could start with and be taken for a run's.
+RUNS_PREFIX = "sbxd-"
+ALL_RUNS = RUNS_PREFIX + "*"
+SEQUENCE = 1 << 24  # interface names a daemon cycles through: 6 hex digits
 
 
 def ruleset(table: str, iface_prefix: str, pool: str, policy: Policy, guard: bool,

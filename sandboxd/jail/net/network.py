@@ -79,7 +79,7 @@ class Network:
     async def lease(self) -> Lease:
         block = self.blocks.take()
         host, run = self.blocks.addresses(block)
-        self.seq = (self.seq + 1) % (1 << 32)
+        self.seq = (self.seq + 1) % netpolicy.SEQUENCE  # far more than ever live at once (one per run uid)
         ifname = f"{self.firewall.iface_prefix}{self.seq:x}"
         try:
             fd = await self.helper.make(ifname, host, run)
