@@ -262,8 +262,10 @@ def test_the_shipped_profile_takes_what_dify_allows(shipped: tuple[DaemonProcess
         user = ("import httpx, requests\n\ndef main() -> dict:\n"
                 "    with requests.Session() as s, httpx.Client() as h:\n"
                 "        return {'requests': requests.__version__, 'httpx': httpx.__version__}\n")
-        assert json.loads(result_of(data_of(run(c, python3_program(user, {}))))) == \
+        data = data_of(run(c, python3_program(user, {})))
+        assert json.loads(result_of(data)) == \
             {"requests": importlib.metadata.version("requests"), "httpx": importlib.metadata.version("httpx")}
+        assert data["stderr"] == ""  # not even requests' warning about the versions of what it imports
         # what it does not take says which bound: the output past max_output, the body past max_body
         data = data_of(run(c, "import sys\nsys.stdout.write('x' * (9 << 20))\n"))
         assert data["error"].startswith("error: output limit exceeded: stdout"), data["error"][:200]

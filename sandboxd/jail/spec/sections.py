@@ -47,7 +47,7 @@ DEFAULT_ROOT_PATHS = (
     # dify-sandbox's image ships requests and httpx (code nodes call APIs with them when they have
     # network): Debian's python3-requests and python3-httpx, with what they import.
     *(f"/usr/lib/python3/dist-packages/{name}" for name in (
-        "requests", "urllib3", "idna", "certifi", "charset_normalizer", "six.py",
+        "requests", "urllib3", "idna", "certifi", "charset_normalizer", "chardet", "six.py",
         "httpx", "httpcore", "h11", "anyio", "sniffio", "rfc3986")),
 )
 SCRATCH_PATHS = ("/work", "/var/tmp", "/dev/shm")  # in every run, its own scratch space covers these
