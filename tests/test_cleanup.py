@@ -74,5 +74,5 @@ def test_200_runs_leave_nothing_behind(make_daemon: Any) -> None:
     roots = os.listdir(os.path.join(d.state_dir, "roots"))
     assert len([r for r in roots if r.startswith("root-") and not r.endswith(".json")]) == 1
     assert not [r for r in roots if ".partial" in r]
-    harness = ("pytest", "sandboxd-test-", "sbx-helper-")  # the tests' own work directories
+    harness = ("pytest", "sandboxd-test-", "sbx-helper-", "sandboxd-http-test-")  # the tests' own work directories
     assert {p for p in set(os.listdir("/tmp")) - tmp_before if not p.startswith(harness)} == set()

@@ -230,7 +230,10 @@ def http_closed_loop(port: int, key: str, concurrency: int, seconds: float) -> d
 def http_versus_socket(sock: str, args: argparse.Namespace, row: Any) -> dict[str, Any]:
     """print(1) over sandboxd-http and over the socket, interleaved, on the same daemon."""
     out: dict[str, Any] = {}
-    b = BridgeProcess(sock, {"MAX_WORKERS": "16", "MAX_REQUESTS": "512", "WORKER_TIMEOUT": "5"}).start()
+    # The runs the socket side sends: the daemon's default memory and output (the bridge's own, 1G and
+    # 8M, would hold 16 x 16M of answer budget and make runs wait for it at c=16).
+    b = BridgeProcess(sock, {"MAX_WORKERS": "16", "MAX_REQUESTS": "512", "WORKER_TIMEOUT": "5",
+                             "SANDBOXD_HTTP_MEMORY": "256M", "SANDBOXD_HTTP_MAX_OUTPUT": "1M"}).start()
     try:
         http_closed_loop(b.port, b.key or "", 4, 1.0)  # warm up the bridge's connections
         count = 300 if not args.quick else 100

@@ -150,6 +150,30 @@ print(r.status, r.read().decode())
 PY
 }
 
+dify_profile() {  # dify_profile KEY: the shipped profile takes what Dify allows, through Dify's Python wrapper
+    python3 - "$1" <<'PY'
+import base64, http.client, json, sys
+def run(user, inputs):
+    b64 = base64.b64encode(json.dumps(inputs).encode()).decode()
+    code = (f"{user}\nimport json\nfrom base64 import b64decode\n"
+            f"output_json = json.dumps(main(**json.loads(b64decode('{b64}').decode('utf-8'))), indent=4)\n"
+            "print(f'<<RESULT>>{output_json}<<RESULT>>')\n")
+    c = http.client.HTTPConnection("127.0.0.1", 8194, timeout=120)
+    c.request("POST", "/v1/sandbox/run", json.dumps({"language": "python3", "code": code, "preload": "",
+              "enable_network": True}), {"X-Api-Key": sys.argv[1], "Content-Type": "application/json"})
+    r = c.getresponse()
+    body = json.loads(r.read())
+    assert r.status == 200 and body["data"]["error"] == "", (r.status, str(body)[:500])
+    return json.loads(body["data"]["stdout"].split("<<RESULT>>")[1]), len(body["data"]["stdout"])
+got, size = run("def main():\n    return {'big': '\u4e2d' * 350000}", {})
+assert got == {"big": "\u4e2d" * 350000} and size > 2 << 20, size
+assert run("def main(text):\n    return {'n': len(text)}", {"text": "x" * 7000000})[0] == {"n": 7000000}
+assert run("def main():\n    return {'n': len(b'x' * 400000000)}", {})[0] == {"n": 400000000}
+got, _ = run("import requests, httpx\ndef main():\n    return {'r': requests.__version__, 'h': httpx.__version__}", {})
+print(f"2.1 MB output, 7 MB input, 400 MB, requests {got['r']} and httpx {got['h']}: ok")
+PY
+}
+
 http_bridge() {
     # The container shares the host's network: nothing else may already answer on the bridge's port
     # (it would be sent the key). The service is stopped again on every path out.
@@ -165,7 +189,7 @@ http_bridge() {
 http_bridge_checks() {
     # The packaged sandboxd-http.service, disabled until enabled, as the user sandboxd-http with the
     # key postinst made; Dify's request shape (enable_network true: the shipped quota says no network,
-    # so the run goes without it); jinja2 in the default root.
+    # so the run goes without it); jinja2 in the default root; the shipped profile for Dify.
     expect disabled "$(systemctl is-enabled sandboxd-http.service)" "sandboxd-http after install"
     expect "600 root" "$(stat -c '%a %U' /etc/sandboxd/sandboxd-http.env)" "the key's file"
     id -nG sandboxd-http | grep -qw sandboxd || { id sandboxd-http; return 1; }
@@ -181,6 +205,7 @@ http_bridge_checks() {
     out=$(http_post "$key" '{"language": "python3", "code": "import os, jinja2\nprint(jinja2.Template(\"{{a}}\").render(a=6 * 7), os.getuid() != 0)", "preload": "", "enable_network": true}')
     expect '200 {"code":0,"message":"success","data":{"stdout":"42 True\n","stderr":"","error":"","exit_code":0}}' \
         "$out" "a run through sandboxd-http"
+    dify_profile "$key" || return 1
     out=$(http_post wrong '{"language": "python3", "code": "print(1)"}')
     case "$out" in "401 "*) ;; *) echo "wrong key: $out"; return 1 ;; esac
     uid=$(id -u sandboxd-http)

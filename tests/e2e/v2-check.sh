@@ -80,6 +80,32 @@ check "init_module refused by name" blocked_syscall -c 'import ctypes
 assert ctypes.CDLL(None).syscall(175, None, 0, b"") != -1'
 check "clock_settime refused by name" blocked_syscall -c 'import time
 time.clock_settime(time.CLOCK_REALTIME, 0)'
+# The shipped profile for Dify, where cgroup v2 enforces it: a 400 MB allocation through the packaged
+# sandboxd-http runs; 1.5 GB is its memory limit (1G) by name.
+systemctl start sandboxd-http.service
+dify_alloc() {  # dify_alloc BYTES: data.error of a run allocating that much, through sandboxd-http
+    python3 - "$1" "$(sed -n 's/^API_KEY=//p' /etc/sandboxd/sandboxd-http.env)" <<'PY'
+import http.client, json, sys, time
+for _ in range(300):
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", 8194, timeout=120)
+        c.request("GET", "/health")
+        if c.getresponse().status == 200:
+            break
+    except OSError:
+        pass
+    time.sleep(0.2)
+c = http.client.HTTPConnection("127.0.0.1", 8194, timeout=120)
+c.request("POST", "/v1/sandbox/run", json.dumps({"language": "python3", "enable_network": True,
+          "code": f"print(len(b'x' * {sys.argv[1]}))"}), {"X-Api-Key": sys.argv[2]})
+data = json.loads(c.getresponse().read())["data"]
+print(":".join(data["error"].split(":")[:2]) if data["error"] else "ok " + data["stdout"].strip())  # the headline
+PY
+}
+fact "400 MB through sandboxd-http" "ok 400000000" "$(dify_alloc 400000000)"
+fact "1.5 GB through sandboxd-http" "error: memory limit exceeded" \
+    "$(dify_alloc 1500000000)"
+systemctl stop sandboxd-http.service
 # Runs with network under the packaged unit: their own namespace, the public test host
 # reached through the daemon's table, the host itself and private addresses refused.  The
 # "internet" is a namespace of this VM's own (-nic none: nothing can leave anyway).
