@@ -600,6 +600,10 @@ def test_runs_wait_for_the_first_build_of_their_environment(env_daemon: Any, sdi
     house, go = gated_house(sdists)
     d: DaemonProcess = env_daemon({"default": sdist_env(house, "sbxgated")}, daemon={"environment_wait": "10m"})
     assert environment(d, "default")["state"] == "building"
+    with d.client() as c:  # the daemon's own readiness (a balancer's) says so too
+        st = c.status()
+    assert st["serving_environments"] == [] and not st["ready"], st["not_ready"]
+    assert "the environment default is building: no build of it serves" in st["not_ready"], st["not_ready"]
     with BridgeProcess(d.socket) as b:
         health = httpx.get(b.url + "/health", trust_env=False)
         assert health.status_code == 503 and "environment default" in health.json()["reason"] and \
