@@ -192,4 +192,5 @@ def refusal(plan: FilePlan, report: Mapping[str, Any], session_id: str) -> Reque
         return RequestError(errors.UNAVAILABLE, "the file operation could not be started; retry",
                             retry_after_ms=1000, **details)
     name = errno.errorcode.get(err, str(err)) if isinstance(err, int) else "?"
-    return RequestError(errors.INTERNAL, f"{plan.action} {path}: {name}", errno=name, **details)
+    why = f" ({str(report['setup'])[:256]})" if report.get("setup") else ""
+    return RequestError(errors.INTERNAL, f"{plan.action} {path}: {name}{why}", errno=name, **details)

@@ -35,7 +35,8 @@ from .common.errors import RequestError
 from .config import Config, QuotaLimits
 from .environments import Environments
 from .jail.jail import Jail
-from .jail.spec.plans import ANSWER_OVERHEAD, answer_bound
+from .jail.spec.plans import answer_bound
+from .jail.workers import files
 from .jail.workers.session import CellResult, Session, SessionFailed
 from .jail.workers.stream import EventSink
 from .peer import Identity
@@ -151,8 +152,7 @@ class Sessions:
         admin's neither, as for exec: it is the session's data).  They run beside an exec."""
         session_id, entry = await self._for_use(who, req.get("session_id"))
         file_plan = sessionfiles.build(str(req.get("op")), req, limits)
-        held = 0 if file_plan.action == "write" else file_plan.max_bytes + ANSWER_OVERHEAD
-        async with self.runs.answer_held(who.uid, held):
+        async with self.runs.answer_held(who.uid, files.answer_bytes(file_plan)):
             report = await entry.session.file_op(file_plan)
             answer = sessionfiles.answer(file_plan, report, session_id)
         log.info("session %s: %s %r by uid %d (%s)", session_id, file_plan.action, file_plan.path, who.uid,

@@ -7,11 +7,16 @@ Before a write, what it needs is checked against what the session has left: the 
 of its scratch filesystem and the room under its memory limit (the file's pages will be
 the session's) -- a write that does not fit is refused rather than filling the scratch or
 making the kernel's OOM killer pick one of the session's processes.  The checks are
-advisory (the session runs on meanwhile); the kernel's ENOSPC stays the last word.  The
-content goes to the child through a pipe, its answer comes back as one frame on another,
-both read and written from the loop; a child that has not answered within TIMEOUT, or that
-is still there when the session ends (``kill_all``), is killed through its pidfd.  The
-daemon opens nothing in the session's /work itself.
+advisory (the session runs on meanwhile); the kernel's ENOSPC stays the last word.
+
+The content goes to the child in a sealed memfd, which it copies in the kernel (no buffer of
+it in the session's memory); its answer comes back as one frame on a pipe, read from the
+loop.  A read's child sends back the fd it opened (checked there: a regular file, within
+the size), which the daemon reads itself -- at most ``max_bytes`` and one more, from the
+loop (16 MiB of tmpfs take a few milliseconds), so a file the session grows meanwhile is
+refused rather than followed.  A child that has not answered within TIMEOUT, or that is
+still there when the session ends (``kill_all``), is killed through its pidfd.  The daemon
+resolves no path in the session's /work itself.
 """
 
 from __future__ import annotations
@@ -19,22 +24,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import signal
+import socket
+import stat
 from typing import Any
 
-from ..child.files import FileRequest
+from ..child.files import MAX_LISTING, FileRequest
 from ..kernel.cgroups import WorkerCgroup
 from ..spec.plans import FilePlan
 from .collect import Scratch
 from .fsclient import ForkServerClient, ForkServerError
-from .pipes import FrameReader, Writer
+from .pipes import FrameReader
 
 log = logging.getLogger(__name__)
 TIMEOUT = 30.0  # seconds a file operation may take (it takes milliseconds; a frozen cgroup would hold it)
 MEMORY_HEADROOM = 4 << 20  # left under a session's memory limit after a write (the child's own pages)
-ANSWER_OVERHEAD = 1 << 20  # of a read's or a listing's frame beyond the file's bytes
+ANSWER_OVERHEAD = 1 << 20  # of a listing's frame
+CHUNK = 1 << 20
+
+
+def answer_bytes(plan: FilePlan) -> int:
+    """The most the answer to ``plan`` can hold: a read's file, a listing's entries."""
+    return {"read": plan.max_bytes, "list": 2 * MAX_LISTING}.get(plan.action, 0) + ANSWER_OVERHEAD
 
 
 class FileOps:
@@ -78,22 +92,22 @@ class FileOps:
                               size=len(plan.content), mode=plan.mode, parents=plan.parents, max_bytes=plan.max_bytes,
                               recursive=plan.recursive, max_entries=plan.max_entries)
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
-        data_r, data_w = os.pipe2(os.O_CLOEXEC)
-        given = [result_w, data_r]
+        content = _memfd(plan.content)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        given = [result_w, content, theirs.detach()]
         try:
             given += [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in self.cgroup.procs_files]
             pid, pidfd = await self.server.file_op(request.to_wire(), [top, *given])
         except (OSError, ForkServerError) as e:
-            for fd in (result_r, data_w):
-                os.close(fd)
+            os.close(result_r)
+            ours.close()
             log.error("a file operation could not be started: %s", e)
             return {"ok": False, "errno": errno.EAGAIN, "at": -1}
         finally:
             for fd in given:
                 os.close(fd)
         self.live.add(pidfd)
-        reader = FrameReader(result_r, plan.max_bytes + ANSWER_OVERHEAD)
-        writer = Writer(data_w, plan.content)  # (closed when written: a read's child sees EOF at once)
+        reader = FrameReader(result_r, ANSWER_OVERHEAD + (2 * MAX_LISTING if plan.action == "list" else 0))
         try:
             frame = await asyncio.wait_for(reader.frames.get(), TIMEOUT)
         except TimeoutError:
@@ -104,11 +118,20 @@ class FileOps:
             self._kill(pidfd)  # done or not, nothing of it stays
             self.live.discard(pidfd)
             os.close(pidfd)
-            writer.abandon()
             reader.close()
-        if frame is None:  # it died without a word: the session ended (or killed it)
-            return {"ok": False, "errno": errno.ECANCELED, "at": -1, "error": reader.error}
-        return frame
+            handed = _handed_fd(ours)
+            ours.close()
+        try:
+            if frame is None:  # it died without a word: the session ended (or killed it)
+                return {"ok": False, "errno": errno.ECANCELED, "at": -1, "error": reader.error}
+            if frame.get("ok") and frame.pop("fd", None):
+                if handed is None:
+                    return {"ok": False, "errno": errno.EIO, "at": -1}
+                return {**frame, **read_regular(handed, plan.max_bytes, len(plan.parts) - 1)}
+            return frame
+        finally:
+            if handed is not None:
+                os.close(handed)
 
     def kill_all(self) -> None:
         """The session is ending: no operation of it goes on."""
@@ -120,3 +143,47 @@ class FileOps:
     def _kill(pidfd: int) -> None:
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _handed_fd(sock: socket.socket) -> int | None:
+    """The fd a read's child sent (it sends it before its answer), if any."""
+    try:
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0] if fds else None
+
+
+def read_regular(fd: int, max_bytes: int, at: int) -> dict[str, Any]:
+    """The bytes of a regular file the child opened: ``content``, or a refusal (``errno``
+    EFBIG) when it holds more than ``max_bytes`` now."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return {"ok": False, "errno": errno.EINVAL, "at": at, "kind": "other"}
+    chunks: list[bytes] = []
+    got = 0
+    while got <= max_bytes:
+        chunk = os.pread(fd, min(CHUNK, max_bytes + 1 - got), got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got > max_bytes:
+        return {"ok": False, "errno": errno.EFBIG, "at": at, "size": got}
+    return {"content": b"".join(chunks), "size": got}
+
+
+def _memfd(content: bytes) -> int:
+    """A sealed memfd holding a write's content (an empty one for a read or a listing)."""
+    fd = os.memfd_create("sandboxd-file", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE |
+                    fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

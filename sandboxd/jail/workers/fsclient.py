@@ -90,8 +90,8 @@ class ForkServerClient(HelperClient):
 
     async def file_op(self, request: dict[str, Any], fds: Sequence[int]) -> tuple[int, int]:
         """A child doing one operation on a session's files (``child.files``): (pid, pidfd).
-        ``fds``: the scratch's top, the result pipe's write end, the content pipe's read end,
-        then the session's cgroup.procs files."""
+        ``fds``: the scratch's top, the result pipe's write end, the content (a memfd), the
+        socket that brings a read's fd back, then the session's cgroup.procs files."""
         reply, got = await self.call({"op": "files", "request": request}, fds=fds)
         if not reply.get("ok") or len(got) != 1:
             for fd in got:
