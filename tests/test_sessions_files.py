@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,17 @@ def test_the_asyncio_client_has_the_same_file_operations(daemon: DaemonProcess) 
                 assert [e["path"] for e in (await s.list_files("a"))["entries"]] == ["a/b.bin"]
 
     asyncio.run(main())
+
+
+def test_a_nodejs_session_has_the_same_files(daemon: DaemonProcess) -> None:
+    require(shutil.which("node") is not None, "node is not installed")
+    with daemon.client() as c, c.session(language="nodejs") as s:
+        s.write_file("in/data.bin", BLOB)
+        r = s.exec("const fs = require('fs'); const b = fs.readFileSync('in/data.bin'); "
+                   "fs.writeFileSync('out.txt', String(b.length)); b.length")
+        assert (r["status"], r["value"]) == ("ok", str(len(BLOB))), r
+        assert s.read_file("out.txt") == str(len(BLOB)).encode()
+        assert [e["path"] for e in s.list_files("in")["entries"]] == ["in/data.bin"]
 
 
 def test_files_are_reached_while_an_exec_runs(daemon: DaemonProcess) -> None:
