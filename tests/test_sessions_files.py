@@ -321,6 +321,10 @@ def test_sizes_past_the_quota_and_the_scratch_are_refused(make_daemon: Any) -> N
         s.exec("open('grown', 'wb').write(b'y' * (2 << 20))")
         e = refused(s.read_file, "grown")
         assert (e.code, e.details["limit"], e.details["size"]) == ("too_large", "max_files_size", 2 << 20), e
+        r = s.exec("open('sparse', 'wb').truncate(15 << 20)")  # holes (a run's files stop at limits.file_size)
+        assert r["status"] == "ok", r
+        e = refused(s.read_file, "sparse")  # refused by its size, never read
+        assert (e.code, e.details["size"]) == ("too_large", 15 << 20), e
         s.exec("import os\nfd = os.open('/tmp/fill', os.O_WRONLY | os.O_CREAT)\ntry:\n"
                "    for _ in range(1000):\n        os.write(fd, b'z' * 65536)\nexcept OSError:\n    pass\n"
                "os.close(fd)")  # the scratch is full now (/tmp shares it)
