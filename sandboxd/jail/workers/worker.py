@@ -55,7 +55,7 @@ from ..policy.limits import RlimitPolicy
 from ..spec.plans import RunPlan
 from .collect import Scratch, as_figures
 from .denials import Denials, SyscallNames
-from .fsclient import SpawnedWorker
+from .fsclient import ForkServerClient, SpawnedWorker
 from .link import MAX_FDS, InitStatus, Link, decode_map, decode_timings
 from .pipes import CappedReader, Writer
 from .slots import Slot
@@ -94,7 +94,7 @@ class Worker:
         self.done_status: int | None = None  # an exec runtime's word that its code is done, and how
         self.killed_for: str | None = None
         self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
-        self.forkserver: object = None  # which fork server made it (reload drains old ones)
+        self.forkserver: ForkServerClient | None = None  # which fork server made it (reload drains old ones)
         self.runner_pidfd = -1
         self.cpu0: int | None = None  # the cgroup's CPU counter when the run was released
         self.preload_report: dict[str, Any] = {}  # R's own preload and warm-up, if it had any
