@@ -163,7 +163,7 @@ KINDS = {
 
 def kind_of(f: dataclasses.Field[Any]) -> str:
     conv = f.metadata["convert"]
-    kinds = {**KINDS, http_settings.listen_address: "HOST:PORT", http_settings.api_key: "string"}
+    kinds = {**KINDS, sizes.listen_address: "HOST:PORT", http_settings.api_key: "string"}
     return kinds.get(conv) or (conv.__doc__ or "value").strip()
 
 
@@ -262,7 +262,7 @@ def render_http_settings() -> list[str]:
     for f in declared(http_settings.Settings):
         names = ", ".join(f"\\fB{_man_escape(env)}\\fR" for env in f.metadata["env"])
         default = show(f, default_of(f))
-        if f.metadata["convert"] is http_settings.listen_address:
+        if f.metadata["convert"] is sizes.listen_address:
             default = http_settings.DEFAULT_LISTEN
         elif default == '""':
             default = "none"
