@@ -50,10 +50,12 @@ async def serve_stdio(settings: Settings) -> int:
     from mcp.server.runner import serve_loop
     from mcp.server.stdio import stdio_server
 
+    from . import pipes
     from .server import build
 
     server, tools = build(settings)
     await tools.facts.gather()
+    streams = await pipes.open_stdio(settings.max_body + 4096)  # a line holds a request: as over HTTP
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -62,7 +64,7 @@ async def serve_stdio(settings: Settings) -> int:
     log.info("sandboxd-mcp %s on stdio for sandboxd at %s", __version__, settings.socket)
     Notifier().notify(ready=1, status="serving on stdio")
     with contextlib.suppress(asyncio.CancelledError):
-        async with stdio_server() as (read, write), server.lifespan(server) as state:
+        async with stdio_server(*streams or ()) as (read, write), server.lifespan(server) as state:
             # the handshake era only (sessions keep state): no 2026-07-28 serving loop
             await serve_loop(server, read, write, lifespan_state=state,
                              init_options=server.create_initialization_options())
