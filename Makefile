@@ -113,7 +113,8 @@ test-slow: dev-tools
 
 man-lint: dev-tools
 	@for m in man/*.[1-8]; do mandoc -Tlint -Wwarning $$m || exit 1; done
-	$(VPY) -m sandboxd.tools.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8
+	$(VPY) -m sandboxd.tools.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8 \
+		man/sandboxd-mcp.1
 
 bench: dev-tools
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(BENCH_PACKAGES)"
