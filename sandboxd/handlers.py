@@ -4,6 +4,7 @@
     run            anyone      run code (quota applies; ``stream: true`` sends output as it comes)
     session_open   anyone      a session: a worker that keeps its state across execs
     session_exec   owner       run a cell in it
+    session_write_file owner   write a file in its /work (session_read_file, session_list_files)
     session_interrupt owner/admin  KeyboardInterrupt in its running cell
     session_close  owner/admin end it
     sessions       anyone      your open sessions (admins: everyone's)
@@ -116,6 +117,10 @@ async def op_session_open(s: Services, call: Call) -> dict[str, Any]:
 
 async def op_session_exec(s: Services, call: Call) -> dict[str, Any]:
     return protocol.ok(call.id, result=await s.sessions.exec(call.who, call.quota, call.req, call.events()))
+
+
+async def op_session_files(s: Services, call: Call) -> dict[str, Any]:
+    return protocol.ok(call.id, **await s.sessions.files(call.who, call.quota, call.req))
 
 
 async def op_session_interrupt(s: Services, call: Call) -> dict[str, Any]:
@@ -351,7 +356,7 @@ TYPE_NAMES = {INT: "an integer", STR: "a string", BOOL: "true or false", (str, i
 class Op:
     access: str
     handler: Handler
-    # The fields it takes, with their types; None where plan.py checks them (run, syscalls, sessions).
+    # The fields it takes, with their types; None where plan.py (or sessionfiles.py) checks them.
     fields: dict[str, tuple[type, ...]] | None = None
     while_stopping: bool = False  # answered during shutdown (status says it is stopping)
     new_work: bool = False  # starts a run or a session: refused while draining
@@ -365,6 +370,9 @@ HANDLERS: dict[str, Op] = {
     "kill": Op(LISTED, op_kill, {"run_id": STR, "session_id": STR}),
     "session_open": Op(QUOTA, op_session_open, new_work=True),
     "session_exec": Op(QUOTA, op_session_exec),
+    "session_write_file": Op(QUOTA, op_session_files),
+    "session_read_file": Op(QUOTA, op_session_files),
+    "session_list_files": Op(QUOTA, op_session_files),
     "session_interrupt": Op(LISTED, op_session_interrupt, {"session_id": STR}),
     "session_close": Op(LISTED, op_session_close, {"session_id": STR}),
     "sessions": Op(LISTED, op_sessions, {}),

@@ -12,9 +12,10 @@ in it too (``admitted``), so that it is admitted, charged and listed as a run is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -160,6 +161,16 @@ class Runs:
         if result.status == "sandbox_error":
             log.error("run %s uid=%d sandbox error: %s", run_id, who.uid, result.error)
         return record
+
+    @contextlib.asynccontextmanager
+    async def answer_held(self, uid: int, n: int) -> AsyncIterator[None]:
+        """An answer of up to ``n`` bytes being built for ``uid`` outside a run (a session's file
+        read), held from the answers' budget as a run's is."""
+        await self._hold_answer(uid, n)
+        try:
+            yield
+        finally:
+            self.answers.give(uid, n)
 
     async def _hold_answer(self, uid: int, n: int) -> None:
         """Count a run's output before its answer is built (answer_bound): a caller whose answers not yet taken and

@@ -4,6 +4,8 @@
           -> Jail.open_session (a pooled worker becomes the session) -> the table
     exec  -> the caller's own session, not busy -> plan.build_cell -> Runs.admitted
           (admission, run table, usage, as a run) -> Session.exec
+    files -> the caller's own session -> sessionfiles.build -> Session.file_op (a child of the
+          fork server, the session's uid in its cgroup) -> sessionfiles.answer
     close / interrupt / list, and a sweep each second: idle and lifetime limits, the
     session's own CPU budget, and CPU used between execs charged to its caller.
 
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import plan
+from . import plan, sessionfiles
 from .access import Access
 from .common import errors
 from .common.errors import RequestError
@@ -34,6 +36,7 @@ from .config import Config, QuotaLimits
 from .environments import Environments
 from .jail.jail import Jail
 from .jail.spec.plans import answer_bound
+from .jail.workers import files
 from .jail.workers.session import CellResult, Session, SessionFailed
 from .jail.workers.stream import EventSink
 from .peer import Identity
@@ -117,7 +120,7 @@ class Sessions:
 
     async def exec(self, who: Identity, limits: QuotaLimits, req: dict[str, Any],
                    events: EventSink | None) -> dict[str, Any]:
-        session_id, entry = self._own(who, req.get("session_id"))
+        session_id, entry = await self._for_use(who, req.get("session_id"))
         session = entry.session
         if session.busy or entry.run_id is not None:
             raise RequestError(errors.BUSY, f"session {session_id} is running exec {entry.run_id}; the execs of "
@@ -143,6 +146,18 @@ class Sessions:
             entry.run_id = None
             entry.cpu_charged_ms += charged[0]
             self._charge(entry)  # and what ran between execs
+
+    async def files(self, who: Identity, limits: QuotaLimits, req: dict[str, Any]) -> dict[str, Any]:
+        """session_write_file, session_read_file, session_list_files: the owner's only (an
+        admin's neither, as for exec: it is the session's data).  They run beside an exec."""
+        session_id, entry = await self._for_use(who, req.get("session_id"))
+        file_plan = sessionfiles.build(str(req.get("op")), req, limits)
+        async with self.runs.answer_held(who.uid, files.answer_bytes(file_plan)):
+            report = await entry.session.file_op(file_plan)
+            answer = sessionfiles.answer(file_plan, report, session_id)
+        log.info("session %s: %s %r by uid %d (%s)", session_id, file_plan.action, file_plan.path, who.uid,
+                 f"{answer['size']} bytes" if "size" in answer else f"{len(answer['entries'])} entries")
+        return answer
 
     def interrupt(self, who: Identity, session_id: Any) -> bool:
         session_id, entry = self._own(who, session_id, admin_too=True)
@@ -190,6 +205,11 @@ class Sessions:
     def describe_all(self) -> dict[str, Any]:
         return {"open": len(self.live), "limit": self.config.daemon.sessions,
                 "busy": sum(1 for e in self.live.values() if e.session.busy)}
+
+    async def _for_use(self, who: Identity, session_id: Any) -> tuple[str, Entry]:
+        """The caller's session, ready to be used (an exec, a file operation): the one place
+        where a session is fetched to work in it -- a paused one would be restored here."""
+        return self._own(who, session_id)
 
     def _own(self, who: Identity, session_id: Any, admin_too: bool = False) -> tuple[str, Entry]:
         """The caller's live session of that id; not_found (with why, to its owner) otherwise."""
@@ -251,7 +271,8 @@ class Sessions:
                 log.info("session %s reached its lifetime of %d ms", session_id, s.plan.max_lifetime_ms)
                 s.end("max_lifetime")
                 continue
-            if not s.busy and entry.run_id is None and (now - s.last_used) * 1000 >= s.plan.idle_timeout_ms:
+            idle = not s.busy and not s.file_ops and entry.run_id is None
+            if idle and (now - s.last_used) * 1000 >= s.plan.idle_timeout_ms:
                 log.info("session %s idle for %d ms", session_id, s.plan.idle_timeout_ms)
                 s.end("idle_timeout")
                 continue

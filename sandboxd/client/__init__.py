@@ -8,6 +8,9 @@ of the operations (``ops``).
         with c.session() as s:          # a worker that keeps its state between execs
             s.exec("x = 41")
             print(s.exec("x + 1")["value"])   # '42'
+            s.write_file("data/in.bin", b"\x00\x01")   # under the session's /work
+            s.read_file("data/in.bin")                   # b'\x00\x01'
+            s.list_files("data")["entries"]              # [{"path": "data/in.bin", "type": "file", ...}]
 
 ``on_output=callback`` on ``run`` and ``exec`` streams the output: the callback gets
 ``(stream, data)`` as it arrives ("stdout"/"stderr", bytes); the result still holds all

@@ -327,3 +327,35 @@ def session_interrupt(session_id: str) -> Request[bool]:
 def session_close(session_id: str) -> Request[dict[str, Any]]:
     """End the session; what it was, and why it ended."""
     return Request("session_close", {"session_id": session_id}, whole)
+
+
+def session_write_file(session_id: str, /, path: str, data: bytes | str, *, mode: int | None = None,
+                       parents: bool = True) -> Request[dict[str, Any]]:
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` under the session's /work (relative:
+    "data/x.csv"), replacing what is there, creating missing directories unless ``parents``
+    is false; ``mode`` the permission bits (0o644).  ``{"path", "size", "mode"}``."""
+    if not isinstance(data, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"data: expected bytes or str, got {type(data).__name__}")
+    content = data if isinstance(data, str) else bytes(data)
+    fields: dict[str, Any] = {"session_id": session_id, "path": path, "content": content}
+    if mode is not None:
+        fields["mode"] = mode
+    if not parents:
+        fields["parents"] = False
+    return Request("session_write_file", fields, lambda r: {k: r[k] for k in ("path", "size", "mode")})
+
+
+def session_read_file(session_id: str, /, path: str) -> Request[bytes]:
+    """The bytes of the regular file ``path`` under the session's /work."""
+    return Request("session_read_file", {"session_id": session_id, "path": path}, lambda r: bytes(r["content"]))
+
+
+def session_list_files(session_id: str, /, path: str = ".", *, recursive: bool = False) -> Request[dict[str, Any]]:
+    """What the directory ``path`` under the session's /work holds ("." is /work itself):
+    ``{"path", "entries": [{"path", "type", "size", "mode", "mtime"}], "truncated"}``, entry
+    paths relative to /work, type one of file, dir, symlink, fifo, socket, other; with
+    ``recursive``, the directories below too."""
+    fields: dict[str, Any] = {"session_id": session_id, "path": path}
+    if recursive:
+        fields["recursive"] = True
+    return Request("session_list_files", fields, lambda r: {k: r[k] for k in ("path", "entries", "truncated")})

@@ -103,6 +103,9 @@ class Session:
         self.close()
 
     exec = session_method(ops.session_exec)
+    write_file = session_method(ops.session_write_file)
+    read_file = session_method(ops.session_read_file)
+    list_files = session_method(ops.session_list_files)
 
     def interrupt(self) -> bool:
         """KeyboardInterrupt in the running cell (over a connection of its own: this one may be

@@ -16,12 +16,13 @@ QUOTA_EXCEEDED = "quota_exceeded"
 BUSY = "busy"
 UNAVAILABLE = "unavailable"
 NOT_FOUND = "not_found"
+TOO_LARGE = "too_large"
 BAD_CONFIG = "bad_config"
 BUILD_FAILED = "build_failed"
 INTERNAL = "internal"
 
 CODES = (BAD_FRAME, FRAME_TOO_LARGE, BAD_REQUEST, UNKNOWN_OP, FORBIDDEN, QUOTA_EXCEEDED, BUSY, UNAVAILABLE,
-         NOT_FOUND, BAD_CONFIG, BUILD_FAILED, INTERNAL)
+         NOT_FOUND, TOO_LARGE, BAD_CONFIG, BUILD_FAILED, INTERNAL)
 
 
 class RequestError(Exception):

@@ -36,6 +36,16 @@ class Ctl(RunCommands, SessionCommands, AdminCommands):
     """Every command: ``args.method`` names the one to call."""
 
 
+def octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected octal permission bits like 0644, got {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected permission bits from 0000 to 0777, got {text}")
+    return mode
+
+
 def streaming(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--stream", action="store_true", default=None,
                     help="show output as it comes (the default on a terminal)")
@@ -147,6 +157,16 @@ def parser() -> argparse.ArgumentParser:
     sadd("interrupt", "KeyboardInterrupt in a session's running exec", "session_interrupt").add_argument(
         "session_id")
     sadd("list", "your open sessions (admins: everyone's)", "session_list")
+    cp = sadd("cp", "copy a file into a session's /work or out of it: cp LOCAL SESSION_ID:PATH, "
+              "cp SESSION_ID:PATH LOCAL ('-': standard input or output)", "session_cp")
+    cp.add_argument("source", metavar="SOURCE")
+    cp.add_argument("destination", metavar="DESTINATION")
+    cp.add_argument("--mode", type=octal_mode, help="permission bits of a file copied in, in octal (default: the "
+                    "local file's; 0644 from standard input)")
+    ls = sadd("ls", "list a directory of a session's /work", "session_ls")
+    ls.add_argument("session_id")
+    ls.add_argument("path", nargs="?", help="relative to /work (default: /work itself)")
+    ls.add_argument("--recursive", "-R", action="store_true", help="the directories below too")
     rp = add("repl", "an interactive interpreter in a new session (Ctrl-C interrupts, Ctrl-D leaves)", "repl")
     session_options(rp)
     rp.add_argument("--raw", action="store_true", help="write the output to a terminal as it is")

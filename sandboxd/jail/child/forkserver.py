@@ -10,6 +10,8 @@ the GC and serves commands:
     {"op": "spawn", "spec": {...}}  -> {"ok": true, "pid": P}  + fds
                                        [pidfd, status_r, link, request_w, stdin_w, stdout_r, stderr_r]
     {"op": "template", "root": DIR} -> {"ok": true}   (after a root rebuild)
+    {"op": "files", "request": {...}} -> {"ok": true, "pid": P} + [pidfd]
+                                       (a child that does one operation on a session's /work: ``files``)
 
 and reports ``{"event": "reaped", "pid": P, "wstatus": S}`` when a worker's pid 1 has
 been reaped (then nothing of that run is left).  Each worker is made straight into
@@ -40,7 +42,7 @@ import msgpack
 
 from ..kernel import libc
 from ..policy import seccomp as sc
-from . import _spawn, preload  # type: ignore[attr-defined]
+from . import _spawn, files, preload  # type: ignore[attr-defined]
 from .contract import Become, ServerState, WorkerSpec, clean_stack, drain
 from .runner import runner_main
 
@@ -146,6 +148,12 @@ class ForkServer:
                 finally:
                     for fd in ours:
                         os.close(fd)
+            elif op == "files" and len(fds) >= 3:
+                pid, pidfd = self.file_op(msg["request"], fds)
+                try:
+                    self.reply({"ok": True, "pid": pid}, [pidfd])
+                finally:
+                    os.close(pidfd)
             elif op == "template" and len(fds) == 1:
                 old = self.template_fd
                 self.template_fd = os.dup(fds[0])
@@ -212,6 +220,19 @@ class ForkServer:
                 os.close(fd)
             raise
         return pid, [pidfd, *ours]
+
+    def file_op(self, request: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        """Fork the child that does one operation on a session's files (``files.main``); it is
+        reaped like any child, and reported to nobody: the daemon holds its pidfd."""
+        pid = os.fork()
+        if pid == 0:
+            _ROLE[0] = "files"
+            raise Become(files.main, request, list(fds))
+        try:
+            return pid, os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            raise
 
     def reap(self) -> None:
         while True:

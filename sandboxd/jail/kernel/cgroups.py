@@ -190,6 +190,19 @@ class WorkerCgroup:
                 st.memory_peak = int(read_control(self._file(*peak)))
         return st
 
+    def memory_room(self) -> int | None:
+        """Bytes its processes may still use before the memory limit (None: no memory cgroup)."""
+        names = {"cgroup2": ("memory.max", "memory.current"),
+                 "cgroup1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}.get(self.driver.kind)
+        if names is None:
+            return None
+        try:
+            limit, current = (read_control(self._file("memory", n)).strip() for n in names)
+            return None if limit == "max" else max(0, int(limit) - int(current))
+        except (OSError, ValueError) as e:
+            log.warning("reading the memory of %s: %s", self.dirs, e)
+            return None
+
     def stats(self) -> CgroupStats:
         st = CgroupStats(cpu_usage_ns=self.cpu_usage_ns())
         try:

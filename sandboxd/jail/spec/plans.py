@@ -97,3 +97,21 @@ class EnvLayer:
     system_site_packages: bool = False
     preload: tuple[str, ...] = ()
     warmup: str = ""
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One operation on a session's /work, decided by the daemon (``sessionfiles.build``)."""
+
+    action: str  # "write", "read" or "list"
+    parts: tuple[str, ...]  # the path's components below /work; () is /work itself
+    content: bytes = b""  # what a write puts there
+    mode: int = 0o644  # the permission bits of a written file
+    parents: bool = True  # a write makes missing directories (0755)
+    max_bytes: int = 16 << 20  # the largest file read or written
+    recursive: bool = False  # a listing goes down into directories
+    max_entries: int = 10_000  # entries listed, then the listing is truncated
+
+    @property
+    def path(self) -> str:
+        return "/".join(self.parts) or "."

@@ -87,3 +87,14 @@ class ForkServerClient(HelperClient):
                 os.close(fd)
             raise ForkServerError(f"spawn returned {len(got)} descriptors, expected 7")
         return SpawnedWorker(reply["pid"], *got)
+
+    async def file_op(self, request: dict[str, Any], fds: Sequence[int]) -> tuple[int, int]:
+        """A child doing one operation on a session's files (``child.files``): (pid, pidfd).
+        ``fds``: the scratch's top, the result pipe's write end, the content (a memfd), the
+        socket that brings a read's fd back, then the session's cgroup.procs files."""
+        reply, got = await self.call({"op": "files", "request": request}, fds=fds)
+        if not reply.get("ok") or len(got) != 1:
+            for fd in got:
+                os.close(fd)
+            raise ForkServerError(str(reply.get("error") or f"files returned {len(got)} descriptors, expected 1"))
+        return int(reply["pid"]), got[0]

@@ -3,6 +3,7 @@
     session = await Session.open(worker, plan, rlimits)  # the worker keeps its state from now on
     result = await session.exec(cell, events)            # one cell, one truthful CellResult
     session.interrupt()                                  # KeyboardInterrupt in the running cell
+    report = await session.file_op(plan)                 # write, read or list its /work (``files``)
     session.end("closed")                                # kill it; ``ended`` says when it is gone
 
 A session is a pooled worker confined exactly like a run's, whose runner serves
@@ -18,7 +19,10 @@ until the next exec: threads left running cost neither the daemon nor other runs
 than that, and their CPU is charged to the owner (Sessions).  A cell
 that overruns its time or output is interrupted first and keeps the session if it
 stops within INTERRUPT_GRACE; otherwise the session is killed and the result says
-so (``session_ended``).  Ending is always a kill of the worker's pid 1: every
+so (``session_ended``).  File operations run beside a cell, not after it (a read sees a
+file as it is at that moment), up to MAX_FILE_OPS at once; while one runs between execs
+the session has its exec's CPU bandwidth (the child doing it is in the session's cgroup),
+and each counts as use for the idle timeout.  Ending is always a kill of the worker's pid 1: every
 process of the session goes with its namespaces, and the worker is cleaned up as
 after a run (cgroup, scratch, uid slot, network).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,7 +43,7 @@ from typing import Any
 from ...common import protocol
 from ..child.contract import MAX_LINK_MESSAGE, Cell, RunRequest, SetupError
 from ..kernel.cgroups import CgroupStats
-from ..spec.plans import CellPlan, SessionPlan
+from ..spec.plans import CellPlan, FilePlan, SessionPlan
 from .collect import Seen, as_figures, cap_files
 from .pipes import Writer
 from .stream import EventSink, Streamer
@@ -48,6 +53,7 @@ from .worker import DRAIN_GRACE, Worker
 log = logging.getLogger(__name__)
 INTERRUPT_GRACE = 1.0  # seconds an interrupted cell has to stop before its session is killed
 OPEN_TIMEOUT = 30.0
+MAX_FILE_OPS = 4  # file operations of one session at once
 # Why a session ended, as the daemon says it (``not_found`` details, ``sessions``):
 # closed, idle_timeout, max_lifetime, killed, cpu_limit, daemon_stopped, and for a
 # session that died of what it did: the verdict of its end (memory_limit, timeout,
@@ -89,6 +95,7 @@ class Session:
         self.last_used = self.opened_at
         self.execs = 0
         self.cell: asyncio.Future[dict[str, Any]] | None = None  # the running cell's report
+        self.file_ops = 0  # file operations in progress
         self.killed_for: str | None = None  # why the running cell was interrupted
         self.ended_reason: str | None = None  # set by whoever ends it on purpose
         self.end_result: Result | None = None  # the verdict of the session's end, once over
@@ -236,8 +243,10 @@ class Session:
             (self.out if why == "output:stdout" else self.err).pause()
 
     def _between_execs(self) -> None:
-        """No cell runs: a small CPU bandwidth, and output kept up to a cap, then not read."""
-        self.worker.cgroup.set_cpu(self.plan.idle_cpus, active=False)
+        """No cell runs: a small CPU bandwidth (once no file operation runs either), and output
+        kept up to a cap, then not read."""
+        if not self.file_ops:
+            self.worker.cgroup.set_cpu(self.plan.idle_cpus, active=False)
         for name, reader in (("stdout", self.out), ("stderr", self.err)):
             reader.limit(self.plan.output_bytes, self._overflow_of_idle(name))
 
@@ -353,6 +362,25 @@ class Session:
         if frame is None:
             result.reason = f"{result.reason}; the session has ended" if result.reason else "the session has ended"
         return result
+
+    async def file_op(self, plan: FilePlan) -> dict[str, Any]:
+        """One operation on the session's /work: the report of the child that did it
+        (``FileOps.run``), or ``errno`` EBUSY when MAX_FILE_OPS are in progress already."""
+        files = self.worker.files() if self.alive else None
+        if files is None:
+            return {"ok": False, "errno": errno.ECANCELED, "at": -1}
+        if self.file_ops >= MAX_FILE_OPS:
+            return {"ok": False, "errno": errno.EBUSY, "at": -1}
+        self.file_ops += 1
+        if not self.busy:
+            self.worker.cgroup.set_cpu(self.plan.cpus, active=True)
+        try:
+            return await files.run(plan)
+        finally:
+            self.file_ops -= 1
+            self.last_used = time.monotonic()
+            if self.alive and not self.busy and not self.file_ops:
+                self.worker.cgroup.set_cpu(self.plan.idle_cpus, active=False)
 
     def describe(self, now: float) -> dict[str, Any]:
         p = self.plan
