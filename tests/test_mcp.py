@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -32,9 +33,11 @@ from mcp_servers import (
     TOKEN,
     USER,
     McpHttpProcess,
+    as_user_command,
     http_client,
     http_session,
     images_of,
+    server_env,
     stdio_params,
     stdio_session,
     text_of,
@@ -163,6 +166,29 @@ def test_a_timeout_and_a_blocked_call_are_tool_errors_with_the_verdict(transport
             assert "Traceback" in text_of(failed)
             js = await call(s, "run_js_code", code="throw new Error('boom')")
             assert js.is_error and "boom" in text_of(js), text_of(js)
+    run(scenario())
+
+
+def cells_running(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    with daemon.client() as c:
+        return [j for j in c.jobs() if j.get("session_id")]
+
+
+def test_a_cancelled_call_interrupts_its_cell_and_the_session_lives_on(transport: Session,
+                                                                       mcp_daemon: DaemonProcess) -> None:
+    async def scenario() -> None:
+        async with transport() as s:
+            await call(s, "run_python_code", code="kept = 'here'")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call(s, "run_python_code", code="import time\nwhile True: time.sleep(0.01)",
+                                            timeout_s=30), 2)
+            # interrupted (by the cancellation), long before its own 30 s are up; waited for in a thread, as
+            # the client's loop must go on to send the cancellation
+            gone = await asyncio.to_thread(wait_until, lambda: cells_running(mcp_daemon) == [], 15)
+            assert gone, cells_running(mcp_daemon)
+            after = await call(s, "run_python_code", code="kept")
+            # (what the interrupted cell wrote after its call was given up, its KeyboardInterrupt, comes first)
+            assert text_of(after).endswith("[value]\n'here'"), text_of(after)
     run(scenario())
 
 
@@ -354,3 +380,46 @@ def test_it_refuses_root_and_http_without_tokens(mcp_daemon: DaemonProcess) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXD_MCP")}
     no_tokens = subprocess.run([*command, "--http"], capture_output=True, text=True, timeout=60, env=env)
     assert no_tokens.returncode == 78 and "--http needs bearer tokens" in no_tokens.stderr
+
+
+INSPECTOR = "@modelcontextprotocol/inspector@0.15.0"
+INSPECTOR_DIR = os.path.join(REPO, ".cache", "mcp-inspector")
+
+
+def inspector_cli() -> str:
+    """The MCP Inspector's CLI from the npm registry, installed once under .cache/ (skipped when npm
+    cannot install it: a registry out of reach says nothing of sandboxd-mcp)."""
+    binary = os.path.join(INSPECTOR_DIR, "node_modules", ".bin", "mcp-inspector")
+    if not os.path.exists(binary):
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: the MCP Inspector comes from the npm registry")
+        try:
+            subprocess.run(["npm", "install", "--prefix", INSPECTOR_DIR, "--no-audit", "--no-fund", INSPECTOR],
+                           capture_output=True, timeout=300, check=True)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"npm could not install {INSPECTOR}: {e}")
+    return binary
+
+
+def test_the_mcp_inspector_cli_lists_and_calls_the_tools(mcp_daemon: DaemonProcess) -> None:
+    binary = inspector_cli()
+    wrapper = os.path.join(daemon_dir(), "sandboxd-mcp.sh")
+    server = [*as_user_command(), sys.executable, "-m", "sandboxd.mcp", "--socket", mcp_daemon.socket]
+    with open(wrapper, "w", encoding="utf-8") as f:
+        f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in server) + "\n")
+    os.chmod(wrapper, 0o755)
+
+    def inspect(*args: str) -> Any:
+        done = subprocess.run([binary, "--cli", wrapper, *args], capture_output=True, text=True, timeout=120,
+                              env=server_env(HOME=INSPECTOR_DIR))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    listed = inspect("--method", "tools/list")
+    assert {t["name"] for t in listed["tools"]} == TOOLS
+    called = inspect("--method", "tools/call", "--tool-name", "run_python_code", "--tool-arg", "code=6*7")
+    assert called["content"][0] == {"type": "text", "text": "[value]\n42"}, called
+    assert called["structuredContent"]["status"] == "ok" and not called.get("isError")
+    refused = inspect("--method", "tools/call", "--tool-name", "run_python_code",
+                      "--tool-arg", "code=import socket; socket.socket()")
+    assert refused["isError"] and "blocked system call socket: no network" in refused["content"][0]["text"]

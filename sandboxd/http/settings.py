@@ -24,7 +24,7 @@ from typing import Any
 from ..client import DEFAULT_SOCKET
 from ..common import declare, sizes
 from ..common.declare import setting
-from ..common.sizes import listen_address
+from ..common.sizes import listen_address as listen_address  # (its home; imported from here too)
 
 DEFAULT_LISTEN = "127.0.0.1:8194"
 PORT = "SANDBOX_PORT"  # dify-sandbox's port alone; the host stays what the listen setting says

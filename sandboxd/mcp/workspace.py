@@ -27,7 +27,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import sessionfiles
 from ..client import AsyncClient, AsyncSession, SandboxdError
+from ..common.errors import RequestError
 from .facts import Facts
 from .results import LANGUAGE_NAMES
 
@@ -179,6 +181,10 @@ class Workspace:
     # -- files --------------------------------------------------------------------------------
     async def write_file(self, path: str, data: bytes) -> list[str]:
         """Into every open session; kept for the others.  Where it went, in words."""
+        try:  # the daemon's own check, so that a file kept for later is refused now as it would be then
+            path = "/".join(sessionfiles.parts_of(path, whole_work=False))
+        except RequestError as e:
+            raise SandboxdError(e.code, e.message, e.details) from None
         went = []
         kept = sum(len(d) for files in self.pending.values() for d in files.values())
         for language in LANGUAGES:
