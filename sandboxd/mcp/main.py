@@ -18,11 +18,11 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
 from .. import __version__, logs
+from ..common import tcp
 from ..systemd import Notifier
 from .settings import DEFAULT_PORT, Settings, SettingsError, load
 
@@ -71,12 +71,6 @@ async def serve_stdio(settings: Settings) -> int:
     return 0
 
 
-def bind(host: str, port: int) -> socket.socket:
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=512)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve_http(settings: Settings) -> int:
     import uvicorn
 
@@ -88,12 +82,10 @@ async def serve_http(settings: Settings) -> int:
     await tools.facts.gather()
     app = web.build(settings, server)
     try:
-        sock = bind(*settings.http)
+        sock, where = tcp.listen(*settings.http, backlog=512)
     except OSError as e:
         log.error("cannot listen on %s: %s", settings.http_text, e.strerror or e)
         return EX_CONFIG
-    host, port = sock.getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     config = uvicorn.Config(app, http=web.protocol_class(settings.header_timeout), lifespan="on",
                             access_log=False, log_config=None, server_header=False, proxy_headers=False,
                             limit_concurrency=settings.max_connections, h11_max_incomplete_event_size=web.MAX_HEAD,
