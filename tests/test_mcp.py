@@ -348,6 +348,16 @@ def test_no_token_is_401_and_a_foreign_origin_403(mcp_http: McpHttpProcess) -> N
     assert post(url, {}).status_code == 200
 
 
+def test_the_balancer_routes_need_no_token_but_pass_the_origin_check(mcp_http: McpHttpProcess) -> None:
+    with httpx2.Client(base_url=mcp_http.url, trust_env=False, timeout=30) as c:
+        assert c.get("/health/live").json()["status"] == "live"
+        ready = c.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        capacity = c.get("/capacity").json()
+        assert capacity["ready"] is True and capacity["workers"] > 0, capacity
+        assert c.get("/capacity", headers={"Origin": "http://evil.example"}).status_code == 403
+
+
 def test_a_session_answers_only_the_token_that_opened_it(mcp_daemon: DaemonProcess) -> None:
     other = "sbx-mcp-other-token-9876543210"
     with McpHttpProcess(mcp_daemon.socket, env={"SANDBOXD_MCP_TOKENS": f"{TOKEN},{other}"}) as server:

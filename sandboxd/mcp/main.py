@@ -74,13 +74,15 @@ async def serve_stdio(settings: Settings) -> int:
 async def serve_http(settings: Settings) -> int:
     import uvicorn
 
+    from ..fleet import routes
+    from ..fleet.node import Node
     from . import web
     from .server import build
 
     assert settings.http is not None
     server, tools = build(settings)
     await tools.facts.gather()
-    app = web.build(settings, server)
+    app = web.build(settings, server, routes=routes.routes(Node(web.DaemonStatus(settings.socket))))
     try:
         sock, where = tcp.listen(*settings.http, backlog=512)
     except OSError as e:

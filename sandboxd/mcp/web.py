@@ -16,8 +16,9 @@ A request meets, in order:
     the SDK         StreamableHTTPSessionManager: Mcp-Session-Id sessions (max_sessions, then 503;
                     session_idle_timeout), bodies of at most max_body (413)
 
-``build`` returns a Starlette app; more routes (health, capacity) go in its ``routes``
-argument and are served behind the Guard but without a token.
+``build`` returns a Starlette app; more routes go in its ``routes`` argument and are served
+behind the Guard but without a token: ``main`` mounts the load balancer's (``fleet.routes``:
+/health/live, /health/ready, /capacity) over ``DaemonStatus``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -45,11 +47,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..client import AsyncClient, SandboxdError
 from .settings import LOOPBACK_HOSTS, Settings
 
 log = logging.getLogger("sandboxd.mcp")
 MCP_PATH = "/mcp"
 MAX_HEAD = 64 << 10
+STATUS_TTL = 1.0
+STATUS_DEADLINE = 2.0
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
 
 
@@ -142,6 +147,31 @@ def build(settings: Settings, server: Server[Any], routes: Sequence[BaseRoute] =
         middleware=[Middleware(Guard, settings=settings),
                     Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(Tokens(settings.tokens)))],
         lifespan=lifespan)
+
+
+class DaemonStatus:
+    """The daemon's ``status`` for the balancer's routes (``fleet.node.Status``): asked at most once
+    a second, answered within two, or None and why not."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+        self._last: tuple[float, dict[str, Any] | None, str] = (-STATUS_TTL, None, "")
+
+    async def __call__(self) -> tuple[dict[str, Any] | None, str]:
+        at, st, why = self._last
+        if time.monotonic() - at < STATUS_TTL:
+            return st, why
+        try:
+            async with asyncio.timeout(STATUS_DEADLINE), AsyncClient(self.socket) as c:
+                st, why = await c.status(), ""
+        except TimeoutError:
+            st, why = None, f"sandboxd did not answer status within {STATUS_DEADLINE:g} s"
+        except (OSError, ConnectionError) as e:
+            st, why = None, f"sandboxd is not reachable at {self.socket}: {e}"
+        except SandboxdError as e:
+            st, why = None, f"sandboxd answered status with {e.code}: {e.message}"
+        self._last = (time.monotonic(), st, why)
+        return st, why
 
 
 def protocol_class(header_timeout: float) -> type[H11Protocol]:
