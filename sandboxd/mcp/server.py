@@ -236,4 +236,7 @@ def build(settings: Settings) -> tuple[Server[Any], Tools]:
                      "calls; move files in and out of their /work with write_file, read_file and list_files; "
                      "reset starts afresh.",
         on_list_tools=tools.list_tools, on_call_tool=tools.call_tool)
+    # The SDK wraps every message in an OpenTelemetry span by default, a cost on each call even with no
+    # exporter installed; sandboxd's own logs say what a call did.
+    server.middleware = [m for m in server.middleware if type(m).__name__ != "OpenTelemetryMiddleware"]
     return server, tools
