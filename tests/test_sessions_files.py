@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,17 @@ def test_the_asyncio_client_has_the_same_file_operations(daemon: DaemonProcess) 
                 assert [e["path"] for e in (await s.list_files("a"))["entries"]] == ["a/b.bin"]
 
     asyncio.run(main())
+
+
+def test_a_nodejs_session_has_the_same_files(daemon: DaemonProcess) -> None:
+    require(shutil.which("node") is not None, "node is not installed")
+    with daemon.client() as c, c.session(language="nodejs") as s:
+        s.write_file("in/data.bin", BLOB)
+        r = s.exec("const fs = require('fs'); const b = fs.readFileSync('in/data.bin'); "
+                   "fs.writeFileSync('out.txt', String(b.length)); b.length")
+        assert (r["status"], r["value"]) == ("ok", str(len(BLOB))), r
+        assert s.read_file("out.txt") == str(len(BLOB)).encode()
+        assert [e["path"] for e in s.list_files("in")["entries"]] == ["in/data.bin"]
 
 
 def test_files_are_reached_while_an_exec_runs(daemon: DaemonProcess) -> None:
@@ -309,6 +321,10 @@ def test_sizes_past_the_quota_and_the_scratch_are_refused(make_daemon: Any) -> N
         s.exec("open('grown', 'wb').write(b'y' * (2 << 20))")
         e = refused(s.read_file, "grown")
         assert (e.code, e.details["limit"], e.details["size"]) == ("too_large", "max_files_size", 2 << 20), e
+        r = s.exec("open('sparse', 'wb').truncate(15 << 20)")  # holes (a run's files stop at limits.file_size)
+        assert r["status"] == "ok", r
+        e = refused(s.read_file, "sparse")  # refused by its size, never read
+        assert (e.code, e.details["size"]) == ("too_large", 15 << 20), e
         s.exec("import os\nfd = os.open('/tmp/fill', os.O_WRONLY | os.O_CREAT)\ntry:\n"
                "    for _ in range(1000):\n        os.write(fd, b'z' * 65536)\nexcept OSError:\n    pass\n"
                "os.close(fd)")  # the scratch is full now (/tmp shares it)

@@ -45,6 +45,7 @@ from ..child.contract import MAX_LINK_MESSAGE, Cell, RunRequest, SetupError
 from ..kernel.cgroups import CgroupStats
 from ..spec.plans import CellPlan, FilePlan, SessionPlan
 from .collect import Seen, as_figures, cap_files
+from .files import FileOps
 from .pipes import Writer
 from .stream import EventSink, Streamer
 from .verdict import CellObservation, Observation, Result, decide, decide_cell
@@ -95,6 +96,7 @@ class Session:
         self.last_used = self.opened_at
         self.execs = 0
         self.cell: asyncio.Future[dict[str, Any]] | None = None  # the running cell's report
+        self.files: FileOps | None = None  # what does its file operations, once it had one
         self.file_ops = 0  # file operations in progress
         self.killed_for: str | None = None  # why the running cell was interrupted
         self.ended_reason: str | None = None  # set by whoever ends it on purpose
@@ -145,6 +147,8 @@ class Session:
         """Kill the session (idempotent): ``ended`` resolves once everything of it is gone."""
         if self.ended_reason is None:
             self.ended_reason = reason
+        if self.files is not None:
+            self.files.kill_all()  # (not in the worker's pid namespace: killed one by one)
         self.worker.kill("cpu" if reason == "cpu_limit" else reason)
 
     def interrupt(self, why: str = "interrupted") -> bool:
@@ -179,6 +183,8 @@ class Session:
         """Once the worker's pid 1 reported (or died): take the verdict, release what is ours."""
         worker = self.worker
         await worker.over
+        if self.files is not None:
+            self.files.kill_all()
         drained = asyncio.gather(self.out.done, self.err.done)
         done, _ = await asyncio.wait([drained], timeout=DRAIN_GRACE)
         if not done:
@@ -366,8 +372,11 @@ class Session:
     async def file_op(self, plan: FilePlan) -> dict[str, Any]:
         """One operation on the session's /work: the report of the child that did it
         (``FileOps.run``), or ``errno`` EBUSY when MAX_FILE_OPS are in progress already."""
-        files = self.worker.files() if self.alive else None
-        if files is None:
+        worker = self.worker
+        if self.files is None and self.alive and worker.scratch is not None and worker.forkserver is not None:
+            self.files = FileOps(worker.forkserver, worker.spec.uid, worker.spec.gid, worker.cgroup, worker.scratch)
+        files = self.files
+        if files is None or not self.alive:
             return {"ok": False, "errno": errno.ECANCELED, "at": -1}
         if self.file_ops >= MAX_FILE_OPS:
             return {"ok": False, "errno": errno.EBUSY, "at": -1}

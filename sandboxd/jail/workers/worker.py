@@ -55,7 +55,6 @@ from ..policy.limits import RlimitPolicy
 from ..spec.plans import RunPlan
 from .collect import Scratch, as_figures
 from .denials import Denials, SyscallNames
-from .files import FileOps
 from .fsclient import ForkServerClient, SpawnedWorker
 from .link import MAX_FDS, InitStatus, Link, decode_map, decode_timings
 from .pipes import CappedReader, Writer
@@ -96,7 +95,6 @@ class Worker:
         self.killed_for: str | None = None
         self.cpu_spent_ms = 0.0  # what the run used, once it is over (cancelled runs too)
         self.forkserver: ForkServerClient | None = None  # which fork server made it (reload drains old ones)
-        self._files: FileOps | None = None  # a session's file operations, once it has had one
         self.runner_pidfd = -1
         self.cpu0: int | None = None  # the cgroup's CPU counter when the run was released
         self.preload_report: dict[str, Any] = {}  # R's own preload and warm-up, if it had any
@@ -217,10 +215,7 @@ class Worker:
         self.end()
 
     def end(self) -> None:
-        """End everything of the worker: SIGKILL to its pid 1 takes the whole namespace (and
-        its file operations, which are not in it, are killed one by one)."""
-        if self._files is not None:
-            self._files.kill_all()
+        """End everything of the worker: SIGKILL to its pid 1 takes the whole namespace."""
         if self.proc.pidfd < 0:
             return  # already reaped and cleaned up
         self.cgroup.unthrottle()
@@ -265,13 +260,6 @@ class Worker:
         if self.cgroup.driver.kind != "none":
             self.cgroup.set_limits(Limits(memory, pids + 1, self.cpus))
         return request.to_json_frame() if self.execs else protocol.encode(request.to_wire())
-
-    def files(self) -> FileOps | None:
-        """What does a session's file operations (None before the scratch is known, or after)."""
-        if self._files is None and self.scratch is not None and self.scratch.top >= 0 and \
-                self.forkserver is not None and not self.over.done():
-            self._files = FileOps(self.forkserver, self.spec.uid, self.spec.gid, self.cgroup, self.scratch)
-        return self._files
 
     def take_request_pipe(self) -> int:
         """The request pipe, for a session that writes its cells on it (its fd, now the caller's)."""
