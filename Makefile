@@ -4,6 +4,10 @@ SHELL := /bin/bash
 PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+# sandboxd-mcp's venv: the MCP SDK (PyPI only) needs newer starlette, uvicorn and anyio than
+# Debian 12's, which sandboxd-http and the .deb use and .venv tests; so it has a venv of its own
+# over the same Debian packages, with sandboxd in it too, as `pipx install "sandboxd[mcp]"` gives.
+MCP_VENV := .venv-mcp
 SYSPATH := PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # Runtime dependencies come from Debian (the .deb depends on the same packages): what `make
 # run` installs.  starlette, uvicorn (with uvloop and httptools) and prometheus-client are
@@ -36,9 +40,9 @@ PYTEST_ARGS ?=
 
 # dev: what `make run` needs (Debian's packages, the venv with sandboxd in it); dev-tools adds
 # the test and lint tools for `make test`.
-dev: $(VENV)/.stamp
+dev: $(VENV)/.stamp $(MCP_VENV)/.stamp
 
-dev-tools: $(VENV)/.tools-stamp
+dev-tools: $(VENV)/.tools-stamp $(MCP_VENV)/.tools-stamp
 
 $(VENV)/.tools-stamp: $(VENV)/.stamp
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(TEST_PACKAGES)"
@@ -58,6 +62,15 @@ $(VENV)/.stamp: pyproject.toml setup.py Makefile $(INIT) sandboxd/jail/child/_sp
 	@$(MAKE) --no-print-directory apt-deps
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(MCP_VENV)/.stamp: $(VENV)/.stamp
+	$(PY) -m venv --system-site-packages $(MCP_VENV)
+	$(MCP_VENV)/bin/pip install -q --no-build-isolation -e ".[mcp]"
+	@touch $@
+
+$(MCP_VENV)/.tools-stamp: $(MCP_VENV)/.stamp $(VENV)/.tools-stamp
+	$(MCP_VENV)/bin/pip install -q $(DEV_TOOLS)
 	@touch $@
 
 # sandboxd-init, a worker's pid 1 (a few pages of C, static: it is exec'd for every worker, so no
@@ -80,14 +93,17 @@ lint: dev-tools
 
 typecheck: dev-tools
 	$(VENV)/bin/mypy
+	$(MCP_VENV)/bin/mypy sandboxd/mcp tests/test_mcp.py tests/mcp_servers.py tests/bench/mcp_bench.py
 
 # unit: the tests that need neither root nor a daemon (tests/unit/), in seconds; system: the
-# rest, against real daemons, as root (about nine minutes on two cores).
+# rest, against real daemons, as root (about nine minutes on two cores); the MCP tests need the
+# SDK, so .venv-mcp's pytest runs them (.venv's does not collect them).
 unit: dev-tools
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
 system: dev-tools
 	$(VENV)/bin/pytest tests --ignore=tests/unit $(PYTEST_ARGS)
+	$(MCP_VENV)/bin/pytest tests/test_mcp.py $(PYTEST_ARGS)
 
 test: lint typecheck man-lint unit system
 
@@ -98,11 +114,13 @@ test-slow: dev-tools
 
 man-lint: dev-tools
 	@for m in man/*.[1-8]; do mandoc -Tlint -Wwarning $$m || exit 1; done
-	$(VPY) -m sandboxd.tools.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8
+	$(VPY) -m sandboxd.tools.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8 \
+		man/sandboxd-mcp.1
 
 bench: dev-tools
 	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(BENCH_PACKAGES)"
 	$(VPY) tests/bench/bench.py $(BENCH_ARGS)
+	$(MCP_VENV)/bin/python tests/bench/mcp_bench.py $(BENCH_ARGS)
 
 # Where the CPU of a closed loop of print(1) goes, per process kind (perf, system-wide).
 profile: dev-tools
@@ -133,4 +151,4 @@ deb:
 	$(SYSPATH) packaging/build-deb.sh
 
 clean:
-	rm -rf $(VENV) $(INIT) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(RUN_DIR)
+	rm -rf $(VENV) $(MCP_VENV) $(INIT) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache $(RUN_DIR)

@@ -32,9 +32,10 @@ TEST_UID_RANGE = (870000, UID_BLOCK * 128)
 CGROUP_PARENT = f"sandboxd-test-{os.getpid()}"
 BUILD_UID_BASE = 879000  # + the daemon's uid block: above every block's run uids, below the bench's
 
-# sbx-http: the uid sandboxd-http runs as in tests (a client of the socket like any other).
+# sbx-http and sbx-mcp: the uids sandboxd-http and sandboxd-mcp run as in tests (clients of the
+# socket like any other).
 USERS = {"sbx-alice": ["sbx-clients"], "sbx-bob": ["sbx-clients", "sbx-team"], "sbx-carol": [],
-         "sbx-http": ["sbx-clients"]}
+         "sbx-http": ["sbx-clients"], "sbx-mcp": ["sbx-clients"]}
 GROUPS = ["sbx-clients", "sbx-team", "sbx-admins"]
 
 BASE_CONFIG: dict[str, Any] = {

@@ -97,3 +97,38 @@ def from_environment(cls: type[Any], env: Mapping[str, str], errors: list[str]) 
                 if converted is not dataclasses.MISSING:
                     out[f.name] = converted
     return out
+
+
+def from_file(cls: type[Any], path: str, section: str, errors: list[str]) -> dict[str, Any]:
+    """Section ``cls``'s values from a small YAML file of its keys, or of the same keys under
+    ``section:`` (so one file can serve a process alone or sit beside others)."""
+    import yaml  # only the processes that read a settings file pay for it
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except OSError as e:
+        errors.append(f"{path}: cannot read: {e.strerror}")
+        return {}
+    except yaml.YAMLError as e:
+        errors.append(f"{path}: not valid YAML: {e}")
+        return {}
+    prefix = ""
+    if isinstance(data, dict) and set(data) == {section}:
+        data, prefix = data[section], f"{section}."
+    if data is not None and not isinstance(data, dict):
+        errors.append(f"{path}: {prefix or 'top level'}: expected a mapping of settings")
+        return {}
+    return convert_section(cls, data, f"{path}: ", errors, prefix=prefix)
+
+
+def from_command_line(cls: type[Any], given: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    """Raw values of the command line's options (named as the settings), converted; an error
+    names the option (``--max-body``)."""
+    fields = {f.name: f for f in declared(cls)}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        converted = convert(fields[key], value, f"--{key.replace('_', '-')}", errors)
+        if converted is not dataclasses.MISSING:
+            out[key] = converted
+    return out

@@ -297,3 +297,14 @@ def human_duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def listen_address(value: Any) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8194`` for IPv6) -> (host, port)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", str(value))
+    if not m or isinstance(value, bool):
+        raise ValueError("HOST:PORT like 127.0.0.1:8194")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 <= int(port) <= 65535:
+        raise ValueError("HOST:PORT with a port from 0 to 65535")
+    return host, int(port)

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
@@ -27,6 +26,7 @@ import uvicorn
 import uvloop
 
 from .. import __version__, logs
+from ..common import tcp
 from ..common.process import raise_nofile
 from ..fleet.agent import Agent
 from ..fleet.node import Drain, Node
@@ -60,13 +60,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="validate the settings and exit")
     p.add_argument("--version", action="version", version=f"sandboxd-http {__version__}")
     return p
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
-    sock.setblocking(False)
-    return sock
 
 
 class Server(uvicorn.Server):  # type: ignore[misc]
@@ -116,12 +109,10 @@ async def serve(settings: Settings) -> int:
     metrics.watch(gate)
     gate.start(asyncio.get_running_loop())
     try:
-        sock = bind(*settings.listen)
+        sock, where = tcp.listen(*settings.listen)
     except OSError as e:
         log.error("cannot listen on %s: %s", settings.listen_text, e.strerror or e)
         return EX_CONFIG
-    host, port = sock.getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # log_level: uvicorn's loggers at NOTSET would wrap the app in its per-message trace logger;
     # proxy_headers off: nothing in front of the bridge is trusted to say who the client is;
     # no limit_concurrency: it counts every open connection, a slow head as much as one with the key -- the

@@ -17,31 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ..client import DEFAULT_SOCKET
 from ..common import declare, sizes
 from ..common.declare import setting
+from ..common.sizes import listen_address as listen_address  # (its home; imported from here too)
 
 DEFAULT_LISTEN = "127.0.0.1:8194"
 MIN_MEMORY = 16 << 20  # the daemon's smallest memory_mb
 PORT = "SANDBOX_PORT"  # dify-sandbox's port alone; the host stays what the listen setting says
-
-
-def listen_address(value: Any) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:8194`` for IPv6) -> (host, port)."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", str(value))
-    if not m or isinstance(value, bool):
-        raise ValueError("HOST:PORT like 127.0.0.1:8194")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 0 <= int(port) <= 65535:
-        raise ValueError("HOST:PORT with a port from 0 to 65535")
-    return host, int(port)
 
 
 def optional_listen(value: Any) -> str:
@@ -168,23 +155,7 @@ def declared() -> list[dataclasses.Field[Any]]:
 
 def from_file(path: str, errors: list[str]) -> dict[str, Any]:
     """Values from a YAML file: ``{key: value}``, or the same under ``http:``."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
-    except OSError as e:
-        errors.append(f"{path}: cannot read: {e.strerror}")
-        return {}
-    except yaml.YAMLError as e:
-        errors.append(f"{path}: not valid YAML: {e}")
-        return {}
-    if isinstance(data, dict) and set(data) == {"http"}:
-        data, prefix = data["http"], "http."
-    else:
-        prefix = ""
-    if data is not None and not isinstance(data, dict):
-        errors.append(f"{path}: {prefix or 'top level'}: expected a mapping of settings")
-        return {}
-    return declare.convert_section(Settings, data, f"{path}: ", errors, prefix=prefix)
+    return declare.from_file(Settings, path, "http", errors)
 
 
 def from_environment(env: Mapping[str, str], errors: list[str]) -> dict[str, Any]:
@@ -208,11 +179,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if path:
         values.update(from_file(path, errors))
     values.update(from_environment(os.environ if env is None else env, errors))
-    fields = {f.name: f for f in declared()}
-    for key, value in (overrides or {}).items():
-        converted = declare.convert(fields[key], value, f"--{key.replace('_', '-')}", errors)
-        if converted is not dataclasses.MISSING:
-            values[key] = converted
+    values.update(declare.from_command_line(Settings, overrides or {}, errors))
     port = values.pop(PORT, None)
     if port is not None and "listen" not in (overrides or {}):
         values["listen"] = (values.get("listen", Settings().listen)[0], port)

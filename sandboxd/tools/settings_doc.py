@@ -1,12 +1,14 @@
 """Render the settings declarations as the shipped YAML, sandboxd.yaml(5), and the SETTINGS
-section of sandboxd-http(8).
+sections of sandboxd-http(8) and sandboxd-mcp(1).
 
-    python -m sandboxd.tools.settings_doc --write etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8
-    python -m sandboxd.tools.settings_doc --check etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8
+    python -m sandboxd.tools.settings_doc --write etc/sandboxd/sandboxd.yaml man/sandboxd.yaml.5 man/sandboxd-http.8 \
+        man/sandboxd-mcp.1
+    python -m sandboxd.tools.settings_doc --check (the same files)
 
 ``--check`` fails when a file differs from what the declarations produce, so the config
-file and the man pages cannot drift from the code.  In sandboxd-http(8) only what lies
-between the ``BEGIN SETTINGS`` and ``END SETTINGS`` comments is generated.
+file and the man pages cannot drift from the code.  In sandboxd-http(8) and sandboxd-mcp(1)
+only what lies between the ``BEGIN SETTINGS`` and ``END SETTINGS`` comments is generated.
+(The fourth file may be left out: then sandboxd-mcp(1) is not rendered.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..config import (
     RuntimeSettings,
 )
 from ..http import settings as http_settings
+from ..mcp import settings as mcp_settings
 
 SECTION_DOCS = {
     "daemon": "The daemon process: socket, state, capacity and connection limits.",
@@ -176,7 +179,10 @@ KINDS = {
 
 def kind_of(f: dataclasses.Field[Any]) -> str:
     conv = f.metadata["convert"]
-    kinds = {**KINDS, http_settings.listen_address: "HOST:PORT", http_settings.api_key: "string"}
+    kinds = {**KINDS, sizes.listen_address: "HOST:PORT", http_settings.api_key: "string",
+             mcp_settings.http_address: "HOST:PORT, a port, or empty", mcp_settings.token_list: "list of tokens",
+             mcp_settings.origin_list: "list of origins", mcp_settings.host_list: "list of host names",
+             mcp_settings.optional_path: "path"}
     return kinds.get(conv) or (conv.__doc__ or "value").strip()
 
 
@@ -268,48 +274,51 @@ def render_man() -> str:
     return "\n".join(out) + "\n"
 
 
-BEGIN_HTTP = '.\\" BEGIN SETTINGS (generated from sandboxd/http/settings.py by python3 -m sandboxd.tools.settings_doc)'
-END_HTTP = '.\\" END SETTINGS'
+BEGIN = '.\\" BEGIN SETTINGS (generated from sandboxd/{module}/settings.py by python3 -m sandboxd.tools.settings_doc)'
+END = '.\\" END SETTINGS'
+LISTEN_DEFAULTS = {sizes.listen_address: http_settings.DEFAULT_LISTEN, mcp_settings.http_address: "none (stdio)"}
 
 
-def render_http_settings() -> list[str]:
-    """sandboxd-http's settings as man page entries: key, variables, kind, doc, default."""
+def render_settings(cls: type[Any]) -> list[str]:
+    """A process's settings as man page entries: key, variables, kind, doc, default."""
     lines = []
-    for f in declared(http_settings.Settings):
+    for f in declared(cls):
         names = ", ".join(f"\\fB{_man_escape(env)}\\fR" for env in f.metadata["env"])
-        default = show(f, default_of(f))
-        if f.metadata["convert"] is http_settings.listen_address:
-            default = http_settings.DEFAULT_LISTEN
-        elif default == '""':
+        default = LISTEN_DEFAULTS.get(f.metadata["convert"]) or show(f, default_of(f))
+        if default in ('""', "[]"):
             default = "none"
         lines += [".TP", f"\\fB{_man_escape(f.name)}\\fR ({kind_of(f)}{'; ' + names if names else ''})",
                   _man_escape(f.metadata["doc"]), ".br", f"Default: {_man_escape(default)}"]
     return lines
 
 
-def render_http_man(page: str) -> str:
+def render_settings_section(page: str, cls: type[Any], module: str) -> str:
     """``page`` with its SETTINGS entries rendered afresh between the markers."""
-    head, sep, rest = page.partition(BEGIN_HTTP + "\n")
-    _old, sep2, tail = rest.partition(END_HTTP + "\n")
+    begin = BEGIN.format(module=module)
+    head, sep, rest = page.partition(begin + "\n")
+    _old, sep2, tail = rest.partition(END + "\n")
     if not sep or not sep2:
-        raise ValueError(f"the page lacks the lines {BEGIN_HTTP!r} and {END_HTTP!r}")
-    return head + sep + "\n".join(render_http_settings()) + "\n" + sep2 + tail
+        raise ValueError(f"the page lacks the lines {begin!r} and {END!r}")
+    return head + sep + "\n".join(render_settings(cls)) + "\n" + sep2 + tail
 
 
 def rendered(paths: list[str]) -> list[str]:
-    """What each of the three files should hold."""
-    with open(paths[2], encoding="utf-8") as f:
-        http_page = f.read()
-    return [render_yaml(), render_man(), render_http_man(http_page)]
+    """What each of the files should hold."""
+    pages = []
+    for path, cls, module in zip(paths[2:], (http_settings.Settings, mcp_settings.Settings), ("http", "mcp"),
+                                 strict=False):
+        with open(path, encoding="utf-8") as f:
+            pages.append(render_settings_section(f.read(), cls, module))
+    return [render_yaml(), render_man(), *pages]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--write", nargs=3, metavar=("YAML", "MAN5", "HTTP_MAN8"))
-    p.add_argument("--check", nargs=3, metavar=("YAML", "MAN5", "HTTP_MAN8"))
+    p.add_argument("--write", nargs="+", metavar="FILE", help="YAML MAN5 HTTP_MAN8 [MCP_MAN1]")
+    p.add_argument("--check", nargs="+", metavar="FILE", help="YAML MAN5 HTTP_MAN8 [MCP_MAN1]")
     args = p.parse_args(argv)
     paths = args.write or args.check
-    if not paths:
+    if not paths or len(paths) not in (3, 4):
         p.print_help()
         return 2
     texts = rendered(paths)
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print(f"out of date with the settings declarations: {', '.join(stale)}\n"
               "regenerate: python3 -m sandboxd.tools.settings_doc --write etc/sandboxd/sandboxd.yaml "
-              "man/sandboxd.yaml.5 man/sandboxd-http.8", file=sys.stderr)
+              "man/sandboxd.yaml.5 man/sandboxd-http.8 man/sandboxd-mcp.1", file=sys.stderr)
         return 1
     return 0
 
