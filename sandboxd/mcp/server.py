@@ -64,7 +64,7 @@ ANNOTATIONS = {
 
 def connection_of(ctx: ServerRequestContext[Any, Any]) -> Connection:
     """The MCP connection (= session) a request came on."""
-    given = getattr(ctx, "connection", None)  # where a later SDK puts it (its TODO L54)
+    given = getattr(ctx, "connection", None)  # SDKs that hand the connection to handlers directly
     if isinstance(given, Connection):
         return given
     conn = getattr(ctx.session, "_connection", None)  # mcp 2.3: only the ServerSession holds it

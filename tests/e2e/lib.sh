@@ -6,6 +6,8 @@
 #                                    systemd) once its manager answers; returns non-zero (LOG
 #                                    shown) if it did not come up
 #   system_state LEADER              `systemctl is-system-running --wait` inside (at most 180 s)
+#   inside LEADER COMMAND...         run COMMAND in every namespace of LEADER, with a clean environment
+#   build_deb                        make deb; sets deb (the package's path)
 
 stage_start=0
 stage() {
@@ -38,4 +40,16 @@ boot() {
 
 system_state() {
     timeout 180 nsenter -t "$1" -a systemctl is-system-running --wait || true
+}
+
+inside() {
+    local leader=$1
+    shift
+    nsenter -t "$leader" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"
+}
+
+build_deb() {
+    make -s -C "$repo" deb | tail -3
+    deb=$(ls -t "$repo"/dist/sandboxd_*_"$(dpkg --print-architecture)".deb | head -1)
+    echo "   $deb"
 }

@@ -40,13 +40,11 @@ cleanup() {
 trap cleanup EXIT
 
 in_container() {
-    nsenter -t "$leader" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"
+    inside "$leader" "$@"
 }
 
 stage "build the package"
-make -s -C "$repo" deb | tail -3
-deb=$(ls -t "$repo"/dist/sandboxd_*_"$(dpkg --print-architecture)".deb | head -1)
-echo "   $deb"
+build_deb
 
 stage "base root (cached in $cache)"
 base=$("$here/base.sh" "$cache" 2>"$work/base.log") || { tail -30 "$work/base.log"; exit 1; }

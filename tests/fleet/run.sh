@@ -60,13 +60,11 @@ trap cleanup EXIT
 in_node() {  # in_node I COMMAND...
     local i=$1
     shift
-    nsenter -t "${leader[$i]}" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 "$@"
+    inside "${leader[$i]}" "$@"
 }
 
 stage "build the package"
-make -s -C "$repo" deb | tail -2
-deb=$(ls -t "$repo"/dist/sandboxd_*_"$(dpkg --print-architecture)".deb | head -1)
-echo "   $deb"
+build_deb
 
 stage "node root (cached in $cache)"
 froot=$("$here/root.sh" "$cache" "$deb" 2>"$work/root.log") || { tail -30 "$work/root.log"; exit 1; }
